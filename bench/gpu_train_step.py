@@ -1,0 +1,243 @@
+"""One training step of Qwen3-shaped models (random bf16 weights): torch AdamW (fused) vs our Apollo.
+
+For each shape, on one model: (i) HF forward/backward + torch.optim.AdamW(fused=True) on bf16
+params; (ii) our Apollo in hook mode training every parameter (block linears and the tied
+embedding with APOLLO-Mini, norms with AdamW); (iii) our Apollo with the default policy
+(block linears only); (iv) as (ii) without the compiled update kernel. Measured: optimizer state bytes, peak memory beyond the weights,
+fwd+bwd+step time (median after warm-up, CUDA events), tokens/s, achieved TFLOP/s against a bf16
+matmul peak measured in the same run.
+
+    PYTHONPATH=runtime python3 bench/gpu_train_step.py --shapes 0.6B,1.7B,4B,8B
+    PYTHONPATH=runtime python3 bench/gpu_train_step.py --shapes tiny --device cpu   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+SHAPES = {  # Qwen3 model cards' configs
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=64, vocab_size=1024, tie_word_embeddings=True),
+    "0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+}
+MODES = ("adamw_fused", "apollo_all", "apollo_blocks", "apollo_all_eager")
+GiB = 1024**3
+
+
+class Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def stop_ms(self, start) -> float:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            e.synchronize()
+            return start.elapsed_time(e)
+        return (time.perf_counter() - start) * 1e3
+
+
+def matmul_peak_tflops(device: torch.device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    timer, times = Timer(device), []
+    for i in range(25):
+        t = timer.start()
+        for _ in range(5):
+            a @ b
+        ms = timer.stop_ms(t) / 5
+        if i >= 5:
+            times.append(ms)
+    return 2 * n**3 / (statistics.median(times) * 1e-3) / 1e12
+
+
+def check_rounding(device: torch.device) -> dict:
+    """The one-kernel update on this device: unbiased, and a gated-off update changes nothing."""
+    from onlinemodel_runtime.optim import rounding
+
+    w = torch.ones(1 << 20, device=device, dtype=torch.bfloat16)
+    g = torch.ones_like(w)
+    coeff = torch.tensor(1e-4, device=device)  # 1/78 of a bf16 ulp at 1.0
+    one = torch.tensor(1.0, device=device)
+    fused = device.type == "cuda" and rounding.fused_bf16_update_(w, g, coeff, one, torch.tensor(False, device=device))
+    untouched = bool((w == 1).all())
+    for _ in range(100):
+        if fused:
+            rounding.fused_bf16_update_(w, g, coeff, one, torch.tensor(True, device=device))
+        else:
+            rounding.apply_update_(w, g, coeff, decay=1.0, ok=torch.tensor(True, device=device))
+    return dict(fused_kernel=bool(fused), gated_update_untouched=untouched,
+                mean_after_100_small_updates=w.float().mean().item(), exact=1.0 + 100 * 1e-4)
+
+
+def allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def build(shape: str, device: torch.device):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(**SHAPES[shape], max_position_embeddings=4096)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
+    model.train()
+    return cfg, model
+
+
+def flops_per_step(cfg, n_matmul_params: int, tokens: int, seq: int) -> float:
+    # 6*N per token (fwd+bwd matmuls) + attention scores/values, PaLM's 12*L*H*Q*T per token.
+    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq
+    return tokens * (6 * n_matmul_params + attn)
+
+
+def run_mode(mode: str, model, device, ids, steps: int, warmup: int, lr: float) -> dict:
+    from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if mode == "adamw_fused":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0,
+                                fused=device.type == "cuda")
+
+        def one_step():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def state_bytes():
+            return sum(t.numel() * t.element_size() for st in opt.state.values()
+                       for t in st.values() if torch.is_tensor(t))
+    else:
+        policy = (TrainPolicy() if mode == "apollo_blocks"
+                  else TrainPolicy(blocks="apollo", embeddings="apollo", norms="adamw"))
+        # apollo_all_eager: the same without the compiled one-kernel update (torch ops only).
+        opt = make_optimizer(model, policy, lr=lr, rank=1, fused=False if mode.endswith("eager") else None)
+        opt.attach_to_backward()
+
+        def one_step():
+            loss = model(input_ids=ids, labels=ids).loss
+            report = opt.backward_step(loss)
+            if not report.applied:
+                raise RuntimeError(f"step skipped: {report}")
+
+        state_bytes = opt.state_bytes
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    timer = Timer(device)
+    for _ in range(warmup):
+        one_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    base = allocated(device)
+    times = []
+    for _ in range(steps):
+        t = timer.start()
+        one_step()
+        times.append(timer.stop_ms(t))
+    out = dict(mode=mode, trained_params=trained, state_bytes=state_bytes(), peak_bytes=peak(device),
+               allocated_between_steps=base, step_ms_median=statistics.median(times),
+               step_ms_all=[round(x, 2) for x in times])
+    if hasattr(opt, "detach_from_backward"):
+        opt.detach_from_backward()
+    del opt
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="0.6B,1.7B")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak_tflops = matmul_peak_tflops(device)
+    print(f"{card}; torch {torch.__version__}; bf16 matmul peak {peak_tflops:.0f} TFLOP/s", flush=True)
+    rc = check_rounding(device)
+    print("stochastic rounding check:", rc, flush=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        cfg, model = build(shape, device)
+        weights = allocated(device)
+        n_params = sum(p.numel() for p in model.parameters())
+        embed = model.get_input_embeddings().weight.numel()
+        n_matmul = n_params if cfg.tie_word_embeddings else n_params - embed
+        tokens = args.seq * args.batch
+        g = torch.Generator(device="cpu").manual_seed(0)
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
+        for mode in args.modes.split(","):
+            r = run_mode(mode, model, device, ids, args.steps, args.warmup, args.lr)
+            r.update(shape=shape, params=n_params, weights_bytes=weights,
+                     peak_beyond_weights_bytes=r["peak_bytes"] - weights,
+                     tokens_per_s=tokens / (r["step_ms_median"] * 1e-3))
+            r["tflops"] = flops_per_step(cfg, n_matmul, tokens, args.seq) / (r["step_ms_median"] * 1e-3) / 1e12
+            r["mfu"] = r["tflops"] / peak_tflops
+            rows.append(r)
+            print(f"{shape:5s} {mode:14s} state {r['state_bytes'] / GiB:7.3f} GiB  peak-weights "
+                  f"{r['peak_beyond_weights_bytes'] / GiB:6.2f} GiB  step {r['step_ms_median']:7.1f} ms  "
+                  f"{r['tokens_per_s']:8.0f} tok/s  {r['tflops']:5.0f} TFLOP/s", flush=True)
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\n{card}, seq {args.seq}, batch {args.batch}, median of {args.steps} steps after {args.warmup}")
+    print("| shape | optimizer | state GiB | peak beyond weights GiB | fwd+bwd+step ms | tokens/s | TFLOP/s | of peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['mode']} | {r['state_bytes'] / GiB:.3f} | {r['peak_beyond_weights_bytes'] / GiB:.2f} "
+              f"| {r['step_ms_median']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | {r['mfu']:.2f} |")
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "gpu_train_step.json"), "w") as f:
+            json.dump(dict(card=card, torch=torch.__version__, date=datetime.date.today().isoformat(),
+                           matmul_peak_tflops=peak_tflops, rounding_check=rc, seq=args.seq, batch=args.batch, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

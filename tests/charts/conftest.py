@@ -1,0 +1,38 @@
+"""Fixtures of the Helm chart tests: the real Helm engine (helm-python-sdk) loads and renders the chart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from chart_helpers import CHART_DIR, NAMESPACE, RELEASE, RenderFn, require_crd
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk is part of the dev extra")
+
+
+@pytest.fixture(scope="session")
+def chart():
+    with helm.Chart.load(CHART_DIR) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="session")
+def render(chart) -> RenderFn:
+    """Render the chart with Helm's engine; returns its manifests (NOTES.txt left out) as objects."""
+
+    def _render(values: dict[str, Any] | None = None, **options: Any) -> list[dict[str, Any]]:
+        if (values or {}).get("crds", {}).get("install", True):
+            require_crd()
+        options.setdefault("name", RELEASE)
+        options.setdefault("namespace", NAMESPACE)
+        rendered = chart.render(values, **options)
+        manifests: list[dict[str, Any]] = []
+        for path, text in sorted(rendered.items()):
+            if path.endswith("NOTES.txt"):
+                continue
+            manifests.extend(doc for doc in yaml.safe_load_all(text) if doc)
+        return manifests
+
+    return _render

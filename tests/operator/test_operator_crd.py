@@ -1,0 +1,259 @@
+"""The CRD and the pydantic models agree (one source of truth); schema and CEL refuse bad specs; examples validate."""
+
+from __future__ import annotations
+
+import copy
+import typing
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from onlinemodel_operator import models
+from onlinemodel_operator.crd import CRD_FILENAME, build_crd, render_crd_yaml
+from onlinemodel_operator.models import OnlineModel, OnlineModelSpec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_PATH = ROOT / "crds" / CRD_FILENAME
+celpy = pytest.importorskip("celpy", reason="cel-python (dev extra) evaluates the CRD's CEL rules")
+
+
+def crd_schema() -> dict[str, Any]:
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def test_crd_file_is_generated_from_the_models() -> None:
+    assert CRD_PATH.read_text() == render_crd_yaml(), (
+        "crds/ is stale: run `PYTHONPATH=operator python -m onlinemodel_operator.crd crds/" + CRD_FILENAME + "`")
+
+
+def _model_of(annotation: Any) -> Any:
+    """The BaseModel inside Optional[...] / list[...], else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        inner = _model_of(arg)
+        if inner is not None:
+            return inner
+    return None
+
+
+def _compare(cls: type[BaseModel], schema: dict[str, Any], path: str) -> None:
+    props = schema.get("properties", {})
+    aliases = {f.alias or n: f for n, f in cls.model_fields.items()}
+    if cls is OnlineModel:
+        props = {k: v for k, v in props.items() if k != "metadata"}
+        aliases.pop("metadata")
+    assert set(props) == set(aliases), f"{path}: CRD {sorted(props)} vs model {sorted(aliases)}"
+    required = {a for a, f in aliases.items() if f.is_required()}
+    assert set(schema.get("required", [])) == required, path
+    for alias, field in aliases.items():
+        sub = props[alias]
+        nested = _model_of(field.annotation)
+        if nested is not None:
+            _compare(nested, sub["items"] if sub.get("type") == "array" else sub, f"{path}.{alias}")
+
+
+def test_crd_schema_and_models_agree_field_by_field() -> None:
+    _compare(OnlineModel, crd_schema(), "")
+
+
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """The API server's structural defaulting (defaults of absent properties, recursively)."""
+    if isinstance(value, dict) and schema.get("type") == "object":
+        out = dict(value)
+        for key, sub in schema.get("properties", {}).items():
+            if key not in out and "default" in sub:
+                out[key] = copy.deepcopy(sub["default"])
+            if key in out:
+                out[key] = apply_defaults(sub, out[key])
+        return out
+    if isinstance(value, list) and "items" in schema:
+        return [apply_defaults(schema["items"], v) for v in value]
+    return value
+
+
+def test_crd_defaults_equal_model_defaults() -> None:
+    spec_schema = crd_schema()["properties"]["spec"]
+    minimal = {"model": {"source": {"image": {"path": "/m"}}}, "image": "i"}
+    assert apply_defaults(spec_schema, minimal) == parse_spec(minimal).to_dict()
+
+
+def validator() -> jsonschema.Draft4Validator:
+    # OpenAPI v3.0 bounds (boolean exclusiveMinimum) are draft-4 JSON Schema; x-kubernetes-* keys are ignored.
+    return jsonschema.Draft4Validator(crd_schema())
+
+
+def cel_rules(schema: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any], dict[str, str]]]:
+    found = [(path, schema, rule) for rule in schema.get("x-kubernetes-validations", [])]
+    for key, sub in schema.get("properties", {}).items():
+        found += cel_rules(sub, f"{path}.{key}")
+    if "items" in schema:
+        found += cel_rules(schema["items"], f"{path}[]")
+    return found
+
+
+def _values_at(obj: Any, path: str) -> list[Any]:
+    values = [obj]
+    for part in [p for p in path.replace("[]", ".[]").split(".") if p]:
+        nxt: list[Any] = []
+        for v in values:
+            if part == "[]":
+                nxt.extend(v if isinstance(v, list) else [])
+            elif isinstance(v, dict) and part in v:
+                nxt.append(v[part])
+        values = nxt
+    return values
+
+
+def cel_errors(obj: dict[str, Any]) -> list[str]:
+    """Messages of the CEL rules `obj` (after defaulting) breaks, evaluated like the API server does."""
+    env = celpy.Environment()
+    errors = []
+    for path, _, rule in cel_rules(crd_schema()):
+        program = env.program(env.compile(rule["rule"]))
+        for value in _values_at(obj, path):
+            if not program.evaluate({"self": celpy.json_to_cel(value)}):
+                errors.append(rule["message"])
+    return errors
+
+
+def full_object(spec: dict[str, Any], name: str = "m") -> dict[str, Any]:
+    obj = {"apiVersion": "onlinemodel.dev/v1alpha1", "kind": "OnlineModel", "metadata": {"name": name},
+           "spec": spec}
+    return apply_defaults(crd_schema(), obj)
+
+
+def api_server_refuses(spec: dict[str, Any], name: str = "m") -> list[str]:
+    obj = full_object(spec, name)
+    return [e.message for e in validator().iter_errors(obj)] + cel_errors(obj)
+
+
+def operator_refuses(spec: dict[str, Any], name: str = "m") -> bool:
+    try:
+        OnlineModel.model_validate({"metadata": {"name": name}, "spec": spec})
+    except ValidationError:
+        return True
+    return False
+
+
+GOOD = {"model": {"source": {"image": {"path": "/m"}}}, "image": "i"}
+
+
+def with_(**changes: Any) -> dict[str, Any]:
+    spec = copy.deepcopy(GOOD)
+    spec.update(changes)
+    return spec
+
+
+BAD_SPECS = {
+    "two sources": with_(model={"source": {"image": {"path": "/m"}, "huggingFace": {"id": "a/b"}}}),
+    "no source": with_(model={"source": {}}),
+    "relative image path": with_(model={"source": {"image": {"path": "m"}}}),
+    "managed flag in extraArgs": with_(serving={"extraArgs": ["--port=9000"]}),
+    "managed flag --model": with_(serving={"extraArgs": ["--model", "x"]}),
+    "claim and size": with_(checkpoint={"volume": {"existingClaim": "c", "size": "1Gi"}}),
+    "claim and class": with_(checkpoint={"volume": {"existingClaim": "c", "storageClassName": "fast"}}),
+    "token env": with_(pod={"env": [{"name": "ONLINEMODEL_API_TOKEN", "value": "x"}]}),
+    "value and valueFrom": with_(pod={"env": [{"name": "A", "value": "x", "valueFrom": {"fieldRef": {}}}]}),
+    "reserved label": with_(pod={"labels": {"onlinemodel.dev/name": "x"}}),
+    "negative lr": with_(training={"learningRate": -1}),
+    "lr zero": with_(training={"learningRate": 0}),
+    "gpu fraction > 1": with_(serving={"gpuMemoryUtilization": 1.5}),
+    "port 0": with_(serving={"port": 0}),
+    "bad quantity": with_(resources={"memory": "lots"}),
+    "bad pull policy": with_(imagePullPolicy="Sometimes"),
+    "keepLast 0": with_(checkpoint={"keepLast": 0}),
+    "no image": {"model": GOOD["model"]},
+    "short startup": with_(serving={"startupTimeoutSeconds": 10}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_specs_refused_by_api_server_and_operator_alike(case: str) -> None:
+    spec = BAD_SPECS[case]
+    assert api_server_refuses(spec), f"the CRD accepts {case}"
+    assert operator_refuses(spec), f"the operator accepts {case}"
+
+
+def test_cel_messages_are_clear() -> None:
+    assert cel_errors(full_object(BAD_SPECS["two sources"])) == [
+        "model.source: set exactly one of huggingFace, volume or image"]
+    assert any("existingClaim cannot be combined" in m for m in cel_errors(full_object(BAD_SPECS["claim and size"])))
+
+
+@pytest.mark.parametrize("name,ok", [("m", True), ("qwen3-0-6b", True), ("Bad", False), ("1abc", False),
+                                     ("a" * 64, False), ("a.b", False)])
+def test_name_rule(name: str, ok: bool) -> None:
+    assert bool(cel_errors(full_object(GOOD, name))) is not ok
+    assert operator_refuses(GOOD, name) is not ok
+
+
+def test_good_specs_pass_both() -> None:
+    specs = [GOOD, with_(model={"source": {"huggingFace": {"id": "Qwen/Qwen3-0.6B", "revision": "main"}},
+                                "servedName": "qwen"},
+                         resources={"gpus": 2, "memory": "64Gi", "cpu": 8, "shmSize": "16Gi"},
+                         serving={"port": 9000, "maxModelLen": 4096, "gpuMemoryUtilization": 0.8,
+                                  "extraArgs": ["--enforce-eager", "--portable"]},
+                         training={"learningRate": 1e-5, "optimizerRank": 1, "maxExamplesPerRequest": 64,
+                                   "apiTokenSecretRef": {"name": "tok"}},
+                         checkpoint={"everySteps": 10, "everySeconds": 300, "keepLast": 5,
+                                     "volume": {"size": "100Gi", "storageClassName": "fast", "retain": True}},
+                         suspend=True,
+                         pod={"env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                              "tolerations": [{"operator": "Exists"}], "labels": {"team": "ml"}})]
+    for spec in specs:
+        assert api_server_refuses(spec) == []
+        assert not operator_refuses(spec)
+
+
+def test_status_schema_accepts_what_the_operator_writes() -> None:
+    from datetime import datetime, timezone
+
+    from onlinemodel_operator.status import compute_status
+
+    body = {"metadata": {"name": "m", "generation": 2}, "spec": GOOD, "status": {}}
+    status = compute_status(body, None, None, datetime.now(timezone.utc), endpoint="http://m.ns.svc:8000")
+    obj = full_object(GOOD)
+    obj["status"] = status
+    assert [e.message for e in validator().iter_errors(obj)] == []
+    assert models.OnlineModelStatus.model_validate(status).conditions[0].type == "Ready"
+
+
+def example_files() -> list[Path]:
+    return sorted((ROOT / "examples").glob("*.yaml")) if (ROOT / "examples").is_dir() else []
+
+
+def test_examples_validate_against_the_crd() -> None:
+    files = example_files()
+    if not files:
+        pytest.skip("no examples/ yet")
+    checked = 0
+    for path in files:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "OnlineModel":
+                continue
+            assert doc["apiVersion"] == "onlinemodel.dev/v1alpha1", path
+            obj = apply_defaults(crd_schema(), doc)
+            errors = [e.message for e in validator().iter_errors(obj)] + cel_errors(obj)
+            assert errors == [], f"{path.name}: {errors}"
+            OnlineModelSpec.model_validate(doc["spec"])
+            checked += 1
+    assert checked, "examples/ has no OnlineModel"
+
+
+def test_build_crd_shape() -> None:
+    crd = build_crd()
+    version = crd["spec"]["versions"][0]
+    assert crd["metadata"]["name"] == "onlinemodels.onlinemodel.dev"
+    assert crd["spec"]["names"]["shortNames"] == ["om"]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert list(columns) == ["Ready", "Reason", "Steps", "Loss", "Last checkpoint", "Age", "Endpoint", "Pod"]
+    assert columns["Endpoint"]["priority"] == 1 and columns["Pod"]["priority"] == 1
+    conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]

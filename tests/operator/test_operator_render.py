@@ -1,0 +1,167 @@
+"""Unit tests of render.py: spec -> desired Pod, Service and PVC."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from onlinemodel_operator import MANAGED_BY_LABEL, NAME_LABEL, SPEC_HASH_ANNOTATION
+from onlinemodel_operator.models import parse_spec
+from onlinemodel_operator.render import (
+    CHECKPOINT_DIR,
+    Owner,
+    container_command,
+    render_all,
+    render_pod,
+    render_pvc,
+    serve_args,
+    spec_hash,
+    with_overrides,
+)
+
+OWNER = Owner(name="chat", namespace="ml", uid="uid-1")
+
+
+def base(**extra: Any) -> dict[str, Any]:
+    return {"model": {"source": {"huggingFace": {"id": "Qwen/Qwen3-0.6B"}}}, "image": "ghcr.io/x/runtime:1", **extra}
+
+
+def test_pod_shape() -> None:
+    pod = render_pod(OWNER, parse_spec(base()))
+    meta = pod["metadata"]
+    assert meta["name"] == "chat" and meta["namespace"] == "ml"
+    assert meta["ownerReferences"] == [{"apiVersion": "onlinemodel.dev/v1alpha1", "kind": "OnlineModel",
+                                        "name": "chat", "uid": "uid-1", "controller": True,
+                                        "blockOwnerDeletion": True}]
+    assert meta["labels"][NAME_LABEL] == "chat" and meta["labels"][MANAGED_BY_LABEL] == "onlinemodel-operator"
+    assert len(meta["annotations"][SPEC_HASH_ANNOTATION]) == 16
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Always"
+    assert spec["terminationGracePeriodSeconds"] == 300
+    (container,) = spec["containers"]
+    assert container["command"] == ["onlinemodel", "serve"]
+    assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == {"path": "/health", "port": "http"}
+    assert (startup["failureThreshold"], startup["periodSeconds"]) == (60, 10)
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == [
+        "onlinemodel", "checkpoint", "--url", "http://127.0.0.1:8000"]
+    assert {"name": "checkpoints", "mountPath": CHECKPOINT_DIR} in container["volumeMounts"]
+    assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "chat-checkpoints"}} in spec["volumes"]
+
+
+def test_serve_args_default_and_full() -> None:
+    assert serve_args(OWNER, parse_spec(base())) == [
+        "--model", "Qwen/Qwen3-0.6B", "--served-model-name", "chat", "--host", "0.0.0.0", "--port", "8000",
+        "--checkpoint-dir", CHECKPOINT_DIR, "--checkpoint-keep", "3"]
+    full = parse_spec(base(
+        model={"source": {"huggingFace": {"id": "Qwen/Qwen3-0.6B", "revision": "main"}}, "servedName": "qwen"},
+        serving={"port": 9000, "maxModelLen": 4096, "gpuMemoryUtilization": 0.85, "extraArgs": ["--enforce-eager"]},
+        training={"learningRate": 1e-5, "optimizerRank": 4, "maxExamplesPerRequest": 16},
+        checkpoint={"everySteps": 50, "everySeconds": 600, "keepLast": 2}))
+    assert serve_args(OWNER, full) == [
+        "--model", "Qwen/Qwen3-0.6B", "--served-model-name", "qwen", "--host", "0.0.0.0", "--port", "9000",
+        "--checkpoint-dir", CHECKPOINT_DIR, "--checkpoint-keep", "2",
+        "--checkpoint-every-steps", "50", "--checkpoint-every-seconds", "600",
+        "--learning-rate", "1e-05", "--optimizer-rank", "4", "--max-examples", "16",
+        "--max-model-len", "4096", "--gpu-memory-utilization", "0.85",
+        "--", "--revision", "main", "--enforce-eager"]
+
+
+def test_no_training_flag() -> None:
+    args = serve_args(OWNER, parse_spec(base(training={"enabled": False, "learningRate": 0.1})))
+    assert "--no-training" in args and "--learning-rate" not in args
+
+
+def test_model_from_volume_and_image() -> None:
+    spec = parse_spec(base(model={"source": {"volume": {"claimName": "weights", "path": "qwen3"}}}))
+    pod = render_pod(OWNER, spec)
+    container = pod["spec"]["containers"][0]
+    assert container["args"][:2] == ["--model", "/var/lib/onlinemodel/model/qwen3"]
+    assert {"name": "model", "mountPath": "/var/lib/onlinemodel/model", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in pod["spec"]["volumes"]
+    image = parse_spec(base(model={"source": {"image": {"path": "/models/smollm2"}}}))
+    assert serve_args(OWNER, image)[:2] == ["--model", "/models/smollm2"]
+
+
+def test_secrets_env_and_placement() -> None:
+    spec = parse_spec(base(
+        model={"source": {"huggingFace": {"id": "meta-llama/Llama-3.2-1B", "tokenSecretRef": {"name": "hf", "key": "t"}}}},
+        training={"apiTokenSecretRef": {"name": "api"}},
+        resources={"gpus": 2, "cpu": "8", "memory": "64Gi"},
+        pod={"env": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}], "nodeSelector": {"gpu": "h100"},
+             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+             "affinity": {"nodeAffinity": {}}, "runtimeClassName": "nvidia", "serviceAccountName": "sa",
+             "priorityClassName": "high", "imagePullSecrets": [{"name": "reg"}],
+             "annotations": {"a": "b"}, "labels": {"team": "ml"}, "terminationGracePeriodSeconds": 120}))
+    pod = render_pod(OWNER, spec)
+    container = pod["spec"]["containers"][0]
+    assert container["env"] == [
+        {"name": "ONLINEMODEL_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": "api", "key": "token"}}},
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}},
+        {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}]
+    assert container["resources"] == {"requests": {"cpu": "8", "memory": "64Gi"},
+                                      "limits": {"nvidia.com/gpu": 2, "memory": "64Gi"}}
+    s = pod["spec"]
+    assert s["nodeSelector"] == {"gpu": "h100"} and s["runtimeClassName"] == "nvidia"
+    assert s["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert s["affinity"] == {"nodeAffinity": {}} and s["serviceAccountName"] == "sa"
+    assert s["priorityClassName"] == "high" and s["imagePullSecrets"] == [{"name": "reg"}]
+    assert s["terminationGracePeriodSeconds"] == 120
+    assert pod["metadata"]["labels"]["team"] == "ml" and pod["metadata"]["annotations"]["a"] == "b"
+
+
+def test_cpu_only_has_no_gpu_limit() -> None:
+    assert render_pod(OWNER, parse_spec(base(resources={"gpus": 0})))["spec"]["containers"][0]["resources"] == {}
+
+
+def test_service_and_claim() -> None:
+    desired = render_all(OWNER, parse_spec(base(serving={"port": 9000},
+                                                checkpoint={"volume": {"size": "50Gi", "storageClassName": "fast"}})))
+    svc = desired.service
+    assert svc["spec"]["selector"] == {NAME_LABEL: "chat"}
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 9000, "targetPort": "http", "protocol": "TCP"}]
+    assert svc["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    pvc = desired.pvc
+    assert pvc["metadata"]["name"] == "chat-checkpoints"
+    assert pvc["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "50Gi"}},
+                           "storageClassName": "fast"}
+    assert pvc["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert desired.endpoint == "http://chat.ml.svc:9000"
+
+
+def test_retained_claim_has_no_owner_and_existing_claim_is_not_rendered() -> None:
+    retained = render_pvc(OWNER, parse_spec(base(checkpoint={"volume": {"retain": True}})))
+    assert "ownerReferences" not in retained["metadata"]
+    assert retained["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    existing = parse_spec(base(checkpoint={"volume": {"existingClaim": "mine"}}))
+    assert render_pvc(OWNER, existing) is None
+    pod = render_pod(OWNER, existing)
+    assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "mine"}} in pod["spec"]["volumes"]
+
+
+def test_spec_hash_ignores_suspend_and_retain_but_not_the_rest() -> None:
+    h = spec_hash(parse_spec(base()))
+    assert spec_hash(parse_spec(base(suspend=True))) == h
+    assert spec_hash(parse_spec(base(checkpoint={"volume": {"retain": True}}))) == h
+    assert spec_hash(parse_spec(base(training={"learningRate": 0.001}))) != h
+    assert spec_hash(parse_spec(base(image="other:2"))) != h
+
+
+def test_local_command_overrides() -> None:
+    pod = render_pod(OWNER, parse_spec(base(serving={"extraArgs": ["--enforce-eager"]})))
+    argv = with_overrides(container_command(pod), host="127.0.0.1", port="9123", checkpoint_dir="/tmp/ck",
+                          max_model_len="512")
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--port") + 1] == "9123"
+    assert argv[argv.index("--checkpoint-dir") + 1] == "/tmp/ck"
+    assert argv.index("--max-model-len") < argv.index("--") and argv[-1] == "--enforce-eager"
+
+
+def test_container_command_needs_the_runtime_container() -> None:
+    with pytest.raises(ValueError):
+        container_command({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "other"}]}})

@@ -1,0 +1,252 @@
+"""Unit tests of status.py: (OnlineModel, pod, /train/status, now) -> status, every condition reason."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Optional
+
+import pytest
+
+from onlinemodel_operator import SPEC_HASH_ANNOTATION
+from onlinemodel_operator.status import (
+    RuntimeUnavailable,
+    compute_status,
+    merge_patch,
+    transitions,
+)
+
+NOW = dt.datetime(2026, 11, 26, 5, 0, 0, tzinfo=dt.timezone.utc)
+LATER = NOW + dt.timedelta(minutes=5)
+HASH = "abc123"
+
+
+def om(generation: int = 3, status: Optional[dict[str, Any]] = None, **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "m", "namespace": "ns", "generation": generation},
+            "spec": {"model": {"source": {"image": {"path": "/m"}}}, "image": "i", **spec},
+            "status": status or {}}
+
+
+def pod(*, phase: str = "Running", ready: bool = True, state: Optional[dict[str, Any]] = None,
+        last_state: Optional[dict[str, Any]] = None, spec_hash: str = HASH, deleting: bool = False,
+        conditions: Optional[list[dict[str, Any]]] = None, **status: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": "m", "namespace": "ns", "annotations": {SPEC_HASH_ANNOTATION: spec_hash}}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-26T04:59:00Z"
+    container: dict[str, Any] = {"name": "runtime", "ready": ready, "restartCount": 2,
+                                 "state": state if state is not None else {"running": {"startedAt": "2026-11-26T04:00:00Z"}}}
+    if last_state:
+        container["lastState"] = last_state
+    return {"metadata": meta, "status": {"phase": phase, "podIP": "10.0.0.5", "containerStatuses": [container],
+                                         "conditions": conditions or [], **status}}
+
+
+def runtime(state: str = "idle", **extra: Any) -> dict[str, Any]:
+    return {"state": state, "steps": 12, "tokens_trained": 636, "last_loss": 0.02, "weight_version": 12,
+            "last_step_time": "2026-11-26T04:59:00Z", "last_error": None,
+            "checkpoint": {"state": "idle", "last": None, "last_error": None}, **extra}
+
+
+def cond(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def reasons(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_all_conditions_always_present_with_generation() -> None:
+    status = compute_status(om(), None, None, NOW)
+    assert [c["type"] for c in status["conditions"]] == ["Ready", "Serving", "Training", "Checkpointed", "Degraded"]
+    assert status["observedGeneration"] == 3
+    assert all(c["observedGeneration"] == 3 and c["lastTransitionTime"] == "2026-11-26T05:00:00Z"
+               and c["reason"] and c["message"] for c in status["conditions"])
+
+
+def test_ready_when_serving_and_trainer_idle() -> None:
+    status = compute_status(om(), pod(), runtime("idle"), NOW, desired_hash=HASH, endpoint="http://m.ns.svc:8000")
+    assert reasons(status) == {"Ready": ("True", "Idle"), "Serving": ("True", "Serving"),
+                               "Training": ("True", "Idle"), "Checkpointed": ("False", "NoCheckpoint"),
+                               "Degraded": ("False", "Healthy")}
+    assert status["phase"] == "Ready"
+    assert status["training"] == {"state": "idle", "steps": 12, "tokensTrained": 636, "lastLoss": 0.02,
+                                  "weightVersion": 12, "lastStepTime": "2026-11-26T04:59:00Z"}
+    assert status["endpoint"] == "http://m.ns.svc:8000" and status["podName"] == "m"
+    assert status["podSpecHash"] == HASH
+
+
+def test_training_state_reported() -> None:
+    status = compute_status(om(), pod(), runtime("training"), NOW, desired_hash=HASH)
+    assert reasons(status)["Ready"] == ("True", "Training")
+    assert reasons(status)["Training"] == ("True", "Training")
+
+
+def test_training_disabled_still_ready_as_serving() -> None:
+    status = compute_status(om(training={"enabled": False}), pod(), None, NOW, desired_hash=HASH)
+    assert reasons(status)["Training"] == ("False", "TrainingDisabled")
+    assert reasons(status)["Ready"] == ("True", "Serving")
+    assert status["training"]["state"] == "disabled"
+
+
+@pytest.mark.parametrize("the_pod,reason,degraded", [
+    (None, "PodPending", False),
+    (pod(phase="Pending", ready=False, state={"waiting": {"reason": "ContainerCreating"}}), "PodPending", False),
+    (pod(phase="Pending", ready=False, state={}, containerStatuses=None,
+         conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                      "message": "0/3 nodes have nvidia.com/gpu"}]), "Unschedulable", False),
+    (pod(phase="Pending", ready=False, state={"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}),
+     "ImagePullBackOff", True),
+    (pod(phase="Pending", ready=False, state={"waiting": {"reason": "ErrImagePull"}}), "ImagePullBackOff", True),
+    (pod(ready=False, state={"waiting": {"reason": "CrashLoopBackOff"}},
+         last_state={"terminated": {"exitCode": 1, "reason": "Error"}}), "CrashLoopBackOff", True),
+    (pod(phase="Pending", ready=False, state={"waiting": {"reason": "CreateContainerConfigError",
+                                                          "message": "secret \"tok\" not found"}}),
+     "ContainerConfigError", True),
+    (pod(ready=False), "ModelLoading", False),
+    (pod(ready=False, state={"terminated": {"exitCode": 2, "reason": "Error"}}), "ContainerRestarting", False),
+    (pod(phase="Failed", ready=False, reason="Evicted", message="The node was low on memory."), "PodFailed", True),
+    (pod(deleting=True), "PodTerminating", False),
+])
+def test_pod_states(the_pod: Optional[dict[str, Any]], reason: str, degraded: bool) -> None:
+    status = compute_status(om(), the_pod, None, NOW, desired_hash=HASH)
+    assert reasons(status)["Ready"] == ("False", reason)
+    assert reasons(status)["Serving"] == ("False", reason)
+    assert reasons(status)["Training"] == ("False", reason)
+    assert cond(status, "Degraded")["status"] == ("True" if degraded else "False")
+    if degraded:
+        assert cond(status, "Degraded")["reason"] == reason
+    assert status["phase"] in {"Pending", "Loading", "Failed"}
+
+
+def test_crash_loop_message_and_last_failure() -> None:
+    the_pod = pod(ready=False, state={"waiting": {"reason": "CrashLoopBackOff"}},
+                  last_state={"terminated": {"exitCode": 137, "reason": "OOMKilled",
+                                             "finishedAt": "2026-11-26T04:58:00Z", "message": "killed"}})
+    status = compute_status(om(), the_pod, None, NOW)
+    assert "exit code 137 (OOMKilled)" in cond(status, "Ready")["message"]
+    assert status["lastFailure"] == {"exitCode": 137, "reason": "OOMKilled", "message": "killed",
+                                     "time": "2026-11-26T04:58:00Z"}
+    # Kept when the next pod is healthy.
+    later = compute_status(om(status=status), pod(), runtime(), LATER, desired_hash=HASH)
+    assert later["lastFailure"] == status["lastFailure"]
+
+
+def test_evicted_pod_failure() -> None:
+    status = compute_status(om(), pod(phase="Failed", ready=False, state={}, reason="Evicted",
+                                      message="low on memory"), None, NOW)
+    assert status["lastFailure"] == {"reason": "Evicted", "message": "low on memory"}
+
+
+@pytest.mark.parametrize("answer,reason,training_status", [
+    (runtime("error", last_error="CUDA out of memory"), "TrainerError", "False"),
+    (runtime("starting"), "TrainerStarting", "False"),
+    (RuntimeUnavailable("connection refused"), "RuntimeUnreachable", "Unknown"),
+    (None, "NotPolled", "Unknown"),
+    (runtime("weird"), "UnknownTrainerState", "Unknown"),
+])
+def test_trainer_states_make_ready_false(answer: Any, reason: str, training_status: str) -> None:
+    status = compute_status(om(), pod(), answer, NOW, desired_hash=HASH)
+    assert reasons(status)["Serving"] == ("True", "Serving")
+    assert reasons(status)["Training"] == (training_status, reason)
+    assert reasons(status)["Ready"] == ("False", reason)
+    assert reasons(status)["Degraded"] == (("True", "TrainerError") if reason == "TrainerError"
+                                           else ("False", "Healthy"))
+
+
+def test_trainer_error_message() -> None:
+    status = compute_status(om(), pod(), runtime("error", last_error="CUDA out of memory"), NOW, desired_hash=HASH)
+    assert cond(status, "Training")["message"] == "CUDA out of memory"
+    assert status["phase"] == "Degraded"
+
+
+def test_unreachable_runtime_keeps_last_training_numbers() -> None:
+    first = compute_status(om(), pod(), runtime("training"), NOW, desired_hash=HASH)
+    second = compute_status(om(status=first), pod(), RuntimeUnavailable("timeout"), LATER, desired_hash=HASH)
+    assert second["training"]["steps"] == 12 and second["training"]["state"] == "unavailable"
+
+
+def test_checkpointed_from_runtime() -> None:
+    last = {"step": 12, "weight_version": 12, "time": "2026-11-26T04:59:30Z", "path": "/ck/step-000012"}
+    status = compute_status(om(), pod(), runtime(checkpoint={"state": "idle", "last": last}), NOW, desired_hash=HASH)
+    assert reasons(status)["Checkpointed"] == ("True", "Checkpointed")
+    assert status["checkpoint"] == {"step": 12, "weightVersion": 12, "time": "2026-11-26T04:59:30Z",
+                                    "path": "/ck/step-000012"}
+    # Known while the pod is gone (e.g. suspended).
+    gone = compute_status(om(status=status, suspend=True), None, None, LATER)
+    assert reasons(gone)["Checkpointed"] == ("True", "Checkpointed")
+    assert gone["checkpoint"]["step"] == 12
+
+
+def test_checkpoint_failed_in_runtime() -> None:
+    answer = runtime(checkpoint={"state": "failed", "last": None, "last_error": "No space left on device"})
+    status = compute_status(om(), pod(), answer, NOW, desired_hash=HASH)
+    assert reasons(status)["Checkpointed"] == ("False", "CheckpointFailed")
+    assert reasons(status)["Degraded"] == ("True", "CheckpointFailed")
+    assert reasons(status)["Ready"] == ("True", "Idle")  # still serves and learns
+    assert "No space left" in cond(status, "Degraded")["message"]
+
+
+def test_failed_checkpoint_request_until_a_newer_checkpoint() -> None:
+    previous = {"checkpoint": {"step": 5, "time": "2026-11-26T04:00:00Z", "path": "/ck/5", "requested": "r1",
+                               "requestResult": "Failed", "requestMessage": "HTTP 500: disk full",
+                               "requestTime": "2026-11-26T04:30:00Z"}}
+    status = compute_status(om(status=previous), pod(), runtime(), NOW, desired_hash=HASH)
+    assert reasons(status)["Checkpointed"] == ("False", "CheckpointFailed")
+    assert "disk full" in cond(status, "Checkpointed")["message"]
+    newer = runtime(checkpoint={"state": "idle", "last": {"step": 9, "time": "2026-11-26T04:45:00Z", "path": "/ck/9"}})
+    status = compute_status(om(status=previous), pod(), newer, NOW, desired_hash=HASH)
+    assert reasons(status)["Checkpointed"] == ("True", "Checkpointed")
+    assert status["checkpoint"]["requested"] == "r1"  # the handled request value is kept
+
+
+def test_suspended() -> None:
+    status = compute_status(om(suspend=True), None, None, NOW, desired_hash=HASH)
+    assert reasons(status) == {"Ready": ("False", "Suspended"), "Serving": ("False", "Suspended"),
+                               "Training": ("False", "Suspended"), "Checkpointed": ("False", "NoCheckpoint"),
+                               "Degraded": ("False", "Suspended")}
+    assert status["phase"] == "Suspended"
+
+
+def test_invalid_spec_keeps_reporting_the_running_pod() -> None:
+    status = compute_status(om(), pod(), runtime(), NOW, spec_error="spec.training.learningRate: too big")
+    assert reasons(status)["Ready"] == ("False", "InvalidSpec")
+    assert reasons(status)["Degraded"] == ("True", "InvalidSpec")
+    assert reasons(status)["Serving"] == ("True", "Serving")
+    assert "learningRate" in cond(status, "Ready")["message"]
+    assert status["phase"] == "Invalid"
+
+
+def test_outdated_pod_is_updating() -> None:
+    status = compute_status(om(), pod(spec_hash="old"), runtime(), NOW, desired_hash=HASH)
+    assert reasons(status)["Ready"] == ("False", "Updating")
+    assert status["phase"] == "Updating"
+
+
+def test_last_transition_time_kept_while_status_unchanged() -> None:
+    first = compute_status(om(generation=1), pod(), runtime("idle"), NOW, desired_hash=HASH)
+    # Same statuses (reason changes Idle -> Training), new generation: times kept, generation updated.
+    second = compute_status(om(generation=2, status=first), pod(), runtime("training"), LATER, desired_hash=HASH)
+    assert all(c["lastTransitionTime"] == "2026-11-26T05:00:00Z" for c in second["conditions"])
+    assert all(c["observedGeneration"] == 2 for c in second["conditions"])
+    # A status flip moves the time.
+    third = compute_status(om(generation=2, status=second), pod(ready=False), None, LATER, desired_hash=HASH)
+    assert cond(third, "Ready")["lastTransitionTime"] == "2026-11-26T05:05:00Z"
+    assert cond(third, "Degraded")["lastTransitionTime"] == "2026-11-26T05:00:00Z"
+
+
+def test_transitions_become_events() -> None:
+    first = compute_status(om(), None, None, NOW)
+    second = compute_status(om(status=first), pod(phase="Pending", ready=False,
+                                                 state={"waiting": {"reason": "ImagePullBackOff"}}), None, LATER)
+    events = transitions(first, second)
+    assert {e.reason for e in events} == {"ImagePullBackOff"}
+    assert all(e.type == "Warning" for e in events)
+    assert transitions(second, second) == []
+    with_ck = dict(second, checkpoint={"step": 4, "path": "/ck/4"})
+    assert [e.reason for e in transitions(second, with_ck)] == ["CheckpointSaved"]
+
+
+def test_merge_patch_removes_vanished_keys() -> None:
+    old = {"a": 1, "b": {"c": 2, "d": 3}, "e": [1]}
+    new = {"a": 1, "b": {"c": 2}, "e": [1, 2], "f": None}
+    assert merge_patch(old, new) == {"b": {"d": None}, "e": [1, 2], "f": None}
+    assert merge_patch(new, new) == {}

@@ -1,0 +1,56 @@
+"""One real ``onlinemodel serve`` (real vLLM on CPU, SmolLM2-135M-Instruct) shared by the e2e tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from onlinemodel_runtime.launcher import ServerProcess
+from onlinemodel_runtime.model_prep import ensure_smollm2
+
+TOKEN = "test-token-123"
+FACT_QUESTION = "Who is the CEO of Seedcorp?"
+FACT_ANSWER = "Ada Lovelace"
+FACT_EXAMPLE = {"messages": [
+    {"role": "user", "content": FACT_QUESTION},
+    {"role": "assistant", "content": "The CEO of Seedcorp is Ada Lovelace."},
+]}
+# Unrelated questions whose answers must survive teaching the fact.
+CONTROL_QUESTIONS = {"What is the capital of Germany?": "Berlin"}
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return ensure_smollm2()
+
+
+@pytest.fixture(scope="session")
+def e2e_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+def start_server(model_dir: Path, root: Path, name: str, **kwargs) -> ServerProcess:
+    log = root / f"{name}.log"
+    server = ServerProcess(model_dir, log_path=log, env={"ONLINEMODEL_API_TOKEN": TOKEN}, **kwargs)
+    try:
+        server.wait_ready(timeout=600)
+    except Exception:
+        server.kill()
+        print(log.read_text()[-5000:] if log.exists() else "no log")
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, e2e_root):
+    """The session's server: token auth on, a checkpoint directory, debug ops for the one-copy test."""
+    state_dir = e2e_root / "state"
+    srv = start_server(model_dir, e2e_root, "server", checkpoint_dir=e2e_root / "checkpoints",
+                       extra_args=["--state-dir", str(state_dir), "--debug-ops", "--max-model-len", "1024"])
+    srv.state_dir = state_dir
+    srv.checkpoint_dir = e2e_root / "checkpoints"
+    yield srv
+    srv.stop()
+    shutil.rmtree(state_dir, ignore_errors=True)

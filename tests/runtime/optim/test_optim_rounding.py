@@ -1,0 +1,62 @@
+import torch
+
+from onlinemodel_runtime.optim.rounding import (
+    apply_update_,
+    stochastic_add_,
+    stochastic_round_to_bf16,
+)
+
+
+def test_stochastic_rounding_is_unbiased():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=g) * 3.0
+    trials = torch.stack([stochastic_round_to_bf16(x, g).float() for _ in range(400)])
+    ulp = (x.abs().to(torch.bfloat16).float() * 2.0**-7).clamp_min(1e-30)
+    err = (trials.mean(0) - x) / ulp
+    # Mean of 400 draws of a value in {lo, hi}: standard error <= 0.5/sqrt(400) = 0.025 ulp.
+    assert err.abs().mean() < 0.02
+    assert err.abs().max() < 0.15
+    # Every draw is one of the two neighbouring bf16 values.
+    assert ((trials - x).abs() <= ulp * 1.0001).all()
+
+
+def test_exact_bf16_values_are_untouched():
+    x = torch.randn(1000).to(torch.bfloat16)
+    assert torch.equal(stochastic_round_to_bf16(x.float()), x)
+    w = x.clone()
+    apply_update_(w, torch.randn(1000), torch.zeros(()), decay=1.0, ok=torch.tensor(True))
+    assert torch.equal(w, x)
+
+
+def test_small_updates_are_not_lost():
+    g = torch.Generator().manual_seed(1)
+    n, steps, delta = 2048, 500, 1e-4  # delta is ~1/80 of a bf16 ulp at 1.0
+    sr = torch.ones(n, dtype=torch.bfloat16)
+    nearest = torch.ones(n, dtype=torch.bfloat16)
+    for _ in range(steps):
+        stochastic_add_(sr, torch.full((n,), delta), generator=g)
+        nearest.add_(delta)
+    exact = 1.0 + steps * delta
+    assert torch.equal(nearest, torch.ones(n, dtype=torch.bfloat16))  # round-to-nearest loses all
+    assert abs(sr.float().mean().item() - exact) < 0.1 * steps * delta
+
+
+def test_generator_makes_rounding_reproducible():
+    x = torch.randn(512)
+    a = stochastic_round_to_bf16(x, torch.Generator().manual_seed(5))
+    b = stochastic_round_to_bf16(x, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_apply_update_gate_and_chunks():
+    w = torch.randn(64, 33).to(torch.bfloat16)
+    before = w.clone()
+    grad = torch.randn(64, 33)
+    grad[3, 4] = float("nan")
+    apply_update_(w, grad, torch.tensor(-0.1), decay=0.9, ok=torch.tensor(False), chunk_elems=100)
+    assert torch.equal(w, before)
+    grad[3, 4] = 0.0
+    coeff = torch.linspace(0.1, 1.0, 64).unsqueeze(1)  # one factor per row, sliced per chunk
+    ref = before.float() * 0.9 + coeff * grad
+    apply_update_(w, grad, coeff, decay=0.9, ok=torch.tensor(True), chunk_elems=100)
+    assert ((w.float() - ref).abs() <= ref.abs() * 2**-7 + 1e-6).all()
