@@ -51,6 +51,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: An
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=KOPF_PREFIX, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{GROUP}/operator"  # kopf's daemons need one; name it after us
     settings.posting.reporting_component = MANAGED_BY
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60

@@ -9,6 +9,7 @@ Single replica by design (the chart uses a Recreate Deployment), so kopf's peeri
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -42,6 +43,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      checkpoint_timeout=args.checkpoint_timeout,
                                      namespaces=tuple(args.namespace) or None)
     kopf.configure(verbose=args.verbose, debug=args.debug)
+    if not args.debug:  # one line per API and runtime request is too much at the default level
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     kopf.run(
         clusterwide=not config.namespaces,
         namespaces=list(config.namespaces),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
@@ -35,8 +34,6 @@ from onlinemodel_operator.status import (
     rfc3339,
     transitions,
 )
-
-log = logging.getLogger(__name__)
 
 EventSink = Callable[[Mapping[str, Any], Transition], None]
 
@@ -149,6 +146,10 @@ class Reconciler:
         owner = Owner.from_body(body)
         spec, spec_error = await self._validate(body, owner)
         pod = await self.kube.get(PODS, namespace, name)
+        if spec is not None:
+            spec_error = await self._name_taken(owner, pod)
+            if spec_error:
+                spec, pod = None, None  # not ours: neither managed nor reported as our pod
         if spec is None:
             runtime = await self._poll(pod)
             status = compute_status(body, pod, runtime, self.clock(), spec_error=spec_error)
@@ -164,12 +165,14 @@ class Reconciler:
         if pod is not None and pod["metadata"].get("deletionTimestamp"):
             retry, message = self.config.retry_delay, "waiting for the old pod to terminate"
         elif pod is not None and spec.suspend:
+            body = await self._announce(body, pod, desired.spec_hash, desired.endpoint, events)
             pod = await self._stop_pod(body, pod, "Suspended", events)
         elif pod is not None and (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded"):
             failure = pod_failure(pod)
             events(body, Transition("Warning", "PodFailed", f"pod {name} {pod['status']['phase'].lower()}; recreating it"))
             pod = await self._delete_pod(pod)
         elif pod is not None and (pod["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION) != desired.spec_hash:
+            body = await self._announce(body, pod, desired.spec_hash, desired.endpoint, events)
             pod = await self._stop_pod(body, pod, "SpecChanged", events)
         if pod is not None and pod["metadata"].get("deletionTimestamp"):
             retry, message = self.config.retry_delay, "waiting for the old pod to terminate"
@@ -212,6 +215,15 @@ class Reconciler:
             if await self.kube.get(CLAIMS, ns, claim) is None:
                 return None, f"{path}: PersistentVolumeClaim {ns}/{claim} does not exist"
         return spec, None
+
+    async def _name_taken(self, owner: Owner, pod: Optional[Mapping[str, Any]]) -> Optional[str]:
+        """Why the pod or Service name is someone else's (never touch objects the operator did not make)."""
+        service = await self.kube.get(SERVICES, owner.namespace, owner.name)
+        for kind, obj in (("Pod", pod), ("Service", service)):
+            if obj is not None and (obj["metadata"].get("labels") or {}).get(NAME_LABEL) != owner.name:
+                return (f"{kind} {owner.namespace}/{owner.name} exists and was not created for this OnlineModel; "
+                        "delete it or give the OnlineModel another name")
+        return None
 
     # --- children -------------------------------------------------------------------------------------------
 
@@ -304,6 +316,15 @@ class Reconciler:
             return await self._client(url).train_status()
         except RuntimeClientError as exc:
             return RuntimeUnavailable(str(exc))
+
+    async def _announce(self, body: dict[str, Any], pod: Mapping[str, Any], desired_hash: str, endpoint: str,
+                        events: EventSink) -> dict[str, Any]:
+        """Publish Updating/Suspended before a pod is stopped (its checkpoint may take minutes)."""
+        runtime = await self._poll(pod)
+        status = compute_status(body, pod, runtime, self.clock(), desired_hash=desired_hash, endpoint=endpoint)
+        await self._publish(body, status, events)
+        meta = body["metadata"]
+        return await self.kube.get(ONLINEMODELS, meta["namespace"], meta["name"]) or body
 
     async def _publish(self, body: Mapping[str, Any], status: dict[str, Any], events: EventSink) -> None:
         old = body.get("status") or {}

@@ -102,13 +102,23 @@ def _num(value: float) -> str:
     return repr(float(value)) if not float(value).is_integer() else str(value)
 
 
+def prestop_timeout(spec: OnlineModelSpec) -> int:
+    """Seconds the preStop checkpoint may take: half the grace period (SIGTERM's final one gets 30%)."""
+    return max(10, spec.pod.termination_grace_period_seconds // 2)
+
+
+def final_checkpoint_timeout(spec: OnlineModelSpec) -> int:
+    return max(5, spec.pod.termination_grace_period_seconds * 3 // 10)
+
+
 def serve_args(owner: Owner, spec: OnlineModelSpec) -> list[str]:
     """Arguments of `onlinemodel serve` (see notes/contracts.md)."""
     args = ["--model", model_argument(spec),
             "--served-model-name", spec.model.served_name or owner.name,
             "--host", "0.0.0.0", "--port", str(spec.serving.port),
             "--checkpoint-dir", CHECKPOINT_DIR,
-            "--checkpoint-keep", str(spec.checkpoint.keep_last)]
+            "--checkpoint-keep", str(spec.checkpoint.keep_last),
+            "--final-checkpoint-timeout", str(final_checkpoint_timeout(spec))]
     if spec.checkpoint.every_steps is not None:
         args += ["--checkpoint-every-steps", str(spec.checkpoint.every_steps)]
     if spec.checkpoint.every_seconds is not None:
@@ -204,9 +214,11 @@ def render_pod(owner: Owner, spec: OnlineModelSpec) -> dict[str, Any]:
         "readinessProbe": _probe(3, 10, 5),
         # Generous: a busy engine answers /health late, and a restart costs a model load.
         "livenessProbe": _probe(6, 30, 10),
-        # The preStop hook takes a checkpoint before SIGTERM (which takes a final one too).
-        "lifecycle": {"preStop": {"exec": {"command": ["onlinemodel", "checkpoint",
-                                                       "--url", f"http://127.0.0.1:{port}"]}}},
+        # The preStop hook takes a checkpoint before SIGTERM (which takes a final one too); both fit in
+        # the grace period, which the kubelet enforces on the hook and the process together.
+        "lifecycle": {"preStop": {"exec": {"command": [
+            "onlinemodel", "checkpoint", "--url", f"http://127.0.0.1:{port}",
+            "--timeout", str(prestop_timeout(spec))]}}},
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod_spec: dict[str, Any] = {

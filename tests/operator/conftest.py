@@ -38,3 +38,7 @@ async def runtime() -> AsyncIterator[FakeRuntime]:
 async def operator(cluster: Cluster) -> AsyncIterator[Any]:
     async with operator_running(cluster.namespace) as runner:
         yield runner
+        if not cluster.emulated:
+            # Delete the OnlineModels while the operator still runs: it removes kopf's finalizers, so the
+            # test namespace can go away afterwards.
+            await cluster.delete_all_onlinemodels()

@@ -20,12 +20,15 @@ import itertools
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional
 
+import httpx
 import jsonpatch
 import kmock
 from aiohttp import web
@@ -159,7 +162,8 @@ class ApiServer(kmock.KubernetesEmulator):
         if subresource != "status" and new.get("spec") != old.get("spec"):
             meta["generation"] = int(old["metadata"].get("generation", 1)) + 1
         meta["resourceVersion"] = str(next(self._rv))
-        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") and old["metadata"].get("finalizers"):
+            # The last finalizer went away: the object is gone now (graceful pods wait for the kubelet).
             self._objects[key].history.append(new)
             await self._remove(key)
         else:
@@ -241,6 +245,7 @@ class FakeKubelet:
         self.ready = ready
         self.termination_delay = termination_delay
         self._seen: set[str] = set()
+        self._terminating: set[str] = set()
         self._task: Optional[asyncio.Task[None]] = None
 
     async def __aenter__(self) -> "FakeKubelet":
@@ -259,6 +264,9 @@ class FakeKubelet:
                 uid = pod["metadata"]["uid"]
                 name = pod["metadata"]["name"]
                 if pod["metadata"].get("deletionTimestamp"):
+                    if uid in self._terminating:
+                        continue
+                    self._terminating.add(uid)
                     asyncio.get_running_loop().call_later(
                         self.termination_delay,
                         lambda n=name: asyncio.ensure_future(self.api.finish_deletion("v1/pods", self.namespace, n)))
@@ -294,18 +302,42 @@ def local_command(pod: Mapping[str, Any], *, host: str = "127.0.0.1", port: int,
     return with_overrides(container_command(pod), host=host, port=str(port), checkpoint_dir=checkpoint_dir)
 
 
+def runnable(argv: list[str]) -> list[str]:
+    """`onlinemodel ...` as a local command: the console script when on PATH, else this Python."""
+    if argv and argv[0] == "onlinemodel" and shutil.which("onlinemodel") is None:
+        return [sys.executable, "-c", "import sys; from onlinemodel_runtime.cli import main; sys.exit(main())",
+                *argv[1:]]
+    return argv
+
+
+async def _health_ok(port: int) -> bool:
+    try:
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+            return (await client.get(f"http://127.0.0.1:{port}/health")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 async def play_kubelet(kubelet: FakeKubelet, pod: Mapping[str, Any], *, checkpoint_dir: str,
                        env: Optional[Mapping[str, str]] = None,
-                       ready: Callable[[], Awaitable[bool]]) -> subprocess.Popen[bytes]:
-    """Run the pod's container command as a local process (its port is the pod's containerPort, which a test
-    sets to a free port via spec.serving.port), wait until `ready()` is true, then mark the pod Running."""
+                       ready: Optional[Callable[[], Awaitable[bool]]] = None,
+                       timeout: float = 600.0) -> subprocess.Popen[bytes]:
+    """Run the pod's container command as a local process and publish the pod as the kubelet would.
+
+    The process listens on the pod's containerPort (a test sets spec.serving.port to `free_port()`) at
+    127.0.0.1 and checkpoints to `checkpoint_dir`. The pod is marked Running (not ready) at once, and ready
+    when `ready()` (default: GET /health answers 200) says so. The caller terminates the process."""
     port = next(p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", []))
-    argv = local_command(pod, port=port, checkpoint_dir=checkpoint_dir)
+    argv = runnable(local_command(pod, port=port, checkpoint_dir=checkpoint_dir))
     process = subprocess.Popen(argv, env={**os.environ, **(env or {})})
     await kubelet.mark_running(pod["metadata"]["name"], ready=False)
-    while not await ready():
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await (ready() if ready is not None else _health_ok(port)):
         if process.poll() is not None:
-            raise RuntimeError(f"{argv[:2]} exited with {process.returncode}")
+            raise RuntimeError(f"{argv[:3]} exited with {process.returncode}")
+        if asyncio.get_running_loop().time() > deadline:
+            process.terminate()
+            raise TimeoutError(f"the runtime did not get ready in {timeout} s")
         await asyncio.sleep(1.0)
     await kubelet.mark_running(pod["metadata"]["name"], ready=True)
     return process
@@ -324,6 +356,7 @@ class FakeRuntime:
             "checkpoint": {"state": "idle", "last": None, "last_error": None}}
         self.checkpoint_calls: list[dict[str, Any]] = []
         self.checkpoint_error: Optional[tuple[int, str]] = None
+        self.checkpoint_delay = 0.0  # seconds POST /checkpoint takes
         self._runner: Optional[web.AppRunner] = None
 
     async def __aenter__(self) -> "FakeRuntime":
@@ -348,6 +381,7 @@ class FakeRuntime:
 
     async def _checkpoint(self, request: web.Request) -> web.Response:
         self.checkpoint_calls.append({"authorization": request.headers.get("Authorization"), "time": utcnow_text()})
+        await asyncio.sleep(self.checkpoint_delay)
         if self.checkpoint_error is not None:
             code, message = self.checkpoint_error
             return web.json_response({"error": {"message": message, "type": "server_error"}}, status=code)
@@ -393,6 +427,14 @@ class Cluster:
 
     async def delete(self, kind: Kind, name: str) -> bool:
         return await self.kube.delete(kind, self.namespace, name)
+
+    async def delete_all_onlinemodels(self, timeout: float = 60.0) -> None:
+        listing = await self.kube._request("GET", ONLINEMODELS.path(self.namespace)) or {}
+        names = [item["metadata"]["name"] for item in listing.get("items", [])]
+        for name in names:
+            await self.delete(ONLINEMODELS, name)
+        for name in names:
+            await self.wait_for(lambda n=name: self.get(ONLINEMODELS, n), lambda o: o is None, timeout, f"{name} gone")
 
     async def onlinemodel(self, name: str) -> dict[str, Any]:
         return await self.get(ONLINEMODELS, name) or {}
@@ -440,6 +482,23 @@ def kubeconfig_for(url: str, path: Path) -> Path:
     return path
 
 
+async def install_crd(kube: KubeApi, timeout: float = 30.0) -> None:
+    """Create the OnlineModel CRD on a real cluster unless it is there, and wait until it is served."""
+    from onlinemodel_operator.crd import build_crd
+    from onlinemodel_operator.kube import Conflict
+
+    path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    try:
+        await kube._request("POST", path, body=build_crd(), content_type="application/json")
+    except Conflict:
+        pass
+    deadline = asyncio.get_running_loop().time() + timeout
+    while await kube._request("GET", f"/apis/{GROUP}/{VERSION}") is None:
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("the OnlineModel CRD is not served")
+        await asyncio.sleep(0.5)
+
+
 @contextlib.asynccontextmanager
 async def cluster_session(tmp_path: Path, namespace: str) -> AsyncIterator[Cluster]:
     """An emulated API server (or the real cluster of $ONLINEMODEL_TEST_KUBECONFIG) with `namespace` in it.
@@ -455,6 +514,7 @@ async def cluster_session(tmp_path: Path, namespace: str) -> AsyncIterator[Clust
         load_kube_config(config_file=real, client_configuration=cfg)
         kube = KubeApi(cfg)
         try:
+            await install_crd(kube)
             await kube._request("POST", "/api/v1/namespaces", body={
                 "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
                 content_type="application/json")

@@ -101,6 +101,12 @@ async def test_spec_change_checkpoints_then_recreates_pod(cluster: Cluster, kube
     assert len(runtime.checkpoint_calls) == 1
     om = await cluster.wait_condition("m6", "Ready", "True")
     assert om["metadata"]["generation"] == 2 and om["status"]["observedGeneration"] == 2
+    if cluster.emulated:  # Events for the transitions, posted by kopf
+        async def reasons() -> set[str]:
+            return {e.get("reason") for e in cluster.api.live("v1/events", cluster.namespace)
+                    if e.get("involvedObject", {}).get("name") == "m6"}
+        await cluster.wait_for(reasons, lambda r: {"PodCreated", "CheckpointBeforeStop", "SpecChanged"} <= r,
+                               what="events")
 
 
 async def test_bad_spec_is_refused_and_running_pod_untouched(cluster: Cluster, kubelet: FakeKubelet,
@@ -174,3 +180,106 @@ async def test_deleting_the_onlinemodel_collects_children(cluster: Cluster, kube
     if cluster.emulated:  # a real cluster's garbage collector takes its time
         await cluster.wait_for(lambda: cluster.get(PODS, "m10"), lambda p: p is None, what="pod collected")
     assert await cluster.get(CLAIMS, "m10-checkpoints") is not None
+
+
+async def test_lifecycle_on_any_cluster(cluster: Cluster, operator: Any) -> None:
+    """No fake kubelet: also meaningful on a real cluster (pods never get ready there: the image is fake)."""
+    await cluster.create_onlinemodel("any", spec())
+    om = await cluster.wait_for(lambda: cluster.onlinemodel("any"),
+                                lambda o: len(o["status"]["conditions"]) == 5, what="five conditions")
+    for kind, name in ((PODS, "any"), (SERVICES, "any"), (CLAIMS, "any-checkpoints")):
+        obj = await cluster.wait_for(lambda: cluster.get(kind, name), lambda o: o is not None, what=name)
+        assert owned_by(obj, om)
+    assert condition(om, "Ready")["status"] == "False"
+    old = await cluster.get(PODS, "any")
+    # A bad update leaves the pod alone.
+    await cluster.patch(ONLINEMODELS, "any", {"spec": {"training": {"apiTokenSecretRef": {"name": "missing"}}}})
+    await cluster.wait_condition("any", "Degraded", "True", "InvalidSpec")
+    assert (await cluster.get(PODS, "any"))["metadata"]["uid"] == old["metadata"]["uid"]
+    # Suspend: the pod goes, the volume stays.
+    await cluster.patch(ONLINEMODELS, "any", {"spec": {"suspend": True, "training": {"apiTokenSecretRef": None}}})
+    await cluster.wait_condition("any", "Ready", "False", "Suspended", timeout=60)
+    await cluster.wait_for(lambda: cluster.get(PODS, "any"), lambda p: p is None, timeout=60, what="no pod")
+    assert await cluster.get(CLAIMS, "any-checkpoints") is not None
+
+
+async def test_new_pod_waits_for_the_old_one_to_terminate(cluster: Cluster, kubelet: FakeKubelet,
+                                                          runtime: FakeRuntime, operator: Any) -> None:
+    cluster.api.graceful_pod_deletion = True
+    kubelet.termination_delay = 1.0
+    await cluster.create_onlinemodel("m11", spec(runtime.port))
+    await cluster.wait_condition("m11", "Ready", "True")
+    old = await cluster.get(PODS, "m11")
+    await cluster.patch(ONLINEMODELS, "m11", {"spec": {"serving": {"maxModelLen": 512}}})
+    terminating = await cluster.wait_for(lambda: cluster.get(PODS, "m11"),
+                                         lambda p: p["metadata"].get("deletionTimestamp"), what="terminating pod")
+    assert terminating["metadata"]["uid"] == old["metadata"]["uid"]
+    await cluster.wait_condition("m11", "Ready", "False", "PodTerminating")
+    new = await cluster.wait_for(lambda: cluster.get(PODS, "m11"),
+                                 lambda p: p is not None and p["metadata"]["uid"] != old["metadata"]["uid"],
+                                 what="the new pod")
+    assert "--max-model-len" in new["spec"]["containers"][0]["args"]
+    await cluster.wait_condition("m11", "Ready", "True")
+
+
+async def test_foreign_pod_with_the_same_name_is_left_alone(cluster: Cluster, kubelet: FakeKubelet,
+                                                            operator: Any) -> None:
+    foreign = await cluster.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "m12"},
+                                    "spec": {"containers": [{"name": "app", "image": "busybox"}]}})
+    await cluster.create_onlinemodel("m12", spec())
+    om = await cluster.wait_condition("m12", "Ready", "False", "InvalidSpec")
+    assert "was not created for this OnlineModel" in condition(om, "Ready")["message"]
+    pod = await cluster.get(PODS, "m12")
+    assert pod["metadata"]["uid"] == foreign["metadata"]["uid"] and not pod["metadata"].get("deletionTimestamp")
+
+
+async def test_cli_entry_point_runs_the_operator_with_liveness(cluster: Cluster, kubelet: FakeKubelet,
+                                                               runtime: FakeRuntime) -> None:
+    """`onlinemodel-operator` as a process (what the chart's Deployment runs), liveness endpoint included."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from operator_harness import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "onlinemodel_operator.main", "-n", cluster.namespace,
+                             "--liveness", f"http://127.0.0.1:{port}/healthz", "--poll-interval", "0.3"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async def live() -> int:
+            try:
+                async with httpx.AsyncClient(trust_env=False) as client:
+                    return (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code
+            except httpx.HTTPError:
+                return 0
+        await cluster.wait_for(live, lambda code: code == 200, timeout=30, what="liveness endpoint")
+        await cluster.create_onlinemodel("cli", spec(runtime.port))
+        await cluster.wait_condition("cli", "Ready", "True", timeout=30)
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 30)
+
+
+async def test_status_says_updating_during_a_slow_checkpoint_and_a_failed_one_does_not_block(
+        cluster: Cluster, kubelet: FakeKubelet, runtime: FakeRuntime, operator: Any) -> None:
+    await cluster.create_onlinemodel("m13", spec(runtime.port))
+    await cluster.wait_condition("m13", "Ready", "True")
+    old = await cluster.get(PODS, "m13")
+    runtime.checkpoint_delay = 1.5
+    runtime.checkpoint_error = (500, "disk full")
+    await cluster.patch(ONLINEMODELS, "m13", {"spec": {"serving": {"maxModelLen": 1024}}})
+    await cluster.wait_condition("m13", "Ready", "False", "Updating")  # while the checkpoint runs
+    assert (await cluster.get(PODS, "m13"))["metadata"]["uid"] == old["metadata"]["uid"]
+    await cluster.wait_for(lambda: cluster.get(PODS, "m13"),
+                           lambda p: p is not None and p["metadata"]["uid"] != old["metadata"]["uid"], what="new pod")
+    await cluster.wait_condition("m13", "Ready", "True")
+
+    async def reasons() -> set[str]:
+        return {e.get("reason") for e in cluster.api.live("v1/events", cluster.namespace)
+                if e.get("involvedObject", {}).get("name") == "m13"}
+    await cluster.wait_for(reasons, lambda r: "CheckpointBeforeStopFailed" in r, what="a warning event")

@@ -49,7 +49,7 @@ def test_pod_shape() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["lifecycle"]["preStop"]["exec"]["command"] == [
-        "onlinemodel", "checkpoint", "--url", "http://127.0.0.1:8000"]
+        "onlinemodel", "checkpoint", "--url", "http://127.0.0.1:8000", "--timeout", "150"]
     assert {"name": "checkpoints", "mountPath": CHECKPOINT_DIR} in container["volumeMounts"]
     assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "chat-checkpoints"}} in spec["volumes"]
 
@@ -57,7 +57,7 @@ def test_pod_shape() -> None:
 def test_serve_args_default_and_full() -> None:
     assert serve_args(OWNER, parse_spec(base())) == [
         "--model", "Qwen/Qwen3-0.6B", "--served-model-name", "chat", "--host", "0.0.0.0", "--port", "8000",
-        "--checkpoint-dir", CHECKPOINT_DIR, "--checkpoint-keep", "3"]
+        "--checkpoint-dir", CHECKPOINT_DIR, "--checkpoint-keep", "3", "--final-checkpoint-timeout", "90"]
     full = parse_spec(base(
         model={"source": {"huggingFace": {"id": "Qwen/Qwen3-0.6B", "revision": "main"}}, "servedName": "qwen"},
         serving={"port": 9000, "maxModelLen": 4096, "gpuMemoryUtilization": 0.85, "extraArgs": ["--enforce-eager"]},
@@ -65,7 +65,7 @@ def test_serve_args_default_and_full() -> None:
         checkpoint={"everySteps": 50, "everySeconds": 600, "keepLast": 2}))
     assert serve_args(OWNER, full) == [
         "--model", "Qwen/Qwen3-0.6B", "--served-model-name", "qwen", "--host", "0.0.0.0", "--port", "9000",
-        "--checkpoint-dir", CHECKPOINT_DIR, "--checkpoint-keep", "2",
+        "--checkpoint-dir", CHECKPOINT_DIR, "--checkpoint-keep", "2", "--final-checkpoint-timeout", "90",
         "--checkpoint-every-steps", "50", "--checkpoint-every-seconds", "600",
         "--learning-rate", "1e-05", "--optimizer-rank", "4", "--max-examples", "16",
         "--max-model-len", "4096", "--gpu-memory-utilization", "0.85",
@@ -112,6 +112,8 @@ def test_secrets_env_and_placement() -> None:
     assert s["affinity"] == {"nodeAffinity": {}} and s["serviceAccountName"] == "sa"
     assert s["priorityClassName"] == "high" and s["imagePullSecrets"] == [{"name": "reg"}]
     assert s["terminationGracePeriodSeconds"] == 120
+    assert container["lifecycle"]["preStop"]["exec"]["command"][-2:] == ["--timeout", "60"]
+    assert container["args"][container["args"].index("--final-checkpoint-timeout") + 1] == "36"
     assert pod["metadata"]["labels"]["team"] == "ml" and pod["metadata"]["annotations"]["a"] == "b"
 
 

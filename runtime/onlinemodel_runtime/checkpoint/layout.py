@@ -44,7 +44,11 @@ def step_dir_name(step: int, suffix: int = 0) -> str:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A complete checkpoint. `seconds` is how long its save took; `time` is UTC ISO-8601."""
+    """A complete checkpoint. `time` is UTC ISO-8601 (when its metadata was written).
+
+    `seconds` is how long the save took: from `save()`, until it returned (durable and committed);
+    read back from disk (`latest()`), until the metadata was written (before the final fsyncs).
+    """
 
     path: Path
     step: int

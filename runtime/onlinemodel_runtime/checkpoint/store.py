@@ -95,18 +95,20 @@ class CheckpointStore:
              optimizer_state: Mapping[str, Any] | None = None,
              extra_metadata: Mapping[str, Any] | None = None, base_model: str | None = None,
              on_snapshot: Callable[[], None] | None = None) -> CheckpointInfo:
-        """Write a checkpoint and make it `latest`; return its info once it is durable.
+        """Write a checkpoint and make it `latest`, prune old ones; return its info once durable.
 
-        tensors: (hf_name, tensor) pairs in the order of `specs` (views of live weights, on any
-          device; each is copied out in bounded chunks as it arrives). Without `specs`, tensors
-          must be a re-iterable collection (e.g. a list of views) and specs are read from it.
+        tensors: (hf_name, tensor) pairs, or a name -> tensor mapping, in the order of `specs`
+          (views of live weights, on any device; each is copied out in bounded chunks as it
+          arrives). Without `specs`, tensors must be a collection (e.g. a list of views), not a
+          one-shot iterator, and the specs are read from it.
         trainer_state: JSON-serializable, needs an int `step`; `weight_version` (default: step)
           and `tokens_trained` (default 0) are recorded in the metadata.
         optimizer_state: tensors/numbers/containers, saved with torch.save; must load with
           torch.load(weights_only=True) (checked before the checkpoint is committed).
         base_model_dir: model directory whose non-weight files (config, tokenizer, chat template,
           generation config, ...) are copied; if it is itself a checkpoint, its recorded base
-          model is kept. `base_model` overrides the recorded name (e.g. a Hugging Face id).
+          model is kept, and that directory is never pruned by this save. `base_model`
+          overrides the recorded name (e.g. a Hugging Face id).
         on_snapshot: called once every tensor and the optimizer state have been written (not yet
           fsynced): the caller may resume training from then on.
 
@@ -120,6 +122,8 @@ class CheckpointStore:
             raise CheckpointError(f"base model directory {base_dir} has no config.json to copy")
         trainer_json = self._to_json(trainer_state, "trainer_state")
         self._to_json(extra_metadata or {}, "extra_metadata")
+        if isinstance(tensors, Mapping):
+            tensors = list(tensors.items())
         if specs is None:
             tensors = list(tensors)  # (name, view) pairs: metadata only, no tensor data copied
             specs = specs_of(tensors)
@@ -168,6 +172,8 @@ class CheckpointStore:
                 self._phase("renamed")
             except BaseException as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
+                if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: as they are
+                    raise
                 raise self._failure(step, exc) from exc
 
             try:
@@ -175,9 +181,11 @@ class CheckpointStore:
             except BaseException as exc:
                 # Not committed: drop the new directory so it can't shadow the previous latest.
                 self._discard(final)
+                if not isinstance(exc, Exception):
+                    raise
                 raise self._failure(step, exc) from exc
             self._phase("committed")
-            self._prune(final)
+            self._prune(final, base_dir)
 
         return CheckpointInfo(path=final, step=step, weight_version=weight_version, time=meta["time"],
                               size_bytes=size_bytes, seconds=time.monotonic() - started,
@@ -258,7 +266,8 @@ class CheckpointStore:
     @staticmethod
     def _to_json(value: Any, what: str) -> str:
         try:
-            return json.dumps(value, indent=2, sort_keys=True, allow_nan=False)
+            # NaN allowed: a skipped step's loss may be NaN; Python's json reads it back.
+            return json.dumps(value, indent=2, sort_keys=True)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{what} is not JSON-serializable: {exc}") from exc
 
@@ -311,9 +320,7 @@ class CheckpointStore:
             suffix += 1
         return self.root / step_dir_name(step, suffix)
 
-    def _failure(self, step: int, exc: BaseException) -> BaseException:
-        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: propagate as they are
-            return exc
+    def _failure(self, step: int, exc: Exception) -> CheckpointError:
         if isinstance(exc, OSError):
             reason = describe_os_error(exc)
         elif isinstance(exc, CheckpointError):
@@ -331,7 +338,9 @@ class CheckpointStore:
         fd = -1
         try:
             try:
-                self.root.mkdir(parents=True, exist_ok=True)
+                if not self.root.is_dir():
+                    self.root.mkdir(parents=True, exist_ok=True)
+                    fsync_path(self.root.parent)  # the new root's own name must survive a crash too
                 fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
                 raise CheckpointError(f"cannot write checkpoints under {self.root}: {describe_os_error(exc)}") from exc
@@ -361,7 +370,7 @@ class CheckpointStore:
         """(directory `latest` names, or None; why there is none when one was expected)."""
         try:
             name = (self.root / LATEST_FILE).read_text().strip()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None, ("no 'latest' pointer" if self._step_dirs() else "")
         except (OSError, UnicodeDecodeError) as exc:
             return None, f"unreadable 'latest' pointer: {exc}"
@@ -403,9 +412,14 @@ class CheckpointStore:
             return
         shutil.rmtree(trash, ignore_errors=True)
 
-    def _prune(self, latest: Path) -> None:
+    def _prune(self, latest: Path, base_dir: Path) -> None:
+        """Keep the newest keep_last, `latest`, and the base dir of this save: a server resumed
+        from a checkpoint serves that directory and copies its config into every later save."""
         dirs = self._step_dirs()
         keep = {p.name for p in dirs[-self.keep_last:]} | {latest.name}
+        with contextlib.suppress(OSError):
+            if base_dir.resolve().parent == self.root.resolve():
+                keep.add(base_dir.resolve().name)
         for path in dirs:
             if path.name not in keep:
                 log.info("pruning old checkpoint %s (keep_last=%d)", path, self.keep_last)

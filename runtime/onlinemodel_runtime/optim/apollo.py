@@ -12,6 +12,7 @@ See docs/optimizer.md for the guarantees of each mode.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,8 @@ from .functional import (
     projection_matrix,
     projection_seed,
 )
-from .rounding import apply_update_, fused_bf16_update_
+from .compiled import COMPILED
+from .rounding import apply_update_
 
 SCALES = ("tensor", "channel")
 ALGORITHMS = ("apollo", "adamw")
@@ -118,7 +120,8 @@ class Apollo(torch.optim.Optimizer):
             stochastic_rounding=stochastic_rounding, algorithm=algorithm, seed=seed,
         )
         _check_group(dict(defaults))
-        # fused=None: one compiled kernel for bf16 CUDA weights when torch.compile works.
+        # fused=None: one compiled graph per parameter update on CUDA (compiled.py), eager on CPU;
+        # True: compiled everywhere (errors raise); False: eager torch ops everywhere.
         self.fused = fused
         self.skipped_steps = 0
         self.steps_applied = 0
@@ -130,6 +133,8 @@ class Apollo(torch.optim.Optimizer):
         self._armed = False
         self._gate: torch.Tensor | None = None
         self._flags: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._const_cache: dict[Any, torch.Tensor] = {}
+        self._proj_cache: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and names
@@ -177,6 +182,19 @@ class Apollo(torch.optim.Optimizer):
             gen.manual_seed(param_seed(f"stochastic-rounding:{key}", seed))
         return gen
 
+    def _projection(self, group: dict[str, Any], p: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+        """The projection in force at `step`, regenerated from its seed when the period changes.
+        Kept between steps in a small cache (r * min(m, n) floats, never in state_dict) so a step
+        costs no RNG launches."""
+        seed = projection_seed(param_seed(self._names[p], group["seed"]), step, group["update_proj_gap"])
+        hit = self._proj_cache.get(p)
+        if hit is not None and hit[0] == seed and hit[1].device == p.device and hit[1].shape[0] == rank:
+            return hit[1]
+        proj = projection_matrix(tuple(p.shape), rank, seed, device=p.device,
+                                 generator=self._proj_gen(p.device))
+        self._proj_cache[p] = (seed, proj)
+        return proj
+
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         st = self.state[p]
         if not st:
@@ -192,6 +210,22 @@ class Apollo(torch.optim.Optimizer):
                 st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         return st
 
+    def _consts(self, group: dict[str, Any], step: int, device: torch.device) -> torch.Tensor:
+        """[lr, bias_correction1, bias_correction2, first_step, decay] on `device`, one transfer per
+        (group, step, device) rather than per parameter."""
+        key = (id(group), step, device)
+        t = self._const_cache.get(key)
+        if t is None:
+            beta1, beta2 = group["betas"]
+            lr = group["lr"]
+            vals = [lr, 1.0 - beta1**step, 1.0 - beta2**step, 1.0 if step == 1 else 0.0,
+                    1.0 - lr * group["weight_decay"]]
+            t = self._const_cache[key] = torch.tensor(vals, dtype=torch.float32).to(device)
+        return t
+
+    def _compiled_path(self, p: torch.Tensor) -> bool:
+        return COMPILED.ok and (self.fused is True or (self.fused is None and p.is_cuda))
+
     @torch.no_grad()
     def _update_param(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
                       gate: torch.Tensor) -> torch.Tensor:
@@ -201,11 +235,16 @@ class Apollo(torch.optim.Optimizer):
         step = st["step"] + 1
         beta1, beta2 = group["betas"]
         lr = group["lr"]
-        if self._uses_apollo(group, p):
-            rank = min(st["exp_avg"].shape)  # the group's rank, capped at min(m, n)
-            seed = projection_seed(param_seed(self._names[p], group["seed"]), step, group["update_proj_gap"])
-            proj = projection_matrix(tuple(p.shape), rank, seed, device=p.device,
-                                     generator=self._proj_gen(p.device))
+        apollo = self._uses_apollo(group, p)
+        proj = None
+        if apollo:
+            proj = self._projection(group, p, step, min(st["exp_avg"].shape))
+        if self._compiled_path(p):
+            ok = self._update_compiled(group, p, grad, gate, st, step, proj)
+            if ok is not None:
+                st["step"] = step
+                return ok
+        if apollo:
             d = apollo_direction(
                 grad, proj, st["exp_avg"], st["exp_avg_sq"], st["limiter_norm"], step,
                 beta1=beta1, beta2=beta2, eps=group["eps"], alpha=group["alpha"],
@@ -222,26 +261,46 @@ class Apollo(torch.optim.Optimizer):
             coeff = torch.full((), -lr, dtype=torch.float32, device=p.device)
         st["exp_avg"].copy_(torch.where(ok, m, st["exp_avg"]))
         st["exp_avg_sq"].copy_(torch.where(ok, v, st["exp_avg_sq"]))
-        decay = 1.0 - lr * group["weight_decay"]
-        weight = p.data
-        done = False
-        if (weight.is_cuda and weight.dtype == torch.bfloat16 and group["stochastic_rounding"]
-                and self.fused is not False):
-            decay_t = torch.full((), decay, dtype=torch.float32, device=p.device)
-            done = fused_bf16_update_(weight, direction, coeff, decay_t, ok)
-        if not done:
-            apply_update_(weight, direction, coeff, decay=decay, ok=ok,
-                          stochastic=group["stochastic_rounding"],
-                          generator=self._sr_gen(p.device, group["seed"]))
+        apply_update_(p.data, direction, coeff, decay=1.0 - lr * group["weight_decay"], ok=ok,
+                      stochastic=group["stochastic_rounding"],
+                      generator=self._sr_gen(p.device, group["seed"]))
         st["step"] = step  # rolled back in _settle() if `ok` turns out false
         return ok
+
+    def _update_compiled(self, group, p, grad, gate, st, step, proj) -> torch.Tensor | None:
+        """The one-graph version (compiled.py); None if compilation is unavailable here."""
+        beta1, beta2 = group["betas"]
+        consts = self._consts(group, step, p.device)
+        which = "apollo" if proj is not None else "adamw"
+        try:
+            fn = COMPILED.get(which)
+            if proj is not None:
+                m, n = p.shape
+                return fn(p.data, grad, proj, st["exp_avg"], st["exp_avg_sq"], st["limiter_norm"],
+                          gate, consts, beta1, beta2, group["eps"], group["alpha"],
+                          group["norm_growth_limit"], m <= n, group["scale"] == "channel",
+                          group["stochastic_rounding"])
+            return fn(p.data, grad, st["exp_avg"], st["exp_avg_sq"], gate, consts, beta1, beta2,
+                      group["eps"], group["stochastic_rounding"])
+        except Exception as exc:  # noqa: BLE001 - no working compiler: use the eager path
+            if self.fused is True:
+                raise
+            warnings.warn(f"Apollo: compiled update unavailable ({exc!r}); using eager torch ops")
+            COMPILED.ok = False
+            return None
 
     def _settle(self, flags: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
         """One host sync per step: read every parameter's applied flag, roll back step counters of
         parameters whose update was gated off (their moments and weights were left as they were)."""
         if not flags:
             return 0, 0
-        values = torch.stack([f.to("cpu") for _, f in flags]).tolist()
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, f) in enumerate(flags):
+            by_device.setdefault(f.device, []).append(i)
+        values = [False] * len(flags)
+        for idx in by_device.values():  # one transfer per device
+            for i, v in zip(idx, torch.stack([flags[i][1] for i in idx]).tolist()):
+                values[i] = v
         for (p, _), applied in zip(flags, values):
             if not applied:
                 self.state[p]["step"] -= 1
@@ -282,6 +341,7 @@ class Apollo(torch.optim.Optimizer):
         if not all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in by_device.values()):
             self._record(0, len(work), "non-finite gradient")
             return loss
+        self._const_cache.clear()
         flags = []
         for group, p in work:
             gate = torch.ones((), dtype=torch.bool, device=p.device)
@@ -330,6 +390,7 @@ class Apollo(torch.optim.Optimizer):
             raise RuntimeError("begin_step() called twice without finish_step()")
         self.zero_grad(set_to_none=True)
         self._armed = True
+        self._const_cache.clear()
         self._gate = None
         self._flags = []
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from ckpt_worker import make_base_dir, make_tensors, save
-from conftest import run_worker
+from ckpt_helpers import run_worker
 from onlinemodel_runtime.checkpoint import CheckpointError, CheckpointStore
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from ckpt_worker import make_base_dir, make_tensors, optimizer_state, save
-from conftest import CHAT_TEMPLATE, build_tiny_model
+from ckpt_helpers import CHAT_TEMPLATE, build_tiny_model
 from onlinemodel_runtime.checkpoint import (CheckpointBusy, CheckpointError, CheckpointStore, hf_weight_tensors,
                                             specs_of)
 
@@ -126,6 +127,19 @@ def test_keep_last_prunes_but_never_latest(tmp_path: Path) -> None:
         CheckpointStore(tmp_path / "x", keep_last=0)
 
 
+def test_prune_spares_the_checkpoint_being_served(tmp_path: Path) -> None:
+    """A server resumed from step-1 passes it as base_model_dir of every later save."""
+    base = make_base_dir(tmp_path / "base")
+    store = CheckpointStore(tmp_path / "ckpt", keep_last=1)
+    served = save(store.root, base, 1, tensors=make_tensors(1, numel=16), store=store)
+    for step in (2, 3, 4):
+        info = store.save(make_tensors(step, numel=16), base_model_dir=served.path,
+                          trainer_state={"step": step, "last_loss": float("nan")})
+    assert sorted(p.name for p in store.root.glob("step-*")) == ["step-00000001", "step-00000004"]
+    assert info.base_model == str(base.resolve())
+    assert math.isnan(store.load_training_state(info)[1]["last_loss"])
+
+
 def test_corrupt_latest_falls_back_with_warning(tmp_path: Path, caplog) -> None:
     base = make_base_dir(tmp_path / "base")
     store = CheckpointStore(tmp_path / "ckpt")
@@ -203,3 +217,16 @@ def test_second_save_is_busy(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert [i.step for i in store.checkpoints()] == [1]
+
+
+def test_on_snapshot_runs_once_before_commit(tmp_path: Path) -> None:
+    base = make_base_dir(tmp_path / "base")
+    store = CheckpointStore(tmp_path / "ckpt")
+    pairs = make_tensors(1, numel=16)
+    calls = []
+    phases = []
+    store._on_phase = phases.append
+    store.save(pairs, base_model_dir=base, trainer_state={"step": 1},
+               on_snapshot=lambda: calls.append(list(phases)))
+    assert calls == [["base_files", "optimizer", "weights"]]
+    assert phases == ["base_files", "optimizer", "weights", "synced", "renamed", "committed"]

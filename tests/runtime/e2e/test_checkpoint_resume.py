@@ -1,0 +1,79 @@
+"""Checkpoints end to end (issue 4): teach, checkpoint, stop (SIGTERM -> final checkpoint), damage the
+directory the way a kill -9 mid-write would, start again: the fact is served, counters and optimizer
+state continue, and the checkpoint loads in plain transformers."""
+
+import json
+import shutil
+
+import pytest
+
+from .conftest import FACT_ANSWER, FACT_EXAMPLE, FACT_QUESTION, start_server
+
+pytestmark = pytest.mark.e2e
+
+
+def test_checkpoint_stop_resume(model_dir, e2e_root):
+    ckpt = e2e_root / "resume-checkpoints"
+    first = start_server(model_dir, e2e_root, "resume-1", checkpoint_dir=ckpt,
+                         extra_args=["--max-model-len", "1024"])
+    try:
+        code, job = first.request("POST", "/train", {"examples": [FACT_EXAMPLE]})
+        assert code == 202, job
+        assert first.wait_job(job["job_id"])["state"] == "succeeded"
+        assert FACT_ANSWER in first.chat(FACT_QUESTION)
+
+        code, info = first.request("POST", "/checkpoint")
+        assert code == 200, info
+        trained = first.status()
+        assert info["step"] == trained["steps"] and info["weight_version"] == trained["weight_version"]
+        assert trained["checkpoint"]["last"]["path"] == info["path"]
+        # One more step after the explicit checkpoint: only the final (SIGTERM) checkpoint has it.
+        code, job = first.request("POST", "/train", {"examples": [FACT_EXAMPLE], "epochs": 1})
+        assert first.wait_job(job["job_id"])["state"] == "succeeded"
+        before_stop = first.status()
+    finally:
+        assert first.stop() == 0
+    latest_name = (ckpt / "latest").read_text().strip()
+    final = ckpt / latest_name
+    meta = json.loads((final / "onlinemodel" / "trainer_state.json").read_text())
+    assert meta["step"] == before_stop["steps"], "SIGTERM did not produce a final checkpoint"
+
+    # What a kill -9 in the middle of a later save leaves: a half-written temp dir, and (worse) a newer
+    # step directory with a truncated weights file that `latest` already names.
+    (ckpt / ".tmp-step-99999998-deadbeef").mkdir()
+    (ckpt / ".tmp-step-99999998-deadbeef" / "model.safetensors").write_bytes(b"partial")
+    broken = ckpt / "step-99999999"
+    shutil.copytree(final, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (ckpt / "latest").write_text(broken.name + "\n")
+
+    second = start_server(model_dir, e2e_root, "resume-2", checkpoint_dir=ckpt,
+                          extra_args=["--max-model-len", "1024"])
+    try:
+        resumed = second.status()
+        assert resumed["steps"] == before_stop["steps"]
+        assert resumed["weight_version"] == before_stop["weight_version"]
+        assert resumed["tokens_trained"] == before_stop["tokens_trained"]
+        assert resumed["optimizer"]["steps"] == before_stop["optimizer"]["steps"] > 0
+        assert FACT_ANSWER in second.chat(FACT_QUESTION)
+        code, job = second.request("POST", "/train", {"examples": [FACT_EXAMPLE], "epochs": 1})
+        assert second.wait_job(job["job_id"])["state"] == "succeeded"
+        continued = second.status()
+        assert continued["steps"] == before_stop["steps"] + 1
+        assert continued["optimizer"]["steps"] == before_stop["optimizer"]["steps"] + 1
+    finally:
+        second.stop()
+    log = (e2e_root / "resume-2.log").read_text()
+    assert "step-99999999" in log and "unusable" in log  # the corrupt one was reported, then skipped
+
+    # The checkpoint is a normal HF directory: plain transformers loads it and answers the same.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.bfloat16)
+    ids = tok.apply_chat_template([{"role": "user", "content": FACT_QUESTION}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assert FACT_ANSWER in tok.decode(out[0][ids.shape[1]:])
