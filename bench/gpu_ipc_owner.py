@@ -42,11 +42,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else float("nan")
-
-
 class Owner:
     def __init__(self, shape: str, device: torch.device, state_dir: str):
         from gpu_packed_forward import make_config, rope_tables

@@ -8,7 +8,6 @@ owner over a pipe, so the owner decides when the trainer is idle, stepping, or s
 from __future__ import annotations
 
 import os
-import statistics
 import time
 import traceback
 
@@ -121,6 +120,3 @@ def _run(conn, state_dir: str, shape: str, seq: int, lr: float, seed: int) -> No
         else:
             raise RuntimeError(f"unknown command {cmd!r}")
 
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")

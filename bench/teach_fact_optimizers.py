@@ -37,7 +37,11 @@ CONTROLS = [  # (question, substring of the untouched model's greedy answer; che
 LRS = [3e-6, 1e-5, 3e-5, 1e-4]  # the same small sweep for every variant
 VARIANTS = ["a_fp32_adamw", "b_bf16_adamw", "c_bf16_apollo"]
 # After the sweep, (c) at its best rate with other ranks / training policies (blocks,embeddings,norms).
-EXTRAS = [(4, "apollo,frozen,frozen"), (1, "apollo,frozen,adamw"), (1, "apollo,apollo,adamw")]
+# (rank, policy, stochastic rounding): rank 4; norms/embeddings trained too; no stochastic rounding
+# (APOLLO alone on bf16); dense AdamW + stochastic rounding on the block linears (rounding alone).
+EXTRAS = [(4, "apollo,frozen,frozen", True), (1, "apollo,frozen,adamw", True),
+          (1, "apollo,apollo,adamw", True), (1, "apollo,frozen,frozen", False),
+          (1, "adamw,frozen,frozen", True)]
 
 
 def model_dir() -> tuple[str, str | None]:
@@ -92,7 +96,7 @@ def answer(tok, model, question: str, max_new_tokens: int = 14) -> str:
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def make_step(variant: str, model, lr: float, rank: int, policy: str):
+def make_step(variant: str, model, lr: float, rank: int, policy: str, stochastic: bool = True):
     """Returns a function loss -> None that does one optimizer step, and the optimizer."""
     if variant in ("a_fp32_adamw", "b_bf16_adamw"):
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -107,7 +111,7 @@ def make_step(variant: str, model, lr: float, rank: int, policy: str):
 
     blocks, embeddings, norms = policy.split(",")
     opt = make_optimizer(model, TrainPolicy(blocks=blocks, embeddings=embeddings, norms=norms),
-                         lr=lr, rank=rank, seed=0)
+                         lr=lr, rank=rank, seed=0, stochastic_rounding=stochastic)
     opt.attach_to_backward()
 
     def step(loss):
@@ -119,12 +123,12 @@ def make_step(variant: str, model, lr: float, rank: int, policy: str):
 
 
 def run_one(variant: str, lr: float, max_steps: int, rank: int = 1,
-            policy: str = "apollo,frozen,frozen") -> dict:
+            policy: str = "apollo,frozen,frozen", stochastic: bool = True) -> dict:
     torch.manual_seed(0)
     dtype = torch.float32 if variant == "a_fp32_adamw" else torch.bfloat16
     tok, model = load(dtype)
     ids, labels = encode_example(tok)
-    step, opt = make_step(variant, model, lr, rank, policy)
+    step, opt = make_step(variant, model, lr, rank, policy, stochastic)
     losses, learned_at = [], None
     t0 = time.perf_counter()
     for s in range(1, max_steps + 1):
@@ -141,6 +145,7 @@ def run_one(variant: str, lr: float, max_steps: int, rank: int = 1,
                    sum(t.numel() * t.element_size() for st in opt.state.values()
                        for t in st.values() if torch.is_tensor(t)))
     return dict(variant=variant, lr=lr, rank=rank, policy=policy if variant.startswith("c") else "all",
+                stochastic_rounding=stochastic if variant.startswith("c") else None,
                 learned_at=learned_at, steps_run=len(losses), losses=losses,
                 final_loss=round(final_loss, 4), controls_kept=sum(ok for ok, _ in controls.values()),
                 controls_total=len(controls), control_answers={q: a for q, (_, a) in controls.items()},
@@ -181,10 +186,10 @@ def main() -> int:
         summary[variant] = best(rows)
     c_best = summary.get("c_bf16_apollo")
     if c_best and not args.no_extras:
-        for rank, policy in EXTRAS:
-            r = run_one("c_bf16_apollo", c_best["lr"], args.max_steps, rank=rank, policy=policy)
+        for rank, policy, sr in EXTRAS:
+            r = run_one("c_bf16_apollo", c_best["lr"], args.max_steps, rank=rank, policy=policy, stochastic=sr)
             results.append(r)
-            print(f"c_bf16_apollo   lr={c_best['lr']:.0e} rank={rank} policy={policy} "
+            print(f"c_bf16_apollo   lr={c_best['lr']:.0e} rank={rank} policy={policy} sr={sr} "
                   f"learned_at={r['learned_at']} loss={r['losses'][0]}->{r['final_loss']} "
                   f"controls={r['controls_kept']}/{r['controls_total']} state={r['optimizer_state_bytes']}B "
                   f"{r['seconds']}s", flush=True)

@@ -190,7 +190,14 @@ def _export_cuda(params, state_dir: Path, device: torch.device, common: dict) ->
 def _export_shm(params, state_dir: Path, shm_dir: Path, common: dict) -> Manifest:
     global _SHM_EXPORT
     if _SHM_EXPORT is not None:  # already moved into shared memory: publish the same mapping again
-        return _SHM_EXPORT[0]
+        manifest, mapping = _SHM_EXPORT
+        lo, hi = mapping.data_ptr(), mapping.data_ptr() + manifest.shm_bytes
+        same = [t.name for t in manifest.tensors] == [n for n, _ in params] and all(
+            lo <= p.data_ptr() < hi for _, p in params)
+        if not same:
+            raise AttachError("this process already exported different parameters to shared memory")
+        return manifest
+    _remove_stale_shm_files(shm_dir)
     specs, offset = [], 0
     for name, p in params:
         offset = (offset + _ALIGN - 1) // _ALIGN * _ALIGN
@@ -213,6 +220,21 @@ def _export_shm(params, state_dir: Path, shm_dir: Path, common: dict) -> Manifes
     )
     _SHM_EXPORT = (manifest, mapping)  # the mapping lives as long as the worker process
     return manifest
+
+
+def _remove_stale_shm_files(shm_dir: Path) -> None:
+    """Delete weight files of owners that died without cleaning up (kill -9, OOM): /dev/shm is memory."""
+    for path in Path(shm_dir).glob("onlinemodel-*.weights"):
+        try:
+            pid = int(path.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, someone else's
 
 
 def read_manifest(state_dir: Path) -> Manifest:
@@ -250,10 +272,17 @@ def attach_weights(state_dir: Path, manifest: Manifest | None = None) -> tuple[M
         }
         return manifest, tensors
     if manifest.transport == "cuda_ipc":
-        raw = (Path(state_dir) / CUDA_HANDLES).read_bytes()
+        try:
+            raw = (Path(state_dir) / CUDA_HANDLES).read_bytes()
+        except FileNotFoundError:
+            raise AttachError(f"no CUDA handles in {state_dir}: has the vLLM worker exported its weights?") from None
         tensors = {}
         for name, rebuild, args in pickle.loads(raw):
-            tensors[name] = rebuild(*args)
+            try:
+                tensors[name] = rebuild(*args)
+            except Exception as exc:  # the owner exited, or another GPU
+                raise AttachError(f"cannot open the CUDA IPC handle of {name} (owner pid {manifest.owner_pid}): "
+                                  f"{exc}") from exc
         for spec in manifest.tensors:
             t = tensors.get(spec.name)
             if t is None or tuple(t.shape) != spec.shape or dtype_name(t.dtype) != spec.dtype:
