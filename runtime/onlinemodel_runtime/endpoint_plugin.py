@@ -58,8 +58,14 @@ class _Runtime:
         return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), self.token)
 
 
-def _runtime(request: Request) -> _Runtime | None:
-    return getattr(request.app.state, STATE_KEY, None)
+def _runtime(request: Request, *, needs_token: bool) -> tuple[_Runtime | None, JSONResponse | None]:
+    """The app's runtime state, or the error response that answers the request instead."""
+    rt = getattr(request.app.state, STATE_KEY, None)
+    if rt is None:
+        return None, _error(503, "onlinemodel runtime is not initialised", type_="service_unavailable")
+    if needs_token and not rt.authorized(request):
+        return None, _error(401, "missing or invalid bearer token", type_="authentication_error")
+    return rt, None
 
 
 router = APIRouter()
@@ -67,11 +73,9 @@ router = APIRouter()
 
 @router.post("/train", status_code=202)
 async def train(request: Request):
-    rt = _runtime(request)
-    if rt is None:
-        return _error(503, "onlinemodel runtime is not initialised", type_="service_unavailable")
-    if not rt.authorized(request):
-        return _error(401, "missing or invalid bearer token", type_="authentication_error")
+    rt, refused = _runtime(request, needs_token=True)
+    if refused:
+        return refused
     if not rt.cfg.training_enabled:
         return _error(409, "training is disabled for this model", type_="conflict")
     body = await request.body()
@@ -93,9 +97,9 @@ async def train(request: Request):
 
 @router.get("/train/status")
 async def train_status(request: Request):
-    rt = _runtime(request)
-    if rt is None:
-        return _error(503, "onlinemodel runtime is not initialised", type_="service_unavailable")
+    rt, refused = _runtime(request, needs_token=False)
+    if refused:
+        return refused
     try:
         return await rt.supervisor.status()
     except TrainerUnavailable as exc:
@@ -104,11 +108,9 @@ async def train_status(request: Request):
 
 @router.post("/checkpoint")
 async def checkpoint(request: Request):
-    rt = _runtime(request)
-    if rt is None:
-        return _error(503, "onlinemodel runtime is not initialised", type_="service_unavailable")
-    if not rt.authorized(request):
-        return _error(401, "missing or invalid bearer token", type_="authentication_error")
+    rt, refused = _runtime(request, needs_token=True)
+    if refused:
+        return refused
     try:
         return await rt.supervisor.checkpoint()
     except TrainerUnavailable as exc:

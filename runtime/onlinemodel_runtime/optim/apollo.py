@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .compiled import COMPILED
 from .functional import (
     adamw_direction,
     apollo_direction,
@@ -28,59 +28,8 @@ from .functional import (
     projection_matrix,
     projection_seed,
 )
-from .compiled import COMPILED
+from .hyperparams import DEFAULT_LR, MINI_ALPHA, StepReport, check_group
 from .rounding import apply_update_
-
-SCALES = ("tensor", "channel")
-ALGORITHMS = ("apollo", "adamw")
-MINI_ALPHA = math.sqrt(128.0)
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """What one optimizer step did. `skipped`: some update was not applied because a loss,
-    gradient or result was not finite. `partial` (hook mode only): the non-finite gradient showed
-    up after `params_updated` parameters had already been updated with finite values."""
-
-    applied: bool
-    skipped: bool
-    reason: str | None
-    step: int  # optimizer steps applied so far (this one included if applied)
-    params_updated: int
-    params_total: int
-    partial: bool = False
-
-
-def _check_group(group: dict[str, Any]) -> None:
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor) or not isinstance(lr, (int, float)) or not (0.0 <= lr < math.inf):
-        raise ValueError(f"Invalid learning rate: {lr!r} (a finite float >= 0)")
-    betas = group["betas"]
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"Invalid betas: {betas!r} (two floats in [0, 1))")
-    if not (isinstance(group["eps"], (int, float)) and group["eps"] > 0.0):
-        raise ValueError(f"Invalid eps: {group['eps']!r} (a float > 0)")
-    if not (isinstance(group["weight_decay"], (int, float)) and group["weight_decay"] >= 0.0):
-        raise ValueError(f"Invalid weight_decay: {group['weight_decay']!r} (a float >= 0)")
-    rank = group["rank"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"Invalid rank: {rank!r} (an int >= 1)")
-    if group["scale"] not in SCALES:
-        raise ValueError(f"Invalid scale: {group['scale']!r} (one of {SCALES})")
-    if not (isinstance(group["alpha"], (int, float)) and 0.0 < group["alpha"] < math.inf):
-        raise ValueError(f"Invalid alpha: {group['alpha']!r} (a finite float > 0)")
-    gap = group["update_proj_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-        raise ValueError(f"Invalid update_proj_gap: {gap!r} (an int >= 1)")
-    ngl = group["norm_growth_limit"]
-    if not (isinstance(ngl, (int, float)) and 1.0 <= ngl < math.inf):
-        raise ValueError(f"Invalid norm_growth_limit: {ngl!r} (a finite float >= 1)")
-    if not isinstance(group["stochastic_rounding"], bool):
-        raise ValueError(f"Invalid stochastic_rounding: {group['stochastic_rounding']!r} (a bool)")
-    if group["algorithm"] not in ALGORITHMS:
-        raise ValueError(f"Invalid algorithm: {group['algorithm']!r} (one of {ALGORITHMS})")
-    if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
-        raise ValueError(f"Invalid seed: {group['seed']!r} (an int)")
 
 
 class Apollo(torch.optim.Optimizer):
@@ -95,7 +44,7 @@ class Apollo(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
+        lr: float = DEFAULT_LR,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -119,7 +68,7 @@ class Apollo(torch.optim.Optimizer):
             update_proj_gap=update_proj_gap, norm_growth_limit=norm_growth_limit,
             stochastic_rounding=stochastic_rounding, algorithm=algorithm, seed=seed,
         )
-        _check_group(dict(defaults))
+        check_group(dict(defaults))
         # fused=None: one compiled graph per parameter update on CUDA (compiled.py), eager on CPU;
         # True: compiled everywhere (errors raise); False: eager torch ops everywhere.
         self.fused = fused
@@ -143,7 +92,7 @@ class Apollo(torch.optim.Optimizer):
         group = self.param_groups[-1]
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
-        _check_group(group)
+        check_group(group)
         names = group.get("param_names")
         for i, p in enumerate(group["params"]):
             if p.dtype not in (torch.float32, torch.bfloat16):
@@ -160,12 +109,6 @@ class Apollo(torch.optim.Optimizer):
     @staticmethod
     def _uses_apollo(group: dict[str, Any], p: torch.Tensor) -> bool:
         return group["algorithm"] == "apollo" and p.dim() == 2
-
-    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise KeyError("parameter is not managed by this optimizer")
 
     # ------------------------------------------------------------------ per-parameter update
     def _proj_gen(self, device: torch.device) -> torch.Generator:
@@ -417,6 +360,16 @@ class Apollo(torch.optim.Optimizer):
         return self.finish_step()
 
     # ------------------------------------------------------------------ state
+    def summary(self) -> dict[str, Any]:
+        """Plain-JSON description for /train/status's "optimizer" field."""
+        g = self.param_groups[0]
+        return {"name": "apollo", "rank": g["rank"], "scale": g["scale"], "alpha": g["alpha"],
+                "lr": g["lr"], "stochastic_rounding": g["stochastic_rounding"],
+                "groups": [{"algorithm": x["algorithm"], "params": len(x["params"])} for x in self.param_groups],
+                "trained_params": sum(p.numel() for x in self.param_groups for p in x["params"]),
+                "state_bytes": self.state_bytes(), "steps_applied": self.steps_applied,
+                "skipped_steps": self.skipped_steps}
+
     def state_bytes(self) -> int:
         return sum(v.numel() * v.element_size() for st in self.state.values()
                    for v in st.values() if isinstance(v, torch.Tensor))
@@ -447,7 +400,7 @@ class Apollo(torch.optim.Optimizer):
             ng["params"] = group["params"]
             if "param_names" in group:
                 ng["param_names"] = group["param_names"]
-            _check_group(ng)
+            check_group(ng)
             new_groups.append(ng)
         state: dict[torch.Tensor, dict[str, Any]] = {}
         for pid, st in state_dict["state"].items():

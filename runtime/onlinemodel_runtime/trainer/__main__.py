@@ -21,7 +21,7 @@ def build_service(cfg):
     import torch
 
     from onlinemodel_runtime import shared_weights
-    from onlinemodel_runtime.checkpoint import CheckpointStore
+    from onlinemodel_runtime.checkpoint import CheckpointError, CheckpointStore
     from onlinemodel_runtime.hf_views import build_hf_model
     from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
     from onlinemodel_runtime.trainer.service import TrainerService
@@ -40,10 +40,16 @@ def build_service(cfg):
     store = None
     if cfg.checkpoint_dir is not None:
         store = CheckpointStore(cfg.checkpoint_dir, keep_last=cfg.checkpoint_keep)
-        store.check_writable()
     service = TrainerService(cfg, model, optimizer, store)
     if store is not None:
         resume(service, store, device=next(iter(tensors.values())).device)
+        try:
+            store.check_writable()
+        except CheckpointError as exc:
+            # Serving and training go on; every checkpoint attempt reports this until it is fixed.
+            log.error("%s", exc)
+            service.checkpoint_state = "failed"
+            service.checkpoint_error = str(exc)
     return service
 
 

@@ -236,3 +236,26 @@ def test_policy_on_a_real_transformers_model():
     assert report.applied and report.params_total == sum(1 for p in model.parameters() if p.requires_grad)
     with pytest.raises(ValueError):
         make_optimizer(model, TrainPolicy(blocks="frozen", embeddings="frozen", norms="frozen"))
+
+
+def test_hook_api_misuse_and_summary():
+    net = make_net()
+    opt = Apollo(net.named_parameters())
+    with pytest.raises(RuntimeError):
+        opt.begin_step()  # not attached
+    opt.attach_to_backward()
+    opt.begin_step()
+    with pytest.raises(RuntimeError):
+        opt.step()  # plain step() inside a hook-mode step
+    with pytest.raises(RuntimeError):
+        opt.begin_step()
+    loss_fn(net, 0).backward()
+    assert opt.finish_step().applied
+    with pytest.raises(RuntimeError):
+        opt.finish_step()
+    s = opt.summary()
+    assert s["name"] == "apollo" and s["rank"] == 1 and s["steps_applied"] == 1 and s["skipped_steps"] == 0
+    assert s["lr"] == 3e-5
+    opt.detach_from_backward()
+    loss_fn(net, 1).backward()  # hooks gone: gradients accumulate as usual
+    assert net.a.weight.grad is not None

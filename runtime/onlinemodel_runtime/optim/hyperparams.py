@@ -1,0 +1,63 @@
+"""Apollo's hyperparameter validation, defaults and the per-step report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SCALES = ("tensor", "channel")
+ALGORITHMS = ("apollo", "adamw")
+MINI_ALPHA = math.sqrt(128.0)
+# Best rate of bench/teach_fact_optimizers.py (SmolLM2-135M, one fact, bf16 in place): the trainer's
+# default. torch's usual 1e-3 is a pre-training rate and wrecks a served model in a few steps.
+DEFAULT_LR = 3e-5
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one optimizer step did. `skipped`: some update was not applied because a loss,
+    gradient or result was not finite. `partial` (hook mode only): the non-finite gradient showed
+    up after `params_updated` parameters had already been updated with finite values."""
+
+    applied: bool
+    skipped: bool
+    reason: str | None
+    step: int  # optimizer steps applied so far (this one included if applied)
+    params_updated: int
+    params_total: int
+    partial: bool = False
+
+
+def check_group(group: dict[str, Any]) -> None:
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) or not isinstance(lr, (int, float)) or not (0.0 <= lr < math.inf):
+        raise ValueError(f"Invalid learning rate: {lr!r} (a finite float >= 0)")
+    betas = group["betas"]
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"Invalid betas: {betas!r} (two floats in [0, 1))")
+    if not (isinstance(group["eps"], (int, float)) and group["eps"] > 0.0):
+        raise ValueError(f"Invalid eps: {group['eps']!r} (a float > 0)")
+    if not (isinstance(group["weight_decay"], (int, float)) and group["weight_decay"] >= 0.0):
+        raise ValueError(f"Invalid weight_decay: {group['weight_decay']!r} (a float >= 0)")
+    rank = group["rank"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"Invalid rank: {rank!r} (an int >= 1)")
+    if group["scale"] not in SCALES:
+        raise ValueError(f"Invalid scale: {group['scale']!r} (one of {SCALES})")
+    if not (isinstance(group["alpha"], (int, float)) and 0.0 < group["alpha"] < math.inf):
+        raise ValueError(f"Invalid alpha: {group['alpha']!r} (a finite float > 0)")
+    gap = group["update_proj_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+        raise ValueError(f"Invalid update_proj_gap: {gap!r} (an int >= 1)")
+    ngl = group["norm_growth_limit"]
+    if not (isinstance(ngl, (int, float)) and 1.0 <= ngl < math.inf):
+        raise ValueError(f"Invalid norm_growth_limit: {ngl!r} (a finite float >= 1)")
+    if not isinstance(group["stochastic_rounding"], bool):
+        raise ValueError(f"Invalid stochastic_rounding: {group['stochastic_rounding']!r} (a bool)")
+    if group["algorithm"] not in ALGORITHMS:
+        raise ValueError(f"Invalid algorithm: {group['algorithm']!r} (one of {ALGORITHMS})")
+    if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
+        raise ValueError(f"Invalid seed: {group['seed']!r} (an int)")

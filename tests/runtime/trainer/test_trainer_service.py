@@ -1,0 +1,144 @@
+"""The trainer's state machine on a tiny real model (no vLLM): jobs, counters, NaN safety, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from onlinemodel_runtime.checkpoint import CheckpointStore
+from onlinemodel_runtime.config import RuntimeConfig
+from onlinemodel_runtime.model_prep import make_tiny_model_dir
+from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
+from onlinemodel_runtime.trainer.service import TrainerError, TrainerService
+
+EXAMPLE = {"input_ids": [1, 5, 9, 13, 17, 21, 2], "labels": [-100, -100, -100, 13, 17, 21, 2]}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model_dir("llama", tmp_path_factory.mktemp("tiny") / "llama", num_hidden_layers=2,
+                               dtype="float32")
+
+
+def build(tiny_dir, tmp_path, **cfg):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    model.train()
+    optimizer = make_optimizer(model, TrainPolicy(), lr=1e-3)
+    optimizer.attach_to_backward()
+    config = RuntimeConfig(model=str(tiny_dir), base_model=str(tiny_dir), state_dir=tmp_path / "state", **cfg)
+    store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
+    return TrainerService(config, model, optimizer, store)
+
+
+def run_all(service: TrainerService) -> None:
+    # Run queued jobs on this thread (the service's own thread is not started in these tests).
+    while not service._queue.empty():
+        item = service._queue.get()
+        service._run_job(item["job"], item["examples"])
+
+
+def test_job_updates_counters_and_weight_version(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path)
+    before = {n: p.detach().clone() for n, p in service.model.named_parameters()}
+    job = service.submit({"examples": [EXAMPLE], "epochs": 3})
+    assert job["state"] == "queued"
+    run_all(service)
+    status = service.status()
+    assert status["steps"] == 3 and status["weight_version"] == 3
+    assert status["tokens_trained"] == 3 * len(EXAMPLE["input_ids"])
+    assert status["jobs"][0]["state"] == "succeeded" and status["jobs"][0]["steps"] == 3
+    assert status["state"] == "idle" and status["optimizer"]["steps"] == 3
+    changed = [n for n, p in service.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed, "training changed no weight"
+
+
+def test_non_finite_step_is_skipped_and_weights_untouched(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path)
+    norm = service.model.model.norm.weight  # frozen by the default policy: poisons the loss only
+    with torch.no_grad():
+        norm[0] = float("nan")
+    before = {n: p.detach().clone() for n, p in service.model.named_parameters()}
+    service.submit({"examples": [EXAMPLE], "epochs": 2})
+    run_all(service)
+    status = service.status()
+    assert status["skipped_steps"] == 2 and status["steps"] == 0 and status["weight_version"] == 0
+    for n, p in service.model.named_parameters():
+        assert torch.equal(p, before[n]) or (torch.isnan(p).any() and n == "model.norm.weight"), n
+    assert math.isnan(status["last_loss"])
+
+
+def test_failed_job_is_reported_and_trainer_goes_on(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path)
+    service.submit({"examples": [{"input_ids": [10**9], "labels": [1]}], "epochs": 1})  # id out of vocab
+    service.submit({"examples": [EXAMPLE], "epochs": 1})
+    run_all(service)
+    jobs = service.status()["jobs"]
+    assert jobs[0]["state"] == "failed" and "Error" in jobs[0]["error"]
+    assert jobs[1]["state"] == "succeeded"
+    assert service.status()["last_error"] == jobs[0]["error"]
+
+
+def test_checkpoint_then_resume_restores_counters_and_optimizer(tiny_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    service = build(tiny_dir, tmp_path, checkpoint_dir=ckpt)
+    service.submit({"examples": [EXAMPLE], "epochs": 2})
+    run_all(service)
+    info = service.checkpoint()
+    assert info["step"] == 2 and info["weight_version"] == 2
+    assert service.status()["checkpoint"]["last"]["path"] == info["path"]
+
+    from onlinemodel_runtime.trainer.__main__ import resume
+
+    fresh = build(info["path"], tmp_path, checkpoint_dir=ckpt)
+    resume(fresh, fresh.store, device=torch.device("cpu"))
+    assert fresh.steps == 2 and fresh.weight_version == 2 and fresh.optimizer.steps_applied == 2
+    fresh.submit({"examples": [EXAMPLE], "epochs": 1})
+    run_all(fresh)
+    assert fresh.status()["steps"] == 3 and fresh.optimizer.steps_applied == 3
+
+
+def test_checkpoint_errors_are_clear(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path)
+    with pytest.raises(TrainerError, match="no checkpoint directory") as exc:
+        service.checkpoint()
+    assert exc.value.code == 409
+    busy = build(tiny_dir, tmp_path, checkpoint_dir=tmp_path / "ckpt")
+    busy._checkpoint_lock.acquire()
+    with pytest.raises(TrainerError, match="already") as exc:
+        busy.checkpoint()
+    assert exc.value.code == 409
+
+
+def test_training_disabled_refuses_jobs(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path, training_enabled=False)
+    with pytest.raises(TrainerError, match="disabled"):
+        service.submit({"examples": [EXAMPLE]})
+
+
+def test_periodic_checkpoint_every_n_steps(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path, checkpoint_dir=tmp_path / "ckpt", checkpoint_every_steps=2)
+    service.submit({"examples": [EXAMPLE], "epochs": 5})
+    run_all(service)
+    steps = sorted(info.step for info in service.store.checkpoints())
+    assert steps == [2, 4]
+    assert service.status()["checkpoint"]["last"]["step"] == 4
+
+
+def test_failed_checkpoint_is_reported_and_training_goes_on(tiny_dir, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the checkpoint directory should be")
+    service = build(tiny_dir, tmp_path, checkpoint_dir=blocker / "ckpt")
+    service.submit({"examples": [EXAMPLE], "epochs": 1})
+    run_all(service)
+    with pytest.raises(TrainerError, match="checkpoint failed") as exc:
+        service.checkpoint()
+    assert exc.value.code == 500
+    status = service.status()
+    assert status["checkpoint"]["state"] == "failed" and status["checkpoint"]["last_error"]
+    service.submit({"examples": [EXAMPLE], "epochs": 1})
+    run_all(service)
+    assert service.status()["steps"] == 2
