@@ -29,12 +29,13 @@ class RuntimeConfig(BaseModel):
     checkpoint_keep: int = Field(3, ge=1)
     final_checkpoint_timeout: float = Field(60.0, gt=0)
     training_enabled: bool = True
-    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    # Best of the teach-a-fact sweep (bench/teach_fact_optimizers.py, docs/benchmarks.md).
+    learning_rate: float = Field(3e-5, gt=0, lt=1)
     optimizer_rank: int = Field(1, ge=1)
     max_examples: int = Field(64, ge=1)
     max_epochs: int = Field(20, ge=1)
     max_model_len: int | None = Field(None, ge=16)
-    default_epochs: int = Field(3, ge=1)
+    default_epochs: int = Field(5, ge=1)
     trainer_start_timeout: float = Field(600.0, gt=0)
     trainer_threads: int | None = Field(None, ge=1)
     trainer_restart_limit: int = Field(5, ge=0)

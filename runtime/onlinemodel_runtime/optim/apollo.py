@@ -11,14 +11,14 @@ See docs/optimizer.md for the guarantees of each mode.
 
 from __future__ import annotations
 
-import math
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from .compiled import COMPILED
+from .compiled import COMPILED, const_row
 from .functional import (
     adamw_direction,
     apollo_direction,
@@ -30,6 +30,18 @@ from .functional import (
 )
 from .hyperparams import DEFAULT_LR, MINI_ALPHA, StepReport, check_group
 from .rounding import apply_update_
+
+Item = tuple[dict[str, Any], torch.Tensor, torch.Tensor]  # (group, param, gradient)
+_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
+
+
+def bucket_key(name: str | None, index: int) -> str:
+    """Hook mode updates parameters in buckets: all parameters of one decoder layer
+    ("model.layers.7.*") form one; any other parameter is a bucket of its own."""
+    if name is None:
+        return f"#{index}"
+    match = _LAYER.match(name)
+    return match.group(1) if match else name
 
 
 class Apollo(torch.optim.Optimizer):
@@ -82,7 +94,11 @@ class Apollo(torch.optim.Optimizer):
         self._armed = False
         self._gate: torch.Tensor | None = None
         self._flags: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._const_cache: dict[Any, torch.Tensor] = {}
+        self._order: dict[torch.Tensor, int] = {}  # position among all managed parameters
+        self._bucket_of: dict[torch.Tensor, str] = {}
+        self._bucket_size: dict[str, int] = {}
+        self._pending: list[Item] = []  # gradients of the bucket being filled (hook mode)
+        self._pending_key: str | None = None
         self._proj_cache: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
         super().__init__(params, defaults)
 
@@ -105,6 +121,8 @@ class Apollo(torch.optim.Optimizer):
                     )
             if names is not None:
                 self._names[p] = names[i]
+            self._order[p] = len(self._order)
+            self._bucket_of[p] = bucket_key(names[i] if names is not None else None, self._order[p])
 
     @staticmethod
     def _uses_apollo(group: dict[str, Any], p: torch.Tensor) -> bool:
@@ -153,78 +171,82 @@ class Apollo(torch.optim.Optimizer):
                 st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         return st
 
-    def _consts(self, group: dict[str, Any], step: int, device: torch.device) -> torch.Tensor:
-        """[lr, bias_correction1, bias_correction2, first_step, decay] on `device`, one transfer per
-        (group, step, device) rather than per parameter."""
-        key = (id(group), step, device)
-        t = self._const_cache.get(key)
-        if t is None:
-            beta1, beta2 = group["betas"]
-            lr = group["lr"]
-            vals = [lr, 1.0 - beta1**step, 1.0 - beta2**step, 1.0 if step == 1 else 0.0,
-                    1.0 - lr * group["weight_decay"]]
-            t = self._const_cache[key] = torch.tensor(vals, dtype=torch.float32).to(device)
-        return t
-
     def _compiled_path(self, p: torch.Tensor) -> bool:
         return COMPILED.ok and (self.fused is True or (self.fused is None and p.is_cuda))
 
     @torch.no_grad()
-    def _update_param(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor,
-                      gate: torch.Tensor) -> torch.Tensor:
-        """Update one parameter from `grad`, committed only where `gate` (and its own result) is
-        finite; never syncs with the device. Returns the 0-dim bool 'applied' flag."""
-        st = self._init_state(group, p)
-        step = st["step"] + 1
-        beta1, beta2 = group["betas"]
-        lr = group["lr"]
-        apollo = self._uses_apollo(group, p)
-        proj = None
-        if apollo:
-            proj = self._projection(group, p, step, min(st["exp_avg"].shape))
-        if self._compiled_path(p):
-            ok = self._update_compiled(group, p, grad, gate, st, step, proj)
-            if ok is not None:
-                st["step"] = step
-                return ok
-        if apollo:
-            d = apollo_direction(
-                grad, proj, st["exp_avg"], st["exp_avg_sq"], st["limiter_norm"], step,
-                beta1=beta1, beta2=beta2, eps=group["eps"], alpha=group["alpha"],
-                scale_kind=group["scale"], norm_growth_limit=group["norm_growth_limit"],
-            )
-            ok = gate & d.ok
-            st["limiter_norm"].copy_(torch.where(ok, d.update_norm, st["limiter_norm"]))
-            m, v, direction, coeff = d.exp_avg, d.exp_avg_sq, grad, d.scale * (-lr)
-        else:
-            m, v, direction, ok_d = adamw_direction(
-                grad, st["exp_avg"], st["exp_avg_sq"], step, beta1=beta1, beta2=beta2, eps=group["eps"]
-            )
-            ok = gate & ok_d
-            coeff = torch.full((), -lr, dtype=torch.float32, device=p.device)
-        st["exp_avg"].copy_(torch.where(ok, m, st["exp_avg"]))
-        st["exp_avg_sq"].copy_(torch.where(ok, v, st["exp_avg_sq"]))
-        apply_update_(p.data, direction, coeff, decay=1.0 - lr * group["weight_decay"], ok=ok,
-                      stochastic=group["stochastic_rounding"],
-                      generator=self._sr_gen(p.device, group["seed"]))
-        st["step"] = step  # rolled back in _settle() if `ok` turns out false
+    def _update_bucket(self, items: list[Item], gate: torch.Tensor) -> torch.Tensor:
+        """Update the parameters of one bucket (same device) from their gradients, all or none:
+        committed only where `gate` and every item's gradient and update are finite. Never syncs
+        with the device. Returns the 0-dim bool 'applied' flag of the whole bucket."""
+        prepared = []
+        for group, p, grad in items:
+            st = self._init_state(group, p)
+            step = st["step"] + 1
+            proj = None
+            if self._uses_apollo(group, p):
+                proj = self._projection(group, p, step, min(st["exp_avg"].shape))
+            prepared.append((group, p, grad, st, step, proj))
+        ok = None
+        if self._compiled_path(items[0][1]):
+            ok = self._update_bucket_compiled(prepared, gate)
+        if ok is None:
+            ok = self._update_bucket_eager(prepared, gate)
+        for _, _, _, st, step, _ in prepared:
+            st["step"] = step  # rolled back in _settle() if `ok` turns out false
         return ok
 
-    def _update_compiled(self, group, p, grad, gate, st, step, proj) -> torch.Tensor | None:
-        """The one-graph version (compiled.py); None if compilation is unavailable here."""
-        beta1, beta2 = group["betas"]
-        consts = self._consts(group, step, p.device)
-        which = "apollo" if proj is not None else "adamw"
-        try:
-            fn = COMPILED.get(which)
+    def _update_bucket_eager(self, prepared: list[tuple], gate: torch.Tensor) -> torch.Tensor:
+        """Torch ops, two phases: every item's new values first, then one commit flag for all."""
+        results = []
+        for group, p, grad, st, step, proj in prepared:
+            beta1, beta2 = group["betas"]
             if proj is not None:
-                m, n = p.shape
-                return fn(p.data, grad, proj, st["exp_avg"], st["exp_avg_sq"], st["limiter_norm"],
-                          gate, consts, beta1, beta2, group["eps"], group["alpha"],
-                          group["norm_growth_limit"], m <= n, group["scale"] == "channel",
-                          group["stochastic_rounding"])
-            return fn(p.data, grad, st["exp_avg"], st["exp_avg_sq"], gate, consts, beta1, beta2,
-                      group["eps"], group["stochastic_rounding"])
+                d = apollo_direction(
+                    grad, proj, st["exp_avg"], st["exp_avg_sq"], st["limiter_norm"], step,
+                    beta1=beta1, beta2=beta2, eps=group["eps"], alpha=group["alpha"],
+                    scale_kind=group["scale"], norm_growth_limit=group["norm_growth_limit"],
+                )
+                results.append((d.exp_avg, d.exp_avg_sq, grad, d.scale * (-group["lr"]),
+                                d.update_norm, d.ok))
+            else:
+                m, v, direction, ok_d = adamw_direction(
+                    grad, st["exp_avg"], st["exp_avg_sq"], step, beta1=beta1, beta2=beta2,
+                    eps=group["eps"])
+                coeff = torch.full((), -group["lr"], dtype=torch.float32, device=p.device)
+                results.append((m, v, direction, coeff, None, ok_d))
+        ok = gate & torch.stack([r[5] for r in results]).all()
+        for (group, p, _, st, _, _), (m, v, direction, coeff, update_norm, _) in zip(prepared, results):
+            if update_norm is not None:
+                st["limiter_norm"].copy_(torch.where(ok, update_norm, st["limiter_norm"]))
+            st["exp_avg"].copy_(torch.where(ok, m, st["exp_avg"]))
+            st["exp_avg_sq"].copy_(torch.where(ok, v, st["exp_avg_sq"]))
+            apply_update_(p.data, direction, coeff, decay=1.0 - group["lr"] * group["weight_decay"],
+                          ok=ok, stochastic=group["stochastic_rounding"],
+                          generator=self._sr_gen(p.device, group["seed"]))
+        return ok
+
+    def _update_bucket_compiled(self, prepared: list[tuple], gate: torch.Tensor) -> torch.Tensor | None:
+        """One compiled graph for the whole bucket (compiled.py); None if compilation is
+        unavailable here."""
+        spec, ws, grads, projs, ms, vs, lims, rows = [], [], [], [], [], [], [], []
+        for group, p, grad, st, step, proj in prepared:
+            beta1, beta2 = group["betas"]
+            apollo = proj is not None
+            spec.append((apollo, apollo and p.shape[0] <= p.shape[1], group["scale"] == "channel",
+                         group["stochastic_rounding"]))
+            rows.append(const_row(group["lr"], step, beta1, beta2, group["eps"], group["weight_decay"],
+                                  group["alpha"], group["norm_growth_limit"]))
+            ws.append(p.data)
+            grads.append(grad)
+            ms.append(st["exp_avg"])
+            vs.append(st["exp_avg_sq"])
+            if apollo:
+                projs.append(proj)
+                lims.append(st["limiter_norm"])
+        consts = torch.tensor(rows, dtype=torch.float32).to(gate.device)
+        try:
+            return COMPILED.get()(tuple(spec), ws, grads, projs, ms, vs, lims, consts, gate)
         except Exception as exc:  # noqa: BLE001 - no working compiler: use the eager path
             if self.fused is True:
                 raise
@@ -284,11 +306,13 @@ class Apollo(torch.optim.Optimizer):
         if not all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in by_device.values()):
             self._record(0, len(work), "non-finite gradient")
             return loss
-        self._const_cache.clear()
-        flags = []
+        buckets: dict[tuple[str, torch.device], list[Item]] = {}
         for group, p in work:
-            gate = torch.ones((), dtype=torch.bool, device=p.device)
-            flags.append((p, self._update_param(group, p, p.grad, gate)))
+            buckets.setdefault((self._bucket_of[p], p.device), []).append((group, p, p.grad))
+        flags = []
+        for (_, device), items in buckets.items():
+            ok = self._update_bucket(items, torch.ones((), dtype=torch.bool, device=device))
+            flags.extend((p, ok) for _, p, _ in items)
         applied, total = self._settle(flags)
         self._record(applied, total, None)
         return loss
@@ -298,10 +322,13 @@ class Apollo(torch.optim.Optimizer):
         """Register post-accumulate-grad hooks on every managed parameter (idempotent)."""
         if self._hooks:
             return
+        self._bucket_size = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group)))
+                    key = self._bucket_of[p]
+                    self._bucket_size[key] = self._bucket_size.get(key, 0) + 1
 
     def detach_from_backward(self) -> None:
         for h in self._hooks:
@@ -314,16 +341,31 @@ class Apollo(torch.optim.Optimizer):
             if not self._armed:
                 return  # not inside begin/finish: gradients accumulate as usual
             grad = p.grad
-            p.grad = None  # free it now: this is what removes the full-model gradient buffer
-            if self._gate is None:
-                gate = torch.ones((), dtype=torch.bool, device=p.device)
-            else:
-                gate = self._gate.to(p.device)
-            ok = self._update_param(group, p, grad, gate)
-            # Once one gradient is non-finite, every later one in this step is gated off too.
-            self._gate = ok
-            self._flags.append((p, ok))
+            p.grad = None  # held only until its bucket (decoder layer) is complete
+            key = self._bucket_of[p]
+            if self._pending and key != self._pending_key:
+                self._flush_pending()  # at most one bucket's gradients exist at a time
+            self._pending_key = key
+            self._pending.append((group, p, grad))
+            if len(self._pending) >= self._bucket_size.get(key, 1):
+                self._flush_pending()
         return hook
+
+    def _flush_pending(self) -> None:
+        items, self._pending, self._pending_key = self._pending, [], None
+        items.sort(key=lambda it: self._order[it[1]])  # the order step() uses
+        by_device: dict[torch.device, list[Item]] = {}
+        for it in items:
+            by_device.setdefault(it[1].device, []).append(it)
+        for device, part in by_device.items():
+            if self._gate is None:
+                gate = torch.ones((), dtype=torch.bool, device=device)
+            else:
+                gate = self._gate.to(device)
+            ok = self._update_bucket(part, gate)
+            # Once one gradient is non-finite, every later bucket in this step is gated off too.
+            self._gate = ok
+            self._flags.extend((p, ok) for _, p, _ in part)
 
     def begin_step(self) -> None:
         """Arm the hooks for one backward pass; stale gradients are dropped."""
@@ -333,14 +375,17 @@ class Apollo(torch.optim.Optimizer):
             raise RuntimeError("begin_step() called twice without finish_step()")
         self.zero_grad(set_to_none=True)
         self._armed = True
-        self._const_cache.clear()
         self._gate = None
         self._flags = []
+        self._pending, self._pending_key = [], None
 
     def finish_step(self, reason: str | None = None) -> StepReport:
         """Disarm the hooks and report (one device sync). `reason` marks the step skipped."""
         if not self._armed:
             raise RuntimeError("finish_step() without begin_step()")
+        if reason is None and self._pending:
+            self._flush_pending()  # a bucket some of whose parameters got no gradient
+        self._pending, self._pending_key = [], None  # after a failed backward: not applied
         self._armed = False
         flags, self._flags, self._gate = self._flags, [], None
         applied, total = self._settle(flags)

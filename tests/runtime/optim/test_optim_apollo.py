@@ -259,3 +259,17 @@ def test_hook_api_misuse_and_summary():
     opt.detach_from_backward()
     loss_fn(net, 1).backward()  # hooks gone: gradients accumulate as usual
     assert net.a.weight.grad is not None
+
+
+def test_updates_land_in_shared_non_contiguous_storage():
+    # Served weights are views into vLLM's memory, e.g. a column block of a merged matrix.
+    base = torch.randn(16, 40).to(torch.bfloat16)
+    untouched = base[:, :8].clone(), base[:, 24:].clone()
+    w = torch.nn.Parameter(base[:, 8:24])
+    assert not w.is_contiguous() and w.data_ptr() == base[:, 8:].data_ptr()
+    opt = Apollo([("merged.w", w)], lr=1e-2)
+    opt.attach_to_backward()
+    before = w.detach().clone()
+    assert opt.backward_step((w.float() @ torch.randn(16, 3)).pow(2).sum()).applied
+    assert not torch.equal(base[:, 8:24], before)
+    assert torch.equal(base[:, :8], untouched[0]) and torch.equal(base[:, 24:], untouched[1])
