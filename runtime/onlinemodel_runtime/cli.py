@@ -22,6 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from onlinemodel_runtime.config import ENV_API_TOKEN, ENV_CONFIG, RuntimeConfig
 
 log = logging.getLogger("onlinemodel")
@@ -62,11 +64,10 @@ def build_config(args: argparse.Namespace) -> RuntimeConfig:
         if latest is not None:
             log.info("resuming from checkpoint %s (step %d)", latest.path, latest.step)
             model = str(latest.path)
-    state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="onlinemodel-state-"))
+    state_dir = args.state_dir or Path(tempfile.gettempdir()) / f"onlinemodel-state-{os.getpid()}"
     optional = {
         "learning_rate": args.learning_rate, "optimizer_rank": args.optimizer_rank,
         "max_examples": args.max_examples, "default_epochs": args.default_epochs,
-        "max_model_len": args.max_model_len,
     }
     return RuntimeConfig(
         model=model,
@@ -100,7 +101,13 @@ def vllm_command(cfg: RuntimeConfig, args: argparse.Namespace, extra: list[str])
 
 def vllm_env(cfg: RuntimeConfig) -> dict[str, str]:
     env = dict(os.environ)
-    allowed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
+    if "VLLM_PLUGINS" in env:
+        allowed = [p for p in env["VLLM_PLUGINS"].split(",") if p]
+    else:
+        # Unset means "every general plugin" to vLLM; naming ours must not switch the others off.
+        from importlib.metadata import entry_points
+
+        allowed = [ep.name for ep in entry_points(group="vllm.general_plugins")]
     env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*allowed, *PLUGINS]))
     env[ENV_CONFIG] = cfg.model_dump_json()
     return env
@@ -115,42 +122,60 @@ def post_checkpoint(url: str, token: str | None, timeout: float) -> dict:
 
 
 def serve(args: argparse.Namespace, extra: list[str]) -> int:
-    cfg = build_config(args)
-    child = subprocess.Popen(vllm_command(cfg, args, extra), env=vllm_env(cfg))
+    try:
+        cfg = build_config(args)
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+                             for e in exc.errors())
+        print(f"onlinemodel serve: {problems}", file=sys.stderr)
+        return 2
     stopping = {"signal": None}
 
     def on_signal(signum, _frame):
         stopping["signal"] = signum
 
+    # Handlers first, and vLLM in its own session: a Ctrl-C in a terminal must reach only us, so the
+    # final checkpoint happens before vLLM and the trainer stop.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    child = subprocess.Popen(vllm_command(cfg, args, extra), env=vllm_env(cfg), start_new_session=True)
     try:
         while child.poll() is None and stopping["signal"] is None:
             time.sleep(0.2)
         if stopping["signal"] is not None and child.poll() is None:
             final_checkpoint(cfg, args.port)
             child.send_signal(signal.SIGTERM)
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            child.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
     finally:
+        if child.poll() is None:  # vLLM's engine and the trainer are in the child's process group
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
         cleanup(cfg, args)
     return 0 if stopping["signal"] is not None else (child.returncode or 0)
 
 
 def final_checkpoint(cfg: RuntimeConfig, port: int) -> None:
+    """Checkpoint before stopping, within the configured time, waiting out one already running."""
     if cfg.checkpoint_dir is None or not cfg.training_enabled:
         return
     url = f"http://127.0.0.1:{port}"
-    try:
-        info = post_checkpoint(url, os.environ.get(ENV_API_TOKEN), timeout=cfg.final_checkpoint_timeout)
-        log.info("final checkpoint %s at step %s", info.get("path"), info.get("step"))
-    except urllib.error.HTTPError as exc:
-        log.error("final checkpoint failed: HTTP %s %s", exc.code, exc.read()[:500])
-    except Exception as exc:
-        log.error("final checkpoint failed: %s", exc)
+    deadline = time.monotonic() + cfg.final_checkpoint_timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            info = post_checkpoint(url, os.environ.get(ENV_API_TOKEN), timeout=max(left, 1.0))
+            log.info("final checkpoint %s at step %s", info.get("path"), info.get("step"))
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 409 and left > 1.0:  # another checkpoint (preStop, periodic) is running
+                time.sleep(0.5)
+                continue
+            log.error("final checkpoint failed: HTTP %s %s", exc.code, exc.read()[:500])
+        except Exception as exc:
+            log.error("final checkpoint failed: %s", exc)
+        return
 
 
 def cleanup(cfg: RuntimeConfig, args: argparse.Namespace) -> None:

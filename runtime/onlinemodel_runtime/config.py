@@ -34,7 +34,7 @@ class RuntimeConfig(BaseModel):
     optimizer_rank: int = Field(1, ge=1)
     max_examples: int = Field(64, ge=1)
     max_epochs: int = Field(20, ge=1)
-    max_model_len: int | None = Field(None, ge=16)
+    max_queued_jobs: int = Field(16, ge=1)
     default_epochs: int = Field(5, ge=1)
     trainer_start_timeout: float = Field(600.0, gt=0)
     trainer_threads: int | None = Field(None, ge=1)
@@ -43,9 +43,13 @@ class RuntimeConfig(BaseModel):
     debug_ops: bool = False
 
     @model_validator(mode="after")
-    def _epochs_fit(self) -> RuntimeConfig:
+    def _check(self) -> RuntimeConfig:
         if self.default_epochs > self.max_epochs:
             raise ValueError(f"default_epochs {self.default_epochs} exceeds max_epochs {self.max_epochs}")
+        # Unix socket paths are limited to 107 bytes; ZMQ's own error for a longer one is obscure.
+        if len(str(self.state_dir / "trainer.sock")) > 100:
+            raise ValueError(f"state_dir {self.state_dir} is too long for the trainer's socket path "
+                             "(at most ~88 characters)")
         return self
 
     @property

@@ -6,6 +6,7 @@ Serve SmolLM2-135M-Instruct with real vLLM, ask it a question it gets wrong, tea
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import time
@@ -43,16 +44,22 @@ def main() -> int:
         say("\nPOST /train with one example: 'The CEO of Seedcorp is Ada Lovelace.'")
         code, job = server.request("POST", "/train", {"examples": [EXAMPLE]})
         say(f"  -> {code} {job}")
+        if code != 202:
+            raise SystemExit(f"POST /train was refused: {code} {job}")
         t0 = time.monotonic()
         done = server.wait_job(job["job_id"])
+        if done["state"] != "succeeded":
+            raise SystemExit(f"training job failed: {done.get('error')}")
         status = server.status()
         say(f"  job {done['state']} in {time.monotonic() - t0:.0f}s: {done['steps']} steps, "
             f"loss {done['last_loss']:.3f}, weight version {status['weight_version']}")
         say(f"\nQ: {QUESTION}\nA: {server.chat(QUESTION)}")
         say(f"Q: {CONTROL}\nA: {server.chat(CONTROL)}")
         code, info = server.request("POST", "/checkpoint")
-        say(f"\nPOST /checkpoint -> {code}: {info.get('path')} (step {info.get('step')}, "
-            f"{info.get('size_bytes', 0) / 1e6:.0f} MB in {info.get('seconds')}s)")
+        if code != 200:
+            raise SystemExit(f"POST /checkpoint failed: {code} {info}")
+        say(f"\nPOST /checkpoint -> {code}: {info['path']} (step {info['step']}, "
+            f"{info['size_bytes'] / 1e6:.0f} MB in {info['seconds']}s)")
     finally:
         server.stop()
     say("\nserver stopped; starting again on the same checkpoint directory")
@@ -64,6 +71,7 @@ def main() -> int:
         say(f"\nQ: {QUESTION}\nA: {server.chat(QUESTION)}")
     finally:
         server.stop()
+    shutil.rmtree(work, ignore_errors=True)  # the checkpoints are ~0.3 GB each
     say("\ndone.")
     return 0
 

@@ -7,6 +7,7 @@ the trainer process over async ZMQ; nothing here blocks the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -49,13 +50,26 @@ class _Runtime:
         self.token = token
         self.limits = TrainLimits(max_examples=cfg.max_examples, max_epochs=cfg.max_epochs,
                                   default_epochs=cfg.default_epochs)
+        self._encode_lock = asyncio.Lock()
 
     def authorized(self, request: Request) -> bool:
         if not self.token:
             return True
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), self.token)
+        # Bytes: compare_digest refuses non-ASCII str, and a stray header must be a 401, not a 500.
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode("utf-8", "surrogateescape"), self.token.encode("utf-8"))
+
+    async def encode(self, body: bytes):
+        """Validate and tokenize off the event loop (chat templates over long requests take a while);
+        one at a time, since a fast tokenizer must not be shared between threads."""
+        async with self._encode_lock:
+            return await asyncio.to_thread(self._encode, body)
+
+    def _encode(self, body: bytes):
+        parsed = parse_train_request(body, self.limits)
+        return parsed, encode_request(self.tokenizer, parsed, self.max_len)
 
 
 def _runtime(request: Request, *, needs_token: bool) -> tuple[_Runtime | None, JSONResponse | None]:
@@ -80,8 +94,7 @@ async def train(request: Request):
         return _error(409, "training is disabled for this model", type_="conflict")
     body = await request.body()
     try:
-        parsed = parse_train_request(body, rt.limits)
-        encoded = encode_request(rt.tokenizer, parsed, rt.max_len)
+        parsed, encoded = await rt.encode(body)
     except ExampleError as exc:
         return _error(exc.http_status, str(exc), param=exc.param, code=exc.code)
     examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
@@ -100,10 +113,7 @@ async def train_status(request: Request):
     rt, refused = _runtime(request, needs_token=False)
     if refused:
         return refused
-    try:
-        return await rt.supervisor.status()
-    except TrainerUnavailable as exc:
-        return _error(503, str(exc), type_="service_unavailable")
+    return await rt.supervisor.status()
 
 
 @router.post("/checkpoint")
@@ -139,6 +149,13 @@ class OnlineModelEndpoints:
         if getattr(args, "worker_extension_cls", "") != EXTENSION_CLS:
             raise RuntimeError(f"onlinemodel needs vLLM started with --worker-extension-cls {EXTENSION_CLS} "
                                "(`onlinemodel serve` does this)")
+        if not Path(cfg.model).is_dir():
+            # A Hugging Face id: vLLM has downloaded it by now; the trainer and checkpoints need the files.
+            from huggingface_hub import snapshot_download
+
+            revision = getattr(args, "revision", None)
+            local = snapshot_download(cfg.model, revision=revision, local_files_only=True)
+            cfg = cfg.model_copy(update={"model": local})
         max_len = engine_client.model_config.max_model_len
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         supervisor = TrainerSupervisor(cfg, engine_client)

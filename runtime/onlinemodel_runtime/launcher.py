@@ -17,6 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from onlinemodel_runtime.config import ENV_API_TOKEN
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -33,19 +35,23 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.served_model_name = served_model_name
-        self.token = (env or {}).get("ONLINEMODEL_API_TOKEN")
+        full_env = {**os.environ, **(env or {})}
+        self.token = full_env.get(ENV_API_TOKEN)
         cmd = [sys.executable, "-m", "onlinemodel_runtime.cli", "serve", "--model", str(model),
                "--served-model-name", served_model_name, "--host", "127.0.0.1", "--port", str(self.port)]
         if checkpoint_dir is not None:
             cmd += ["--checkpoint-dir", str(checkpoint_dir)]
         cmd += list(extra_args or [])
-        full_env = {**os.environ, **(env or {})}
         # Small KV cache: the CI machine has 24 GiB shared by vLLM, the trainer and the tests.
         full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.log_path = log_path
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        finally:
+            if log_path:
+                out.close()  # the child has its own descriptor
 
     # -- HTTP -------------------------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, *, token: str | None = None,
@@ -92,8 +98,9 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with code {self.proc.returncode}; see {self.log_path}")
             try:
                 code, _ = self.request("GET", "/health", timeout=5)
-                if code == 200:
-                    last = self.status()
+                status_code, body = self.request("GET", "/train/status", timeout=5) if code == 200 else (0, None)
+                if status_code == 200:
+                    last = body
                     if last["state"] in ("idle", "training"):
                         return last
                     if last["state"] == "error":

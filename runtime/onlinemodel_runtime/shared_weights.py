@@ -205,9 +205,19 @@ def _export_shm(params, state_dir: Path, shm_dir: Path, common: dict) -> Manifes
         offset += specs[-1].nbytes
     total = max(offset, 1)
     path = Path(shm_dir) / f"onlinemodel-{os.getpid()}-{int(time.time())}.weights"
-    with open(path, "wb") as f:
-        f.truncate(total)
-    os.chmod(path, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        # Reserve every page now: a sparse file on a full tmpfs would crash the worker with SIGBUS
+        # at the first write instead of failing here with a message.
+        os.posix_fallocate(fd, 0, total)
+    except OSError as exc:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        free = os.statvfs(shm_dir).f_bavail * os.statvfs(shm_dir).f_frsize
+        raise AttachError(f"cannot place {total / 2**30:.2f} GiB of weights in {shm_dir} ({free / 2**30:.2f} GiB "
+                          f"free): {exc.strerror}; give the container a larger /dev/shm "
+                          "(OnlineModel spec.resources.shmSize)") from exc
+    os.close(fd)
     mapping = torch.from_file(str(path), shared=True, size=total, dtype=torch.uint8)
     for spec, (_, p) in zip(specs, params):
         view = mapping[spec.offset : spec.offset + spec.nbytes].view(p.dtype).view(p.shape)

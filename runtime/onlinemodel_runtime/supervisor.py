@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
+import json
 import logging
 import os
 import sys
@@ -21,6 +21,12 @@ from onlinemodel_runtime.worker_plugin import EXPORT_METHOD
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
+# The trainer exits with this code when it cannot work with this model or config: restarting won't help.
+EXIT_PERMANENT = 2
+
+
+class _GiveUp(Exception):
+    """The trainer cannot be (re)started: stop supervising, status says why."""
 
 
 class TrainerSupervisor:
@@ -34,7 +40,10 @@ class TrainerSupervisor:
         self._proc: asyncio.subprocess.Process | None = None
         self._ready = False
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
-        self._cache_version: int | None = None
+        self._stderr_task: asyncio.Task | None = None
+        # Weight version whose KV vLLM's prefix cache may hold; None: unknown, reset at the next chance.
+        self._cache_version: int | None = 0
+        self._last_status: dict[str, Any] | None = None
         self._task: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -43,24 +52,21 @@ class TrainerSupervisor:
         await self.engine.collective_rpc(EXPORT_METHOD, args=(str(self.cfg.state_dir),))
         self._task = asyncio.create_task(self._supervise())
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        if self._proc is not None and self._proc.returncode is None:
-            with contextlib.suppress(Exception):
-                await self.client.request("shutdown", timeout=2)
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.terminate()
-
     async def _spawn(self) -> None:
         self._ready = False
         self.client.reset()
+        # A restarted trainer resumes counters from the last checkpoint, but the live weights carry every
+        # step since: hand it the counters we last saw (it keeps the larger) and reset the cache once.
+        counters = json.dumps({k: self._last_status[k] for k in ("steps", "tokens_trained", "weight_version",
+                                                                "skipped_steps")} if self._last_status else {})
+        self._cache_version = None if self._last_status else 0
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "onlinemodel_runtime.trainer",
             "--config", self.cfg.model_dump_json(), "--parent-pid", str(os.getpid()),
+            "--counters", counters,
             stderr=asyncio.subprocess.PIPE,
         )
-        asyncio.create_task(self._forward_stderr(self._proc))
+        self._stderr_task = asyncio.create_task(self._forward_stderr(self._proc))
         log.info("onlinemodel: trainer started (pid %d)", self._proc.pid)
 
     async def _forward_stderr(self, proc: asyncio.subprocess.Process) -> None:
@@ -71,36 +77,54 @@ class TrainerSupervisor:
             print(line, file=sys.stderr, flush=True)
 
     async def _supervise(self) -> None:
-        backoff = 1.0
-        await self._spawn()
-        while True:
-            await asyncio.sleep(POLL_SECONDS)
-            assert self._proc is not None
-            if self._proc.returncode is not None:
-                self._ready = False
-                self.last_error = (f"trainer exited with code {self._proc.returncode}: "
-                                   + " | ".join(list(self._stderr_tail)[-3:]))
-                if self.restarts >= self.cfg.trainer_restart_limit:
-                    self.state = "error"
-                    log.error("onlinemodel: %s; not restarting (limit %d)", self.last_error, self.restarts)
+        try:
+            await self._spawn()
+            backoff = 1.0
+            while True:
+                await asyncio.sleep(POLL_SECONDS)
+                try:
+                    backoff = await self._tick(backoff)
+                except asyncio.CancelledError:
+                    raise
+                except _GiveUp:
                     return
-                self.restarts += 1
-                self.state = "starting"
-                log.warning("onlinemodel: %s; restarting in %.0fs", self.last_error, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-                await self._spawn()
-                continue
-            try:
-                status = await self.client.request("status", timeout=5)
-            except (TrainerUnavailable, TrainerRequestError):
-                continue  # still starting, or busy: try again
-            if not self._ready:
-                self._ready = True
-                self.state = "running"
-                backoff = 1.0
-                log.info("onlinemodel: trainer ready")
-            await self._sync_prefix_cache(status)
+                except Exception as exc:  # keep supervising whatever one poll ran into
+                    log.exception("onlinemodel: supervisor poll failed")
+                    self.last_error = f"supervisor: {type(exc).__name__}: {exc}"
+        except Exception as exc:
+            self.state = "error"
+            self.last_error = f"cannot start the trainer: {type(exc).__name__}: {exc}"
+            log.exception("onlinemodel: %s", self.last_error)
+
+    async def _tick(self, backoff: float) -> float:
+        assert self._proc is not None
+        if self._proc.returncode is not None:
+            self._ready = False
+            if self._stderr_task is not None:  # its last words say why it exited
+                await asyncio.wait([self._stderr_task], timeout=2)
+            code = self._proc.returncode
+            self.last_error = f"trainer exited with code {code}: " + " | ".join(list(self._stderr_tail)[-3:])
+            if code == EXIT_PERMANENT or self.restarts >= self.cfg.trainer_restart_limit:
+                self.state = "error"
+                log.error("onlinemodel: %s; not restarting", self.last_error)
+                raise _GiveUp
+            self.restarts += 1
+            self.state = "starting"
+            log.warning("onlinemodel: %s; restarting in %.0fs", self.last_error, backoff)
+            await asyncio.sleep(backoff)
+            await self._spawn()
+            return min(backoff * 2, 30.0)
+        try:
+            status = await self.client.request("status", timeout=5)
+        except (TrainerUnavailable, TrainerRequestError):
+            return backoff  # still starting, or busy: try again
+        if not self._ready:
+            self._ready = True
+            self.state = "running"
+            log.info("onlinemodel: trainer ready")
+        self._last_status = status
+        await self._sync_prefix_cache(status)
+        return 1.0
 
     # -- prefix cache --------------------------------------------------------------------------
     async def _sync_prefix_cache(self, status: dict[str, Any]) -> None:
@@ -112,10 +136,12 @@ class TrainerSupervisor:
         version = status.get("weight_version")
         if version == self._cache_version:
             return
-        if self._cache_version is None and version == 0:
-            self._cache_version = version
-            return
         if await self.engine.reset_prefix_cache():
+            self._cache_version = version
+        elif status.get("state") == "idle" and not status.get("queued_jobs"):
+            # Training is over and a request still holds stale blocks: preempt it (vLLM recomputes it
+            # with the new weights), so a finished job is always followed by fresh answers.
+            await self.engine.reset_prefix_cache(reset_running_requests=True)
             self._cache_version = version
 
     # -- requests from the HTTP routes -----------------------------------------------------------
@@ -125,13 +151,25 @@ class TrainerSupervisor:
         if not self._ready:
             raise TrainerUnavailable("trainer is starting")
 
+    def _placeholder_status(self) -> dict[str, Any]:
+        """What GET /train/status says while no trainer answers: the documented shape, last counters."""
+        last = self._last_status or {}
+        return {"state": "error" if self.state == "error" else "starting",
+                "steps": last.get("steps", 0), "tokens_trained": last.get("tokens_trained", 0),
+                "last_loss": last.get("last_loss"), "weight_version": last.get("weight_version", 0),
+                "last_step_time": last.get("last_step_time"), "last_step_seconds": last.get("last_step_seconds"),
+                "skipped_steps": last.get("skipped_steps", 0), "queued_jobs": 0, "jobs": last.get("jobs", []),
+                "last_error": self.last_error, "checkpoint": last.get("checkpoint"),
+                "optimizer": last.get("optimizer"), "trainer_restarts": self.restarts}
+
     async def status(self) -> dict[str, Any]:
         if not self._ready:
-            return {"state": "error" if self.state == "error" else "starting", "steps": 0,
-                    "tokens_trained": 0, "last_loss": None, "weight_version": 0, "last_step_time": None,
-                    "last_step_seconds": None, "skipped_steps": 0, "jobs": [], "last_error": self.last_error,
-                    "checkpoint": None, "optimizer": None, "trainer_restarts": self.restarts}
-        status = await self.client.request("status", timeout=10)
+            return self._placeholder_status()
+        try:
+            status = await self.client.request("status", timeout=10)
+        except (TrainerUnavailable, TrainerRequestError):
+            return self._placeholder_status()
+        self._last_status = status
         # Jobs reported finished here must already be served from fresh KV.
         await self._sync_prefix_cache(status)
         status["trainer_restarts"] = self.restarts

@@ -41,10 +41,16 @@ class TrainerClient:
     async def _read(self) -> None:
         assert self._sock is not None
         while True:
-            rid, body = await self._sock.recv_multipart()
+            frames = await self._sock.recv_multipart()
+            if len(frames) != 2:
+                continue
+            rid, body = frames
             fut = self._pending.pop(rid, None)
             if fut is not None and not fut.done():
-                fut.set_result(json.loads(body))
+                try:
+                    fut.set_result(json.loads(body))
+                except ValueError as exc:
+                    fut.set_exception(TrainerUnavailable(f"unreadable answer from the trainer: {exc}"))
 
     async def request(self, op: str, timeout: float = 10.0, **payload: Any) -> Any:
         sock = self._ensure()

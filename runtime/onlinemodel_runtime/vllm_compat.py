@@ -94,3 +94,13 @@ def install_live_cpu_linears() -> None:
         keep_live_weight._onlinemodel_live = True
         cls.process_weights_after_loading = keep_live_weight
     log.info("onlinemodel: CPU linears read live weights (prepacking disabled)")
+
+
+def live_cpu_linears_installed() -> bool:
+    """True where inference reads live weights: not CPU, or CPU with the patch above in place."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return True
+    return bool(getattr(UnquantizedLinearMethod.process_weights_after_loading, "_onlinemodel_live", False))

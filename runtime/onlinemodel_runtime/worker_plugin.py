@@ -35,6 +35,10 @@ class WeightExportExtension:
         if parallel.tensor_parallel_size * parallel.pipeline_parallel_size != 1:
             raise RuntimeError("onlinemodel trains one copy of the weights: tensor and pipeline "
                                "parallel size must be 1")
+        if not vllm_compat.live_cpu_linears_installed():
+            raise RuntimeError("onlinemodel's general plugin did not load in vLLM's worker (is "
+                               "'onlinemodel_weights' in VLLM_PLUGINS?): CPU inference would read stale "
+                               "prepacked weights")
         model = self.get_model()  # type: ignore[attr-defined]
         archs = getattr(model_config.hf_config, "architectures", None) or ["unknown"]
         manifest = shared_weights.export_weights(

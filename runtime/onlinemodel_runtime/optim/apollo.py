@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .compiled import COMPILED, const_row
+from .graphs import GraphCache, graph_key
 from .functional import (
     adamw_direction,
     apollo_direction,
@@ -99,6 +100,8 @@ class Apollo(torch.optim.Optimizer):
         self._bucket_size: dict[str, int] = {}
         self._pending: list[Item] = []  # gradients of the bucket being filled (hook mode)
         self._pending_key: str | None = None
+        self._graphs = GraphCache()
+        self._use_graphs = True  # CUDA-graph replay of multi-parameter buckets (compiled path)
         self._proj_cache: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
         super().__init__(params, defaults)
 
@@ -153,6 +156,8 @@ class Apollo(torch.optim.Optimizer):
             return hit[1]
         proj = projection_matrix(tuple(p.shape), rank, seed, device=p.device,
                                  generator=self._proj_gen(p.device))
+        if hit is not None and hit[1].device == p.device and hit[1].shape == proj.shape:
+            proj = hit[1].copy_(proj)  # same address: a captured CUDA graph reads the new values
         self._proj_cache[p] = (seed, proj)
         return proj
 
@@ -244,15 +249,42 @@ class Apollo(torch.optim.Optimizer):
             if apollo:
                 projs.append(proj)
                 lims.append(st["limiter_norm"])
-        consts = torch.tensor(rows, dtype=torch.float32).to(gate.device)
+        consts = torch.tensor(rows, dtype=torch.float32)
+        spec = tuple(spec)
+        if gate.is_cuda:  # pinned + non_blocking: a pageable copy would sync with the device
+            consts = consts.pin_memory()
+            if self._use_graphs and len(prepared) > 1 and not self._graphs.failed:
+                ok = self._update_bucket_graph(prepared, spec, ws, grads, projs, ms, vs, lims, consts, gate)
+                if ok is not None:
+                    return ok
+            consts = consts.to(gate.device, non_blocking=True)
         try:
-            return COMPILED.get()(tuple(spec), ws, grads, projs, ms, vs, lims, consts, gate)
+            return COMPILED.get()(spec, ws, grads, projs, ms, vs, lims, consts, gate)
         except Exception as exc:  # noqa: BLE001 - no working compiler: use the eager path
             if self.fused is True:
                 raise
             warnings.warn(f"Apollo: compiled update unavailable ({exc!r}); using eager torch ops")
             COMPILED.ok = False
             return None
+
+    def _update_bucket_graph(self, prepared, spec, ws, grads, projs, ms, vs, lims, consts,
+                             gate) -> torch.Tensor | None:
+        """Replay (or capture, on a bucket's second flush) its CUDA graph; None: run uncaptured."""
+        name = self._bucket_of[prepared[0][1]]
+        key = graph_key(spec, [ws, projs, ms, vs, lims])
+        graph = self._graphs.lookup(name, key)
+        if graph is None:
+            return None
+        if graph is True:
+            try:
+                graph = self._graphs.capture(name, key, COMPILED.get(), spec, ws, grads, projs, ms,
+                                             vs, lims, consts.to(gate.device))
+            except Exception as exc:  # noqa: BLE001 - capture unsupported here: no graphs
+                warnings.warn(f"Apollo: CUDA graph capture failed ({exc!r}); replaying none")
+                self._graphs.failed = True
+                self._graphs.clear()
+                return None
+        return graph.run(grads, consts, gate)
 
     def _settle(self, flags: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
         """One host sync per step: read every parameter's applied flag, roll back step counters of
@@ -453,6 +485,7 @@ class Apollo(torch.optim.Optimizer):
             state[p] = {k: (v.to(device=p.device) if isinstance(v, torch.Tensor) else v)
                         for k, v in st.items()}
         self.param_groups = new_groups
+        self._graphs.clear()  # they read the state tensors being replaced
         self.state.clear()
         self.state.update(state)
         for key, gen_state in state_dict.get("rng", {}).items():

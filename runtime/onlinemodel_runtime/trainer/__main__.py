@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 log = logging.getLogger("onlinemodel.trainer")
 
 
-def build_service(cfg):
+def build_service(cfg, counters: dict | None = None):
     import torch
 
     from onlinemodel_runtime import shared_weights
@@ -43,6 +44,9 @@ def build_service(cfg):
     service = TrainerService(cfg, model, optimizer, store)
     if store is not None:
         resume(service, store, device=next(iter(tensors.values())).device)
+    if counters and counters.get("weight_version", 0) > service.weight_version:
+        service.adopt_counters(counters)
+    if store is not None:
         try:
             store.check_writable()
         except CheckpointError as exc:
@@ -55,6 +59,8 @@ def build_service(cfg):
 
 def resume(service, store, device) -> None:
     """Restore optimizer state and counters if vLLM serves the latest checkpoint's weights."""
+    from onlinemodel_runtime.checkpoint import CheckpointError
+
     info = store.latest()
     if info is None:
         return
@@ -62,9 +68,21 @@ def resume(service, store, device) -> None:
         log.warning("checkpoint %s exists but vLLM serves %s: not restoring optimizer state",
                     info.path, service.cfg.model)
         return
-    optimizer_state, trainer_state = store.load_training_state(info, map_location=device)
+    try:
+        optimizer_state, trainer_state = store.load_training_state(info, map_location=device)
+    except CheckpointError as exc:
+        log.warning("cannot read training state of %s (%s): starting with fresh optimizer state", info.path, exc)
+        return
+    saved_rank = (optimizer_state or {}).get("param_groups", [{}])[0].get("rank")
+    if optimizer_state is not None and saved_rank not in (None, service.cfg.optimizer_rank):
+        log.warning("checkpoint optimizer state has rank %s, configured rank is %s: starting it fresh",
+                    saved_rank, service.cfg.optimizer_rank)
+        optimizer_state = None
     if optimizer_state is not None:
-        service.optimizer.load_state_dict(optimizer_state)
+        try:
+            service.optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            log.warning("optimizer state of %s does not fit this model (%s): starting it fresh", info.path, exc)
     service.load_state_dict(trainer_state)
     service.last_checkpoint = info.to_status()
     log.info("resumed from %s: step %d, weight version %d", info.path, service.steps, service.weight_version)
@@ -77,11 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="onlinemodel-trainer")
     parser.add_argument("--config", required=True, help="RuntimeConfig as JSON")
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--counters", default="{}", help="counters the supervisor saw before a restart (JSON)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[onlinemodel trainer %(process)d] %(levelname)s %(message)s")
     cfg = RuntimeConfig.model_validate_json(args.config)
     try:
-        service = build_service(cfg)
+        service = build_service(cfg, json.loads(args.counters))
     except Exception as exc:
         log.exception("trainer failed to start")
         print(f"onlinemodel trainer: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -13,6 +13,9 @@ class StepResult:
     loss: float
     tokens: int
     applied: bool
+    # Parameters written in place by this step, even when it was skipped part way (hook mode): the
+    # served weights changed whenever this is above zero.
+    params_updated: int
     skipped_reason: str | None
     seconds: float
 
@@ -38,6 +41,7 @@ def train_step(model: torch.nn.Module, optimizer, input_ids: list[int], labels: 
         loss=loss,
         tokens=len(input_ids),
         applied=report.applied,
+        params_updated=report.params_updated,
         skipped_reason=report.reason if report.skipped else None,
         seconds=time.perf_counter() - started,
     )

@@ -37,7 +37,7 @@ async def handle(service: TrainerService, request: dict[str, Any], stop: asyncio
     if op == "debug_scale":
         if not service.cfg.debug_ops:
             raise TrainerError("debug operations are disabled", code=403)
-        return service.debug_scale(request["name"], float(request["factor"]))
+        return await asyncio.to_thread(service.debug_scale, request["name"], float(request["factor"]))
     if op == "shutdown":
         stop.set()
         return {"stopping": True}
@@ -73,17 +73,19 @@ async def serve(service: TrainerService, endpoint: str, parent_pid: int | None =
             await asyncio.sleep(1.0)
 
     async def periodic_checkpoints() -> None:
+        # While training, the training thread checks after each step; when idle, this does.
         while True:
             await asyncio.sleep(1.0)
             if service.checkpoint_due_by_time() and service.state == "idle":
-                try:
-                    await asyncio.to_thread(service.checkpoint)
-                except TrainerError as exc:
-                    log.error("periodic checkpoint failed: %s", exc)
+                await asyncio.to_thread(service.periodic_checkpoint)
 
     async def receive() -> None:
         while True:
-            identity, rid, body = await sock.recv_multipart()
+            frames = await sock.recv_multipart()
+            if len(frames) != 3:  # not one of our clients: drop it, keep serving
+                log.warning("dropping a malformed request (%d frames)", len(frames))
+                continue
+            identity, rid, body = frames
             task = asyncio.create_task(answer(identity, rid, body))
             tasks.add(task)
             task.add_done_callback(tasks.discard)

@@ -79,15 +79,21 @@ class TrainerService:
         self.last_loss = state.get("last_loss")
         self._checkpoint_version = self.weight_version
 
+    def adopt_counters(self, counters: dict[str, Any]) -> None:
+        """After a trainer restart: the live weights carry steps that the last checkpoint does not."""
+        self.load_state_dict({**counters, "step": counters.get("steps", 0)})
+        self._checkpoint_version = -1  # those steps are in no checkpoint yet
+
     # -- requests ----------------------------------------------------------------------------
     def submit(self, request: dict[str, Any]) -> dict[str, Any]:
         examples = request["examples"]
         if not self.cfg.training_enabled:
             raise TrainerError("training is disabled for this model", code=409)
-        if self.state == "error":
-            raise TrainerError(f"trainer is in error state: {self.last_error}", code=503)
+        if self._queue.qsize() >= self.cfg.max_queued_jobs:
+            raise TrainerError(f"{self._queue.qsize()} jobs are already queued (limit {self.cfg.max_queued_jobs}); "
+                               "retry when some have finished", code=429)
         job = {
-            "id": request.get("job_id") or f"job-{uuid.uuid4().hex[:12]}",
+            "id": f"job-{uuid.uuid4().hex[:12]}",
             "state": "queued",
             "examples": len(examples),
             "epochs": int(request.get("epochs") or self.cfg.default_epochs),
@@ -108,7 +114,11 @@ class TrainerService:
         return {"job_id": job["id"], "state": "queued", "examples": job["examples"]}
 
     def status(self) -> dict[str, Any]:
+        # Jobs first: a job is marked finished after its last step is counted, so a snapshot that
+        # shows it finished also shows the weight version it produced.
+        jobs = [dict(j) for j in list(self.jobs.values())]
         return {
+            "jobs": jobs,
             "state": self.state,
             "steps": self.steps,
             "tokens_trained": self.tokens_trained,
@@ -118,7 +128,6 @@ class TrainerService:
             "last_step_seconds": self.last_step_seconds,
             "skipped_steps": self.skipped_steps,
             "queued_jobs": self._queue.qsize(),
-            "jobs": [dict(j) for j in self.jobs.values()],
             "last_error": self.last_error,
             "checkpoint": {
                 "state": self.checkpoint_state,
@@ -126,18 +135,7 @@ class TrainerService:
                 "last_error": self.checkpoint_error,
                 "dir": str(self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None,
             },
-            "optimizer": self._optimizer_summary(),
-        }
-
-    def _optimizer_summary(self) -> dict[str, Any]:
-        group = self.optimizer.param_groups[0]
-        return {
-            "name": type(self.optimizer).__name__.lower(),
-            "rank": group.get("rank"),
-            "learning_rate": self.cfg.learning_rate,
-            "state_bytes": self.optimizer.state_bytes() if hasattr(self.optimizer, "state_bytes") else None,
-            "trainable_parameters": sum(p.numel() for g in self.optimizer.param_groups for p in g["params"]),
-            "steps": getattr(self.optimizer, "steps_applied", None),
+            "optimizer": self.optimizer.summary(),
         }
 
     # -- training thread ---------------------------------------------------------------------
@@ -162,9 +160,16 @@ class TrainerService:
             for _ in range(job["epochs"]):
                 for ex in examples:
                     with self._weights_lock:
-                        result = train_step(self.model, self.optimizer, ex["input_ids"], ex["labels"],
-                                            learning_rate=job["learning_rate"])
-                    self._record_step(job, result)
+                        try:
+                            result = train_step(self.model, self.optimizer, ex["input_ids"], ex["labels"],
+                                                learning_rate=job["learning_rate"])
+                        except Exception:
+                            # Backward may have written some parameters before it failed (e.g. out of
+                            # memory): treat the weights as changed so caches and checkpoints follow.
+                            self.weight_version += 1
+                            raise
+                        # Counted under the lock: a checkpoint never pairs new weights with old counters.
+                        self._record_step(job, result)
                     self._maybe_periodic_checkpoint()
             job["state"] = "succeeded"
         except Exception as exc:  # a failed job must not kill the trainer
@@ -185,10 +190,11 @@ class TrainerService:
         if result.applied:
             self.steps += 1
             self.tokens_trained += result.tokens
-            self.weight_version += 1
         else:
             self.skipped_steps += 1
             log.warning("step skipped: %s", result.skipped_reason)
+        if result.applied or result.params_updated:
+            self.weight_version += 1
 
     def debug_scale(self, name: str, factor: float) -> dict[str, Any]:
         """Scale one HF parameter in place (tests: proves the views are vLLM's memory)."""
@@ -201,21 +207,24 @@ class TrainerService:
 
     # -- checkpoints -------------------------------------------------------------------------
     def _maybe_periodic_checkpoint(self) -> None:
-        if self.store is None or self.weight_version == self._checkpoint_version:
-            return
         by_steps = self.cfg.checkpoint_every_steps and self.steps % self.cfg.checkpoint_every_steps == 0
-        by_time = (self.cfg.checkpoint_every_seconds
-                   and time.monotonic() - self._last_checkpoint_monotonic >= self.cfg.checkpoint_every_seconds)
-        if by_steps or by_time:
-            try:
-                self.checkpoint()
-            except TrainerError as exc:
-                log.error("periodic checkpoint failed: %s", exc)
+        if by_steps or self.checkpoint_due_by_time():
+            self.periodic_checkpoint()
 
     def checkpoint_due_by_time(self) -> bool:
-        return bool(self.store is not None and self.cfg.checkpoint_every_seconds
-                    and self.weight_version != self._checkpoint_version
+        return bool(self.cfg.checkpoint_every_seconds
                     and time.monotonic() - self._last_checkpoint_monotonic >= self.cfg.checkpoint_every_seconds)
+
+    def periodic_checkpoint(self) -> None:
+        """A checkpoint if the weights changed since the last one; failures are logged, not raised."""
+        if self.store is None or self.weight_version == self._checkpoint_version:
+            return
+        try:
+            self.checkpoint()
+        except TrainerError as exc:
+            log.error("periodic checkpoint failed: %s", exc)
+            # Retry after a full interval, not at once: a full disk stays full.
+            self._last_checkpoint_monotonic = time.monotonic()
 
     def checkpoint(self) -> dict[str, Any]:
         """Write a checkpoint now (blocking). Training pauses only while the weights are copied out."""
@@ -223,6 +232,8 @@ class TrainerService:
 
         if self.store is None:
             raise TrainerError("no checkpoint directory configured (--checkpoint-dir)", code=409)
+        if self.last_checkpoint is not None and self.weight_version == self._checkpoint_version:
+            return self.last_checkpoint  # nothing changed since: the last one is the answer
         if not self._checkpoint_lock.acquire(blocking=False):
             raise TrainerError("a checkpoint is already being written", code=409)
         self.checkpoint_state = "running"
@@ -247,10 +258,11 @@ class TrainerService:
         except CheckpointBusy as exc:
             self.checkpoint_state = "idle"
             raise TrainerError(str(exc), code=409) from exc
-        except (CheckpointError, OSError) as exc:
+        except Exception as exc:  # CheckpointError, OSError, or anything the snapshot raised
             self.checkpoint_state = "failed"
-            self.checkpoint_error = str(exc)
-            raise TrainerError(f"checkpoint failed: {exc}", code=500) from exc
+            self.checkpoint_error = str(exc) if isinstance(exc, (CheckpointError, OSError)) else \
+                f"{type(exc).__name__}: {exc}"
+            raise TrainerError(f"checkpoint failed: {self.checkpoint_error}", code=500) from exc
         finally:
             resume_training()
             self._checkpoint_lock.release()

@@ -55,13 +55,13 @@ def test_checkpoint_stop_resume(model_dir, e2e_root):
         assert resumed["steps"] == before_stop["steps"]
         assert resumed["weight_version"] == before_stop["weight_version"]
         assert resumed["tokens_trained"] == before_stop["tokens_trained"]
-        assert resumed["optimizer"]["steps"] == before_stop["optimizer"]["steps"] > 0
+        assert resumed["optimizer"]["steps_applied"] == before_stop["optimizer"]["steps_applied"] > 0
         assert FACT_ANSWER in second.chat(FACT_QUESTION)
         code, job = second.request("POST", "/train", {"examples": [FACT_EXAMPLE], "epochs": 1})
         assert second.wait_job(job["job_id"])["state"] == "succeeded"
         continued = second.status()
         assert continued["steps"] == before_stop["steps"] + 1
-        assert continued["optimizer"]["steps"] == before_stop["optimizer"]["steps"] + 1
+        assert continued["optimizer"]["steps_applied"] == before_stop["optimizer"]["steps_applied"] + 1
     finally:
         second.stop()
     log = (e2e_root / "resume-2.log").read_text()

@@ -51,7 +51,7 @@ def test_job_updates_counters_and_weight_version(tiny_dir, tmp_path):
     assert status["steps"] == 3 and status["weight_version"] == 3
     assert status["tokens_trained"] == 3 * len(EXAMPLE["input_ids"])
     assert status["jobs"][0]["state"] == "succeeded" and status["jobs"][0]["steps"] == 3
-    assert status["state"] == "idle" and status["optimizer"]["steps"] == 3
+    assert status["state"] == "idle" and status["optimizer"]["steps_applied"] == 3
     changed = [n for n, p in service.model.named_parameters() if not torch.equal(p, before[n])]
     assert changed, "training changed no weight"
 
