@@ -56,6 +56,8 @@ def onlinemodel_run(model: Path, work: Path) -> dict[str, float]:
     try:
         # /health first (what a readiness probe sees), then the trainer ready.
         while True:
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"server exited; see {server.log_path}")
             try:
                 if server.request("GET", "/health", timeout=2)[0] == 200:
                     break

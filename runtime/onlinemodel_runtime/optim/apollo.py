@@ -4,13 +4,16 @@ Two ways to drive it:
 - `step()` (torch.optim contract): gradients of the whole model exist; a step whose gradients are
   not all finite is skipped before anything is written.
 - hook mode: `attach_to_backward()` once, then per step `backward_step(loss)` (or `begin_step()`,
-  `loss.backward()`, `finish_step()`). Each parameter is updated the moment its gradient is
-  accumulated and the gradient is freed at once, so no full-model gradient buffer exists.
+  `loss.backward()`, `finish_step()`). Parameters are updated in buckets (one decoder layer each)
+  as soon as the bucket's gradients are complete, and the gradients are dropped: at most one
+  layer's gradients are held, no full-model gradient buffer exists. On CUDA a bucket's update is
+  one compiled graph replayed as a CUDA graph on a side stream that overlaps backward.
 See docs/optimizer.md for the guarantees of each mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -102,6 +105,8 @@ class Apollo(torch.optim.Optimizer):
         self._pending_key: str | None = None
         self._graphs = GraphCache()
         self._use_graphs = True  # CUDA-graph replay of multi-parameter buckets (compiled path)
+        self._use_side_stream = True  # hook mode on CUDA: bucket updates overlap backward
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._proj_cache: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
         super().__init__(params, defaults)
 
@@ -390,14 +395,35 @@ class Apollo(torch.optim.Optimizer):
         for it in items:
             by_device.setdefault(it[1].device, []).append(it)
         for device, part in by_device.items():
-            if self._gate is None:
-                gate = torch.ones((), dtype=torch.bool, device=device)
-            else:
-                gate = self._gate.to(device)
-            ok = self._update_bucket(part, gate)
+            side = self._side_stream(device, part)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                if self._gate is None:
+                    gate = torch.ones((), dtype=torch.bool, device=device)
+                else:
+                    gate = self._gate.to(device)
+                ok = self._update_bucket(part, gate)
             # Once one gradient is non-finite, every later bucket in this step is gated off too.
             self._gate = ok
             self._flags.extend((p, ok) for _, p, _ in part)
+
+    def _side_stream(self, device: torch.device, items: list[Item]) -> torch.cuda.Stream | None:
+        """CUDA: the stream bucket updates run on, so they overlap the rest of backward. It starts
+        after everything backward has queued so far (this bucket's gradients, and every kernel
+        that reads these weights); gradients are marked as used there so their memory is not
+        reused early; finish_step() makes the main stream wait for it."""
+        if device.type != "cuda" or not self._use_side_stream:
+            return None
+        side = self._side_streams.get(device)
+        if side is None:
+            side = self._side_streams[device] = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        for _, _, grad in items:
+            grad.record_stream(side)
+        return side
+
+    def _join_side_streams(self) -> None:
+        for device, side in self._side_streams.items():
+            torch.cuda.current_stream(device).wait_stream(side)
 
     def begin_step(self) -> None:
         """Arm the hooks for one backward pass; stale gradients are dropped."""
@@ -418,6 +444,7 @@ class Apollo(torch.optim.Optimizer):
         if reason is None and self._pending:
             self._flush_pending()  # a bucket some of whose parameters got no gradient
         self._pending, self._pending_key = [], None  # after a failed backward: not applied
+        self._join_side_streams()
         self._armed = False
         flags, self._flags, self._gate = self._flags, [], None
         applied, total = self._settle(flags)

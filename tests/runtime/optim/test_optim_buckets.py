@@ -1,0 +1,98 @@
+"""Hook mode updates a decoder layer's parameters together (one bucket): same results as step(),
+all or nothing per layer on a non-finite gradient, at most one layer's gradients held."""
+
+import copy
+
+import torch
+
+from onlinemodel_runtime.optim import Apollo, TrainPolicy, make_optimizer
+from onlinemodel_runtime.optim.apollo import bucket_key
+
+
+def _llama(layers: int = 3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def _ids(step: int) -> torch.Tensor:
+    return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(step))
+
+
+POLICY = TrainPolicy(embeddings="apollo", norms="adamw")
+
+
+def test_bucket_keys():
+    assert bucket_key("model.layers.12.self_attn.q_proj.weight", 0) == "model.layers.12"
+    assert bucket_key("transformer.h.3.attn.c_attn.weight", 0) == "transformer.h.3"
+    assert bucket_key("model.norm.weight", 0) == "model.norm.weight"
+    assert bucket_key("a.weight", 0) == "a.weight"
+    assert bucket_key(None, 7) == "#7"
+
+
+def test_layer_buckets_hook_mode_equals_step_mode_bitwise():
+    m1 = _llama()
+    m2 = copy.deepcopy(m1)
+    o1 = make_optimizer(m1, POLICY, lr=1e-3, weight_decay=0.01, update_proj_gap=2)
+    o2 = make_optimizer(m2, POLICY, lr=1e-3, weight_decay=0.01, update_proj_gap=2)
+    o2.attach_to_backward()
+    assert len(set(o2._bucket_size)) == 3 + 2  # three layers, the final norm, the embedding
+    for t in range(4):
+        ids = _ids(t)
+        m1(ids, labels=ids).loss.backward()
+        o1.step()
+        o1.zero_grad()
+        assert o2.backward_step(m2(ids, labels=ids).loss).applied
+    for (name, p), q in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(p, q), name
+    assert all(p.grad is None for p in m2.parameters())
+
+
+def test_at_most_one_layer_of_gradients_is_held():
+    model = _llama()
+    opt = make_optimizer(model, POLICY, lr=1e-3)
+    opt.attach_to_backward()
+    held = []
+    for p in model.parameters():  # runs after our hook
+        p.register_post_accumulate_grad_hook(
+            lambda q: held.append({opt._bucket_of[x] for _, x, _ in opt._pending}))
+    ids = _ids(0)
+    assert opt.backward_step(model(ids, labels=ids).loss).applied
+    assert held and all(len(keys) <= 1 for keys in held)
+    assert any(len(keys) == 1 for keys in held) and not opt._pending
+
+
+def test_non_finite_gradient_blocks_its_whole_layer_and_later_ones():
+    model = _llama()
+    opt = make_optimizer(model, POLICY, lr=1e-3)
+    opt.attach_to_backward()
+    ids = _ids(0)
+    assert opt.backward_step(model(ids, labels=ids).loss).applied
+    before = copy.deepcopy(model.state_dict())
+    steps = {n: opt.state[p]["step"] for n, p in model.named_parameters()}
+    # q_proj's gradient is among the last of layer 1 to arrive: down_proj's came before it.
+    h = model.model.layers[1].self_attn.q_proj.weight.register_hook(lambda g: g * float("nan"))
+    report = opt.backward_step(model(ids, labels=ids).loss)
+    h.remove()
+    assert report.skipped and report.partial and 0 < report.params_updated < report.params_total
+    after = model.state_dict()
+    for name in before:
+        if name.startswith(("model.layers.1.", "model.layers.0.", "model.embed_tokens", "lm_head")):
+            assert torch.equal(after[name], before[name]), name  # this layer and all later buckets
+        elif name.startswith(("model.layers.2.", "model.norm")):
+            assert not torch.equal(after[name], before[name]), name  # flushed before the NaN
+    for n, p in model.named_parameters():
+        if n.startswith(("model.layers.1.", "model.layers.0.")):
+            assert opt.state[p]["step"] == steps[n], n
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.backward_step(model(ids, labels=ids).loss).applied  # training goes on
+
+
+def test_unnamed_parameters_are_buckets_of_their_own():
+    w = torch.nn.Parameter(torch.randn(4))
+    opt = Apollo([w], algorithm="adamw", lr=1e-2)
+    opt.attach_to_backward()
+    assert opt.backward_step((w * w).sum()).applied and opt._bucket_size == {"#0": 1}
