@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import functools
 import re
-from pathlib import Path
 from typing import Any
 
 import jsonschema

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from optim_models import TinyNet, loss_fn, make_net
+from optim_models import loss_fn, make_net
 
 from onlinemodel_runtime.optim import Apollo, TrainPolicy, apply_policy, make_optimizer
 from onlinemodel_runtime.optim.functional import param_seed, projection_matrix, projection_seed
