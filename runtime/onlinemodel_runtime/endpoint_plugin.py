@@ -82,6 +82,13 @@ def _runtime(request: Request, *, needs_token: bool) -> tuple[_Runtime | None, J
     return rt, None
 
 
+def disabled_status() -> dict[str, Any]:
+    """GET /train/status of a server started with --no-training (no trainer, weights never change)."""
+    return {"state": "disabled", "steps": 0, "tokens_trained": 0, "last_loss": None, "weight_version": 0,
+            "last_step_time": None, "last_step_seconds": None, "skipped_steps": 0, "queued_jobs": 0,
+            "jobs": [], "last_error": None, "checkpoint": None, "optimizer": None, "trainer_restarts": 0}
+
+
 router = APIRouter()
 
 
@@ -113,6 +120,8 @@ async def train_status(request: Request):
     rt, refused = _runtime(request, needs_token=False)
     if refused:
         return refused
+    if rt.supervisor is None:
+        return disabled_status()
     return await rt.supervisor.status()
 
 
@@ -121,6 +130,8 @@ async def checkpoint(request: Request):
     rt, refused = _runtime(request, needs_token=True)
     if refused:
         return refused
+    if rt.supervisor is None:
+        return _error(409, "training is disabled for this model: there is nothing to checkpoint", type_="conflict")
     try:
         return await rt.supervisor.checkpoint()
     except TrainerUnavailable as exc:
@@ -158,8 +169,10 @@ class OnlineModelEndpoints:
             cfg = cfg.model_copy(update={"model": local})
         max_len = engine_client.model_config.max_model_len
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        supervisor = TrainerSupervisor(cfg, engine_client)
-        await supervisor.start()
+        supervisor = None
+        if cfg.training_enabled:  # serve-only: no export, no trainer process, no GPU memory for it
+            supervisor = TrainerSupervisor(cfg, engine_client)
+            await supervisor.start()
         setattr(state, STATE_KEY, _Runtime(cfg, tokenizer, max_len, supervisor, os.environ.get(ENV_API_TOKEN)))
 
 

@@ -101,7 +101,7 @@ class ServerProcess:
                 status_code, body = self.request("GET", "/train/status", timeout=5) if code == 200 else (0, None)
                 if status_code == 200:
                     last = body
-                    if last["state"] in ("idle", "training"):
+                    if last["state"] in ("idle", "training", "disabled"):
                         return last
                     if last["state"] == "error":
                         raise RuntimeError(f"trainer failed: {last.get('last_error')}")
