@@ -141,8 +141,11 @@ class TrainerSupervisor:
         elif status.get("state") == "idle" and not status.get("queued_jobs"):
             # Training is over and a request still holds stale blocks: preempt it (vLLM recomputes it
             # with the new weights), so a finished job is always followed by fresh answers.
-            await self.engine.reset_prefix_cache(reset_running_requests=True)
-            self._cache_version = version
+            try:
+                await self.engine.reset_prefix_cache(reset_running_requests=True)
+                self._cache_version = version
+            except RuntimeError as exc:  # e.g. requests waiting on remote KV: retry next poll
+                log.warning("onlinemodel: could not reset vLLM's prefix cache: %s", exc)
 
     # -- requests from the HTTP routes -----------------------------------------------------------
     def _check_ready(self) -> None:
