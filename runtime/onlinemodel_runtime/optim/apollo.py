@@ -13,7 +13,6 @@ See docs/optimizer.md for the guarantees of each mode.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -32,10 +31,9 @@ from .functional import (
     projection_matrix,
     projection_seed,
 )
+from .hook_mode import HookMode, Item
 from .hyperparams import DEFAULT_LR, MINI_ALPHA, StepReport, check_group
 from .rounding import apply_update_
-
-Item = tuple[dict[str, Any], torch.Tensor, torch.Tensor]  # (group, param, gradient)
 _LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
 
 
@@ -48,7 +46,7 @@ def bucket_key(name: str | None, index: int) -> str:
     return match.group(1) if match else name
 
 
-class Apollo(torch.optim.Optimizer):
+class Apollo(HookMode, torch.optim.Optimizer):
     """APOLLO for 2-D weights (rank 1 + tensor scale = APOLLO-Mini), dense AdamW for the rest.
 
     params: `model.named_parameters()` (or a filtered list of (name, param), or groups with
@@ -107,7 +105,10 @@ class Apollo(torch.optim.Optimizer):
         self._use_graphs = True  # CUDA-graph replay of multi-parameter buckets (compiled path)
         self._use_side_stream = True  # hook mode on CUDA: bucket updates overlap backward
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._proj_cache: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
+        self._proj_cache: dict[torch.Tensor, tuple[tuple[int, int], torch.Tensor]] = {}
+        self._seeds: dict[tuple[str, int], int] = {}  # param_seed(name, base seed), hashed once
+        self._consts: dict[tuple, torch.Tensor] = {}  # this step's constants, uploaded once each
+        self._producer: torch.cuda.Stream | None = None  # the stream gradients come from (hook mode)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and names
@@ -155,15 +156,21 @@ class Apollo(torch.optim.Optimizer):
         """The projection in force at `step`, regenerated from its seed when the period changes.
         Kept between steps in a small cache (r * min(m, n) floats, never in state_dict) so a step
         costs no RNG launches."""
-        seed = projection_seed(param_seed(self._names[p], group["seed"]), step, group["update_proj_gap"])
+        # Keyed by (base seed, period): the two sha256 hashes run once per projection period.
+        tag = (group["seed"], (step - 1) // group["update_proj_gap"])
         hit = self._proj_cache.get(p)
-        if hit is not None and hit[0] == seed and hit[1].device == p.device and hit[1].shape[0] == rank:
+        if hit is not None and hit[0] == tag and hit[1].device == p.device and hit[1].shape[0] == rank:
             return hit[1]
+        name_key = (self._names[p], group["seed"])
+        base = self._seeds.get(name_key)
+        if base is None:
+            base = self._seeds[name_key] = param_seed(*name_key)
+        seed = projection_seed(base, step, group["update_proj_gap"])
         proj = projection_matrix(tuple(p.shape), rank, seed, device=p.device,
                                  generator=self._proj_gen(p.device))
         if hit is not None and hit[1].device == p.device and hit[1].shape == proj.shape:
             proj = hit[1].copy_(proj)  # same address: a captured CUDA graph reads the new values
-        self._proj_cache[p] = (seed, proj)
+        self._proj_cache[p] = (tag, proj)
         return proj
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
@@ -208,6 +215,7 @@ class Apollo(torch.optim.Optimizer):
 
     def _update_bucket_eager(self, prepared: list[tuple], gate: torch.Tensor) -> torch.Tensor:
         """Torch ops, two phases: every item's new values first, then one commit flag for all."""
+        self._mark_grads_used_here([it[2] for it in prepared])
         results = []
         for group, p, grad, st, step, proj in prepared:
             beta1, beta2 = group["betas"]
@@ -254,15 +262,13 @@ class Apollo(torch.optim.Optimizer):
             if apollo:
                 projs.append(proj)
                 lims.append(st["limiter_norm"])
-        consts = torch.tensor(rows, dtype=torch.float32)
+        consts = self._step_consts(rows, gate.device)
         spec = tuple(spec)
-        if gate.is_cuda:  # pinned + non_blocking: a pageable copy would sync with the device
-            consts = consts.pin_memory()
-            if self._use_graphs and len(prepared) > 1 and not self._graphs.failed:
-                ok = self._update_bucket_graph(prepared, spec, ws, grads, projs, ms, vs, lims, consts, gate)
-                if ok is not None:
-                    return ok
-            consts = consts.to(gate.device, non_blocking=True)
+        if gate.is_cuda and self._use_graphs and len(prepared) > 1 and not self._graphs.failed:
+            ok = self._update_bucket_graph(prepared, spec, ws, grads, projs, ms, vs, lims, consts, gate)
+            if ok is not None:
+                return ok
+        self._mark_grads_used_here(grads)
         try:
             return COMPILED.get()(spec, ws, grads, projs, ms, vs, lims, consts, gate)
         except Exception as exc:  # noqa: BLE001 - no working compiler: use the eager path
@@ -271,6 +277,19 @@ class Apollo(torch.optim.Optimizer):
             warnings.warn(f"Apollo: compiled update unavailable ({exc!r}); using eager torch ops")
             COMPILED.ok = False
             return None
+
+    def _step_consts(self, rows: list[list[float]], device: torch.device) -> torch.Tensor:
+        """`consts` on `device`. Every decoder layer of a step has the same rows (same step and
+        hyperparameters), so one pinned, non-blocking upload serves them all; the cache is
+        emptied at the start of each step (it is used on one stream per device within a step)."""
+        key = (device, tuple(map(tuple, rows)))
+        consts = self._consts.get(key)
+        if consts is None:
+            consts = torch.tensor(rows, dtype=torch.float32)
+            if device.type == "cuda":  # pinned + non_blocking: a pageable copy would sync
+                consts = consts.pin_memory().to(device, non_blocking=True)
+            self._consts[key] = consts
+        return consts
 
     def _update_bucket_graph(self, prepared, spec, ws, grads, projs, ms, vs, lims, consts,
                              gate) -> torch.Tensor | None:
@@ -283,13 +302,13 @@ class Apollo(torch.optim.Optimizer):
         if graph is True:
             try:
                 graph = self._graphs.capture(name, key, COMPILED.get(), spec, ws, grads, projs, ms,
-                                             vs, lims, consts.to(gate.device))
+                                             vs, lims, consts)
             except Exception as exc:  # noqa: BLE001 - capture unsupported here: no graphs
                 warnings.warn(f"Apollo: CUDA graph capture failed ({exc!r}); replaying none")
                 self._graphs.failed = True
                 self._graphs.clear()
                 return None
-        return graph.run(grads, consts, gate)
+        return graph.run(grads, consts, gate, producer=self._producer)
 
     def _settle(self, flags: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
         """One host sync per step: read every parameter's applied flag, roll back step counters of
@@ -332,6 +351,7 @@ class Apollo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._consts.clear()
         work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not work:
             self._record(0, 0, None)
@@ -353,115 +373,6 @@ class Apollo(torch.optim.Optimizer):
         applied, total = self._settle(flags)
         self._record(applied, total, None)
         return loss
-
-    # ------------------------------------------------------------------ hook mode
-    def attach_to_backward(self) -> None:
-        """Register post-accumulate-grad hooks on every managed parameter (idempotent)."""
-        if self._hooks:
-            return
-        self._bucket_size = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group)))
-                    key = self._bucket_of[p]
-                    self._bucket_size[key] = self._bucket_size.get(key, 0) + 1
-
-    def detach_from_backward(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        self._armed = False
-
-    def _make_hook(self, group: dict[str, Any]) -> Callable[[torch.Tensor], None]:
-        def hook(p: torch.Tensor) -> None:
-            if not self._armed:
-                return  # not inside begin/finish: gradients accumulate as usual
-            grad = p.grad
-            p.grad = None  # held only until its bucket (decoder layer) is complete
-            key = self._bucket_of[p]
-            if self._pending and key != self._pending_key:
-                self._flush_pending()  # at most one bucket's gradients exist at a time
-            self._pending_key = key
-            self._pending.append((group, p, grad))
-            if len(self._pending) >= self._bucket_size.get(key, 1):
-                self._flush_pending()
-        return hook
-
-    def _flush_pending(self) -> None:
-        items, self._pending, self._pending_key = self._pending, [], None
-        items.sort(key=lambda it: self._order[it[1]])  # the order step() uses
-        by_device: dict[torch.device, list[Item]] = {}
-        for it in items:
-            by_device.setdefault(it[1].device, []).append(it)
-        for device, part in by_device.items():
-            side = self._side_stream(device, part)
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                if self._gate is None:
-                    gate = torch.ones((), dtype=torch.bool, device=device)
-                else:
-                    gate = self._gate.to(device)
-                ok = self._update_bucket(part, gate)
-            # Once one gradient is non-finite, every later bucket in this step is gated off too.
-            self._gate = ok
-            self._flags.extend((p, ok) for _, p, _ in part)
-
-    def _side_stream(self, device: torch.device, items: list[Item]) -> torch.cuda.Stream | None:
-        """CUDA: the stream bucket updates run on, so they overlap the rest of backward. It starts
-        after everything backward has queued so far (this bucket's gradients, and every kernel
-        that reads these weights); gradients are marked as used there so their memory is not
-        reused early; finish_step() makes the main stream wait for it."""
-        if device.type != "cuda" or not self._use_side_stream:
-            return None
-        side = self._side_streams.get(device)
-        if side is None:
-            side = self._side_streams[device] = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        for _, _, grad in items:
-            grad.record_stream(side)
-        return side
-
-    def _join_side_streams(self) -> None:
-        for device, side in self._side_streams.items():
-            torch.cuda.current_stream(device).wait_stream(side)
-
-    def begin_step(self) -> None:
-        """Arm the hooks for one backward pass; stale gradients are dropped."""
-        if not self._hooks:
-            raise RuntimeError("begin_step() needs attach_to_backward() first")
-        if self._armed:
-            raise RuntimeError("begin_step() called twice without finish_step()")
-        self.zero_grad(set_to_none=True)
-        self._armed = True
-        self._gate = None
-        self._flags = []
-        self._pending, self._pending_key = [], None
-
-    def finish_step(self, reason: str | None = None) -> StepReport:
-        """Disarm the hooks and report (one device sync). `reason` marks the step skipped."""
-        if not self._armed:
-            raise RuntimeError("finish_step() without begin_step()")
-        if reason is None and self._pending:
-            self._flush_pending()  # a bucket some of whose parameters got no gradient
-        self._pending, self._pending_key = [], None  # after a failed backward: not applied
-        self._join_side_streams()
-        self._armed = False
-        flags, self._flags, self._gate = self._flags, [], None
-        applied, total = self._settle(flags)
-        return self._record(applied, total, reason)
-
-    def backward_step(self, loss: torch.Tensor) -> StepReport:
-        """begin_step + loss.backward() + finish_step, skipping the backward if the loss is not
-        finite (then nothing is touched)."""
-        self.begin_step()
-        if not bool(torch.isfinite(loss.detach()).all()):
-            return self.finish_step("non-finite loss")
-        try:
-            loss.backward()
-        except BaseException:
-            self.finish_step("backward failed")
-            raise
-        return self.finish_step()
 
     # ------------------------------------------------------------------ state
     def summary(self) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 Even as one compiled graph, a decoder layer's update is ~50 kernel launches plus dynamo's guard
 check from Python on autograd's thread; on the H200 hosts that made a Qwen3 step host-bound. A
 captured CUDA graph replays all of them with one launch. Per step and bucket the host then does
-four things: copy the gradients into static buffers (one multi-tensor copy), copy the per-step
-constants (pinned, non-blocking), copy the gate flag, replay.
+four things: copy the gradients into static buffers (one multi-tensor copy, on backward's stream),
+copy the per-step constants (uploaded once per step, shared by every bucket), copy the gate flag,
+replay.
 
 Static inputs: the weights, moments, limiter norms and projections are the optimizer's own tensors
 (fixed addresses; a change of any address builds a new graph, see `graph_key`), the gradients go
@@ -46,10 +47,21 @@ class BucketGraph:
         with torch.cuda.graph(self.graph, pool=pool, stream=side, capture_error_mode="thread_local"):
             self.ok = fn(*args)
 
-    def run(self, grads: list[torch.Tensor], consts: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def run(self, grads: list[torch.Tensor], consts: torch.Tensor, gate: torch.Tensor,
+            producer: torch.cuda.Stream | None = None) -> torch.Tensor:
         """Replay with these inputs; returns the bucket's applied flag (a static tensor, valid
-        until this bucket's next replay)."""
-        torch._foreach_copy_(self.grads, grads)
+        until this bucket's next replay). `producer`: the stream the gradients were made on,
+        when the replay runs on another one (hook mode's side stream): the gradients are copied
+        there, so backward may reuse their memory at once (no record_stream, whose delayed frees
+        make the allocator grow and stall), after earlier replays that read the shared buffers."""
+        if producer is not None:
+            here = torch.cuda.current_stream(self.consts.device)
+            producer.wait_stream(here)
+            with torch.cuda.stream(producer):
+                torch._foreach_copy_(self.grads, grads)
+            here.wait_stream(producer)
+        else:
+            torch._foreach_copy_(self.grads, grads)
         self.consts.copy_(consts, non_blocking=True)
         self.gate.copy_(gate)
         self.graph.replay()

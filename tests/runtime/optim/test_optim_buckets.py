@@ -96,3 +96,29 @@ def test_unnamed_parameters_are_buckets_of_their_own():
     opt = Apollo([w], algorithm="adamw", lr=1e-2)
     opt.attach_to_backward()
     assert opt.backward_step((w * w).sum()).applied and opt._bucket_size == {"#0": 1}
+
+
+def test_projection_seeds_hashed_once_per_period(monkeypatch):
+    """Per-step host work: a parameter's name is hashed once, its projection seed once per
+    projection period (update_proj_gap), not on every step."""
+    from onlinemodel_runtime.optim import apollo
+    from optim_models import loss_fn, make_net
+
+    calls = {"param_seed": 0, "projection_seed": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(apollo, "param_seed", counting("param_seed", apollo.param_seed))
+    monkeypatch.setattr(apollo, "projection_seed", counting("projection_seed", apollo.projection_seed))
+    net = make_net()
+    opt = Apollo(net.named_parameters(), lr=1e-2, update_proj_gap=3)
+    opt.attach_to_backward()
+    matrices = sum(1 for p in net.parameters() if p.dim() == 2)
+    for step in range(7):  # periods: steps 1-3, 4-6, 7
+        assert opt.backward_step(loss_fn(net, step)).applied
+    assert calls["param_seed"] == matrices + 1  # + the rounding generator's seed, once
+    assert calls["projection_seed"] == 3 * matrices
