@@ -26,16 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from onlinemodel_runtime.checkpoint import CheckpointStore, hf_weight_tensors, specs_of  # noqa: E402
+from qwen3_shapes import QWEN3_SHAPES  # noqa: E402
 
 # Qwen3 shapes (random weights) for GPU runs where no real model can be downloaded.
-RANDOM_SHAPES = {
-    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
-}
+RANDOM_SHAPES = {f"qwen3-{name.lower()}": shape for name, shape in QWEN3_SHAPES.items()}
 
 
 def _rss_bytes() -> int:

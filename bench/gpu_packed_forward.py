@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from qwen3_shapes import QWEN3_SHAPES
 
-SHAPES = {  # Qwen3 model cards' configs; "tiny" / "small" are for the CPU smoke test and the asserts
+SHAPES = {  # "tiny" / "small" are for the CPU smoke test and the asserts
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=64, vocab_size=1000, tie_word_embeddings=True),
     "small": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-    "0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-    "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    **QWEN3_SHAPES,
 }
 
 

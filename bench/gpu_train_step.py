@@ -25,18 +25,12 @@ import sys
 import time
 
 import torch
+from qwen3_shapes import QWEN3_SHAPES
 
-SHAPES = {  # Qwen3 model cards' configs
+SHAPES = {  # "tiny" is the CPU smoke test
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=64, vocab_size=1024, tie_word_embeddings=True),
-    "0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-    "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-    "4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-    "8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+    **QWEN3_SHAPES,
 }
 # Suffixes (diagnostics): _eager torch ops only; _nograph compiled buckets without CUDA-graph
 # replay; _serial bucket updates on the main stream instead of a side stream.
