@@ -7,21 +7,21 @@ Two ways to drive it:
   `loss.backward()`, `finish_step()`). Parameters are updated in buckets (one decoder layer each)
   as soon as the bucket's gradients are complete, and the gradients are dropped: at most one
   layer's gradients are held, no full-model gradient buffer exists. On CUDA a bucket's update is
-  one compiled graph replayed as a CUDA graph on a side stream that overlaps backward.
+  one compiled graph replayed as a CUDA graph on a side stream that overlaps backward
+  (compiled_buckets.py, graphs.py).
 See docs/optimizer.md for the guarantees of each mode.
 """
 
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from .compiled import COMPILED, const_row
-from .graphs import GraphCache, graph_key
+from .compiled_buckets import CompiledBuckets
+from .graphs import GraphCache
 from .functional import (
     adamw_direction,
     apollo_direction,
@@ -46,7 +46,7 @@ def bucket_key(name: str | None, index: int) -> str:
     return match.group(1) if match else name
 
 
-class Apollo(HookMode, torch.optim.Optimizer):
+class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
     """APOLLO for 2-D weights (rank 1 + tensor scale = APOLLO-Mini), dense AdamW for the rest.
 
     params: `model.named_parameters()` (or a filtered list of (name, param), or groups with
@@ -94,8 +94,12 @@ class Apollo(HookMode, torch.optim.Optimizer):
         self._sr_gens: dict[str, torch.Generator] = {}
         self._hooks: list[Any] = []
         self._armed = False
-        self._gate: torch.Tensor | None = None
-        self._flags: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # One bool per device, True until a bucket of the step is not applied; every later bucket
+        # of the step reads it (all on the device, no host round trip). _gate_last: the device
+        # whose flag holds the step's verdict so far.
+        self._gate_bufs: dict[torch.device, torch.Tensor] = {}
+        self._gate_last: torch.device | None = None
+        self._flags: list[tuple[list[torch.Tensor], torch.Tensor]] = []  # (bucket's params, applied)
         self._order: dict[torch.Tensor, int] = {}  # position among all managed parameters
         self._bucket_of: dict[torch.Tensor, str] = {}
         self._bucket_size: dict[str, int] = {}
@@ -105,9 +109,13 @@ class Apollo(HookMode, torch.optim.Optimizer):
         self._use_graphs = True  # CUDA-graph replay of multi-parameter buckets (compiled path)
         self._use_side_stream = True  # hook mode on CUDA: bucket updates overlap backward
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._side_synced: set[torch.device] = set()  # side streams that waited this step
         self._proj_cache: dict[torch.Tensor, tuple[tuple[int, int], torch.Tensor]] = {}
         self._seeds: dict[tuple[str, int], int] = {}  # param_seed(name, base seed), hashed once
-        self._consts: dict[tuple, torch.Tensor] = {}  # this step's constants, uploaded once each
+        self._const_bufs: dict[tuple, tuple[torch.Tensor, Any]] = {}  # (buffer, rows loaded)
+        self._rows_cache: dict[tuple, list[list[float]]] = {}  # this step's rows per bucket plan
+        self._step_serial = 0  # counts steps begun: hyperparameters may change between steps
+        self._stream_events: dict[torch.device, tuple] = {}  # hook mode's side stream handshake
         self._producer: torch.cuda.Stream | None = None  # the stream gradients come from (hook mode)
         super().__init__(params, defaults)
 
@@ -188,14 +196,12 @@ class Apollo(HookMode, torch.optim.Optimizer):
                 st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         return st
 
-    def _compiled_path(self, p: torch.Tensor) -> bool:
-        return COMPILED.ok and (self.fused is True or (self.fused is None and p.is_cuda))
-
     @torch.no_grad()
     def _update_bucket(self, items: list[Item], gate: torch.Tensor) -> torch.Tensor:
         """Update the parameters of one bucket (same device) from their gradients, all or none:
         committed only where `gate` and every item's gradient and update are finite. Never syncs
-        with the device. Returns the 0-dim bool 'applied' flag of the whole bucket."""
+        with the device. Returns the 0-dim bool 'applied' flag of the whole bucket and writes it
+        into `gate` (the device's step gate, see _gate_for)."""
         prepared = []
         for group, p, grad in items:
             st = self._init_state(group, p)
@@ -215,6 +221,7 @@ class Apollo(HookMode, torch.optim.Optimizer):
 
     def _update_bucket_eager(self, prepared: list[tuple], gate: torch.Tensor) -> torch.Tensor:
         """Torch ops, two phases: every item's new values first, then one commit flag for all."""
+        self._await_producer()
         self._mark_grads_used_here([it[2] for it in prepared])
         results = []
         for group, p, grad, st, step, proj in prepared:
@@ -242,77 +249,31 @@ class Apollo(HookMode, torch.optim.Optimizer):
             apply_update_(p.data, direction, coeff, decay=1.0 - group["lr"] * group["weight_decay"],
                           ok=ok, stochastic=group["stochastic_rounding"],
                           generator=self._sr_gen(p.device, group["seed"]))
+        gate.copy_(ok)
         return ok
 
-    def _update_bucket_compiled(self, prepared: list[tuple], gate: torch.Tensor) -> torch.Tensor | None:
-        """One compiled graph for the whole bucket (compiled.py); None if compilation is
-        unavailable here."""
-        spec, ws, grads, projs, ms, vs, lims, rows = [], [], [], [], [], [], [], []
-        for group, p, grad, st, step, proj in prepared:
-            beta1, beta2 = group["betas"]
-            apollo = proj is not None
-            spec.append((apollo, apollo and p.shape[0] <= p.shape[1], group["scale"] == "channel",
-                         group["stochastic_rounding"]))
-            rows.append(const_row(group["lr"], step, beta1, beta2, group["eps"], group["weight_decay"],
-                                  group["alpha"], group["norm_growth_limit"]))
-            ws.append(p.data)
-            grads.append(grad)
-            ms.append(st["exp_avg"])
-            vs.append(st["exp_avg_sq"])
-            if apollo:
-                projs.append(proj)
-                lims.append(st["limiter_norm"])
-        consts = self._step_consts(rows, gate.device)
-        spec = tuple(spec)
-        if gate.is_cuda and self._use_graphs and len(prepared) > 1 and not self._graphs.failed:
-            ok = self._update_bucket_graph(prepared, spec, ws, grads, projs, ms, vs, lims, consts, gate)
-            if ok is not None:
-                return ok
-        self._mark_grads_used_here(grads)
-        try:
-            return COMPILED.get()(spec, ws, grads, projs, ms, vs, lims, consts, gate)
-        except Exception as exc:  # noqa: BLE001 - no working compiler: use the eager path
-            if self.fused is True:
-                raise
-            warnings.warn(f"Apollo: compiled update unavailable ({exc!r}); using eager torch ops")
-            COMPILED.ok = False
-            return None
+    def _gate_for(self, device: torch.device) -> torch.Tensor:
+        """The step gate of `device`: a persistent 0-dim bool (so captured graphs read and write it
+        in place). Set True at the start of each step (_reset_gates); when the step moves to
+        another device, the verdict so far is carried over."""
+        buf = self._gate_bufs.get(device)
+        if buf is None:
+            buf = self._gate_bufs[device] = torch.ones((), dtype=torch.bool, device=device)
+        if self._gate_last is not None and self._gate_last != device:
+            buf.copy_(self._gate_bufs[self._gate_last])
+        self._gate_last = device
+        return buf
 
-    def _step_consts(self, rows: list[list[float]], device: torch.device) -> torch.Tensor:
-        """`consts` on `device`. Every decoder layer of a step has the same rows (same step and
-        hyperparameters), so one pinned, non-blocking upload serves them all; the cache is
-        emptied at the start of each step (it is used on one stream per device within a step)."""
-        key = (device, tuple(map(tuple, rows)))
-        consts = self._consts.get(key)
-        if consts is None:
-            consts = torch.tensor(rows, dtype=torch.float32)
-            if device.type == "cuda":  # pinned + non_blocking: a pageable copy would sync
-                consts = consts.pin_memory().to(device, non_blocking=True)
-            self._consts[key] = consts
-        return consts
+    def _reset_gates(self) -> None:
+        """Start of a step, on the current stream (bucket updates are ordered after it)."""
+        for buf in self._gate_bufs.values():
+            buf.fill_(True)
+        self._gate_last = None
 
-    def _update_bucket_graph(self, prepared, spec, ws, grads, projs, ms, vs, lims, consts,
-                             gate) -> torch.Tensor | None:
-        """Replay (or capture, on a bucket's second flush) its CUDA graph; None: run uncaptured."""
-        name = self._bucket_of[prepared[0][1]]
-        key = graph_key(spec, [ws, projs, ms, vs, lims])
-        graph = self._graphs.lookup(name, key)
-        if graph is None:
-            return None
-        if graph is True:
-            try:
-                graph = self._graphs.capture(name, key, COMPILED.get(), spec, ws, grads, projs, ms,
-                                             vs, lims, consts)
-            except Exception as exc:  # noqa: BLE001 - capture unsupported here: no graphs
-                warnings.warn(f"Apollo: CUDA graph capture failed ({exc!r}); replaying none")
-                self._graphs.failed = True
-                self._graphs.clear()
-                return None
-        return graph.run(grads, consts, gate, producer=self._producer)
-
-    def _settle(self, flags: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
-        """One host sync per step: read every parameter's applied flag, roll back step counters of
-        parameters whose update was gated off (their moments and weights were left as they were)."""
+    def _settle(self, flags: list[tuple[list[torch.Tensor], torch.Tensor]]) -> tuple[int, int]:
+        """One host sync per step: read every bucket's applied flag, roll back step counters of
+        parameters whose update was gated off (their moments and weights were left as they were).
+        Returns (parameters updated, parameters with a gradient)."""
         if not flags:
             return 0, 0
         by_device: dict[torch.device, list[int]] = {}
@@ -322,10 +283,15 @@ class Apollo(HookMode, torch.optim.Optimizer):
         for idx in by_device.values():  # one transfer per device
             for i, v in zip(idx, torch.stack([flags[i][1] for i in idx]).tolist()):
                 values[i] = v
-        for (p, _), applied in zip(flags, values):
-            if not applied:
-                self.state[p]["step"] -= 1
-        return sum(values), len(values)
+        applied = total = 0
+        for (params, _), ok in zip(flags, values):
+            total += len(params)
+            if ok:
+                applied += len(params)
+            else:
+                for p in params:
+                    self.state[p]["step"] -= 1
+        return applied, total
 
     def _record(self, applied: int, total: int, reason: str | None) -> StepReport:
         skipped = reason is not None or applied < total
@@ -351,7 +317,6 @@ class Apollo(HookMode, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._consts.clear()
         work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not work:
             self._record(0, 0, None)
@@ -367,9 +332,12 @@ class Apollo(HookMode, torch.optim.Optimizer):
         for group, p in work:
             buckets.setdefault((self._bucket_of[p], p.device), []).append((group, p, p.grad))
         flags = []
+        self._step_serial += 1
+        self._rows_cache.clear()
+        self._reset_gates()
         for (_, device), items in buckets.items():
-            ok = self._update_bucket(items, torch.ones((), dtype=torch.bool, device=device))
-            flags.extend((p, ok) for _, p, _ in items)
+            ok = self._update_bucket(items, self._gate_for(device))
+            flags.append(([p for _, p, _ in items], ok))
         applied, total = self._settle(flags)
         self._record(applied, total, None)
         return loss

@@ -2,8 +2,9 @@
 
 `attach_to_backward()` once, then per step `backward_step(loss)` (or `begin_step()`,
 `loss.backward()`, `finish_step()`). Post-accumulate-grad hooks hold gradients until their bucket
-(one decoder layer) is complete, update it (Apollo._update_bucket) and drop the gradients: at
-most one layer's gradients exist. On CUDA the updates run on a side stream that overlaps backward.
+(one decoder layer) is complete, update it and drop the gradients: at most one layer's gradients
+exist. On CUDA a captured bucket is replayed from its plan (compiled_buckets._flush_planned), others
+go through Apollo._update_bucket; the updates run on a side stream that overlaps backward.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class HookMode:
     def _flush_pending(self) -> None:
         items, self._pending, self._pending_key = self._pending, [], None
         items.sort(key=lambda it: self._order[it[1]])  # the order step() uses
+        if self._flush_planned(items):
+            return  # replayed its captured graph (compiled_buckets.py)
         by_device: dict[torch.device, list[Item]] = {}
         for it in items:
             by_device.setdefault(it[1].device, []).append(it)
@@ -65,30 +68,37 @@ class HookMode:
             self._producer = torch.cuda.current_stream(device) if side is not None else None
             try:
                 with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                    if self._gate is None:
-                        gate = torch.ones((), dtype=torch.bool, device=device)
-                    else:
-                        gate = self._gate.to(device)
-                    ok = self._update_bucket(part, gate)
+                    # Once one gradient is non-finite, every later bucket in this step is gated
+                    # off too: each update reads and writes the device's step gate.
+                    ok = self._update_bucket(part, self._gate_for(device))
+                    if side is not None:  # a planned replay's host writes wait for this
+                        self._events(device)[0].record(side)
             finally:
                 self._producer = None
-            # Once one gradient is non-finite, every later bucket in this step is gated off too.
-            self._gate = ok
-            self._flags.extend((p, ok) for _, p, _ in part)
+            self._flags.append(([p for _, p, _ in part], ok))
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
-        """CUDA: the stream bucket updates run on, so they overlap the rest of backward. It starts
-        after everything backward has queued so far (this bucket's gradients, and every kernel
-        that reads these weights); finish_step() makes the main stream wait for it. A replayed
-        graph copies the gradients into its buffers on backward's own stream (graphs.py), so they
-        need no cross-stream marking; other paths mark them (_mark_grads_used_here)."""
+        """CUDA: the stream bucket updates run on, so they overlap the rest of backward. Its first
+        use in a step waits for the main stream (the step's gate reset, earlier step() calls);
+        each update then waits for everything backward has queued so far (this bucket's
+        gradients, every kernel that reads these weights) right before it starts: a replayed graph
+        in BucketGraph.run, after copying the gradients into its buffers on backward's own stream
+        (so they need no cross-stream marking), other paths in _await_producer (and they mark the
+        gradients, _mark_grads_used_here). finish_step() makes the main stream wait for it."""
         if device.type != "cuda" or not self._use_side_stream:
             return None
         side = self._side_streams.get(device)
         if side is None:
             side = self._side_streams[device] = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
+        if device not in self._side_synced:
+            side.wait_stream(torch.cuda.current_stream(device))
+            self._side_synced.add(device)
         return side
+
+    def _await_producer(self) -> None:
+        """Uncaptured paths on the side stream: start after backward's kernels queued so far."""
+        if self._producer is not None:
+            torch.cuda.current_stream(self._producer.device).wait_stream(self._producer)
 
     def _join_side_streams(self) -> None:
         for device, side in self._side_streams.items():
@@ -102,10 +112,12 @@ class HookMode:
             raise RuntimeError("begin_step() called twice without finish_step()")
         self.zero_grad(set_to_none=True)
         self._armed = True
-        self._gate = None
+        self._reset_gates()
+        self._side_synced.clear()
+        self._step_serial += 1
+        self._rows_cache.clear()
         self._flags = []
         self._pending, self._pending_key = [], None
-        self._consts.clear()
 
     def finish_step(self, reason: str | None = None) -> StepReport:
         """Disarm the hooks and report (one device sync). `reason` marks the step skipped."""
@@ -116,7 +128,7 @@ class HookMode:
         self._pending, self._pending_key = [], None  # after a failed backward: not applied
         self._join_side_streams()
         self._armed = False
-        flags, self._flags, self._gate = self._flags, [], None
+        flags, self._flags = self._flags, []
         applied, total = self._settle(flags)
         return self._record(applied, total, reason)
 
