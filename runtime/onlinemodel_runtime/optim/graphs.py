@@ -70,16 +70,17 @@ class BucketGraph:
             self.graph.replay()
             return self.ok
         main, side, (side_done, main_done), restore = streams
-        torch.cuda.set_stream(main)
-        if not waited:
-            main.wait_event(side_done)
-        torch._foreach_copy_(self.grads, grads)
-        main_done.record(main)
-        side.wait_event(main_done)
-        torch.cuda.set_stream(side)
-        self.graph.replay()
-        side_done.record(side)
-        if restore is not side:
+        try:
+            torch.cuda.set_stream(main)
+            if not waited:
+                main.wait_event(side_done)
+            torch._foreach_copy_(self.grads, grads)
+            main_done.record(main)
+            side.wait_event(main_done)
+            torch.cuda.set_stream(side)
+            self.graph.replay()
+            side_done.record(side)
+        finally:
             torch.cuda.set_stream(restore)
         return self.ok
 
