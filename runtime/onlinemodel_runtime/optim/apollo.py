@@ -15,6 +15,7 @@ See docs/optimizer.md for the guarantees of each mode.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -92,7 +93,10 @@ class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
         self._names: dict[torch.Tensor, str] = {}
         self._proj_gens: dict[torch.device, torch.Generator] = {}
         self._sr_gens: dict[str, torch.Generator] = {}
-        self._hooks: list[Any] = []
+        self._hooked: dict[torch.Tensor, Any] = {}  # parameter -> its hook handle (hook mode)
+        self._attached = False
+        self._hook_lock = threading.Lock()
+        self._group_of: dict[torch.Tensor, dict[str, Any]] = {}
         self._armed = False
         # One bool per device, True until a bucket of the step is not applied; every later bucket
         # of the step reads it (all on the device, no host round trip). _gate_last: the device
@@ -138,8 +142,11 @@ class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
                     )
             if names is not None:
                 self._names[p] = names[i]
+            self._group_of[p] = group
             self._order[p] = len(self._order)
             self._bucket_of[p] = bucket_key(names[i] if names is not None else None, self._order[p])
+        if self._attached:
+            self._hook_params(group["params"])
 
     @staticmethod
     def _uses_apollo(group: dict[str, Any], p: torch.Tensor) -> bool:
@@ -259,8 +266,14 @@ class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
         buf = self._gate_bufs.get(device)
         if buf is None:
             buf = self._gate_bufs[device] = torch.ones((), dtype=torch.bool, device=device)
-        if self._gate_last is not None and self._gate_last != device:
-            buf.copy_(self._gate_bufs[self._gate_last])
+        last = self._gate_last
+        if last is not None and last != device:
+            # A cross-device copy runs on the source's current stream: order it after the
+            # source's side-stream updates, which wrote the flag.
+            side = self._side_streams.get(last)
+            if side is not None:
+                torch.cuda.current_stream(last).wait_stream(side)
+            buf.copy_(self._gate_bufs[last])
         self._gate_last = device
         return buf
 
@@ -391,6 +404,9 @@ class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
             state[p] = {k: (v.to(device=p.device) if isinstance(v, torch.Tensor) else v)
                         for k, v in st.items()}
         self.param_groups = new_groups
+        for group in new_groups:
+            for p in group["params"]:
+                self._group_of[p] = group
         self._graphs.clear()  # they read the state tensors being replaced
         self.state.clear()
         self.state.update(state)

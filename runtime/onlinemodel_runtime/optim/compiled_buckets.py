@@ -122,7 +122,8 @@ class CompiledBuckets:
         nothing changed, sends the bucket down the general path."""
         graph = self._graphs.planned(self._bucket_of[items[0][1]])
         plan = graph.plan if graph is not None else None
-        if plan is None or not self._use_graphs or not plan.matches(items, self.state):
+        if (plan is None or not self._use_graphs or not self._compiled_path(plan.params[0])
+                or not plan.matches(items, self.state)):
             return False
         device = plan.device
         if self._gate_last is not None and self._gate_last != device:
@@ -143,10 +144,14 @@ class CompiledBuckets:
         if step >= plan.next_refresh and not self._refresh_projections(plan, items, step):
             return False
         self._load_plan_consts(plan, step)
+        try:
+            ok = graph.run([it[2] for it in items], streams, waited=True)
+        except BaseException:
+            self._graphs.drop(self._bucket_of[plan.params[0]])
+            raise
         for st in plan.states:
             st["step"] = step
         plan.step = step
-        ok = graph.run([it[2] for it in items], streams, waited=True)
         self._flags.append((plan.params, ok))
         return True
 
@@ -189,7 +194,7 @@ class Plan:
         plan = cls()
         plan.params = [it[1] for it in prepared]
         plan.states = [it[3] for it in prepared]
-        plan.ptrs = [w.data_ptr() for w in ws]
+        plan.ptrs = [_where(w) for w in ws]
         plan.tensors = ms + vs + lims
         plan.groups = [it[0] for it in prepared]
         plan.group_ids = tuple(id(g) for g in plan.groups)
@@ -216,7 +221,7 @@ class Plan:
                 return False
         if [_structure(g) for g in self.distinct] != self.structure:
             return False
-        if [p.data_ptr() for p in self.params] != self.ptrs:
+        if [_where(p) for p in self.params] != self.ptrs:
             return False
         current = []
         for st in self.states:
@@ -227,6 +232,11 @@ class Plan:
             if "limiter_norm" in st:
                 current.append(st["limiter_norm"])
         return len(current) == len(self.tensors) and all(map(operator.is_, current, self.tensors))
+
+
+def _where(t: torch.Tensor) -> tuple:
+    """Address and layout: what a captured graph baked in about a weight."""
+    return t.data_ptr(), t.shape, t.stride(), t.dtype
 
 
 def _structure(group: dict[str, Any]) -> tuple:

@@ -36,13 +36,13 @@ class BucketGraph:
 
     def __init__(self, fn: Any, spec: tuple, ws: list[torch.Tensor], grad_bufs: list[torch.Tensor],
                  projs: list[torch.Tensor], ms: list[torch.Tensor], vs: list[torch.Tensor],
-                 lims: list[torch.Tensor], consts: torch.Tensor, gate: torch.Tensor, pool: Any) -> None:
+                 lims: list[torch.Tensor], consts: torch.Tensor, gate: torch.Tensor, pool: Any,
+                 side: torch.cuda.Stream) -> None:
         self.grads = grad_bufs
         self.gate = gate
         self.consts = consts
         self.plan: dict[str, Any] | None = None  # set by the optimizer after capture
         device = consts.device
-        side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             # Warm-up on the capture stream with a private False gate: nothing changes.
@@ -94,6 +94,8 @@ class GraphCache:
         self.seen: dict[str, tuple] = {}
         self.grad_bufs: dict[tuple, list[torch.Tensor]] = {}
         self.pools: dict[torch.device, Any] = {}
+        # One capture stream per device: the shared pool reuses blocks only within a stream.
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.failed = False
 
     def clear(self) -> None:
@@ -130,6 +132,9 @@ class GraphCache:
         pool = self.pools.get(device)
         if pool is None:
             pool = self.pools[device] = torch.cuda.graph_pool_handle()
-        graph = BucketGraph(fn, spec, ws, bufs, projs, ms, vs, lims, consts, gate, pool)
+        side = self.streams.get(device)
+        if side is None:
+            side = self.streams[device] = torch.cuda.Stream(device=device)
+        graph = BucketGraph(fn, spec, ws, bufs, projs, ms, vs, lims, consts, gate, pool, side)
         self.graphs[name] = (key, graph)
         return graph

@@ -10,6 +10,7 @@ go through Apollo._update_bucket; the updates run on a side stream that overlaps
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -23,36 +24,48 @@ Item = tuple[dict[str, Any], torch.Tensor, torch.Tensor]  # (group, param, gradi
 class HookMode:
     """The hook-mode half of Apollo; uses its state (_bucket_of, _update_bucket, _settle, ...)."""
     def attach_to_backward(self) -> None:
-        """Register post-accumulate-grad hooks on every managed parameter (idempotent)."""
-        if self._hooks:
-            return
-        self._bucket_size = {}
+        """Register post-accumulate-grad hooks on every managed parameter (idempotent; groups
+        added later get theirs in add_param_group)."""
+        self._attached = True
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group)))
-                    key = self._bucket_of[p]
-                    self._bucket_size[key] = self._bucket_size.get(key, 0) + 1
+            self._hook_params(group["params"])
+
+    def _hook_params(self, params: list[torch.Tensor]) -> None:
+        for p in params:
+            if p.requires_grad and p not in self._hooked:
+                self._hooked[p] = p.register_post_accumulate_grad_hook(self._make_hook())
+                key = self._bucket_of[p]
+                self._bucket_size[key] = self._bucket_size.get(key, 0) + 1
 
     def detach_from_backward(self) -> None:
-        for h in self._hooks:
+        """Remove the hooks; a step in progress is ended first (reported as skipped, what was
+        already applied stays, counters settled)."""
+        if self._armed:
+            self.finish_step("detached during the step")
+        for h in self._hooked.values():
             h.remove()
-        self._hooks.clear()
-        self._armed = False
+        self._hooked.clear()
+        self._bucket_size = {}
+        self._attached = False
 
-    def _make_hook(self, group: dict[str, Any]) -> Callable[[torch.Tensor], None]:
+    def _make_hook(self) -> Callable[[torch.Tensor], None]:
+        # The group is looked up when the gradient arrives: load_state_dict replaces param_groups.
+        # The lock: autograd runs the hooks of each CUDA device on that device's own thread.
+        lock = self._hook_lock
+
         def hook(p: torch.Tensor) -> None:
             if not self._armed:
                 return  # not inside begin/finish: gradients accumulate as usual
-            grad = p.grad
-            p.grad = None  # held only until its bucket (decoder layer) is complete
-            key = self._bucket_of[p]
-            if self._pending and key != self._pending_key:
-                self._flush_pending()  # at most one bucket's gradients exist at a time
-            self._pending_key = key
-            self._pending.append((group, p, grad))
-            if len(self._pending) >= self._bucket_size.get(key, 1):
-                self._flush_pending()
+            with lock:
+                grad = p.grad
+                p.grad = None  # held only until its bucket (decoder layer) is complete
+                key = self._bucket_of[p]
+                if self._pending and key != self._pending_key:
+                    self._flush_pending()  # at most one bucket's gradients exist at a time
+                self._pending_key = key
+                self._pending.append((self._group_of[p], p, grad))
+                if len(self._pending) >= self._bucket_size.get(key, 1):
+                    self._flush_pending()
         return hook
 
     def _flush_pending(self) -> None:
@@ -106,7 +119,7 @@ class HookMode:
 
     def begin_step(self) -> None:
         """Arm the hooks for one backward pass; stale gradients are dropped."""
-        if not self._hooks:
+        if not self._attached:
             raise RuntimeError("begin_step() needs attach_to_backward() first")
         if self._armed:
             raise RuntimeError("begin_step() called twice without finish_step()")

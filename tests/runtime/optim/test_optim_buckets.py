@@ -131,3 +131,47 @@ def test_projection_seeds_hashed_once_per_period(monkeypatch):
         assert opt.backward_step(loss_fn(net, step)).applied
     assert calls["param_seed"] == matrices + 1  # + the rounding generator's seed, once
     assert calls["projection_seed"] == 3 * matrices
+
+
+def test_hooks_follow_param_groups_replaced_by_load_state_dict():
+    """The trainer attaches, then resumes (load_state_dict replaces param_groups), then sets the
+    learning rate per step: the hooks must use the groups in force, not the constructor's."""
+    model = _llama()
+    opt = make_optimizer(model, POLICY, lr=1e-3)
+    opt.attach_to_backward()
+    ids = _ids(0)
+    assert opt.backward_step(model(ids, labels=ids).loss).applied
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    before = copy.deepcopy(model.state_dict())
+    assert opt.backward_step(model(ids, labels=ids).loss).applied
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name]), name
+
+
+def test_param_group_added_after_attach_is_hooked():
+    a = torch.nn.Parameter(torch.randn(3, 4))
+    b = torch.nn.Parameter(torch.randn(3, 4))
+    opt = Apollo([("a", a)], lr=1e-2)
+    opt.attach_to_backward()
+    opt.add_param_group({"params": [b], "param_names": ["b"]})
+    b0 = b.detach().clone()
+    report = opt.backward_step((a * b).sum())
+    assert report.applied and report.params_updated == 2
+    assert not torch.equal(b, b0) and b.grad is None
+
+
+def test_detach_during_a_step_ends_it():
+    model = _llama()
+    opt = make_optimizer(model, POLICY, lr=1e-3)
+    opt.attach_to_backward()
+    opt.begin_step()
+    ids = _ids(0)
+    model(ids, labels=ids).loss.backward()
+    opt.detach_from_backward()
+    assert opt.last_report.skipped and opt.last_report.reason == "detached during the step"
+    with pytest.raises(RuntimeError, match="attach_to_backward"):
+        opt.begin_step()
+    opt.attach_to_backward()
+    assert opt.backward_step(model(ids, labels=ids).loss).applied

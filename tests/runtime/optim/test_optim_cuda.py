@@ -118,4 +118,5 @@ def test_moved_weight_leaves_the_plan_and_is_recaptured():
     _train(m_eager, eager, 4, start=3)
     assert _max_rel(m_fast, m_eager) < 1e-4
     _, graph = fast._graphs.graphs["model.layers.1"]
-    assert m_fast.model.layers[1].mlp.down_proj.weight.data_ptr() in graph.plan.ptrs
+    moved = m_fast.model.layers[1].mlp.down_proj.weight.data_ptr()
+    assert moved in [where[0] for where in graph.plan.ptrs]  # (address, shape, stride, dtype)
