@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gpu_train_step import build  # noqa: E402
+from gpu_train_step import build, make_apollo  # noqa: E402
 
 
 def make_runner(mode: str, model, ids, lr: float, ab_package: str | None = None):
@@ -31,7 +31,6 @@ def make_runner(mode: str, model, ids, lr: float, ab_package: str | None = None)
 
     pkg = importlib.import_module(ab_package if mode.startswith("ab_") else "onlinemodel_runtime.optim")
     mode = mode[3:] if mode.startswith("ab_") else mode
-    TrainPolicy, make_optimizer = pkg.TrainPolicy, pkg.make_optimizer
     for p in model.parameters():
         p.requires_grad_(True)
         p.grad = None
@@ -57,9 +56,7 @@ def make_runner(mode: str, model, ids, lr: float, ab_package: str | None = None)
             for p in model.parameters():
                 p.grad = None
         return (lambda loss: loss.backward()), finish, (lambda: [h.remove() for h in hooks]), flush_ns
-    policy = TrainPolicy() if mode.startswith("apollo_blocks") else TrainPolicy(blocks="apollo", embeddings="apollo", norms="adamw")
-    opt = make_optimizer(model, policy, lr=lr, rank=1)
-    opt._use_side_stream = not mode.endswith("_serial")
+    opt = make_apollo(mode, model, lr, pkg)
     inner = opt._flush_pending
 
     def timed_flush():

@@ -163,9 +163,21 @@ def flops_per_step(cfg, n_matmul_params: int, tokens: int, seq: int) -> float:
     return tokens * (6 * n_matmul_params + attn)
 
 
-def run_mode(mode: str, model, device, ids, steps: int, warmup: int, lr: float) -> dict:
-    from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
+def make_apollo(mode: str, model, lr: float, pkg=None):
+    """Our optimizer for a mode name: the policy by prefix (apollo_blocks = the trainer's default,
+    apollo_all = every parameter), diagnostics by suffix (_eager torch ops, _nograph no CUDA-graph
+    replay, _serial updates on the main stream). `pkg`: the optim package (default: the project's)."""
+    if pkg is None:
+        import onlinemodel_runtime.optim as pkg
+    policy = (pkg.TrainPolicy() if mode.startswith("apollo_blocks")
+              else pkg.TrainPolicy(blocks="apollo", embeddings="apollo", norms="adamw"))
+    opt = pkg.make_optimizer(model, policy, lr=lr, rank=1, fused=False if mode.endswith("eager") else None)
+    opt._use_graphs = not mode.endswith("_nograph")
+    opt._use_side_stream = not mode.endswith("_serial")
+    return opt
 
+
+def run_mode(mode: str, model, device, ids, steps: int, warmup: int, lr: float) -> dict:
     for p in model.parameters():
         p.requires_grad_(True)
         p.grad = None
@@ -187,12 +199,7 @@ def run_mode(mode: str, model, device, ids, steps: int, warmup: int, lr: float) 
             return sum(t.numel() * t.element_size() for st in opt.state.values()
                        for t in st.values() if torch.is_tensor(t))
     else:
-        policy = (TrainPolicy() if mode.startswith("apollo_blocks")
-                  else TrainPolicy(blocks="apollo", embeddings="apollo", norms="adamw"))
-        # apollo_all_eager: the same without the compiled one-kernel update (torch ops only).
-        opt = make_optimizer(model, policy, lr=lr, rank=1, fused=False if mode.endswith("eager") else None)
-        opt._use_graphs = not mode.endswith("_nograph")
-        opt._use_side_stream = not mode.endswith("_serial")
+        opt = make_apollo(mode, model, lr)
         opt.attach_to_backward()
 
         def one_step():
@@ -261,12 +268,7 @@ def interleaved(modes: list[str], model, device, ids, rounds: int, chunk: int, w
                 return loss.detach()
             on = off = (lambda: None)
         else:
-            policy = (pkg.TrainPolicy() if base.startswith("apollo_blocks")
-                      else pkg.TrainPolicy(blocks="apollo", embeddings="apollo", norms="adamw"))
-            opt = pkg.make_optimizer(model, policy, lr=lr, rank=1,
-                                     fused=False if base.endswith("eager") else None)
-            opt._use_graphs = not base.endswith("_nograph")
-            opt._use_side_stream = not base.endswith("_serial")
+            opt = make_apollo(base, model, lr, pkg)
 
             def one_step(opt=opt):
                 report = opt.backward_step(model(input_ids=ids, labels=ids).loss)

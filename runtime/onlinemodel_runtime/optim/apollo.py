@@ -117,7 +117,6 @@ class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
         self._proj_cache: dict[torch.Tensor, tuple[tuple[int, int], torch.Tensor]] = {}
         self._seeds: dict[tuple[str, int], int] = {}  # param_seed(name, base seed), hashed once
         self._const_bufs: dict[tuple, tuple[torch.Tensor, Any]] = {}  # (buffer, rows loaded)
-        self._rows_cache: dict[tuple, list[list[float]]] = {}  # this step's rows per bucket plan
         self._step_serial = 0  # counts steps begun: hyperparameters may change between steps
         self._stream_events: dict[torch.device, tuple] = {}  # hook mode's side stream handshake
         self._producer: torch.cuda.Stream | None = None  # the stream gradients come from (hook mode)
@@ -261,7 +260,7 @@ class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
 
     def _gate_for(self, device: torch.device) -> torch.Tensor:
         """The step gate of `device`: a persistent 0-dim bool (so captured graphs read and write it
-        in place). Set True at the start of each step (_reset_gates); when the step moves to
+        in place). Set True at the start of each step (_new_step); when the step moves to
         another device, the verdict so far is carried over."""
         buf = self._gate_bufs.get(device)
         if buf is None:
@@ -277,8 +276,10 @@ class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
         self._gate_last = device
         return buf
 
-    def _reset_gates(self) -> None:
-        """Start of a step, on the current stream (bucket updates are ordered after it)."""
+    def _new_step(self) -> None:
+        """Start of a step (step() or begin_step()), on the current stream (bucket updates are
+        ordered after it): gates set True, a new serial for the per-step constants."""
+        self._step_serial += 1
         for buf in self._gate_bufs.values():
             buf.fill_(True)
         self._gate_last = None
@@ -345,9 +346,7 @@ class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
         for group, p in work:
             buckets.setdefault((self._bucket_of[p], p.device), []).append((group, p, p.grad))
         flags = []
-        self._step_serial += 1
-        self._rows_cache.clear()
-        self._reset_gates()
+        self._new_step()
         for (_, device), items in buckets.items():
             ok = self._update_bucket(items, self._gate_for(device))
             flags.append(([p for _, p, _ in items], ok))

@@ -31,9 +31,10 @@ RECOMPILE_LIMIT = 64
 CONST_COLS = 12
 
 
-def const_row(lr: float, step: int, beta1: float, beta2: float, eps: float, weight_decay: float,
-              alpha: float, gamma: float) -> list[float]:
-    """One row of `consts`, computed in float64 on the host."""
+def const_row(group: dict, step: int) -> list[float]:
+    """One row of `consts` for a parameter of `group` at `step`, computed in float64 on the host."""
+    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    alpha, gamma = group["alpha"], group["norm_growth_limit"]
     return [lr, 1.0 - beta1**step, 1.0 - beta2**step, 1.0 if step == 1 else 0.0,
             1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, alpha, gamma]
 

@@ -53,12 +53,10 @@ class CompiledBuckets:
         unavailable here. Writes the bucket's applied flag into `gate`."""
         spec, ws, grads, projs, ms, vs, lims, rows = [], [], [], [], [], [], [], []
         for group, p, grad, st, step, proj in prepared:
-            beta1, beta2 = group["betas"]
             apollo = proj is not None
             spec.append((apollo, apollo and p.shape[0] <= p.shape[1], group["scale"] == "channel",
                          group["stochastic_rounding"]))
-            rows.append(const_row(group["lr"], step, beta1, beta2, group["eps"], group["weight_decay"],
-                                  group["alpha"], group["norm_growth_limit"]))
+            rows.append(const_row(group, step))
             ws.append(p.data)
             grads.append(grad)
             ms.append(st["exp_avg"])
@@ -133,9 +131,7 @@ class CompiledBuckets:
             return False
         streams = None
         if self._use_side_stream:
-            side = self._side_streams.get(device)
-            if side is None:
-                side = self._side_streams[device] = torch.cuda.Stream(device=device)
+            side = self._side_stream_of(device)
             main = torch.cuda.current_stream(device)
             evs = self._events(device)
             main.wait_event(evs[0])  # earlier replays are done with the shared buffers
@@ -166,16 +162,12 @@ class CompiledBuckets:
         return True
 
     def _load_plan_consts(self, plan: "Plan", step: int) -> None:
-        """This bucket's constant rows: computed once per training step for all buckets with the
-        same groups (hyperparameters may change between steps, not within one), uploaded only
-        when they differ from what the shared buffer holds (so once per step)."""
+        """This bucket's constant rows, computed and uploaded only when the shared buffer holds
+        other ones: once per training step for all buckets with the same groups (the key holds the
+        step serial: hyperparameters may change between steps, not within one)."""
         key = (plan.group_ids, step, self._step_serial)
-        rows = self._rows_cache.get(key)
-        if rows is None:
-            rows = self._rows_cache[key] = [
-                const_row(g["lr"], step, g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"],
-                          g["alpha"], g["norm_growth_limit"]) for g in plan.groups]
-        self._load_consts(rows, plan.device, key)
+        if self._const_bufs.get((plan.device, len(plan.groups)), (None, None))[1] != key:
+            self._load_consts([const_row(g, step) for g in plan.groups], plan.device, key)
 
 
 class Plan:

@@ -10,7 +10,6 @@ go through Apollo._update_bucket; the updates run on a side stream that overlaps
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -100,12 +99,16 @@ class HookMode:
         gradients, _mark_grads_used_here). finish_step() makes the main stream wait for it."""
         if device.type != "cuda" or not self._use_side_stream:
             return None
-        side = self._side_streams.get(device)
-        if side is None:
-            side = self._side_streams[device] = torch.cuda.Stream(device=device)
+        side = self._side_stream_of(device)
         if device not in self._side_synced:
             side.wait_stream(torch.cuda.current_stream(device))
             self._side_synced.add(device)
+        return side
+
+    def _side_stream_of(self, device: torch.device) -> torch.cuda.Stream:
+        side = self._side_streams.get(device)
+        if side is None:
+            side = self._side_streams[device] = torch.cuda.Stream(device=device)
         return side
 
     def _await_producer(self) -> None:
@@ -125,10 +128,8 @@ class HookMode:
             raise RuntimeError("begin_step() called twice without finish_step()")
         self.zero_grad(set_to_none=True)
         self._armed = True
-        self._reset_gates()
+        self._new_step()
         self._side_synced.clear()
-        self._step_serial += 1
-        self._rows_cache.clear()
         self._flags = []
         self._pending, self._pending_key = [], None
 

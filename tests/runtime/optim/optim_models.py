@@ -37,3 +37,17 @@ def batch(step: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, 
 def loss_fn(net: torch.nn.Module, step: int) -> torch.Tensor:
     x, y = batch(step, next(net.parameters()).dtype)
     return (net(x).float() - y.float()).pow(2).mean()
+
+
+def tiny_llama(layers: int = 3):
+    """A 3-layer Llama with a tied embedding: decoder-layer buckets, a final-norm and an embedding bucket."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def token_ids(step: int) -> torch.Tensor:
+    return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(step))

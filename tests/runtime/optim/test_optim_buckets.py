@@ -6,21 +6,10 @@ import copy
 import pytest
 import torch
 
+from optim_models import tiny_llama, token_ids
+
 from onlinemodel_runtime.optim import Apollo, TrainPolicy, make_optimizer
 from onlinemodel_runtime.optim.apollo import bucket_key
-
-
-def _llama(layers: int = 3):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
-
-
-def _ids(step: int) -> torch.Tensor:
-    return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(step))
 
 
 POLICY = TrainPolicy(embeddings="apollo", norms="adamw")
@@ -35,14 +24,14 @@ def test_bucket_keys():
 
 
 def test_layer_buckets_hook_mode_equals_step_mode_bitwise():
-    m1 = _llama()
+    m1 = tiny_llama()
     m2 = copy.deepcopy(m1)
     o1 = make_optimizer(m1, POLICY, lr=1e-3, weight_decay=0.01, update_proj_gap=2)
     o2 = make_optimizer(m2, POLICY, lr=1e-3, weight_decay=0.01, update_proj_gap=2)
     o2.attach_to_backward()
     assert len(set(o2._bucket_size)) == 3 + 2  # three layers, the final norm, the embedding
     for t in range(4):
-        ids = _ids(t)
+        ids = token_ids(t)
         m1(ids, labels=ids).loss.backward()
         o1.step()
         o1.zero_grad()
@@ -53,14 +42,14 @@ def test_layer_buckets_hook_mode_equals_step_mode_bitwise():
 
 
 def test_at_most_one_layer_of_gradients_is_held():
-    model = _llama()
+    model = tiny_llama()
     opt = make_optimizer(model, POLICY, lr=1e-3)
     opt.attach_to_backward()
     held = []
     for p in model.parameters():  # runs after our hook
         p.register_post_accumulate_grad_hook(
             lambda q: held.append({opt._bucket_of[x] for _, x, _ in opt._pending}))
-    ids = _ids(0)
+    ids = token_ids(0)
     assert opt.backward_step(model(ids, labels=ids).loss).applied
     assert held and all(len(keys) <= 1 for keys in held)
     assert any(len(keys) == 1 for keys in held) and not opt._pending
@@ -72,11 +61,11 @@ def test_at_most_one_layer_of_gradients_is_held():
 ])
 def test_non_finite_gradient_blocks_its_whole_layer_and_later_ones(device):
     """On CUDA the NaN step comes after the graphs are captured (step 2) and replayed (step 3)."""
-    model = _llama().to(device)
+    model = tiny_llama().to(device)
     opt = make_optimizer(model, POLICY, lr=1e-3)
     opt.attach_to_backward()
     for t in range(3):
-        ids = _ids(t).to(device)
+        ids = token_ids(t).to(device)
         assert opt.backward_step(model(ids, labels=ids).loss).applied
     before = copy.deepcopy(model.state_dict())
     steps = {n: opt.state[p]["step"] for n, p in model.named_parameters()}
@@ -96,7 +85,7 @@ def test_non_finite_gradient_blocks_its_whole_layer_and_later_ones(device):
             assert opt.state[p]["step"] == steps[n], n
     assert all(torch.isfinite(p).all() for p in model.parameters())
     for t in range(4, 6):  # the gate is reset: training goes on, every bucket applied
-        ids = _ids(t).to(device)
+        ids = token_ids(t).to(device)
         assert opt.backward_step(model(ids, labels=ids).loss).applied
 
 
@@ -136,10 +125,10 @@ def test_projection_seeds_hashed_once_per_period(monkeypatch):
 def test_hooks_follow_param_groups_replaced_by_load_state_dict():
     """The trainer attaches, then resumes (load_state_dict replaces param_groups), then sets the
     learning rate per step: the hooks must use the groups in force, not the constructor's."""
-    model = _llama()
+    model = tiny_llama()
     opt = make_optimizer(model, POLICY, lr=1e-3)
     opt.attach_to_backward()
-    ids = _ids(0)
+    ids = token_ids(0)
     assert opt.backward_step(model(ids, labels=ids).loss).applied
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     for group in opt.param_groups:
@@ -163,11 +152,11 @@ def test_param_group_added_after_attach_is_hooked():
 
 
 def test_detach_during_a_step_ends_it():
-    model = _llama()
+    model = tiny_llama()
     opt = make_optimizer(model, POLICY, lr=1e-3)
     opt.attach_to_backward()
     opt.begin_step()
-    ids = _ids(0)
+    ids = token_ids(0)
     model(ids, labels=ids).loss.backward()
     opt.detach_from_backward()
     assert opt.last_report.skipped and opt.last_report.reason == "detached during the step"

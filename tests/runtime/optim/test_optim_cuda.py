@@ -8,6 +8,8 @@ import copy
 import pytest
 import torch
 
+from optim_models import tiny_llama, token_ids
+
 from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -15,22 +17,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 POLICY = TrainPolicy(embeddings="apollo", norms="adamw")
 
 
-def _llama(layers: int = 3):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).cuda()
-
-
-def _ids(step: int) -> torch.Tensor:
-    return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(step)).cuda()
-
-
 def _train(model, opt, steps, start=0):
     for t in range(start, start + steps):
-        ids = _ids(t)
+        ids = token_ids(t).cuda()
         report = opt.backward_step(model(ids, labels=ids).loss)
         assert report.applied, report
 
@@ -43,7 +32,7 @@ def _max_rel(m1, m2) -> float:
 def test_graph_replay_equals_eager_path_across_projection_periods(side_stream):
     """fp32 (no stochastic rounding): compiled + graphs == eager up to float reassociation, also
     when the projection changes (update_proj_gap=2) while graphs replay."""
-    m_fast, m_eager = _llama(), _llama()
+    m_fast, m_eager = tiny_llama().cuda(), tiny_llama().cuda()
     fast = make_optimizer(m_fast, POLICY, lr=1e-3, weight_decay=0.01, update_proj_gap=2)
     eager = make_optimizer(m_eager, POLICY, lr=1e-3, weight_decay=0.01, update_proj_gap=2, fused=False)
     fast._use_side_stream = side_stream
@@ -59,7 +48,7 @@ def test_graph_replay_equals_eager_path_across_projection_periods(side_stream):
 
 
 def test_resume_from_state_dict_rebuilds_graphs_and_continues_exactly():
-    m1 = _llama()
+    m1 = tiny_llama().cuda()
     m2 = copy.deepcopy(m1)
     o1 = make_optimizer(m1, POLICY, lr=1e-3, update_proj_gap=3)
     o1.attach_to_backward()
@@ -79,7 +68,7 @@ def test_resume_from_state_dict_rebuilds_graphs_and_continues_exactly():
 def test_bf16_hook_mode_step_mode_and_lr_change():
     """bf16 weights (stochastic rounding in the graph): finite, every bucket applied, and a changed
     learning rate reaches the replayed graphs (lr 0 leaves weights as they are)."""
-    model = _llama().to(torch.bfloat16)
+    model = tiny_llama().cuda().to(torch.bfloat16)
     opt = make_optimizer(model, POLICY, lr=1e-3)
     opt.attach_to_backward()
     _train(model, opt, 4)
@@ -93,7 +82,7 @@ def test_bf16_hook_mode_step_mode_and_lr_change():
     opt.detach_from_backward()
     for g in opt.param_groups:
         g["lr"] = 1e-3
-    ids = _ids(9)
+    ids = token_ids(9).cuda()
     model(ids, labels=ids).loss.backward()
     opt.step()  # plain step() on the same optimizer, graphs included
     assert opt.last_report.applied
@@ -104,7 +93,7 @@ def test_moved_weight_leaves_the_plan_and_is_recaptured():
     """A weight that moves (new storage) sends its bucket down the general path (uncaptured, then
     recaptured) while the other buckets replay their plans in the same steps; results still equal
     the eager path."""
-    m_fast, m_eager = _llama(), _llama()
+    m_fast, m_eager = tiny_llama().cuda(), tiny_llama().cuda()
     fast = make_optimizer(m_fast, POLICY, lr=1e-3)
     eager = make_optimizer(m_eager, POLICY, lr=1e-3, fused=False)
     for o in (fast, eager):
