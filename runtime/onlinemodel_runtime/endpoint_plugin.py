@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 
 from onlinemodel_runtime.config import ENV_API_TOKEN, RuntimeConfig
 from onlinemodel_runtime.examples import ExampleError, TrainLimits, encode_request, parse_train_request
+from onlinemodel_runtime.supervisor import placeholder_status
 from onlinemodel_runtime.trainer_client import TrainerRequestError, TrainerUnavailable
 
 log = logging.getLogger(__name__)
@@ -82,13 +83,6 @@ def _runtime(request: Request, *, needs_token: bool) -> tuple[_Runtime | None, J
     return rt, None
 
 
-def disabled_status() -> dict[str, Any]:
-    """GET /train/status of a server started with --no-training (no trainer, weights never change)."""
-    return {"state": "disabled", "steps": 0, "tokens_trained": 0, "last_loss": None, "weight_version": 0,
-            "last_step_time": None, "last_step_seconds": None, "skipped_steps": 0, "queued_jobs": 0,
-            "jobs": [], "last_error": None, "checkpoint": None, "optimizer": None, "trainer_restarts": 0}
-
-
 router = APIRouter()
 
 
@@ -121,7 +115,7 @@ async def train_status(request: Request):
     if refused:
         return refused
     if rt.supervisor is None:
-        return disabled_status()
+        return placeholder_status("disabled")  # --no-training: no trainer, weights never change
     return await rt.supervisor.status()
 
 

@@ -213,7 +213,8 @@ def _export_shm(params, state_dir: Path, shm_dir: Path, common: dict) -> Manifes
     except OSError as exc:
         os.close(fd)
         path.unlink(missing_ok=True)
-        free = os.statvfs(shm_dir).f_bavail * os.statvfs(shm_dir).f_frsize
+        fs = os.statvfs(shm_dir)
+        free = fs.f_bavail * fs.f_frsize
         raise AttachError(f"cannot place {total / 2**30:.2f} GiB of weights in {shm_dir} ({free / 2**30:.2f} GiB "
                           f"free): {exc.strerror}; give the container a larger /dev/shm "
                           "(OnlineModel spec.resources.shmSize)") from exc

@@ -25,6 +25,20 @@ POLL_SECONDS = 0.5
 EXIT_PERMANENT = 2
 
 
+def placeholder_status(state: str, last: dict[str, Any] | None = None, last_error: str | None = None,
+                       restarts: int = 0) -> dict[str, Any]:
+    """GET /train/status when no trainer answers (starting, error) or none exists (disabled): the
+    documented shape, with the last counters seen."""
+    last = last or {}
+    return {"state": state,
+            "steps": last.get("steps", 0), "tokens_trained": last.get("tokens_trained", 0),
+            "last_loss": last.get("last_loss"), "weight_version": last.get("weight_version", 0),
+            "last_step_time": last.get("last_step_time"), "last_step_seconds": last.get("last_step_seconds"),
+            "skipped_steps": last.get("skipped_steps", 0), "queued_jobs": 0, "jobs": last.get("jobs", []),
+            "last_error": last_error, "checkpoint": last.get("checkpoint"),
+            "optimizer": last.get("optimizer"), "trainer_restarts": restarts}
+
+
 class _GiveUp(Exception):
     """The trainer cannot be (re)started: stop supervising, status says why."""
 
@@ -155,15 +169,9 @@ class TrainerSupervisor:
             raise TrainerUnavailable("trainer is starting")
 
     def _placeholder_status(self) -> dict[str, Any]:
-        """What GET /train/status says while no trainer answers: the documented shape, last counters."""
-        last = self._last_status or {}
-        return {"state": "error" if self.state == "error" else "starting",
-                "steps": last.get("steps", 0), "tokens_trained": last.get("tokens_trained", 0),
-                "last_loss": last.get("last_loss"), "weight_version": last.get("weight_version", 0),
-                "last_step_time": last.get("last_step_time"), "last_step_seconds": last.get("last_step_seconds"),
-                "skipped_steps": last.get("skipped_steps", 0), "queued_jobs": 0, "jobs": last.get("jobs", []),
-                "last_error": self.last_error, "checkpoint": last.get("checkpoint"),
-                "optimizer": last.get("optimizer"), "trainer_restarts": self.restarts}
+        """What GET /train/status says while no trainer answers."""
+        return placeholder_status("error" if self.state == "error" else "starting", self._last_status,
+                                  self.last_error, self.restarts)
 
     async def status(self) -> dict[str, Any]:
         if not self._ready:
