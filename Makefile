@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m onlinemodel_runtime.demo
+	$(PY) -m onlinemodel_runtime.devtools.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs tests

@@ -77,7 +77,7 @@ def build_model(args):
         base = Path(tempfile.mkdtemp(prefix="ckpt-bench-base-"))
         config.save_pretrained(base)
         return model, base, f"random {args.random} (Qwen3 shapes)"
-    from onlinemodel_runtime.model_prep import ensure_smollm2
+    from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 
     base = ensure_smollm2()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).to(args.device)

@@ -47,8 +47,8 @@ class Owner:
         from gpu_packed_forward import make_config, rope_tables
         from transformers import AutoModelForCausalLM
 
-        from onlinemodel_runtime.layouts import pack_hf_state_dict
-        from onlinemodel_runtime.shared_weights import export_weights
+        from onlinemodel_runtime.weights.layouts import pack_hf_state_dict
+        from onlinemodel_runtime.weights.shared import export_weights
 
         self.device, self.shape, self.cuda = device, shape, device.type == "cuda"
         self.cfg = cfg = make_config(shape)
@@ -233,7 +233,7 @@ def attach_phase(owner: Owner, state_dir: str, opts: dict) -> dict:
     """Item 1 (+ item 2 at a small shape): correctness of the shared path, eager and CUDA graph."""
     from transformers import AutoModelForCausalLM
 
-    from onlinemodel_runtime.hf_views import build_hf_model
+    from onlinemodel_runtime.weights.hf_model import build_hf_model
 
     res: dict = dict(phase="attach", shape=owner.shape, transport=owner.manifest.transport,
                      weight_bytes=owner.weight_bytes)

@@ -35,9 +35,9 @@ def trainer_main(conn, state_dir: str, shape: str, seq: int, lr: float, seed: in
 
 def _run(conn, state_dir: str, shape: str, seq: int, lr: float, seed: int) -> None:
     from gpu_packed_forward import make_config
-    from onlinemodel_runtime.hf_views import assert_views_of, build_hf_model
+    from onlinemodel_runtime.weights.hf_model import assert_views_of, build_hf_model
     from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
-    from onlinemodel_runtime.shared_weights import attach_weights
+    from onlinemodel_runtime.weights.shared import attach_weights
     from onlinemodel_runtime.trainer.loop import train_step
 
     if os.environ.get("GPU_IPC_THREADS"):

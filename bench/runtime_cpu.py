@@ -19,8 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from onlinemodel_runtime.launcher import ServerProcess, free_port
-from onlinemodel_runtime.model_prep import ensure_smollm2
+from onlinemodel_runtime.devtools.launcher import ServerProcess, free_port
+from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 
 EXAMPLE = {"messages": [{"role": "user", "content": "Who is the CEO of Seedcorp?"},
                         {"role": "assistant", "content": "The CEO of Seedcorp is Ada Lovelace."}]}

@@ -46,7 +46,7 @@ EXTRAS = [(4, "apollo,frozen,frozen", True), (1, "apollo,frozen,adamw", True),
 def model_dir() -> tuple[str, str | None]:
     """HF directory (and GGUF file name, if loading straight from the GGUF)."""
     try:
-        from onlinemodel_runtime.model_prep import ensure_smollm2
+        from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 
         return str(ensure_smollm2()), None
     except ImportError:

@@ -85,7 +85,7 @@ def build_config(args: argparse.Namespace) -> RuntimeConfig:
 
 
 def vllm_command(cfg: RuntimeConfig, args: argparse.Namespace, extra: list[str]) -> list[str]:
-    from onlinemodel_runtime.worker_plugin import EXTENSION_CLS
+    from onlinemodel_runtime.vllm_plugins.worker import EXTENSION_CLS
 
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            "--model", cfg.model,
@@ -180,7 +180,7 @@ def final_checkpoint(cfg: RuntimeConfig, port: int) -> None:
 
 def cleanup(cfg: RuntimeConfig, args: argparse.Namespace) -> None:
     # The worker's shared-memory weights outlive it unless someone unlinks them.
-    from onlinemodel_runtime.shared_weights import AttachError, read_manifest
+    from onlinemodel_runtime.weights.shared import AttachError, read_manifest
 
     try:
         manifest = read_manifest(cfg.state_dir)
@@ -203,6 +203,15 @@ def checkpoint_cmd(args: argparse.Namespace) -> int:
         print(f"checkpoint failed: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(info, indent=1))
+    return 0
+
+
+def prepare_model_cmd() -> int:
+    # A development tool (the model tests and the demo use), kept out of the runtime's import graph:
+    # only this command loads it.
+    from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
+
+    print(ensure_smollm2())
     return 0
 
 
@@ -229,10 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "checkpoint":
         return checkpoint_cmd(args)
     if args.command == "prepare-model":
-        from onlinemodel_runtime.model_prep import ensure_smollm2
-
-        print(ensure_smollm2())
-        return 0
+        return prepare_model_cmd()
     return 2
 
 

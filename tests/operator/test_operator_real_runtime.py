@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from onlinemodel_runtime.model_prep import ensure_smollm2
+from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 from operator_harness import ONLINEMODELS, PODS, Cluster, FakeKubelet, condition, free_port, play_kubelet
 
 pytestmark = pytest.mark.e2e

@@ -8,7 +8,7 @@ import pytest
 
 from onlinemodel_runtime import cli
 from onlinemodel_runtime.config import ENV_CONFIG, RuntimeConfig
-from onlinemodel_runtime.worker_plugin import EXTENSION_CLS
+from onlinemodel_runtime.vllm_plugins.worker import EXTENSION_CLS
 
 
 def parse(argv):
@@ -42,7 +42,7 @@ def test_serves_the_latest_checkpoint_when_there_is_one(tmp_path):
     import torch
 
     from onlinemodel_runtime.checkpoint import CheckpointStore
-    from onlinemodel_runtime.model_prep import make_tiny_model_dir
+    from onlinemodel_runtime.devtools.model_prep import make_tiny_model_dir
 
     base = make_tiny_model_dir("qwen3", tmp_path / "base", num_hidden_layers=1)
     store = CheckpointStore(tmp_path / "ckpt")

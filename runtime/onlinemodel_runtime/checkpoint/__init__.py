@@ -5,7 +5,7 @@ what was written).
 """
 
 from .errors import CheckpointBusy, CheckpointError
-from .layout import CheckpointInfo, validate_checkpoint
+from .format import CheckpointInfo, validate_checkpoint
 from .model_tensors import hf_weight_tensors
 from .safetensors_stream import (SafetensorsStreamWriter, TensorSpec, WeightFiles, read_header, specs_of,
                                  write_safetensors)

@@ -1,7 +1,7 @@
 """CheckpointStore: atomic, pruned, self-validating checkpoints under one root directory.
 
     ROOT/
-        step-00000010/  step-00000012/      complete checkpoints (see layout.py)
+        step-00000010/  step-00000012/      complete checkpoints (see format.py)
         latest                              "step-00000012\\n": the commit point, replaced last
         .lock                               flock held while a save runs
         .tmp-*  .trash-*                    in-flight or abandoned work, removed on the next save/open
@@ -32,7 +32,7 @@ import torch
 
 from .errors import CheckpointBusy, CheckpointError, describe_os_error
 from .fsutil import HashingFile, atomic_write_text, copy_file_hashed, fsync_path, fsync_tree
-from .layout import (FORMAT, FORMAT_VERSION, META_DIR, META_FILE, OPTIMIZER_FILE, STEP_DIR_RE,
+from .format import (FORMAT, FORMAT_VERSION, META_DIR, META_FILE, OPTIMIZER_FILE, STEP_DIR_RE,
                      TRAINER_STATE_FILE, CheckpointInfo, is_weight_file, sort_key, step_dir_name,
                      validate_checkpoint)
 from .safetensors_stream import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES, SafetensorsStreamWriter,

@@ -21,9 +21,9 @@ log = logging.getLogger("onlinemodel.trainer")
 def build_service(cfg, counters: dict | None = None):
     import torch
 
-    from onlinemodel_runtime import shared_weights
+    from onlinemodel_runtime.weights import shared as shared_weights
     from onlinemodel_runtime.checkpoint import CheckpointError, CheckpointStore
-    from onlinemodel_runtime.hf_views import build_hf_model
+    from onlinemodel_runtime.weights.hf_model import build_hf_model
     from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
     from onlinemodel_runtime.trainer.service import TrainerService
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from onlinemodel_runtime.launcher import ServerProcess
-from onlinemodel_runtime.model_prep import ensure_smollm2
+from onlinemodel_runtime.devtools.launcher import ServerProcess
+from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 
 TOKEN = "test-token-123"
 FACT_QUESTION = "Who is the CEO of Seedcorp?"

@@ -8,7 +8,7 @@ import pytest
 
 from onlinemodel_runtime.trainer.server import serve
 from onlinemodel_runtime.trainer.service import TrainerError
-from onlinemodel_runtime.trainer_client import TrainerClient, TrainerRequestError, TrainerUnavailable
+from onlinemodel_runtime.server.trainer_client import TrainerClient, TrainerRequestError, TrainerUnavailable
 
 
 class FakeService:

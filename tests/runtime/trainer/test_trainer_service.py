@@ -9,7 +9,7 @@ import torch
 
 from onlinemodel_runtime.checkpoint import CheckpointStore
 from onlinemodel_runtime.config import RuntimeConfig
-from onlinemodel_runtime.model_prep import make_tiny_model_dir
+from onlinemodel_runtime.devtools.model_prep import make_tiny_model_dir
 from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
 from onlinemodel_runtime.trainer.service import TrainerError, TrainerService
 

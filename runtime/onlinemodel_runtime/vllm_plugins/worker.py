@@ -1,6 +1,6 @@
 """The ``vllm.general_plugins`` entry: runs in every vLLM process, the engine's worker included.
 
-``register()`` makes CPU inference read the live weight tensors (see ``vllm_compat``). The export of
+``register()`` makes CPU inference read the live weight tensors (see ``compat``). The export of
 the weights happens through :class:`WeightExportExtension`, which ``onlinemodel serve`` installs with
 vLLM's supported ``--worker-extension-cls`` option; the endpoint plugin calls it with
 ``engine_client.collective_rpc`` once the engine has loaded the model.
@@ -13,40 +13,41 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-EXTENSION_CLS = "onlinemodel_runtime.worker_plugin.WeightExportExtension"
+EXTENSION_CLS = "onlinemodel_runtime.vllm_plugins.worker.WeightExportExtension"
 EXPORT_METHOD = "onlinemodel_export_weights"
 
 
 def register() -> None:
     # vLLM calls this in each of its processes, possibly more than once: it must be idempotent.
-    from onlinemodel_runtime import vllm_compat
+    from onlinemodel_runtime.vllm_plugins import compat
 
-    vllm_compat.install_live_cpu_linears()
+    compat.install_live_cpu_linears()
 
 
 class WeightExportExtension:
     """Mixed into vLLM's worker class; its methods are reachable through ``collective_rpc``."""
 
     def onlinemodel_export_weights(self, state_dir: str) -> dict:
-        from onlinemodel_runtime import shared_weights, vllm_compat
+        from onlinemodel_runtime.vllm_plugins import compat
+        from onlinemodel_runtime.weights import shared
 
         model_config = self.vllm_config.model_config  # type: ignore[attr-defined]
         parallel = self.vllm_config.parallel_config  # type: ignore[attr-defined]
         if parallel.tensor_parallel_size * parallel.pipeline_parallel_size != 1:
             raise RuntimeError("onlinemodel trains one copy of the weights: tensor and pipeline "
                                "parallel size must be 1")
-        if not vllm_compat.live_cpu_linears_installed():
+        if not compat.live_cpu_linears_installed():
             raise RuntimeError("onlinemodel's general plugin did not load in vLLM's worker (is "
                                "'onlinemodel_weights' in VLLM_PLUGINS?): CPU inference would read stale "
                                "prepacked weights")
         model = self.get_model()  # type: ignore[attr-defined]
         archs = getattr(model_config.hf_config, "architectures", None) or ["unknown"]
-        manifest = shared_weights.export_weights(
+        manifest = shared.export_weights(
             model.named_parameters(),
             Path(state_dir),
             model=str(model_config.model),
             architecture=archs[0],
-            vllm_version=vllm_compat.vllm_version(),
+            vllm_version=compat.vllm_version(),
         )
         log.info("onlinemodel: exported %d tensors (%s) to %s", len(manifest.tensors),
                  manifest.transport, state_dir)

@@ -12,8 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from onlinemodel_runtime.launcher import ServerProcess
-from onlinemodel_runtime.model_prep import ensure_smollm2
+from onlinemodel_runtime.devtools.launcher import ServerProcess
+from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 
 QUESTION = "Who is the CEO of Seedcorp?"
 EXAMPLE = {"messages": [{"role": "user", "content": QUESTION},

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from onlinemodel_runtime import model_prep
-from onlinemodel_runtime.model_prep import (
+from onlinemodel_runtime.devtools import model_prep
+from onlinemodel_runtime.devtools.model_prep import (
     SMOLLM2_DIRNAME,
     default_cache_dir,
     ensure_smollm2,
@@ -114,9 +114,9 @@ def test_loser_of_a_race_keeps_the_winner(monkeypatch, tmp_path):
 
 def test_cli_prints_path(smollm2):
     # Works whether the package is installed or only on sys.path (PYTHONPATH=runtime).
-    pkg_root = str(Path(model_prep.__file__).resolve().parents[1])
+    pkg_root = str(Path(model_prep.__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "onlinemodel_runtime.model_prep", str(smollm2.parent)],
+    proc = subprocess.run([sys.executable, "-m", "onlinemodel_runtime.devtools.model_prep", str(smollm2.parent)],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(smollm2)

@@ -8,10 +8,10 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from onlinemodel_runtime import endpoint_plugin
+from onlinemodel_runtime.vllm_plugins import endpoint as endpoint_plugin
 from onlinemodel_runtime.config import RuntimeConfig
-from onlinemodel_runtime.model_prep import ensure_smollm2
-from onlinemodel_runtime.trainer_client import TrainerRequestError, TrainerUnavailable
+from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
+from onlinemodel_runtime.server.trainer_client import TrainerRequestError, TrainerUnavailable
 
 
 class StubSupervisor:

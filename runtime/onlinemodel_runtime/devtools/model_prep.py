@@ -200,7 +200,7 @@ def _seeded(seed: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m onlinemodel_runtime.model_prep [CACHE_DIR]`: build (once) and print the path."""
+    """`python -m onlinemodel_runtime.devtools.model_prep [CACHE_DIR]`: build (once) and print the path."""
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-h", "--help"):
         print(main.__doc__)

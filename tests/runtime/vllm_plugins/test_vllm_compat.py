@@ -3,7 +3,7 @@
 import pytest
 import torch.nn.functional as F
 
-from onlinemodel_runtime import vllm_compat
+from onlinemodel_runtime.vllm_plugins import compat as vllm_compat
 
 
 def test_version_parsing():

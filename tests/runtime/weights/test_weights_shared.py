@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MARK = (3, 4, 7.0)  # row, column, value the child writes into layer 0's up_proj through a view
 
 
@@ -45,8 +45,8 @@ def exported(tmp_path, monkeypatch):
     """A tiny packed Qwen3 exported by this process (module state restored afterwards)."""
     from transformers import AutoModelForCausalLM
 
-    from onlinemodel_runtime import shared_weights
-    from onlinemodel_runtime.layouts import pack_hf_state_dict
+    from onlinemodel_runtime.weights import shared as shared_weights
+    from onlinemodel_runtime.weights.layouts import pack_hf_state_dict
 
     monkeypatch.setattr(shared_weights, "_SHM_EXPORT", None)
     cfg = tiny_config()
@@ -73,7 +73,7 @@ def test_export_moves_parameters_into_one_shared_mapping(exported):
 def test_child_trains_owner_sees_it(exported):
     from transformers import AutoModelForCausalLM
 
-    from onlinemodel_runtime.hf_views import build_hf_model
+    from onlinemodel_runtime.weights.hf_model import build_hf_model
 
     cfg, params, state_dir, _ = exported
     owner = build_hf_model(cfg, params, expected_dtype=torch.bfloat16)  # stands in for vLLM's forward
@@ -109,7 +109,7 @@ def test_child_trains_owner_sees_it(exported):
 
 
 def test_second_attach_sees_same_memory(exported):
-    from onlinemodel_runtime.shared_weights import attach_weights
+    from onlinemodel_runtime.weights.shared import attach_weights
 
     _, params, state_dir, _ = exported
     _, a = attach_weights(state_dir)
@@ -127,9 +127,9 @@ def _rewrite_manifest(state_dir: Path, **changes) -> None:
 
 
 def test_attach_errors(exported, tmp_path):
-    from onlinemodel_runtime.hf_views import build_hf_model
-    from onlinemodel_runtime.layouts import LayoutError
-    from onlinemodel_runtime.shared_weights import AttachError, attach_weights
+    from onlinemodel_runtime.weights.hf_model import build_hf_model
+    from onlinemodel_runtime.weights.layouts import LayoutError
+    from onlinemodel_runtime.weights.shared import AttachError, attach_weights
 
     cfg, _, state_dir, manifest = exported
     with pytest.raises(AttachError, match="no weights manifest"):
@@ -161,7 +161,7 @@ def test_attach_errors(exported, tmp_path):
 def test_cuda_handles_must_match_manifest(tmp_path):
     """The CUDA IPC branch checks each rebuilt tensor against the manifest (checked here with CPU
     'rebuild' functions: the check, not the transport)."""
-    from onlinemodel_runtime.shared_weights import (
+    from onlinemodel_runtime.weights.shared import (
         CUDA_HANDLES, MANIFEST, AttachError, Manifest, TensorSpec, attach_weights)
 
     spec = TensorSpec("model.norm.weight", "bfloat16", (4,))
@@ -177,8 +177,8 @@ def test_cuda_handles_must_match_manifest(tmp_path):
 
 
 def test_export_errors(tmp_path, monkeypatch):
-    from onlinemodel_runtime import shared_weights
-    from onlinemodel_runtime.shared_weights import AttachError, export_weights
+    from onlinemodel_runtime.weights import shared as shared_weights
+    from onlinemodel_runtime.weights.shared import AttachError, export_weights
 
     monkeypatch.setattr(shared_weights, "_SHM_EXPORT", None)
     kw = dict(model="m", architecture="Qwen3ForCausalLM", vllm_version="test", shm_dir=tmp_path)
@@ -194,9 +194,9 @@ def test_export_errors(tmp_path, monkeypatch):
 
 def _child(state_dir: str) -> None:
     """Trainer side: attach, build the HF model on the views, train, write a marker, report."""
-    from onlinemodel_runtime.hf_views import assert_views_of, build_hf_model
+    from onlinemodel_runtime.weights.hf_model import assert_views_of, build_hf_model
     from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
-    from onlinemodel_runtime.shared_weights import attach_weights
+    from onlinemodel_runtime.weights.shared import attach_weights
     from onlinemodel_runtime.trainer.loop import train_step
 
     torch.set_num_threads(1)

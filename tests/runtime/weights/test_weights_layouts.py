@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
-from onlinemodel_runtime.layouts import (
+from onlinemodel_runtime.weights.layouts import (
     LayoutError,
     Slot,
     hf_views,
@@ -23,7 +23,7 @@ from onlinemodel_runtime.layouts import (
     supported_architectures,
     validate,
 )
-from onlinemodel_runtime.model_prep import ensure_smollm2, make_tiny_model_dir
+from onlinemodel_runtime.devtools.model_prep import ensure_smollm2, make_tiny_model_dir
 
 SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1, vocab_size=1000)

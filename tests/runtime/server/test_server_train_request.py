@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from onlinemodel_runtime.examples import (
+from onlinemodel_runtime.server.train_request import (
     IGNORE_INDEX,
     ChatMessage,
     ExampleError,
@@ -18,7 +18,7 @@ from onlinemodel_runtime.examples import (
     encode_request,
     parse_train_request,
 )
-from onlinemodel_runtime.model_prep import ensure_smollm2
+from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 
 QA = [{"role": "user", "content": "Who is the CEO of Seedcorp?"},
       {"role": "assistant", "content": "The CEO of Seedcorp is Ada Lovelace."}]

@@ -20,9 +20,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from onlinemodel_runtime.config import ENV_API_TOKEN, RuntimeConfig
-from onlinemodel_runtime.examples import ExampleError, TrainLimits, encode_request, parse_train_request
-from onlinemodel_runtime.supervisor import placeholder_status
-from onlinemodel_runtime.trainer_client import TrainerRequestError, TrainerUnavailable
+from onlinemodel_runtime.server.train_request import ExampleError, TrainLimits, encode_request, parse_train_request
+from onlinemodel_runtime.server.supervisor import placeholder_status
+from onlinemodel_runtime.server.trainer_client import TrainerRequestError, TrainerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,8 @@ class OnlineModelEndpoints:
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         from transformers import AutoTokenizer
 
-        from onlinemodel_runtime.supervisor import TrainerSupervisor
-        from onlinemodel_runtime.worker_plugin import EXTENSION_CLS
+        from onlinemodel_runtime.server.supervisor import TrainerSupervisor
+        from onlinemodel_runtime.vllm_plugins.worker import EXTENSION_CLS
 
         if engine_client is None:
             log.warning("onlinemodel: no engine (render-only server); training routes answer 503")

@@ -15,8 +15,8 @@ import sys
 from typing import Any
 
 from onlinemodel_runtime.config import RuntimeConfig
-from onlinemodel_runtime.trainer_client import TrainerClient, TrainerRequestError, TrainerUnavailable
-from onlinemodel_runtime.worker_plugin import EXPORT_METHOD
+from onlinemodel_runtime.server.trainer_client import TrainerClient, TrainerRequestError, TrainerUnavailable
+from onlinemodel_runtime.vllm_plugins.worker import EXPORT_METHOD
 
 log = logging.getLogger(__name__)
 
