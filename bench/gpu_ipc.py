@@ -10,9 +10,9 @@ exported with the project's `export_weights`) plus a trainer process it spawns (
   serve (0.6B by default): step-to-visibility at seq 2048, and decode latency (batch 1, one token per
       CUDA-graph replay) idle vs while the trainer trains.
 
-    PYTHONPATH=runtime python3 bench/gpu_ipc.py                      # GPU, ~2-3 minutes
-    PYTHONPATH=runtime python3 bench/gpu_ipc.py --device cpu --shape-attach tiny --shape-serve tiny \
-        --seq 64 --seq-small 32                                       # CPU smoke test (shm transport)
+    PYTHONPATH=runtime:protocol python3 bench/gpu_ipc.py             # GPU, ~2-3 minutes
+    PYTHONPATH=runtime:protocol python3 bench/gpu_ipc.py --device cpu --shape-attach tiny --shape-serve tiny \
+        --seq 64 --seq-small 32                                # CPU smoke test (shm transport)
 
 Prints a table; exits non-zero if any check fails. Writes gpu_ipc.json under $OUT when set.
 """

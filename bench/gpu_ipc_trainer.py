@@ -38,7 +38,7 @@ def _run(conn, state_dir: str, shape: str, seq: int, lr: float, seed: int) -> No
     from onlinemodel_runtime.weights.hf_model import assert_views_of, build_hf_model
     from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
     from onlinemodel_runtime.weights.shared import attach_weights
-    from onlinemodel_runtime.trainer.loop import train_step
+    from onlinemodel_runtime.trainer.service import train_step
 
     if os.environ.get("GPU_IPC_THREADS"):
         torch.set_num_threads(int(os.environ["GPU_IPC_THREADS"]))

@@ -8,8 +8,10 @@ ARG PYTHON_VERSION=3.12
 FROM python:${PYTHON_VERSION}-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# Only what the operator package needs: the runtime's sources stay out of this image.
+# Only what the operator package needs: the runtime's sources stay out of this image; the protocol
+# package (the runtime's HTTP models and limits, pydantic only) is shared by both images.
 COPY pyproject.toml README.md ./
+COPY protocol/ protocol/
 COPY operator/ operator/
 RUN python -m venv /opt/onlinemodel \
  && /opt/onlinemodel/bin/pip install ".[operator]"

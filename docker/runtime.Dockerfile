@@ -12,12 +12,13 @@ FROM vllm/vllm-openai:${VLLM_VERSION}
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 WORKDIR /opt/onlinemodel/src
 COPY pyproject.toml README.md ./
+COPY protocol/ protocol/
 COPY runtime/ runtime/
 # Keep the image's own torch and vLLM: pip must not replace the builds vLLM was compiled against,
 # so they are pinned to what is installed before adding the `runtime` extra.
 RUN python3 -m pip freeze | grep -iE '^(torch|vllm|transformers|triton)==' > /tmp/keep.txt \
  && python3 -m pip install --constraint /tmp/keep.txt ".[runtime]" \
- && python3 -c "import onlinemodel_runtime, vllm, torch" \
+ && python3 -c "import onlinemodel_runtime, onlinemodel_protocol, vllm, torch" \
  && rm -rf /opt/onlinemodel/src /tmp/keep.txt
 
 WORKDIR /

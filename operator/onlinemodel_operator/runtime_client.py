@@ -1,10 +1,17 @@
-"""Async client of the runtime's HTTP API in the pod: GET /train/status and POST /checkpoint."""
+"""Async client of the runtime's HTTP API in the pod: GET /train/status and POST /checkpoint.
+
+Answers are checked against the runtime's own models (``onlinemodel_protocol.api``) and returned as the
+JSON the runtime sent, less fields the models do not know.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import httpx
+from pydantic import BaseModel, ValidationError
+
+from onlinemodel_protocol.api import CheckpointRecord, ErrorBody, TrainStatus
 
 
 class RuntimeClientError(Exception):
@@ -29,18 +36,30 @@ class CheckpointFailed(RuntimeClientError):
 
 def _error_message(response: httpx.Response) -> str:
     try:
+        return ErrorBody.model_validate_json(response.content).error.message
+    except ValidationError:
+        pass
+    try:
         body = response.json()
     except ValueError:
         return response.text[:500] or response.reason_phrase
+    # Not the runtime's own error shape: a proxy's, or FastAPI's {"detail": ...}.
     if isinstance(body, dict):
         err = body.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
         if isinstance(err, str):
             return err
         if body.get("detail"):
             return str(body["detail"])
     return str(body)[:500]
+
+
+def _parse(model: type[BaseModel], response: httpx.Response) -> dict[str, Any]:
+    """The body, checked against `model`; ValueError if it is not JSON or not that shape."""
+    try:
+        return model.model_validate_json(response.content).model_dump(mode="json", exclude_unset=True)
+    except ValidationError as exc:
+        raise ValueError(f"unexpected answer {response.text[:200]!r}: {exc.error_count()} problem(s), first: "
+                         f"{exc.errors(include_url=False)[0]['msg']}") from None
 
 
 class RuntimeClient:
@@ -68,15 +87,12 @@ class RuntimeClient:
         if response.status_code != 200:
             raise RuntimeUnreachable(f"HTTP {response.status_code}: {_error_message(response)}")
         try:
-            body = response.json()
+            return _parse(TrainStatus, response)
         except ValueError as exc:
-            raise RuntimeUnreachable(f"not JSON: {response.text[:200]!r}") from exc
-        if not isinstance(body, dict):
-            raise RuntimeUnreachable(f"unexpected answer: {body!r:.200}")
-        return body
+            raise RuntimeUnreachable(str(exc)) from None
 
     async def checkpoint(self, timeout: float = 600.0) -> dict[str, Any]:
-        """POST /checkpoint and wait for it; returns {"path", "step", "time", ...}."""
+        """POST /checkpoint and wait for it; returns {"path", "step", "time", ...} (a CheckpointRecord)."""
         try:
             async with self._client(timeout) as client:
                 response = await client.post("/checkpoint")
@@ -87,7 +103,6 @@ class RuntimeClient:
         if response.status_code != 200:
             raise CheckpointFailed(response.status_code, _error_message(response))
         try:
-            body = response.json()
-        except ValueError:
-            body = {}
-        return body if isinstance(body, dict) else {}
+            return _parse(CheckpointRecord, response)
+        except ValueError as exc:
+            raise CheckpointFailed(response.status_code, str(exc)) from None

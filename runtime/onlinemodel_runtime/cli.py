@@ -24,11 +24,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from onlinemodel_runtime.config import ENV_API_TOKEN, ENV_CONFIG, RuntimeConfig
+from onlinemodel_protocol.api import CheckpointRecord
+from onlinemodel_protocol.config import ENV_API_TOKEN, ENV_CONFIG, RuntimeConfig
+from onlinemodel_protocol.rpc import ENDPOINT_PLUGIN, GENERAL_PLUGIN, WORKER_EXTENSION_CLS
 
 log = logging.getLogger("onlinemodel")
-
-PLUGINS = ("onlinemodel_weights", "onlinemodel_train")
 
 
 def _serve_parser(sub) -> None:
@@ -85,13 +85,11 @@ def build_config(args: argparse.Namespace) -> RuntimeConfig:
 
 
 def vllm_command(cfg: RuntimeConfig, args: argparse.Namespace, extra: list[str]) -> list[str]:
-    from onlinemodel_runtime.vllm_plugins.worker import EXTENSION_CLS
-
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            "--model", cfg.model,
            "--served-model-name", args.served_model_name or args.model,
            "--host", args.host, "--port", str(args.port),
-           "--worker-extension-cls", EXTENSION_CLS]
+           "--worker-extension-cls", WORKER_EXTENSION_CLS]
     if args.max_model_len:
         cmd += ["--max-model-len", str(args.max_model_len)]
     if args.gpu_memory_utilization:
@@ -108,17 +106,17 @@ def vllm_env(cfg: RuntimeConfig) -> dict[str, str]:
         from importlib.metadata import entry_points
 
         allowed = [ep.name for ep in entry_points(group="vllm.general_plugins")]
-    env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*allowed, *PLUGINS]))
+    env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*allowed, GENERAL_PLUGIN, ENDPOINT_PLUGIN]))
     env[ENV_CONFIG] = cfg.model_dump_json()
     return env
 
 
-def post_checkpoint(url: str, token: str | None, timeout: float) -> dict:
+def post_checkpoint(url: str, token: str | None, timeout: float) -> CheckpointRecord:
     req = urllib.request.Request(url.rstrip("/") + "/checkpoint", method="POST", data=b"")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
+        return CheckpointRecord.model_validate_json(resp.read())
 
 
 def serve(args: argparse.Namespace, extra: list[str]) -> int:
@@ -166,7 +164,7 @@ def final_checkpoint(cfg: RuntimeConfig, port: int) -> None:
         left = deadline - time.monotonic()
         try:
             info = post_checkpoint(url, os.environ.get(ENV_API_TOKEN), timeout=max(left, 1.0))
-            log.info("final checkpoint %s at step %s", info.get("path"), info.get("step"))
+            log.info("final checkpoint %s at step %s", info.path, info.step)
             return
         except urllib.error.HTTPError as exc:
             if exc.code == 409 and left > 1.0:  # another checkpoint (preStop, periodic) is running
@@ -199,10 +197,10 @@ def checkpoint_cmd(args: argparse.Namespace) -> int:
     except urllib.error.HTTPError as exc:
         print(f"checkpoint failed: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
         return 1
-    except (urllib.error.URLError, TimeoutError) as exc:
+    except (urllib.error.URLError, TimeoutError, ValidationError) as exc:
         print(f"checkpoint failed: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(info, indent=1))
+    print(json.dumps(info.model_dump(), indent=1))
     return 0
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from onlinemodel_protocol.config import ENV_CONFIG, RuntimeConfig
+from onlinemodel_protocol.rpc import ENDPOINT_PLUGIN, GENERAL_PLUGIN, WORKER_EXTENSION_CLS
 from onlinemodel_runtime import cli
-from onlinemodel_runtime.config import ENV_CONFIG, RuntimeConfig
-from onlinemodel_runtime.vllm_plugins.worker import EXTENSION_CLS
 
 
 def parse(argv):
@@ -24,11 +24,11 @@ def test_vllm_command_has_plugins_extension_and_passthrough(tmp_path):
     cfg = cli.build_config(args)
     cmd = cli.vllm_command(cfg, args, unknown)
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
-    assert cmd[cmd.index("--worker-extension-cls") + 1] == EXTENSION_CLS
+    assert cmd[cmd.index("--worker-extension-cls") + 1] == WORKER_EXTENSION_CLS
     assert cmd[cmd.index("--served-model-name") + 1] == "/m"
     assert "--enforce-eager" in cmd and cmd[cmd.index("--max-model-len") + 1] == "1024"
     env = cli.vllm_env(cfg)
-    assert set(env["VLLM_PLUGINS"].split(",")) >= {"onlinemodel_weights", "onlinemodel_train"}
+    assert set(env["VLLM_PLUGINS"].split(",")) >= {GENERAL_PLUGIN, ENDPOINT_PLUGIN}
     assert RuntimeConfig.model_validate_json(env[ENV_CONFIG]) == cfg
 
 
@@ -55,9 +55,11 @@ def test_serves_the_latest_checkpoint_when_there_is_one(tmp_path):
     assert cli.vllm_command(cfg, args, [])[cli.vllm_command(cfg, args, []).index("--served-model-name") + 1] == str(base)
 
 
-def test_bad_settings_are_refused(tmp_path):
-    args, _ = parse(["serve", "--model", "/m", "--learning-rate", "-1", "--state-dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="learning_rate"):
+@pytest.mark.parametrize("flag,value", [("--learning-rate", "-1"), ("--learning-rate", "1.5"),
+                                        ("--optimizer-rank", "0"), ("--max-examples", "0")])
+def test_bad_settings_are_refused(tmp_path, flag, value):
+    args, _ = parse(["serve", "--model", "/m", flag, value, "--state-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=flag.strip("-").replace("-", "_")):
         cli.build_config(args)
 
 
@@ -69,4 +71,3 @@ def test_checkpoint_command_reports_unreachable_server(capsys):
 def test_config_round_trips_through_json(tmp_path):
     cfg = RuntimeConfig(model="/m", base_model="/m", state_dir=tmp_path)
     assert RuntimeConfig.model_validate(json.loads(cfg.model_dump_json())) == cfg
-    assert cfg.trainer_endpoint == f"ipc://{tmp_path / 'trainer.sock'}"

@@ -1,4 +1,4 @@
-"""On-disk layout of one checkpoint directory, and its validation.
+"""The on-disk format of one checkpoint directory, and its validation.
 
     step-00000012/
         config.json, tokenizer*, *.jinja, generation_config.json, ...   (copied from the base model)
@@ -59,12 +59,6 @@ class CheckpointInfo:
     content_hash: str
     tokens_trained: int = 0
     base_model: str = ""
-
-    def to_status(self) -> dict[str, Any]:
-        """The `checkpoint.last` object of GET /train/status (and POST /checkpoint's answer)."""
-        return {"path": str(self.path), "step": self.step, "weight_version": self.weight_version,
-                "time": self.time, "size_bytes": self.size_bytes, "seconds": round(self.seconds, 3),
-                "content_hash": self.content_hash}
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

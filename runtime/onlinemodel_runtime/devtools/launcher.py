@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from onlinemodel_runtime.config import ENV_API_TOKEN
+from onlinemodel_protocol.config import ENV_API_TOKEN
 
 
 def free_port() -> int:

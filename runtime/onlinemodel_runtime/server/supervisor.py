@@ -8,35 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import os
 import sys
 from typing import Any
 
-from onlinemodel_runtime.config import RuntimeConfig
+from onlinemodel_protocol.api import CheckpointRecord, TrainAccepted, TrainStatus
+from onlinemodel_protocol.config import RuntimeConfig
+from onlinemodel_protocol.rpc import EXIT_PERMANENT, EXPORT_WEIGHTS_METHOD, Counters, TrainerOp, TrainJob
 from onlinemodel_runtime.server.trainer_client import TrainerClient, TrainerRequestError, TrainerUnavailable
-from onlinemodel_runtime.vllm_plugins.worker import EXPORT_METHOD
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
-# The trainer exits with this code when it cannot work with this model or config: restarting won't help.
-EXIT_PERMANENT = 2
-
-
-def placeholder_status(state: str, last: dict[str, Any] | None = None, last_error: str | None = None,
-                       restarts: int = 0) -> dict[str, Any]:
-    """GET /train/status when no trainer answers (starting, error) or none exists (disabled): the
-    documented shape, with the last counters seen."""
-    last = last or {}
-    return {"state": state,
-            "steps": last.get("steps", 0), "tokens_trained": last.get("tokens_trained", 0),
-            "last_loss": last.get("last_loss"), "weight_version": last.get("weight_version", 0),
-            "last_step_time": last.get("last_step_time"), "last_step_seconds": last.get("last_step_seconds"),
-            "skipped_steps": last.get("skipped_steps", 0), "queued_jobs": 0, "jobs": last.get("jobs", []),
-            "last_error": last_error, "checkpoint": last.get("checkpoint"),
-            "optimizer": last.get("optimizer"), "trainer_restarts": restarts}
 
 
 class _GiveUp(Exception):
@@ -57,13 +41,13 @@ class TrainerSupervisor:
         self._stderr_task: asyncio.Task | None = None
         # Weight version whose KV vLLM's prefix cache may hold; None: unknown, reset at the next chance.
         self._cache_version: int | None = 0
-        self._last_status: dict[str, Any] | None = None
+        self._last_status: TrainStatus | None = None
         self._task: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        await self.engine.collective_rpc(EXPORT_METHOD, args=(str(self.cfg.state_dir),))
+        await self.engine.collective_rpc(EXPORT_WEIGHTS_METHOD, args=(str(self.cfg.state_dir),))
         self._task = asyncio.create_task(self._supervise())
 
     async def _spawn(self) -> None:
@@ -71,13 +55,12 @@ class TrainerSupervisor:
         self.client.reset()
         # A restarted trainer resumes counters from the last checkpoint, but the live weights carry every
         # step since: hand it the counters we last saw (it keeps the larger) and reset the cache once.
-        counters = json.dumps({k: self._last_status[k] for k in ("steps", "tokens_trained", "weight_version",
-                                                                "skipped_steps")} if self._last_status else {})
+        counters = ["--counters", Counters.model_validate(self._last_status.model_dump()).model_dump_json()] \
+            if self._last_status else []
         self._cache_version = None if self._last_status else 0
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "onlinemodel_runtime.trainer",
-            "--config", self.cfg.model_dump_json(), "--parent-pid", str(os.getpid()),
-            "--counters", counters,
+            "--config", self.cfg.model_dump_json(), "--parent-pid", str(os.getpid()), *counters,
             stderr=asyncio.subprocess.PIPE,
         )
         self._stderr_task = asyncio.create_task(self._forward_stderr(self._proc))
@@ -129,7 +112,7 @@ class TrainerSupervisor:
             await self._spawn()
             return min(backoff * 2, 30.0)
         try:
-            status = await self.client.request("status", timeout=5)
+            status = await self.client.request(TrainerOp.STATUS, timeout=5)
         except (TrainerUnavailable, TrainerRequestError):
             return backoff  # still starting, or busy: try again
         if not self._ready:
@@ -141,18 +124,18 @@ class TrainerSupervisor:
         return 1.0
 
     # -- prefix cache --------------------------------------------------------------------------
-    async def _sync_prefix_cache(self, status: dict[str, Any]) -> None:
+    async def _sync_prefix_cache(self, status: TrainStatus) -> None:
         """Drop KV computed with older weights once the weights changed.
 
         vLLM refuses the reset while requests hold cache blocks; we retry on the next poll, so
         answers computed from stale KV last at most until the first idle moment.
         """
-        version = status.get("weight_version")
+        version = status.weight_version
         if version == self._cache_version:
             return
         if await self.engine.reset_prefix_cache():
             self._cache_version = version
-        elif status.get("state") == "idle" and not status.get("queued_jobs"):
+        elif status.state == "idle" and not status.queued_jobs:
             # Training is over and a request still holds stale blocks: preempt it (vLLM recomputes it
             # with the new weights), so a finished job is always followed by fresh answers.
             try:
@@ -168,32 +151,29 @@ class TrainerSupervisor:
         if not self._ready:
             raise TrainerUnavailable("trainer is starting")
 
-    def _placeholder_status(self) -> dict[str, Any]:
+    def _placeholder_status(self) -> TrainStatus:
         """What GET /train/status says while no trainer answers."""
-        return placeholder_status("error" if self.state == "error" else "starting", self._last_status,
-                                  self.last_error, self.restarts)
+        return TrainStatus.placeholder("error" if self.state == "error" else "starting", self._last_status,
+                                       self.last_error, self.restarts)
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> TrainStatus:
         if not self._ready:
             return self._placeholder_status()
         try:
-            status = await self.client.request("status", timeout=10)
+            status = await self.client.request(TrainerOp.STATUS, timeout=10)
         except (TrainerUnavailable, TrainerRequestError):
             return self._placeholder_status()
         self._last_status = status
         # Jobs reported finished here must already be served from fresh KV.
         await self._sync_prefix_cache(status)
-        status["trainer_restarts"] = self.restarts
-        if self.last_error and not status.get("last_error"):
-            status["last_error"] = self.last_error
-        return status
+        return status.model_copy(update={"trainer_restarts": self.restarts,
+                                         "last_error": status.last_error or self.last_error})
 
-    async def submit(self, examples: list[dict[str, Any]], epochs: int | None,
-                     learning_rate: float | None) -> dict[str, Any]:
+    async def submit(self, job: TrainJob) -> TrainAccepted:
+        """Queue `job` in the trainer process, whose ``TrainerService.submit`` (trainer/service.py) answers."""
         self._check_ready()
-        return await self.client.request("train", examples=examples, epochs=epochs,
-                                         learning_rate=learning_rate, timeout=30)
+        return await self.client.request(TrainerOp.TRAIN, timeout=30, **job.model_dump())
 
-    async def checkpoint(self, timeout: float = 600.0) -> dict[str, Any]:
+    async def checkpoint(self, timeout: float = 600.0) -> CheckpointRecord:
         self._check_ready()
-        return await self.client.request("checkpoint", timeout=timeout)
+        return await self.client.request(TrainerOp.CHECKPOINT, timeout=timeout)

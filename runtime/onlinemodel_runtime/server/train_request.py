@@ -1,4 +1,4 @@
-"""Training requests: validation of `POST /train` bodies and encoding of chat examples.
+"""Training requests: validation of `POST /train` bodies, their defaults, and encoding of chat examples.
 
 Format: OpenAI's chat fine-tuning format,
     {"examples": [{"messages": [{"role": "system|user|assistant", "content": "..."}]}],
@@ -8,21 +8,25 @@ Policy on extra keys (documented in docs/api.md by the HTTP layer):
   - every other unknown key (`tools`, `tool_calls`, `name`, `functions`, top-level `model`, ...)
     is refused with a clear error rather than silently ignored, since ignoring it would train on
     something other than what the user sent.
-Loss is on assistant tokens only (the content and the template's end-of-turn marker); every other
-label is -100. Labels are aligned with input_ids (transformers shifts them inside the model).
+This is where a request's defaults are resolved (epochs, learning rate: the server's configuration) and
+its bounds checked (onlinemodel_protocol.limits, via RuntimeConfig); the trainer receives a complete
+`TrainJob`. Loss is on assistant tokens only (the content and the template's end-of-turn marker); every
+other label is IGNORE_INDEX. Labels are aligned with input_ids (transformers shifts them inside the model).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-IGNORE_INDEX = -100
+from onlinemodel_protocol.config import RuntimeConfig
+from onlinemodel_protocol.limits import LEARNING_RATE_MAX, MAX_MESSAGES
+from onlinemodel_protocol.rpc import IGNORE_INDEX, EncodedExample, TrainJob
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -40,26 +44,6 @@ class ExampleError(ValueError):
         self.param = param
         self.code = code
         self.http_status = http_status
-
-
-@dataclass(frozen=True)
-class TrainLimits:
-    """Per-request limits. Frozen; checked at construction."""
-
-    max_examples: int = 64
-    max_epochs: int = 50
-    default_epochs: int = 1
-    min_learning_rate: float = 0.0  # exclusive
-    max_learning_rate: float = 1.0  # inclusive
-    max_messages: int = 256
-
-    def __post_init__(self) -> None:
-        if self.max_examples < 1 or self.max_epochs < 1 or self.max_messages < 1:
-            raise ValueError("max_examples, max_epochs and max_messages must be >= 1")
-        if not 1 <= self.default_epochs <= self.max_epochs:
-            raise ValueError(f"default_epochs must be in [1, {self.max_epochs}]")
-        if not 0.0 <= self.min_learning_rate < self.max_learning_rate:
-            raise ValueError("need 0 <= min_learning_rate < max_learning_rate")
 
 
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
@@ -99,28 +83,14 @@ class TrainingExample(BaseModel):
 
 
 class TrainRequest(BaseModel):
-    """A validated `POST /train` body. `epochs` is resolved to the limits' default when absent;
-    `learning_rate` None means "the trainer's configured rate"."""
+    """A `POST /train` body. After `parse_train_request`, `epochs` and `learning_rate` are never None:
+    absent ones are the server's configured defaults."""
 
     model_config = _STRICT
 
     examples: list[TrainingExample]
     epochs: int | None = None
     learning_rate: float | None = None
-
-
-@dataclass(frozen=True)
-class EncodedExample:
-    input_ids: list[int]
-    labels: list[int]
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def num_target_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
 def _param_path(loc: Sequence[Any]) -> str:
@@ -136,8 +106,9 @@ def _param_path(loc: Sequence[Any]) -> str:
 _TOO_LARGE = 413
 
 
-def parse_train_request(body: bytes | str | Mapping[str, Any], limits: TrainLimits = TrainLimits()) -> TrainRequest:
-    """Parse and validate a request body (JSON text or decoded object); raise ExampleError."""
+def parse_train_request(body: bytes | str | Mapping[str, Any], cfg: RuntimeConfig) -> TrainRequest:
+    """Parse and validate a request body (JSON text or decoded object) against `cfg`'s limits, and fill
+    in `cfg`'s defaults; raise ExampleError."""
     if isinstance(body, (bytes, bytearray, str)):
         try:
             data = json.loads(body)
@@ -154,22 +125,22 @@ def parse_train_request(body: bytes | str | Mapping[str, Any], limits: TrainLimi
     if isinstance(examples, list):
         if not examples:
             raise ExampleError("'examples' must not be empty", "examples", "empty_examples")
-        if len(examples) > limits.max_examples:
-            raise ExampleError(f"too many examples: {len(examples)}; at most {limits.max_examples} per request",
+        if len(examples) > cfg.max_examples:
+            raise ExampleError(f"too many examples: {len(examples)}; at most {cfg.max_examples} per request",
                                "examples", "too_many_examples", _TOO_LARGE)
         for i, ex in enumerate(examples):
             msgs = ex.get("messages") if isinstance(ex, Mapping) else None
-            if isinstance(msgs, list) and len(msgs) > limits.max_messages:
-                raise ExampleError(f"too many messages: {len(msgs)}; at most {limits.max_messages}",
+            if isinstance(msgs, list) and len(msgs) > MAX_MESSAGES:
+                raise ExampleError(f"too many messages: {len(msgs)}; at most {MAX_MESSAGES}",
                                    f"examples[{i}].messages", "too_many_messages", _TOO_LARGE)
     try:
         request = TrainRequest.model_validate(data)
     except ValidationError as exc:
         raise _from_validation_error(exc) from None
-    _check_semantics(request, limits)
-    if request.epochs is None:
-        request = request.model_copy(update={"epochs": limits.default_epochs})
-    return request
+    _check_semantics(request, cfg.max_epochs)
+    return request.model_copy(update={
+        "epochs": cfg.default_epochs if request.epochs is None else request.epochs,
+        "learning_rate": cfg.learning_rate if request.learning_rate is None else request.learning_rate})
 
 
 def _from_validation_error(exc: ValidationError) -> ExampleError:
@@ -200,7 +171,7 @@ def _from_validation_error(exc: ValidationError) -> ExampleError:
     return ExampleError(msg, param, "invalid_type")
 
 
-def _check_semantics(request: TrainRequest, limits: TrainLimits) -> None:
+def _check_semantics(request: TrainRequest, max_epochs: int) -> None:
     for i, example in enumerate(request.examples):
         for j, m in enumerate(example.messages):
             if m.weight is not None and m.role != "assistant":
@@ -209,13 +180,13 @@ def _check_semantics(request: TrainRequest, limits: TrainLimits) -> None:
         if not any(m.role == "assistant" and m.weight != 0 for m in example.messages):
             raise ExampleError("example has no assistant turn to learn from (need a message with role "
                                "'assistant' and weight not 0)", f"examples[{i}].messages", "no_assistant_turn")
-    if request.epochs is not None and not 1 <= request.epochs <= limits.max_epochs:
-        raise ExampleError(f"epochs must be between 1 and {limits.max_epochs}, got {request.epochs}",
+    if request.epochs is not None and not 1 <= request.epochs <= max_epochs:
+        raise ExampleError(f"epochs must be between 1 and {max_epochs}, got {request.epochs}",
                            "epochs", "out_of_range")
     lr = request.learning_rate
-    if lr is not None and (not math.isfinite(lr) or not limits.min_learning_rate < lr <= limits.max_learning_rate):
-        raise ExampleError(f"learning_rate must be > {limits.min_learning_rate} and <= {limits.max_learning_rate}, "
-                           f"got {lr}", "learning_rate", "out_of_range")
+    if lr is not None and (not math.isfinite(lr) or not 0.0 < lr <= LEARNING_RATE_MAX):
+        raise ExampleError(f"learning_rate must be > 0.0 and <= {LEARNING_RATE_MAX}, got {lr}",
+                           "learning_rate", "out_of_range")
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
@@ -291,7 +262,8 @@ def encode_example(tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str,
     return EncodedExample(input_ids=input_ids, labels=labels)
 
 
-def encode_request(tokenizer: Any, request: TrainRequest, max_len: int) -> list[EncodedExample]:
-    """Encode every example of a validated request (errors name `examples[i]`)."""
-    return [encode_example(tokenizer, ex.messages, max_len, param=f"examples[{i}]")
-            for i, ex in enumerate(request.examples)]
+def encode_request(tokenizer: Any, request: TrainRequest, max_len: int) -> TrainJob:
+    """The trainer's job for a parsed request: every example encoded (errors name `examples[i]`)."""
+    examples = [encode_example(tokenizer, ex.messages, max_len, param=f"examples[{i}]")
+                for i, ex in enumerate(request.examples)]
+    return TrainJob(examples=examples, epochs=request.epochs, learning_rate=request.learning_rate)

@@ -1,4 +1,7 @@
-"""Async ZMQ client the API server uses to talk to the trainer (DEALER to the trainer's ROUTER)."""
+"""Async ZMQ client the API server uses to talk to the trainer (DEALER to the trainer's ROUTER).
+
+Requests and answers are those of ``onlinemodel_protocol.rpc``; results come back as its models.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,9 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from pydantic import ValidationError
+
+from onlinemodel_protocol.rpc import OPS, TrainerOp, TrainerReply
 
 
 class TrainerUnavailable(RuntimeError):
@@ -48,24 +54,33 @@ class TrainerClient:
             fut = self._pending.pop(rid, None)
             if fut is not None and not fut.done():
                 try:
-                    fut.set_result(json.loads(body))
-                except ValueError as exc:
+                    fut.set_result(TrainerReply.model_validate_json(body))
+                except ValidationError as exc:
                     fut.set_exception(TrainerUnavailable(f"unreadable answer from the trainer: {exc}"))
 
-    async def request(self, op: str, timeout: float = 10.0, **payload: Any) -> Any:
+    async def request(self, op: TrainerOp | str, timeout: float = 10.0, **args: Any) -> Any:
+        """Send `op` with its arguments (the fields of ``OPS[op].args``); return its result, as
+        ``OPS[op].result`` where the protocol names one, else as plain JSON."""
+        op = TrainerOp(op)
         sock = self._ensure()
         rid = str(next(self._ids)).encode()
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        await sock.send_multipart([rid, json.dumps({"op": op, **payload}).encode()])
+        await sock.send_multipart([rid, json.dumps({"op": op.value, **args}).encode()])
         try:
             reply = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             self._pending.pop(rid, None)
-            raise TrainerUnavailable(f"trainer did not answer {op!r} within {timeout:.0f}s") from None
-        if not reply.get("ok"):
-            raise TrainerRequestError(reply.get("error", "trainer error"), int(reply.get("code", 500)))
-        return reply["result"]
+            raise TrainerUnavailable(f"trainer did not answer {op.value!r} within {timeout:.0f}s") from None
+        if not reply.ok:
+            raise TrainerRequestError(reply.error or "trainer error", reply.code)
+        result_model = OPS[op].result
+        if result_model is None:
+            return reply.result
+        try:
+            return result_model.model_validate(reply.result)
+        except ValidationError as exc:
+            raise TrainerUnavailable(f"unreadable {op.value!r} answer from the trainer: {exc}") from None
 
     def reset(self) -> None:
         """Drop the connection (after a trainer restart) and fail whatever was waiting."""

@@ -1,8 +1,8 @@
-"""The trainer's ZMQ server: a ROUTER socket answering JSON requests from the vLLM API server.
+"""The trainer's ZMQ server: a ROUTER socket answering the vLLM API server's requests.
 
-Requests are ``[request_id, json]`` frames; each is handled in its own task so a long checkpoint does
-not hold up status requests. Operations: ``ping``, ``status``, ``train``, ``checkpoint``, ``introspect``, ``debug_scale`` (tests
-only, behind ``debug_ops``), ``shutdown``.
+Requests are ``[request_id, json]`` frames holding an operation of ``onlinemodel_protocol.rpc`` and its
+arguments, validated against ``OPS`` before they reach the service; each is handled in its own task so a
+long checkpoint does not hold up status requests. ``debug_scale`` (tests only) needs ``debug_ops``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from pydantic import ValidationError
 
+from onlinemodel_protocol.rpc import OPS, TrainerOp, TrainerReply
 from onlinemodel_runtime.trainer import debug
 from onlinemodel_runtime.trainer.service import TrainerError, TrainerService
 
@@ -23,25 +25,34 @@ log = logging.getLogger(__name__)
 
 
 async def handle(service: TrainerService, request: dict[str, Any], stop: asyncio.Event) -> Any:
-    op = request.get("op")
-    if op == "ping":
+    name = request.pop("op", None)
+    try:
+        op = TrainerOp(name)
+    except ValueError:
+        raise TrainerError(f"unknown operation {name!r}", code=400) from None
+    spec = OPS[op]
+    try:
+        args = spec.args.model_validate(request) if spec.args is not None else None
+    except ValidationError as exc:
+        raise TrainerError(f"bad arguments for {op.value!r}: {exc}", code=400) from None
+    if op is TrainerOp.PING:
         return {"pid": os.getpid()}
-    if op == "status":
+    if op is TrainerOp.STATUS:
         return service.status()
-    if op == "train":
-        return service.submit(request)
-    if op == "checkpoint":
+    if op is TrainerOp.TRAIN:
+        return service.submit(args)
+    if op is TrainerOp.CHECKPOINT:
         return await asyncio.to_thread(service.checkpoint)
-    if op == "introspect":
+    if op is TrainerOp.INTROSPECT:
         return debug.introspect(service.model)
-    if op == "debug_scale":
+    if op is TrainerOp.DEBUG_SCALE:
         if not service.cfg.debug_ops:
             raise TrainerError("debug operations are disabled", code=403)
-        return await asyncio.to_thread(service.debug_scale, request["name"], float(request["factor"]))
-    if op == "shutdown":
+        return await asyncio.to_thread(service.debug_scale, args.name, args.factor)
+    if op is TrainerOp.SHUTDOWN:
         stop.set()
         return {"stopping": True}
-    raise TrainerError(f"unknown operation {op!r}", code=400)
+    raise TrainerError(f"operation {op.value!r} has no handler", code=500)
 
 
 async def serve(service: TrainerService, endpoint: str, parent_pid: int | None = None) -> None:
@@ -54,14 +65,16 @@ async def serve(service: TrainerService, endpoint: str, parent_pid: int | None =
 
     async def answer(identity: bytes, rid: bytes, body: bytes) -> None:
         try:
-            result = await handle(service, json.loads(body), stop)
-            reply = {"ok": True, "result": result}
+            request = json.loads(body)
+            if not isinstance(request, dict):
+                raise TrainerError("a request is a JSON object", code=400)
+            reply = TrainerReply(ok=True, result=await handle(service, request, stop))
         except TrainerError as exc:
-            reply = {"ok": False, "error": str(exc), "code": exc.code}
+            reply = TrainerReply(ok=False, error=str(exc), code=exc.code)
         except Exception as exc:  # answer every request, whatever happened
             log.exception("request failed")
-            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "code": 500}
-        await sock.send_multipart([identity, rid, json.dumps(reply).encode()])
+            reply = TrainerReply(ok=False, error=f"{type(exc).__name__}: {exc}", code=500)
+        await sock.send_multipart([identity, rid, reply.model_dump_json().encode()])
 
     async def watch_parent() -> None:
         # The trainer belongs to one vLLM API server: when it is gone, so are we.

@@ -1,8 +1,9 @@
-"""The trainer's state machine: a job queue, counters, and consistent checkpoints.
+"""The trainer's state machine: a job queue, the training step, counters, and consistent checkpoints.
 
-One training thread consumes jobs; the ZMQ server answers status and checkpoint requests from the event
-loop meanwhile. ``_weights_lock`` is held for each optimizer step and while a checkpoint snapshots the
-weights, so a checkpoint never sees half a step.
+One training thread consumes jobs (``TrainJob`` of ``onlinemodel_protocol.rpc``, complete: the API server
+resolved every default); the ZMQ server (``server.py``) answers status and checkpoint requests from the
+event loop meanwhile. ``_weights_lock`` is held for each optimizer step and while a checkpoint snapshots
+the weights, so a checkpoint never sees half a step. Every answer is a model of ``onlinemodel_protocol.api``.
 """
 
 from __future__ import annotations
@@ -13,26 +14,69 @@ import queue
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onlinemodel_runtime.config import RuntimeConfig
-from onlinemodel_runtime.trainer.loop import train_step
+import torch
+
+from onlinemodel_protocol.api import CheckpointRecord, CheckpointStatus, Job, TrainAccepted, TrainStatus, utc_timestamp
+from onlinemodel_protocol.config import RuntimeConfig
+from onlinemodel_protocol.limits import RECENT_JOBS
+from onlinemodel_protocol.rpc import Counters, EncodedExample, TrainJob
 
 log = logging.getLogger(__name__)
-
-RECENT_JOBS = 20
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class TrainerError(RuntimeError):
     def __init__(self, message: str, code: int = 500):
         super().__init__(message)
         self.code = code
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    tokens: int
+    applied: bool
+    # Parameters written in place by this step, even when it was skipped part way (hook mode): the
+    # served weights changed whenever this is above zero.
+    params_updated: int
+    skipped_reason: str | None
+    seconds: float
+
+
+def train_step(model: torch.nn.Module, optimizer, input_ids: list[int], labels: list[int],
+               *, learning_rate: float | None = None) -> StepResult:
+    """One example, one optimizer step: forward, then backward with the optimizer's per-parameter hooks.
+
+    The optimizer writes each parameter's update as soon as its gradient is ready (HOGWILD: vLLM keeps
+    serving from the same memory meanwhile), so there is never a full-model gradient buffer.
+    """
+    started = time.perf_counter()
+    if learning_rate is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+    device = next(p.device for p in model.parameters())
+    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
+    target = torch.tensor([labels], dtype=torch.long, device=device)
+    out = model(input_ids=ids, labels=target, use_cache=False)
+    report = optimizer.backward_step(out.loss)
+    return StepResult(
+        loss=float(out.loss.detach()),
+        tokens=len(input_ids),
+        applied=report.applied,
+        params_updated=report.params_updated,
+        skipped_reason=report.reason if report.skipped else None,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _record(info) -> CheckpointRecord:
+    """The API's view of a checkpoint.CheckpointInfo."""
+    return CheckpointRecord(path=str(info.path), step=info.step, weight_version=info.weight_version,
+                            time=info.time, size_bytes=info.size_bytes, seconds=round(info.seconds, 3),
+                            content_hash=info.content_hash)
 
 
 class TrainerService:
@@ -50,13 +94,13 @@ class TrainerService:
         self.last_step_seconds: float | None = None
         self.skipped_steps = 0
         self.last_error: str | None = None
-        self.jobs: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self.checkpoint_state = "idle"
-        self.last_checkpoint: dict[str, Any] | None = None
+        self.last_checkpoint: CheckpointRecord | None = None
         self.checkpoint_error: str | None = None
         self._checkpoint_version = 0
         self._last_checkpoint_monotonic = time.monotonic()
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Job, list[EncodedExample]] | None] = queue.Queue()
         self._weights_lock = threading.Lock()
         self._checkpoint_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -79,64 +123,98 @@ class TrainerService:
         self.last_loss = state.get("last_loss")
         self._checkpoint_version = self.weight_version
 
-    def adopt_counters(self, counters: dict[str, Any]) -> None:
-        """After a trainer restart: the live weights carry steps that the last checkpoint does not."""
-        self.load_state_dict({**counters, "step": counters.get("steps", 0)})
-        self._checkpoint_version = -1  # those steps are in no checkpoint yet
+    def restore(self, counters: Counters | None = None) -> None:
+        """At start: optimizer state and counters from the store's latest checkpoint if vLLM serves its
+        weights; then `counters` (the supervisor's, after a restart) if the live weights are ahead of it;
+        then whether checkpoints can be written at all."""
+        from onlinemodel_runtime.checkpoint import CheckpointError
+
+        if self.store is not None:
+            self._restore_checkpoint()
+        if counters is not None and counters.weight_version > self.weight_version:
+            # The live weights carry steps that the last checkpoint does not.
+            self.load_state_dict({**counters.model_dump(), "step": counters.steps})
+            self._checkpoint_version = -1
+        if self.store is not None:
+            try:
+                self.store.check_writable()
+            except CheckpointError as exc:
+                # Serving and training go on; every checkpoint attempt reports this until it is fixed.
+                log.error("%s", exc)
+                self.checkpoint_state = "failed"
+                self.checkpoint_error = str(exc)
+
+    def _restore_checkpoint(self) -> None:
+        from onlinemodel_runtime.checkpoint import CheckpointError
+
+        info = self.store.latest()
+        if info is None:
+            return
+        if Path(self.cfg.model).resolve() != info.path.resolve():
+            log.warning("checkpoint %s exists but vLLM serves %s: not restoring optimizer state",
+                        info.path, self.cfg.model)
+            return
+        device = next(self.model.parameters()).device
+        try:
+            optimizer_state, trainer_state = self.store.load_training_state(info, map_location=device)
+        except CheckpointError as exc:
+            log.warning("cannot read training state of %s (%s): starting with fresh optimizer state", info.path, exc)
+            return
+        saved_rank = (optimizer_state or {}).get("param_groups", [{}])[0].get("rank")
+        if optimizer_state is not None and saved_rank not in (None, self.cfg.optimizer_rank):
+            log.warning("checkpoint optimizer state has rank %s, configured rank is %s: starting it fresh",
+                        saved_rank, self.cfg.optimizer_rank)
+            optimizer_state = None
+        if optimizer_state is not None:
+            try:
+                self.optimizer.load_state_dict(optimizer_state)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                log.warning("optimizer state of %s does not fit this model (%s): starting it fresh", info.path, exc)
+        self.load_state_dict(trainer_state)
+        self.last_checkpoint = _record(info)
+        log.info("resumed from %s: step %d, weight version %d", info.path, self.steps, self.weight_version)
 
     # -- requests ----------------------------------------------------------------------------
-    def submit(self, request: dict[str, Any]) -> dict[str, Any]:
-        examples = request["examples"]
-        if not self.cfg.training_enabled:
-            raise TrainerError("training is disabled for this model", code=409)
+    def submit(self, request: TrainJob) -> TrainAccepted:
         if self._queue.qsize() >= self.cfg.max_queued_jobs:
             raise TrainerError(f"{self._queue.qsize()} jobs are already queued (limit {self.cfg.max_queued_jobs}); "
                                "retry when some have finished", code=429)
-        job = {
-            "id": f"job-{uuid.uuid4().hex[:12]}",
-            "state": "queued",
-            "examples": len(examples),
-            "epochs": int(request.get("epochs") or self.cfg.default_epochs),
-            "learning_rate": float(request.get("learning_rate") or self.cfg.learning_rate),
-            "steps": 0,
-            "last_loss": None,
-            "error": None,
-            "created_at": utc_now(),
-            "finished_at": None,
-        }
-        self.jobs[job["id"]] = job
+        job = Job(id=f"job-{uuid.uuid4().hex[:12]}", state="queued", examples=len(request.examples),
+                  epochs=request.epochs, learning_rate=request.learning_rate, created_at=utc_timestamp())
+        self.jobs[job.id] = job
         while len(self.jobs) > RECENT_JOBS:
-            oldest = next(iter(self.jobs))
-            if self.jobs[oldest]["state"] in ("queued", "running"):
+            oldest = next(iter(self.jobs.values()))
+            if oldest.state in ("queued", "running"):
                 break
             self.jobs.popitem(last=False)
-        self._queue.put({"job": job, "examples": examples})
-        return {"job_id": job["id"], "state": "queued", "examples": job["examples"]}
+        self._queue.put((job, request.examples))
+        return TrainAccepted(job_id=job.id, state="queued", examples=job.examples,
+                             tokens=sum(ex.num_tokens for ex in request.examples))
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> TrainStatus:
         # Jobs first: a job is marked finished after its last step is counted, so a snapshot that
         # shows it finished also shows the weight version it produced.
-        jobs = [dict(j) for j in list(self.jobs.values())]
-        return {
-            "jobs": jobs,
-            "state": self.state,
-            "steps": self.steps,
-            "tokens_trained": self.tokens_trained,
-            "last_loss": self.last_loss,
-            "weight_version": self.weight_version,
-            "last_step_time": self.last_step_time,
-            "last_step_seconds": self.last_step_seconds,
-            "skipped_steps": self.skipped_steps,
-            "queued_jobs": self._queue.qsize(),
-            "last_error": self.last_error,
-            "checkpoint": {
-                "state": self.checkpoint_state,
-                "last": self.last_checkpoint,
-                "last_error": self.checkpoint_error,
-                "dir": str(self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None,
-            },
-            "optimizer": self.optimizer.summary(),
-        }
+        jobs = [job.model_copy() for job in list(self.jobs.values())]
+        return TrainStatus(
+            jobs=jobs,
+            state=self.state,
+            steps=self.steps,
+            tokens_trained=self.tokens_trained,
+            last_loss=self.last_loss,
+            weight_version=self.weight_version,
+            last_step_time=self.last_step_time,
+            last_step_seconds=self.last_step_seconds,
+            skipped_steps=self.skipped_steps,
+            queued_jobs=self._queue.qsize(),
+            last_error=self.last_error,
+            checkpoint=CheckpointStatus(
+                state=self.checkpoint_state,
+                last=self.last_checkpoint,
+                last_error=self.checkpoint_error,
+                dir=str(self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None,
+            ),
+            optimizer=self.optimizer.summary(),
+        )
 
     # -- training thread ---------------------------------------------------------------------
     def start(self) -> None:
@@ -151,18 +229,18 @@ class TrainerService:
             item = self._queue.get()
             if item is None:
                 return
-            self._run_job(item["job"], item["examples"])
+            self._run_job(*item)
 
-    def _run_job(self, job: dict[str, Any], examples: list[dict[str, Any]]) -> None:
-        job["state"] = "running"
+    def _run_job(self, job: Job, examples: list[EncodedExample]) -> None:
+        job.state = "running"
         self.state = "training"
         try:
-            for _ in range(job["epochs"]):
+            for _ in range(job.epochs):
                 for ex in examples:
                     with self._weights_lock:
                         try:
-                            result = train_step(self.model, self.optimizer, ex["input_ids"], ex["labels"],
-                                                learning_rate=job["learning_rate"])
+                            result = train_step(self.model, self.optimizer, ex.input_ids, ex.labels,
+                                                learning_rate=job.learning_rate)
                         except Exception:
                             # Backward may have written some parameters before it failed (e.g. out of
                             # memory): treat the weights as changed so caches and checkpoints follow.
@@ -171,22 +249,22 @@ class TrainerService:
                         # Counted under the lock: a checkpoint never pairs new weights with old counters.
                         self._record_step(job, result)
                     self._maybe_periodic_checkpoint()
-            job["state"] = "succeeded"
+            job.state = "succeeded"
         except Exception as exc:  # a failed job must not kill the trainer
-            log.exception("training job %s failed", job["id"])
-            job["state"] = "failed"
-            job["error"] = f"{type(exc).__name__}: {exc}"
-            self.last_error = job["error"]
+            log.exception("training job %s failed", job.id)
+            job.state = "failed"
+            job.error = f"{type(exc).__name__}: {exc}"
+            self.last_error = job.error
         finally:
-            job["finished_at"] = utc_now()
+            job.finished_at = utc_timestamp()
             self.state = "training" if self._queue.qsize() else "idle"
 
-    def _record_step(self, job: dict[str, Any], result) -> None:
-        job["steps"] += 1
-        job["last_loss"] = result.loss
+    def _record_step(self, job: Job, result: StepResult) -> None:
+        job.steps += 1
+        job.last_loss = result.loss
         self.last_loss = result.loss
         self.last_step_seconds = round(result.seconds, 4)
-        self.last_step_time = utc_now()
+        self.last_step_time = utc_timestamp()
         if result.applied:
             self.steps += 1
             self.tokens_trained += result.tokens
@@ -226,7 +304,7 @@ class TrainerService:
             # Retry after a full interval, not at once: a full disk stays full.
             self._last_checkpoint_monotonic = time.monotonic()
 
-    def checkpoint(self) -> dict[str, Any]:
+    def checkpoint(self) -> CheckpointRecord:
         """Write a checkpoint now (blocking). Training pauses only while the weights are copied out."""
         from onlinemodel_runtime.checkpoint import CheckpointBusy, CheckpointError, hf_weight_tensors
 
@@ -268,7 +346,7 @@ class TrainerService:
             self._checkpoint_lock.release()
         self.checkpoint_state = "idle"
         self.checkpoint_error = None
-        self.last_checkpoint = info.to_status()
+        self.last_checkpoint = _record(info)
         self._checkpoint_version = counters["weight_version"]
         self._last_checkpoint_monotonic = time.monotonic()
         log.info("checkpoint %s at step %d (%.2fs)", info.path, info.step, info.seconds)

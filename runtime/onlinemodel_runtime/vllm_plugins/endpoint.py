@@ -1,8 +1,10 @@
 """The ``vllm.endpoint_plugins`` entry: ``POST /train``, ``GET /train/status``, ``POST /checkpoint``.
 
-The routes live on vLLM's own FastAPI app, on the port that serves ``/v1/chat/completions``. Requests
-are validated and tokenized here (so bad input gets a 4xx before anything is queued) and forwarded to
-the trainer process over async ZMQ; nothing here blocks the event loop.
+The routes live on vLLM's own FastAPI app, on the port that serves ``/v1/chat/completions``. A
+``POST /train`` is validated and tokenized here (``server/train_request.py``: bad input gets a 4xx before
+anything is queued) into a ``TrainJob`` that ``server/supervisor.py`` hands to the trainer process over
+async ZMQ (``trainer/service.py`` runs it); nothing here blocks the event loop. Every answer is a model of
+``onlinemodel_protocol.api``.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, FastAPI, Request, Response
+from pydantic import BaseModel
 
-from onlinemodel_runtime.config import ENV_API_TOKEN, RuntimeConfig
-from onlinemodel_runtime.server.train_request import ExampleError, TrainLimits, encode_request, parse_train_request
-from onlinemodel_runtime.server.supervisor import placeholder_status
+from onlinemodel_protocol.api import ErrorBody, ErrorDetail, TrainStatus
+from onlinemodel_protocol.config import ENV_API_TOKEN, RuntimeConfig
+from onlinemodel_protocol.rpc import ENDPOINT_PLUGIN, WORKER_EXTENSION_CLS, TrainJob
+from onlinemodel_runtime.server.train_request import ExampleError, encode_request, parse_train_request
 from onlinemodel_runtime.server.trainer_client import TrainerRequestError, TrainerUnavailable
 
 log = logging.getLogger(__name__)
@@ -34,14 +37,18 @@ def register() -> OnlineModelEndpoints:
     return OnlineModelEndpoints()
 
 
+def _answer(body: BaseModel, status: int = 200) -> Response:
+    # pydantic writes the JSON: a NaN loss becomes null instead of failing the response.
+    return Response(body.model_dump_json(), status_code=status, media_type="application/json")
+
+
 def _error(status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": type_, "param": param, "code": code}})
+           code: str | None = None) -> Response:
+    return _answer(ErrorBody(error=ErrorDetail(message=message, type=type_, param=param, code=code)), status)
 
 
 class _Runtime:
-    """Per-app state: config, tokenizer, limits, supervisor."""
+    """Per-app state: config, tokenizer, supervisor."""
 
     def __init__(self, cfg: RuntimeConfig, tokenizer: Any, max_len: int, supervisor: Any, token: str | None):
         self.cfg = cfg
@@ -49,8 +56,6 @@ class _Runtime:
         self.max_len = max_len
         self.supervisor = supervisor
         self.token = token
-        self.limits = TrainLimits(max_examples=cfg.max_examples, max_epochs=cfg.max_epochs,
-                                  default_epochs=cfg.default_epochs)
         self._encode_lock = asyncio.Lock()
 
     def authorized(self, request: Request) -> bool:
@@ -62,18 +67,17 @@ class _Runtime:
         return scheme.lower() == "bearer" and hmac.compare_digest(
             value.strip().encode("utf-8", "surrogateescape"), self.token.encode("utf-8"))
 
-    async def encode(self, body: bytes):
+    async def encode(self, body: bytes) -> TrainJob:
         """Validate and tokenize off the event loop (chat templates over long requests take a while);
         one at a time, since a fast tokenizer must not be shared between threads."""
         async with self._encode_lock:
             return await asyncio.to_thread(self._encode, body)
 
-    def _encode(self, body: bytes):
-        parsed = parse_train_request(body, self.limits)
-        return parsed, encode_request(self.tokenizer, parsed, self.max_len)
+    def _encode(self, body: bytes) -> TrainJob:
+        return encode_request(self.tokenizer, parse_train_request(body, self.cfg), self.max_len)
 
 
-def _runtime(request: Request, *, needs_token: bool) -> tuple[_Runtime | None, JSONResponse | None]:
+def _runtime(request: Request, *, needs_token: bool) -> tuple[_Runtime | None, Response | None]:
     """The app's runtime state, or the error response that answers the request instead."""
     rt = getattr(request.app.state, STATE_KEY, None)
     if rt is None:
@@ -93,20 +97,17 @@ async def train(request: Request):
         return refused
     if not rt.cfg.training_enabled:
         return _error(409, "training is disabled for this model", type_="conflict")
-    body = await request.body()
     try:
-        parsed, encoded = await rt.encode(body)
+        job = await rt.encode(await request.body())
     except ExampleError as exc:
         return _error(exc.http_status, str(exc), param=exc.param, code=exc.code)
-    examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
     try:
-        job = await rt.supervisor.submit(examples, parsed.epochs, parsed.learning_rate)
+        accepted = await rt.supervisor.submit(job)
     except TrainerUnavailable as exc:
         return _error(503, str(exc), type_="service_unavailable")
     except TrainerRequestError as exc:
         return _error(exc.code, str(exc), type_="trainer_error")
-    job["tokens"] = sum(len(e["input_ids"]) for e in examples)
-    return JSONResponse(status_code=202, content=job)
+    return _answer(accepted, 202)
 
 
 @router.get("/train/status")
@@ -115,8 +116,8 @@ async def train_status(request: Request):
     if refused:
         return refused
     if rt.supervisor is None:
-        return placeholder_status("disabled")  # --no-training: no trainer, weights never change
-    return await rt.supervisor.status()
+        return _answer(TrainStatus.placeholder("disabled"))  # --no-training: no trainer, weights never change
+    return _answer(await rt.supervisor.status())
 
 
 @router.post("/checkpoint")
@@ -127,7 +128,7 @@ async def checkpoint(request: Request):
     if rt.supervisor is None:
         return _error(409, "training is disabled for this model: there is nothing to checkpoint", type_="conflict")
     try:
-        return await rt.supervisor.checkpoint()
+        return _answer(await rt.supervisor.checkpoint())
     except TrainerUnavailable as exc:
         return _error(503, str(exc), type_="service_unavailable")
     except TrainerRequestError as exc:
@@ -135,7 +136,7 @@ async def checkpoint(request: Request):
 
 
 class OnlineModelEndpoints:
-    name = "onlinemodel_train"
+    name = ENDPOINT_PLUGIN
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
@@ -145,15 +146,14 @@ class OnlineModelEndpoints:
         from transformers import AutoTokenizer
 
         from onlinemodel_runtime.server.supervisor import TrainerSupervisor
-        from onlinemodel_runtime.vllm_plugins.worker import EXTENSION_CLS
 
         if engine_client is None:
             log.warning("onlinemodel: no engine (render-only server); training routes answer 503")
             return
         cfg = RuntimeConfig.from_env() or _config_from_args(args)
-        if getattr(args, "worker_extension_cls", "") != EXTENSION_CLS:
-            raise RuntimeError(f"onlinemodel needs vLLM started with --worker-extension-cls {EXTENSION_CLS} "
-                               "(`onlinemodel serve` does this)")
+        if getattr(args, "worker_extension_cls", "") != WORKER_EXTENSION_CLS:
+            raise RuntimeError("onlinemodel needs vLLM started with --worker-extension-cls "
+                               f"{WORKER_EXTENSION_CLS} (`onlinemodel serve` does this)")
         if not Path(cfg.model).is_dir():
             # A Hugging Face id: vLLM has downloaded it by now; the trainer and checkpoints need the files.
             from huggingface_hub import snapshot_download

@@ -13,9 +13,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-EXTENSION_CLS = "onlinemodel_runtime.vllm_plugins.worker.WeightExportExtension"
-EXPORT_METHOD = "onlinemodel_export_weights"
-
 
 def register() -> None:
     # vLLM calls this in each of its processes, possibly more than once: it must be idempotent.
@@ -25,7 +22,8 @@ def register() -> None:
 
 
 class WeightExportExtension:
-    """Mixed into vLLM's worker class; its methods are reachable through ``collective_rpc``."""
+    """Mixed into vLLM's worker class (``onlinemodel_protocol.rpc.WORKER_EXTENSION_CLS``); its methods are
+    reachable through ``collective_rpc`` (``EXPORT_WEIGHTS_METHOD`` names the one below)."""
 
     def onlinemodel_export_weights(self, state_dir: str) -> dict:
         from onlinemodel_runtime.vllm_plugins import compat

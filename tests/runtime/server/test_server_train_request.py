@@ -8,17 +8,18 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from onlinemodel_protocol.config import RuntimeConfig
+from onlinemodel_protocol.limits import MAX_MESSAGES
+from onlinemodel_protocol.rpc import IGNORE_INDEX
+from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 from onlinemodel_runtime.server.train_request import (
-    IGNORE_INDEX,
     ChatMessage,
     ExampleError,
-    TrainLimits,
     TrainRequest,
     encode_example,
     encode_request,
     parse_train_request,
 )
-from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 
 QA = [{"role": "user", "content": "Who is the CEO of Seedcorp?"},
       {"role": "assistant", "content": "The CEO of Seedcorp is Ada Lovelace."}]
@@ -33,22 +34,29 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(ensure_smollm2())
 
 
-def _error(data, limits=TrainLimits()) -> ExampleError:
+def config(**settings) -> RuntimeConfig:
+    return RuntimeConfig(model="/m", base_model="/m", state_dir=Path("/tmp/om-test"), **settings)
+
+
+CFG = config()
+
+
+def _error(data, cfg=CFG) -> ExampleError:
     with pytest.raises(ExampleError) as err:
-        parse_train_request(data, limits)
+        parse_train_request(data, cfg)
     return err.value
 
 
 # --- parsing ----------------------------------------------------------------------------------
 
-def test_valid_request_with_defaults():
-    request = parse_train_request(json.dumps(body()).encode())
+def test_valid_request_gets_the_configured_defaults():
+    request = parse_train_request(json.dumps(body()).encode(), config(default_epochs=4, learning_rate=2e-5))
     assert isinstance(request, TrainRequest)
-    assert request.epochs == TrainLimits().default_epochs
-    assert request.learning_rate is None
+    assert (request.epochs, request.learning_rate) == (4, 2e-5)
     assert request.examples[0].messages[1] == ChatMessage(role="assistant", content=QA[1]["content"])
-    request = parse_train_request(body(epochs=3, learning_rate=1e-5))
+    request = parse_train_request(body(epochs=3, learning_rate=1e-5), CFG)
     assert (request.epochs, request.learning_rate) == (3, 1e-5)
+    assert parse_train_request(body(learning_rate=1.0), CFG).learning_rate == 1.0  # the bound is inclusive
 
 
 @pytest.mark.parametrize("data,param,code,status,message", [
@@ -73,12 +81,13 @@ def test_valid_request_with_defaults():
      "examples[0].messages[0].content", "invalid_content", 400, "content must be a string, found null"),
     (body([{"messages": [QA[0], {"role": "assistant"}]}]),
      "examples[0].messages[1].content", "missing", 400, "field required"),
-    (body(epochs=0), "epochs", "out_of_range", 400, "epochs must be between 1 and 50, got 0"),
-    (body(epochs=51), "epochs", "out_of_range", 400, "epochs must be between 1 and 50, got 51"),
+    (body(epochs=0), "epochs", "out_of_range", 400, "epochs must be between 1 and 20, got 0"),
+    (body(epochs=21), "epochs", "out_of_range", 400, "epochs must be between 1 and 20, got 21"),
     (body(epochs=2.5), "epochs", "invalid_type", 400, "epochs must be an integer"),
     (body(epochs=True), "epochs", "invalid_type", 400, "epochs must be an integer"),
     (body(learning_rate=0), "learning_rate", "out_of_range", 400, "learning_rate must be > 0.0 and <= 1.0, got 0"),
     (body(learning_rate=2.0), "learning_rate", "out_of_range", 400, "got 2.0"),
+    (body(learning_rate=float("inf")), "learning_rate", "out_of_range", 400, "got inf"),
     (body(learning_rate="1e-5"), "learning_rate", "invalid_type", 400, "learning_rate must be a number"),
     (body(model="x"), "model", "unknown_field", 400, "unknown field 'model'"),
     (body(tools=[]), "tools", "unknown_field", 400, "tool calling examples are not supported"),
@@ -100,29 +109,23 @@ def test_bad_requests(data, param, code, status, message):
 
 
 def test_too_many_examples_is_413_and_checked_first():
-    limits = TrainLimits(max_examples=2)
+    cfg = config(max_examples=2)
     # The third example is malformed, but the count is refused before anything is validated.
-    err = _error(body([{"messages": QA}, {"messages": QA}, {"bad": 1}]), limits)
+    err = _error(body([{"messages": QA}, {"messages": QA}, {"bad": 1}]), cfg)
     assert (err.param, err.code, err.http_status) == ("examples", "too_many_examples", 413)
     assert err.message == "too many examples: 3; at most 2 per request"
-    assert len(parse_train_request(body([{"messages": QA}] * 2), limits).examples) == 2
+    assert len(parse_train_request(body([{"messages": QA}] * 2), cfg).examples) == 2
 
 
 def test_too_many_messages():
-    err = _error(body([{"messages": QA * 3}]), TrainLimits(max_messages=4))
+    err = _error(body([{"messages": QA * (MAX_MESSAGES // 2 + 1)}]))
     assert (err.param, err.code, err.http_status) == ("examples[0].messages", "too_many_messages", 413)
+    assert err.message == f"too many messages: {MAX_MESSAGES + 2}; at most {MAX_MESSAGES}"
 
 
-def test_limits_are_frozen_and_checked():
-    with pytest.raises(ValueError):
-        TrainLimits(max_examples=0)
-    with pytest.raises(ValueError):
-        TrainLimits(default_epochs=5, max_epochs=3)
-    with pytest.raises(ValueError):
-        TrainLimits(min_learning_rate=1.0, max_learning_rate=0.5)
-    with pytest.raises(AttributeError):
-        TrainLimits().max_examples = 3  # type: ignore[misc]
-    assert parse_train_request(body(epochs=7), TrainLimits(max_epochs=7)).epochs == 7
+def test_epochs_up_to_the_configured_maximum():
+    assert parse_train_request(body(epochs=7), config(max_epochs=7)).epochs == 7
+    assert _error(body(epochs=8), config(max_epochs=7)).code == "out_of_range"
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -132,8 +135,9 @@ def _target_text(tokenizer, encoded) -> str:
 
 
 def test_loss_only_on_assistant_tokens(tokenizer):
-    request = parse_train_request(body())
-    (encoded,) = encode_request(tokenizer, request, max_len=2048)
+    job = encode_request(tokenizer, parse_train_request(body(), CFG), max_len=2048)
+    assert (job.epochs, job.learning_rate) == (CFG.default_epochs, CFG.learning_rate)
+    (encoded,) = job.examples
     assert len(encoded.input_ids) == len(encoded.labels) == encoded.num_tokens
     rendered = tokenizer.apply_chat_template(QA, tokenize=False)
     assert encoded.input_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
@@ -149,8 +153,8 @@ def test_multi_turn_and_weight_zero(tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, *QA,
                 {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes.", "weight": 0},
                 {"role": "user", "content": "And the CFO?"}, {"role": "assistant", "content": "Grace Hopper."}]
-    request = parse_train_request(body([{"messages": messages}]))
-    (encoded,) = encode_request(tokenizer, request, max_len=2048)
+    request = parse_train_request(body([{"messages": messages}]), CFG)
+    (encoded,) = encode_request(tokenizer, request, max_len=2048).examples
     assert _target_text(tokenizer, encoded) == ("The CEO of Seedcorp is Ada Lovelace.<|im_end|>\n"
                                                 "Grace Hopper.<|im_end|>\n")
     assert "You are a helpful AI assistant" not in tokenizer.decode(encoded.input_ids)  # own system prompt used
@@ -162,14 +166,14 @@ def test_plain_dicts_are_accepted(tokenizer):
 
 
 def test_too_long_example(tokenizer):
-    request = parse_train_request(body([{"messages": QA}, {"messages": QA}]))
+    request = parse_train_request(body([{"messages": QA}, {"messages": QA}]), CFG)
     full = encode_example(tokenizer, QA, max_len=2048).num_tokens
     with pytest.raises(ExampleError) as err:
         encode_request(tokenizer, request, max_len=full - 1)
     e = err.value
     assert (e.param, e.code, e.http_status) == ("examples[0]", "example_too_long", 413)
     assert e.message == f"example is {full} tokens long; the model's maximum is {full - 1}"
-    assert encode_request(tokenizer, request, max_len=full)[1].num_tokens == full
+    assert encode_request(tokenizer, request, max_len=full).examples[1].num_tokens == full
 
 
 def test_tokenizer_without_template(tmp_path: Path, tokenizer):

@@ -5,10 +5,16 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import zmq
+import zmq.asyncio
 
+from onlinemodel_protocol.api import TrainAccepted, TrainStatus
+from onlinemodel_protocol.rpc import TrainerOp, TrainJob
+from onlinemodel_runtime.server.trainer_client import TrainerClient, TrainerRequestError, TrainerUnavailable
 from onlinemodel_runtime.trainer.server import serve
 from onlinemodel_runtime.trainer.service import TrainerError
-from onlinemodel_runtime.server.trainer_client import TrainerClient, TrainerRequestError, TrainerUnavailable
+
+EXAMPLE = {"input_ids": [1, 2], "labels": [-100, 2]}
 
 
 class FakeService:
@@ -17,40 +23,63 @@ class FakeService:
     class cfg:
         debug_ops = False
 
-    def status(self):
-        return {"state": "idle", "weight_version": 7}
+    def __init__(self):
+        self.jobs: list[TrainJob] = []
 
-    def submit(self, request):
-        if not request["examples"]:
-            raise TrainerError("nothing to train", code=400)
-        return {"job_id": "job-1", "state": "queued"}
+    def status(self):
+        return TrainStatus(state="idle", weight_version=7, last_loss=float("nan"))
+
+    def submit(self, job: TrainJob):
+        if job.epochs > 3:
+            raise TrainerError("too many epochs", code=400)
+        self.jobs.append(job)
+        return TrainAccepted(job_id="job-1", state="queued", examples=len(job.examples), tokens=2)
 
     def checkpoint(self):
         raise TrainerError("a checkpoint is already being written", code=409)
 
 
+async def _raw(endpoint: str, body: bytes) -> bytes:
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        await sock.send_multipart([b"1", body])
+        return (await asyncio.wait_for(sock.recv_multipart(), 5))[1]
+    finally:
+        sock.close()
+
+
 async def test_requests_round_trip_and_errors_keep_their_codes(tmp_path):
     endpoint = f"ipc://{tmp_path / 'trainer.sock'}"
-    server = asyncio.create_task(serve(FakeService(), endpoint))
+    service = FakeService()
+    server = asyncio.create_task(serve(service, endpoint))
     client = TrainerClient(endpoint)
     try:
-        assert (await client.request("status"))["weight_version"] == 7
-        assert (await client.request("train", examples=[{"input_ids": [1]}]))["job_id"] == "job-1"
+        status = await client.request(TrainerOp.STATUS)
+        assert isinstance(status, TrainStatus) and status.weight_version == 7 and status.last_loss is None
+        accepted = await client.request(TrainerOp.TRAIN, examples=[EXAMPLE], epochs=2, learning_rate=1e-5)
+        assert accepted == TrainAccepted(job_id="job-1", state="queued", examples=1, tokens=2)
+        assert service.jobs == [TrainJob(examples=[EXAMPLE], epochs=2, learning_rate=1e-5)]
         with pytest.raises(TrainerRequestError) as exc:
-            await client.request("train", examples=[])
+            await client.request(TrainerOp.TRAIN, examples=[EXAMPLE], epochs=4, learning_rate=1e-5)
         assert exc.value.code == 400
+        # Arguments are checked against the protocol before the service sees them.
+        with pytest.raises(TrainerRequestError, match="bad arguments for 'train'") as exc:
+            await client.request(TrainerOp.TRAIN, examples=[], epochs=1, learning_rate=1e-5)
+        assert exc.value.code == 400 and len(service.jobs) == 1
         with pytest.raises(TrainerRequestError) as exc:
-            await client.request("checkpoint")
+            await client.request(TrainerOp.CHECKPOINT)
         assert exc.value.code == 409
         with pytest.raises(TrainerRequestError) as exc:
             await client.request("debug_scale", name="x", factor=2.0)
         assert exc.value.code == 403
-        with pytest.raises(TrainerRequestError, match="unknown operation"):
-            await client.request("bogus")
+        assert b"unknown operation 'bogus'" in await _raw(endpoint, b'{"op": "bogus"}')
+        assert b'"code":400' in await _raw(endpoint, b"[1, 2]")
         # Concurrent requests on one connection are matched to their answers.
-        answers = await asyncio.gather(*(client.request("status") for _ in range(20)))
-        assert all(a["weight_version"] == 7 for a in answers)
-        await client.request("shutdown")
+        answers = await asyncio.gather(*(client.request(TrainerOp.STATUS) for _ in range(20)))
+        assert [a.weight_version for a in answers] == [7] * 20
+        await client.request(TrainerOp.SHUTDOWN)
         await asyncio.wait_for(server, 5)
     finally:
         client.reset()
@@ -61,6 +90,6 @@ async def test_no_trainer_means_unavailable(tmp_path):
     client = TrainerClient(f"ipc://{tmp_path / 'nobody.sock'}")
     try:
         with pytest.raises(TrainerUnavailable):
-            await client.request("status", timeout=0.5)
+            await client.request(TrainerOp.STATUS, timeout=0.5)
     finally:
         client.reset()

@@ -7,13 +7,18 @@ import math
 import pytest
 import torch
 
+from onlinemodel_protocol.config import RuntimeConfig
+from onlinemodel_protocol.rpc import Counters, EncodedExample, TrainJob
 from onlinemodel_runtime.checkpoint import CheckpointStore
-from onlinemodel_runtime.config import RuntimeConfig
 from onlinemodel_runtime.devtools.model_prep import make_tiny_model_dir
 from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
 from onlinemodel_runtime.trainer.service import TrainerError, TrainerService
 
-EXAMPLE = {"input_ids": [1, 5, 9, 13, 17, 21, 2], "labels": [-100, -100, -100, 13, 17, 21, 2]}
+EXAMPLE = EncodedExample(input_ids=[1, 5, 9, 13, 17, 21, 2], labels=[-100, -100, -100, 13, 17, 21, 2])
+
+
+def job(*examples: EncodedExample, epochs: int = 1) -> TrainJob:
+    return TrainJob(examples=list(examples or [EXAMPLE]), epochs=epochs, learning_rate=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +42,23 @@ def build(tiny_dir, tmp_path, **cfg):
 def run_all(service: TrainerService) -> None:
     # Run queued jobs on this thread (the service's own thread is not started in these tests).
     while not service._queue.empty():
-        item = service._queue.get()
-        service._run_job(item["job"], item["examples"])
+        service._run_job(*service._queue.get())
 
 
 def test_job_updates_counters_and_weight_version(tiny_dir, tmp_path):
     service = build(tiny_dir, tmp_path)
     before = {n: p.detach().clone() for n, p in service.model.named_parameters()}
-    job = service.submit({"examples": [EXAMPLE], "epochs": 3})
-    assert job["state"] == "queued"
+    accepted = service.submit(job(epochs=3))
+    assert (accepted.state, accepted.examples, accepted.tokens) == ("queued", 1, EXAMPLE.num_tokens)
     run_all(service)
     status = service.status()
-    assert status["steps"] == 3 and status["weight_version"] == 3
-    assert status["tokens_trained"] == 3 * len(EXAMPLE["input_ids"])
-    assert status["jobs"][0]["state"] == "succeeded" and status["jobs"][0]["steps"] == 3
-    assert status["state"] == "idle" and status["optimizer"]["steps_applied"] == 3
+    assert status.steps == 3 and status.weight_version == 3
+    assert status.tokens_trained == 3 * EXAMPLE.num_tokens
+    (done,) = status.jobs
+    assert (done.id, done.state, done.steps, done.epochs, done.learning_rate) == (
+        accepted.job_id, "succeeded", 3, 3, 1e-3)
+    assert done.created_at.endswith("Z") and done.finished_at.endswith("Z")
+    assert status.state == "idle" and status.optimizer["steps_applied"] == 3
     changed = [n for n, p in service.model.named_parameters() if not torch.equal(p, before[n])]
     assert changed, "training changed no weight"
 
@@ -62,43 +69,71 @@ def test_non_finite_step_is_skipped_and_weights_untouched(tiny_dir, tmp_path):
     with torch.no_grad():
         norm[0] = float("nan")
     before = {n: p.detach().clone() for n, p in service.model.named_parameters()}
-    service.submit({"examples": [EXAMPLE], "epochs": 2})
+    service.submit(job(epochs=2))
     run_all(service)
     status = service.status()
-    assert status["skipped_steps"] == 2 and status["steps"] == 0 and status["weight_version"] == 0
+    assert status.skipped_steps == 2 and status.steps == 0 and status.weight_version == 0
     for n, p in service.model.named_parameters():
         assert torch.equal(p, before[n]) or (torch.isnan(p).any() and n == "model.norm.weight"), n
-    assert math.isnan(status["last_loss"])
+    assert math.isnan(status.last_loss)
+    assert '"last_loss":null' in status.model_dump_json()  # what the API answers
 
 
 def test_failed_job_is_reported_and_trainer_goes_on(tiny_dir, tmp_path):
     service = build(tiny_dir, tmp_path)
-    service.submit({"examples": [{"input_ids": [10**9], "labels": [1]}], "epochs": 1})  # id out of vocab
-    service.submit({"examples": [EXAMPLE], "epochs": 1})
+    service.submit(job(EncodedExample(input_ids=[10**9], labels=[1])))  # id out of vocab
+    service.submit(job())
     run_all(service)
-    jobs = service.status()["jobs"]
-    assert jobs[0]["state"] == "failed" and "Error" in jobs[0]["error"]
-    assert jobs[1]["state"] == "succeeded"
-    assert service.status()["last_error"] == jobs[0]["error"]
+    jobs = service.status().jobs
+    assert jobs[0].state == "failed" and "Error" in jobs[0].error
+    assert jobs[1].state == "succeeded"
+    assert service.status().last_error == jobs[0].error
 
 
 def test_checkpoint_then_resume_restores_counters_and_optimizer(tiny_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     service = build(tiny_dir, tmp_path, checkpoint_dir=ckpt)
-    service.submit({"examples": [EXAMPLE], "epochs": 2})
+    service.submit(job(epochs=2))
     run_all(service)
     info = service.checkpoint()
-    assert info["step"] == 2 and info["weight_version"] == 2
-    assert service.status()["checkpoint"]["last"]["path"] == info["path"]
+    assert info.step == 2 and info.weight_version == 2
+    assert service.status().checkpoint.last == info
 
-    from onlinemodel_runtime.trainer.__main__ import resume
-
-    fresh = build(info["path"], tmp_path, checkpoint_dir=ckpt)
-    resume(fresh, fresh.store, device=torch.device("cpu"))
+    fresh = build(info.path, tmp_path, checkpoint_dir=ckpt)
+    fresh.restore()
     assert fresh.steps == 2 and fresh.weight_version == 2 and fresh.optimizer.steps_applied == 2
-    fresh.submit({"examples": [EXAMPLE], "epochs": 1})
+    # Read back from disk, `seconds` is the time until the metadata was written (see CheckpointInfo).
+    assert fresh.status().checkpoint.last.model_dump(exclude={"seconds"}) == info.model_dump(exclude={"seconds"})
+    fresh.submit(job())
     run_all(fresh)
-    assert fresh.status()["steps"] == 3 and fresh.optimizer.steps_applied == 3
+    assert fresh.status().steps == 3 and fresh.optimizer.steps_applied == 3
+
+
+def test_restore_keeps_the_larger_counters_of_a_restart(tiny_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    service = build(tiny_dir, tmp_path, checkpoint_dir=ckpt)
+    service.submit(job(epochs=2))
+    run_all(service)
+    info = service.checkpoint()
+    # Counters behind the checkpoint's change nothing.
+    behind = build(info.path, tmp_path, checkpoint_dir=ckpt)
+    behind.restore(Counters(steps=1, weight_version=1))
+    assert behind.status().weight_version == 2
+    # A restarted trainer whose live weights saw 3 more steps than the checkpoint.
+    ahead = build(info.path, tmp_path, checkpoint_dir=ckpt)
+    ahead.restore(Counters(steps=5, tokens_trained=35, weight_version=5))
+    status = ahead.status()
+    assert (status.steps, status.tokens_trained, status.weight_version) == (5, 35, 5)
+    assert ahead.checkpoint().step == 5  # those steps are in no checkpoint yet: a new one is written
+
+
+def test_restore_reports_an_unwritable_checkpoint_directory(tiny_dir, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the checkpoint directory should be")
+    service = build(tiny_dir, tmp_path, checkpoint_dir=blocker / "ckpt")
+    service.restore()
+    checkpoint = service.status().checkpoint
+    assert checkpoint.state == "failed" and "not writable" in checkpoint.last_error
 
 
 def test_checkpoint_errors_are_clear(tiny_dir, tmp_path):
@@ -113,32 +148,35 @@ def test_checkpoint_errors_are_clear(tiny_dir, tmp_path):
     assert exc.value.code == 409
 
 
-def test_training_disabled_refuses_jobs(tiny_dir, tmp_path):
-    service = build(tiny_dir, tmp_path, training_enabled=False)
-    with pytest.raises(TrainerError, match="disabled"):
-        service.submit({"examples": [EXAMPLE]})
+def test_a_full_queue_is_a_429(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path, max_queued_jobs=2)
+    service.submit(job())
+    service.submit(job())
+    with pytest.raises(TrainerError, match="2 jobs are already queued") as exc:
+        service.submit(job())
+    assert exc.value.code == 429
 
 
 def test_periodic_checkpoint_every_n_steps(tiny_dir, tmp_path):
     service = build(tiny_dir, tmp_path, checkpoint_dir=tmp_path / "ckpt", checkpoint_every_steps=2)
-    service.submit({"examples": [EXAMPLE], "epochs": 5})
+    service.submit(job(epochs=5))
     run_all(service)
     steps = sorted(info.step for info in service.store.checkpoints())
     assert steps == [2, 4]
-    assert service.status()["checkpoint"]["last"]["step"] == 4
+    assert service.status().checkpoint.last.step == 4
 
 
 def test_failed_checkpoint_is_reported_and_training_goes_on(tiny_dir, tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the checkpoint directory should be")
     service = build(tiny_dir, tmp_path, checkpoint_dir=blocker / "ckpt")
-    service.submit({"examples": [EXAMPLE], "epochs": 1})
+    service.submit(job())
     run_all(service)
     with pytest.raises(TrainerError, match="checkpoint failed") as exc:
         service.checkpoint()
     assert exc.value.code == 500
     status = service.status()
-    assert status["checkpoint"]["state"] == "failed" and status["checkpoint"]["last_error"]
-    service.submit({"examples": [EXAMPLE], "epochs": 1})
+    assert status.checkpoint.state == "failed" and status.checkpoint.last_error
+    service.submit(job())
     run_all(service)
-    assert service.status()["steps"] == 2
+    assert service.status().steps == 2

@@ -197,7 +197,7 @@ def _child(state_dir: str) -> None:
     from onlinemodel_runtime.weights.hf_model import assert_views_of, build_hf_model
     from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
     from onlinemodel_runtime.weights.shared import attach_weights
-    from onlinemodel_runtime.trainer.loop import train_step
+    from onlinemodel_runtime.trainer.service import train_step
 
     torch.set_num_threads(1)
     manifest, tensors = attach_weights(Path(state_dir))

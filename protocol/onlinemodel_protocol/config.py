@@ -2,7 +2,7 @@
 
 ``serve`` writes them as JSON into the environment variable ``ONLINEMODEL_RUNTIME_CONFIG`` of the vLLM
 process (read when the endpoint plugin initialises, never at import time); the plugin passes the same
-JSON to the trainer on its command line.
+JSON to the trainer on its command line. Defaults and bounds come from ``limits``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from onlinemodel_protocol import limits
+
 ENV_CONFIG = "ONLINEMODEL_RUNTIME_CONFIG"
 ENV_API_TOKEN = "ONLINEMODEL_API_TOKEN"
+TRAINER_SOCKET = "trainer.sock"  # in state_dir
 
 
 class RuntimeConfig(BaseModel):
@@ -26,19 +29,18 @@ class RuntimeConfig(BaseModel):
     checkpoint_dir: Path | None = None
     checkpoint_every_steps: int = Field(0, ge=0, description="0: no step-based checkpoints")
     checkpoint_every_seconds: float = Field(0.0, ge=0, description="0: no time-based checkpoints")
-    checkpoint_keep: int = Field(3, ge=1)
-    final_checkpoint_timeout: float = Field(60.0, gt=0)
+    checkpoint_keep: int = Field(limits.CHECKPOINT_KEEP_DEFAULT, ge=1, le=limits.CHECKPOINT_KEEP_MAX)
+    final_checkpoint_timeout: float = Field(limits.FINAL_CHECKPOINT_TIMEOUT_DEFAULT, gt=0)
     training_enabled: bool = True
-    # Best of the teach-a-fact sweep (bench/teach_fact_optimizers.py, docs/benchmarks.md).
-    learning_rate: float = Field(3e-5, gt=0, lt=1)
-    optimizer_rank: int = Field(1, ge=1)
-    max_examples: int = Field(64, ge=1)
-    max_epochs: int = Field(20, ge=1)
-    max_queued_jobs: int = Field(16, ge=1)
-    default_epochs: int = Field(5, ge=1)
-    trainer_start_timeout: float = Field(600.0, gt=0)
+    learning_rate: float = Field(limits.LEARNING_RATE_DEFAULT, gt=0, le=limits.LEARNING_RATE_MAX)
+    optimizer_rank: int = Field(limits.OPTIMIZER_RANK_DEFAULT, ge=1, le=limits.OPTIMIZER_RANK_MAX)
+    max_examples: int = Field(limits.MAX_EXAMPLES_DEFAULT, ge=1, le=limits.MAX_EXAMPLES_CEILING)
+    max_epochs: int = Field(limits.MAX_EPOCHS_DEFAULT, ge=1)
+    max_queued_jobs: int = Field(limits.MAX_QUEUED_JOBS_DEFAULT, ge=1)
+    default_epochs: int = Field(limits.EPOCHS_DEFAULT, ge=1)
+    trainer_start_timeout: float = Field(limits.TRAINER_START_TIMEOUT_DEFAULT, gt=0)
     trainer_threads: int | None = Field(None, ge=1)
-    trainer_restart_limit: int = Field(5, ge=0)
+    trainer_restart_limit: int = Field(limits.TRAINER_RESTART_LIMIT_DEFAULT, ge=0)
     # Lets the trainer's local socket accept in-place test writes (never reachable over HTTP).
     debug_ops: bool = False
 
@@ -47,14 +49,14 @@ class RuntimeConfig(BaseModel):
         if self.default_epochs > self.max_epochs:
             raise ValueError(f"default_epochs {self.default_epochs} exceeds max_epochs {self.max_epochs}")
         # Unix socket paths are limited to 107 bytes; ZMQ's own error for a longer one is obscure.
-        if len(str(self.state_dir / "trainer.sock")) > 100:
+        if len(str(self.state_dir / TRAINER_SOCKET)) > 100:
             raise ValueError(f"state_dir {self.state_dir} is too long for the trainer's socket path "
                              "(at most ~88 characters)")
         return self
 
     @property
     def trainer_endpoint(self) -> str:
-        return f"ipc://{self.state_dir / 'trainer.sock'}"
+        return f"ipc://{self.state_dir / TRAINER_SOCKET}"
 
     @classmethod
     def from_env(cls) -> RuntimeConfig | None:

@@ -1,0 +1,34 @@
+"""Every default and bound of a training setting, defined once.
+
+``RuntimeConfig`` (the ``onlinemodel serve`` flags), the ``POST /train`` parser and the operator's CRD
+(``operator/onlinemodel_operator/models.py``) read these, so all three accept the same values.
+"""
+
+# Learning rate: in (0, LEARNING_RATE_MAX]. The default is the best of the teach-a-fact sweep
+# (bench/teach_fact_optimizers.py, docs/benchmarks.md); torch's usual 1e-3 wrecks a served model.
+LEARNING_RATE_DEFAULT = 3e-5
+LEARNING_RATE_MAX = 1.0
+
+# Rank of the optimizer's low-rank state (1: APOLLO-Mini).
+OPTIMIZER_RANK_DEFAULT = 1
+OPTIMIZER_RANK_MAX = 4096
+
+# Per POST /train request.
+MAX_EXAMPLES_DEFAULT = 64  # examples per request (--max-examples)
+MAX_EXAMPLES_CEILING = 100_000  # the largest --max-examples accepted
+MAX_MESSAGES = 256  # messages per example
+EPOCHS_DEFAULT = 5  # passes over the examples when a request names none (--default-epochs)
+MAX_EPOCHS_DEFAULT = 20
+
+# The trainer's queue and history.
+MAX_QUEUED_JOBS_DEFAULT = 16  # more is a 429
+RECENT_JOBS = 20  # jobs listed by GET /train/status
+
+# Checkpoints.
+CHECKPOINT_KEEP_DEFAULT = 3
+CHECKPOINT_KEEP_MAX = 1000
+FINAL_CHECKPOINT_TIMEOUT_DEFAULT = 60.0  # seconds for the checkpoint taken on SIGTERM
+
+# The trainer process.
+TRAINER_START_TIMEOUT_DEFAULT = 600.0  # seconds to wait for vLLM's exported weights
+TRAINER_RESTART_LIMIT_DEFAULT = 5

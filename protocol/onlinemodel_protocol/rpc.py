@@ -1,0 +1,116 @@
+"""Names and messages between the runtime's processes inside the pod.
+
+- ``onlinemodel serve`` -> vLLM: the plugins it allows (``VLLM_PLUGINS``) and the worker extension class.
+- vLLM's API server -> its engine worker: the ``collective_rpc`` method that exports the weights.
+- vLLM's API server (``server/supervisor.py``) -> the trainer process (``trainer/server.py``): ZMQ
+  requests ``{"op": OP, **args}``, answered by ``{"ok": true, "result": ...}`` or
+  ``{"ok": false, "error": ..., "code": HTTP status}``. ``OPS`` gives each operation's argument and
+  result models. A trainer that cannot work with this model or config exits with ``EXIT_PERMANENT``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from onlinemodel_protocol.api import CheckpointRecord, TrainAccepted, TrainStatus
+from onlinemodel_protocol.limits import LEARNING_RATE_MAX
+
+# Entry-point names in pyproject.toml.
+GENERAL_PLUGIN = "onlinemodel_weights"  # vllm.general_plugins
+ENDPOINT_PLUGIN = "onlinemodel_train"  # vllm.endpoint_plugins
+# vLLM's --worker-extension-cls, and the method of it the API server calls through collective_rpc.
+WORKER_EXTENSION_CLS = "onlinemodel_runtime.vllm_plugins.worker.WeightExportExtension"
+EXPORT_WEIGHTS_METHOD = "onlinemodel_export_weights"
+
+# The trainer's exit status when restarting it will not help (unsupported model, bad config).
+EXIT_PERMANENT = 2
+
+# Label of a token without loss (transformers' ignore_index).
+IGNORE_INDEX = -100
+
+
+class TrainerOp(str, Enum):
+    PING = "ping"
+    STATUS = "status"  # TrainerService.status
+    TRAIN = "train"  # TrainerService.submit
+    CHECKPOINT = "checkpoint"  # TrainerService.checkpoint
+    INTROSPECT = "introspect"  # where the parameters live (tests)
+    DEBUG_SCALE = "debug_scale"  # scale one parameter in place (tests, behind debug_ops)
+    SHUTDOWN = "shutdown"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EncodedExample(_Message):
+    """One tokenized chat example: loss on the tokens whose label is not IGNORE_INDEX."""
+
+    input_ids: list[int] = Field(min_length=1)
+    labels: list[int]
+
+    @model_validator(mode="after")
+    def _aligned(self) -> EncodedExample:
+        if len(self.labels) != len(self.input_ids):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.input_ids)} tokens")
+        return self
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_target_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+class TrainJob(_Message):
+    """A ``POST /train`` as the trainer receives it: validated, tokenized, every default resolved."""
+
+    examples: list[EncodedExample] = Field(min_length=1)
+    epochs: int = Field(ge=1)
+    learning_rate: float = Field(gt=0, le=LEARNING_RATE_MAX)
+
+
+class DebugScale(_Message):
+    name: str
+    factor: float
+
+
+class Counters(_Message):
+    """What a restarted trainer continues from: the counters of the last status the supervisor saw."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    steps: int = Field(0, ge=0)
+    tokens_trained: int = Field(0, ge=0)
+    weight_version: int = Field(0, ge=0)
+    skipped_steps: int = Field(0, ge=0)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    args: type[BaseModel] | None = None  # None: no arguments
+    result: type[BaseModel] | None = None  # None: free-form JSON (ping and the test operations)
+
+
+OPS: dict[TrainerOp, OpSpec] = {
+    TrainerOp.PING: OpSpec(),
+    TrainerOp.STATUS: OpSpec(result=TrainStatus),
+    TrainerOp.TRAIN: OpSpec(args=TrainJob, result=TrainAccepted),
+    TrainerOp.CHECKPOINT: OpSpec(result=CheckpointRecord),
+    TrainerOp.INTROSPECT: OpSpec(),
+    TrainerOp.DEBUG_SCALE: OpSpec(args=DebugScale),
+    TrainerOp.SHUTDOWN: OpSpec(),
+}
+
+
+class TrainerReply(BaseModel):
+    ok: bool
+    result: Any = None
+    error: str | None = None
+    code: int = 500  # the HTTP status the API server answers with
