@@ -1,7 +1,8 @@
 """Checkpoints: Hugging Face model directories written atomically, one tensor at a time.
 
-Usable without vLLM: only torch and the standard library are needed (transformers only to load
-what was written).
+Usable without vLLM: torch, the standard library and onlinemodel_protocol (for the API's timestamps)
+are all it needs (transformers only to load what was written). Used by the trainer process and by
+``onlinemodel serve`` (which serves the latest checkpoint).
 """
 
 from .errors import CheckpointBusy, CheckpointError

@@ -43,13 +43,13 @@ def fsync_tree(root: Path) -> None:
         fsync_path(directory)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` atomically and durably: temp file, fsync, os.replace, fsync dir."""
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` atomically and durably: temp file, fsync, os.replace, fsync dir."""
     tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
-            write_all(fd, text.encode())
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -58,6 +58,10 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def copy_file_hashed(src: Path, dst: Path) -> tuple[int, str]:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .layouts import LayoutError, ModelLayout, config_dtype
+from .layouts import LayoutError, ModelLayout
 
 
 def _load_config(config_or_dir: Any) -> tuple[Any, Path | None]:
@@ -149,4 +149,4 @@ def _load_generation_config(model: Any, path: Path) -> None:
         model.generation_config = GenerationConfig.from_pretrained(path)
 
 
-__all__ = ["build_hf_model", "assert_views_of", "storage_ranges", "config_dtype", "LayoutError"]
+__all__ = ["build_hf_model", "assert_views_of", "storage_ranges", "LayoutError"]

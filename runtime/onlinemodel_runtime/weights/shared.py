@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from onlinemodel_runtime.checkpoint.fsutil import atomic_write_bytes
+
 MANIFEST = "weights.json"
 CUDA_HANDLES = "cuda_handles.pkl"
 FORMAT_VERSION = 1
@@ -123,15 +125,6 @@ def dtype_from_name(name: str) -> torch.dtype:
     return dtype
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def export_weights(
     named_params: Iterable[tuple[str, torch.nn.Parameter]],
     state_dir: Path,
@@ -168,7 +161,7 @@ def export_weights(
         manifest = _export_shm(params, state_dir, shm_dir, common)
     else:
         raise AttachError(f"device {device} is not supported (cuda or cpu)")
-    _write_atomic(state_dir / MANIFEST, json.dumps(manifest.to_json(), indent=1).encode())
+    atomic_write_bytes(state_dir / MANIFEST, json.dumps(manifest.to_json(), indent=1).encode())
     return manifest
 
 
@@ -182,8 +175,7 @@ def _export_cuda(params, state_dir: Path, device: torch.device, common: dict) ->
         specs.append(TensorSpec(name, dtype_name(p.dtype), tuple(p.shape)))
     # The handles file is written by our own worker into our own state dir (mode 0600) and read by our
     # own trainer: pickle is the format torch's IPC reduction produces.
-    _write_atomic(state_dir / CUDA_HANDLES, pickle.dumps(handles))
-    os.chmod(state_dir / CUDA_HANDLES, 0o600)
+    atomic_write_bytes(state_dir / CUDA_HANDLES, pickle.dumps(handles), mode=0o600)
     return Manifest(transport="cuda_ipc", device=str(device), tensors=tuple(specs), **common)
 
 

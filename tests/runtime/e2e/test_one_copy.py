@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from onlinemodel_runtime.weights.shared import read_manifest
 from onlinemodel_runtime.server.trainer_client import TrainerClient
+from onlinemodel_runtime.weights.shared import read_manifest
 
 from .test_serving_while_training import ECHO_EXAMPLE
 

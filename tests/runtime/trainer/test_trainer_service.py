@@ -90,12 +90,17 @@ def test_failed_job_is_reported_and_trainer_goes_on(tiny_dir, tmp_path):
     assert service.status().last_error == jobs[0].error
 
 
-def test_checkpoint_then_resume_restores_counters_and_optimizer(tiny_dir, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    service = build(tiny_dir, tmp_path, checkpoint_dir=ckpt)
+def two_steps_checkpointed(tiny_dir, ckpt):
+    """A service that trained 2 steps and checkpointed them under `ckpt`, and that checkpoint."""
+    service = build(tiny_dir, ckpt.parent, checkpoint_dir=ckpt)
     service.submit(job(epochs=2))
     run_all(service)
-    info = service.checkpoint()
+    return service, service.checkpoint()
+
+
+def test_checkpoint_then_resume_restores_counters_and_optimizer(tiny_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    service, info = two_steps_checkpointed(tiny_dir, ckpt)
     assert info.step == 2 and info.weight_version == 2
     assert service.status().checkpoint.last == info
 
@@ -111,10 +116,7 @@ def test_checkpoint_then_resume_restores_counters_and_optimizer(tiny_dir, tmp_pa
 
 def test_restore_keeps_the_larger_counters_of_a_restart(tiny_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
-    service = build(tiny_dir, tmp_path, checkpoint_dir=ckpt)
-    service.submit(job(epochs=2))
-    run_all(service)
-    info = service.checkpoint()
+    _, info = two_steps_checkpointed(tiny_dir, ckpt)
     # Counters behind the checkpoint's change nothing.
     behind = build(info.path, tmp_path, checkpoint_dir=ckpt)
     behind.restore(Counters(steps=1, weight_version=1))

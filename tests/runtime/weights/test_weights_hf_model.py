@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from onlinemodel_runtime.devtools.model_prep import ensure_smollm2, make_tiny_model_dir
 from onlinemodel_runtime.weights.hf_model import assert_views_of, build_hf_model, storage_ranges
 from onlinemodel_runtime.weights.layouts import LayoutError, layout_for, pack_hf_state_dict
-from onlinemodel_runtime.devtools.model_prep import ensure_smollm2, make_tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
+from onlinemodel_runtime.devtools.launcher import free_port
+from onlinemodel_runtime.devtools.model_prep import ensure_smollm2, make_tiny_model_dir
 from onlinemodel_runtime.weights.layouts import (
     LayoutError,
     Slot,
@@ -23,7 +24,6 @@ from onlinemodel_runtime.weights.layouts import (
     supported_architectures,
     validate,
 )
-from onlinemodel_runtime.devtools.model_prep import ensure_smollm2, make_tiny_model_dir
 
 SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1, vocab_size=1000)
@@ -96,17 +96,11 @@ def tiny_dirs(tmp_path_factory):
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_packing_equals_what_vllm_loads(tiny_dirs, tmp_path):
     """pack_hf_state_dict produces exactly vLLM's named_parameters() after its own load_weights."""
     out = tmp_path / "vllm.pt"
     dirs = [str(d) for d in tiny_dirs.values()]
-    proc = subprocess.run([sys.executable, "-c", _VLLM_LOAD, str(_free_port()), str(out), *dirs],
+    proc = subprocess.run([sys.executable, "-c", _VLLM_LOAD, str(free_port()), str(out), *dirs],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = torch.load(out)
