@@ -25,7 +25,8 @@ def test_placeholder_keeps_the_last_counters_and_queues_nothing():
 
 
 def test_non_finite_loss_is_written_as_null():
-    status = TrainStatus(state="idle", last_loss=float("inf"), jobs=[JOB.model_copy(update={"last_loss": float("nan")})])
+    status = TrainStatus(state="idle", last_loss=float("inf"),
+                         jobs=[JOB.model_copy(update={"last_loss": float("nan")})])
     again = TrainStatus.model_validate_json(status.model_dump_json())
     assert again.last_loss is None and again.jobs[0].last_loss is None
 

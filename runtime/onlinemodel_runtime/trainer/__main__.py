@@ -1,8 +1,9 @@
 """``python -m onlinemodel_runtime.trainer --config JSON``: the trainer process.
 
-Started and supervised by ``server/supervisor.py`` in vLLM's API server. Attaches to the weights the vLLM worker exported (once),
-builds the Hugging Face model on them without copying, restores optimizer state and counters from the
-latest checkpoint, then serves requests over ZMQ until its parent exits or asks it to stop.
+Started and supervised by ``server/supervisor.py`` in vLLM's API server. Attaches to the weights the vLLM
+worker exported (once), builds the Hugging Face model on them without copying, restores optimizer state
+and counters (``TrainerService.restore``), then serves requests over ZMQ until its parent exits or asks it
+to stop.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.rpc import IGNORE_INDEX
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 from onlinemodel_runtime.server.trainer_client import TrainerRequestError, TrainerUnavailable
-from onlinemodel_runtime.vllm_plugins import endpoint as endpoint_plugin
+from onlinemodel_runtime.vllm_plugins import endpoint
 
 RECORD = CheckpointRecord(path="/ckpt/step-00000001", step=1, weight_version=1, time="2026-11-26T05:00:00.000Z",
                           size_bytes=10, seconds=0.1, content_hash="sha256:00")
@@ -50,10 +50,10 @@ def tokenizer():
 
 def client(tokenizer, supervisor, token=None, **cfg) -> TestClient:
     app = FastAPI()
-    endpoint_plugin.OnlineModelEndpoints().attach_router(app)
+    endpoint.OnlineModelEndpoints().attach_router(app)
     config = RuntimeConfig(model="/m", base_model="/m", state_dir=Path("/tmp/om-test"), **cfg)
-    setattr(app.state, endpoint_plugin.STATE_KEY,
-            endpoint_plugin._Runtime(config, tokenizer, 256, supervisor, token))
+    setattr(app.state, endpoint.STATE_KEY,
+            endpoint._Runtime(config, tokenizer, 256, supervisor, token))
     return TestClient(app)
 
 

@@ -46,17 +46,17 @@ def exported(tmp_path, monkeypatch):
     """A tiny packed Qwen3 exported by this process (module state restored afterwards)."""
     from transformers import AutoModelForCausalLM
 
-    from onlinemodel_runtime.weights import shared as shared_weights
+    from onlinemodel_runtime.weights import shared
     from onlinemodel_runtime.weights.layouts import pack_hf_state_dict
 
-    monkeypatch.setattr(shared_weights, "_SHM_EXPORT", None)
+    monkeypatch.setattr(shared, "_SHM_EXPORT", None)
     cfg = tiny_config()
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     params = {n: torch.nn.Parameter(t, requires_grad=False)
               for n, t in pack_hf_state_dict(cfg, hf.state_dict()).items()}
     state_dir = tmp_path / "state"
-    manifest = shared_weights.export_weights(params.items(), state_dir, model="tiny-qwen3",
+    manifest = shared.export_weights(params.items(), state_dir, model="tiny-qwen3",
                                              architecture="Qwen3ForCausalLM", vllm_version="test",
                                              shm_dir=tmp_path)
     return cfg, params, state_dir, manifest
@@ -178,10 +178,10 @@ def test_cuda_handles_must_match_manifest(tmp_path):
 
 
 def test_export_errors(tmp_path, monkeypatch):
-    from onlinemodel_runtime.weights import shared as shared_weights
+    from onlinemodel_runtime.weights import shared
     from onlinemodel_runtime.weights.shared import AttachError, export_weights
 
-    monkeypatch.setattr(shared_weights, "_SHM_EXPORT", None)
+    monkeypatch.setattr(shared, "_SHM_EXPORT", None)
     kw = dict(model="m", architecture="Qwen3ForCausalLM", vllm_version="test", shm_dir=tmp_path)
     with pytest.raises(AttachError, match="no parameters"):
         export_weights([], tmp_path / "s", **kw)
