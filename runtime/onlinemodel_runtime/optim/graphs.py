@@ -9,8 +9,9 @@ Static inputs: the weights, moments, limiter norms and projections are the optim
 step's gate flag are per-device buffers shared by every graph (written once per step:
 bucket_update.ConstBuffers, gate.StepGate), and the gradients go through buffers shared by every
 bucket of the same shapes (buckets run one after another on one stream, so one set serves them
-all: one decoder layer's gradients extra, not the model's). The graph ends by writing its bucket's applied flag into
-the shared gate, so a later bucket of the same step sees it without a host round trip.
+all: one decoder layer's gradients extra, not the model's). The graph ends by writing its
+bucket's applied flag into the shared gate, so a later bucket of the same step sees it without a
+host round trip.
 Stochastic rounding stays random per replay: torch advances the captured philox offset each time.
 
 A captured bucket also keeps its `Plan` (parameters, states, tensor addresses it was captured

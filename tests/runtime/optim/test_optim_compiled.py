@@ -166,7 +166,8 @@ def test_plan_replays_only_what_it_was_captured_with():
     groups = [opt.param_groups[0], dict(opt.param_groups[0], update_proj_gap=2)]
     params = [net.a.weight, net.b.weight]
     states = [opt.state[p] for p in params]
-    prepared = [Prepared(g, p, None, st, st["step"], torch.zeros(1)) for g, p, st in zip(groups, params, states)]
+    prepared = [Prepared(g, p, None, st, st["step"], torch.zeros(1))
+                for g, p, st in zip(groups, params, states)]
     plan = Plan.of(prepared, torch.tensor(True))
     items = [(g, p, None) for g, p in zip(groups, params)]
     assert plan.matches(items, opt.state)
