@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-unit test-e2e clean
+.PHONY: demo test test-unit test-e2e test-gpu clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-unit: $(STAMP)
 
 test-e2e: $(STAMP)
 	$(PY) -m pytest -q -m e2e tests
+
+# Needs a CUDA GPU (not part of `make test`: tests/gpu/conftest.py collects them only with -m gpu).
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests/gpu
 
 clean:
 	rm -rf $(VENV) .cache

@@ -78,22 +78,21 @@ def matmul_peak_tflops(device: torch.device) -> float:
 
 
 def check_rounding(device: torch.device) -> dict:
-    """The one-kernel update on this device: unbiased, and a gated-off update changes nothing."""
+    """The weight write the compiled update fuses into one kernel (rounding.apply_update_, here
+    compiled on its own) on this device: unbiased, and a gated-off update changes nothing."""
     from onlinemodel_runtime.optim import rounding
 
     w = torch.ones(1 << 20, device=device, dtype=torch.bfloat16)
     g = torch.ones_like(w)
     coeff = torch.tensor(1e-4, device=device)  # 1/78 of a bf16 ulp at 1.0
     one = torch.tensor(1.0, device=device)
-    fused = device.type == "cuda" and rounding.fused_bf16_update_(w, g, coeff, one, torch.tensor(False, device=device))
+    write = torch.compile(rounding.apply_update_, fullgraph=True)
+    write(w, g, coeff, decay=one, ok=torch.tensor(False, device=device), chunk_elems=None)
     untouched = bool((w == 1).all())
     for _ in range(100):
-        if fused:
-            rounding.fused_bf16_update_(w, g, coeff, one, torch.tensor(True, device=device))
-        else:
-            rounding.apply_update_(w, g, coeff, decay=1.0, ok=torch.tensor(True, device=device))
-    return dict(fused_kernel=bool(fused), gated_update_untouched=untouched,
-                mean_after_100_small_updates=w.float().mean().item(), exact=1.0 + 100 * 1e-4)
+        write(w, g, coeff, decay=one, ok=torch.tensor(True, device=device), chunk_elems=None)
+    return dict(gated_update_untouched=untouched, mean_after_100_small_updates=w.float().mean().item(),
+                exact=1.0 + 100 * 1e-4)
 
 
 class _Layers(torch.nn.Module):
@@ -128,10 +127,10 @@ def check_compiled(device: torch.device) -> dict:
             x = torch.randn(8, 64, generator=g).to(device)
             assert opt.backward_step(net(x).pow(2).mean()).applied
         nets.append(net)
-        graphs = max(graphs, len(opt._graphs.graphs))
+        graphs = max(graphs, len(opt._compiled.captured()))
     for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
         errs[name] = ((a - b).norm() / a.norm()).item()
-    from onlinemodel_runtime.optim.compiled import COMPILED
+    from onlinemodel_runtime.optim.bucket_update import COMPILED
 
     return dict(max_rel_diff=max(errs.values()), compiled_path_works=COMPILED.ok,
                 cuda_graphs_captured=graphs)
@@ -166,15 +165,15 @@ def flops_per_step(cfg, n_matmul_params: int, tokens: int, seq: int) -> float:
 def make_apollo(mode: str, model, lr: float, pkg=None):
     """Our optimizer for a mode name: the policy by prefix (apollo_blocks = the trainer's default,
     apollo_all = every parameter), diagnostics by suffix (_eager torch ops, _nograph no CUDA-graph
-    replay, _serial updates on the main stream). `pkg`: the optim package (default: the project's)."""
+    replay, _serial updates on the main stream). `pkg`: the optim package (default: the project's;
+    an --ab-package copy must be at least as recent as the cuda_graphs/side_stream options)."""
     if pkg is None:
         import onlinemodel_runtime.optim as pkg
     policy = (pkg.TrainPolicy() if mode.startswith("apollo_blocks")
               else pkg.TrainPolicy(blocks="apollo", embeddings="apollo", norms="adamw"))
-    opt = pkg.make_optimizer(model, policy, lr=lr, rank=1, fused=False if mode.endswith("eager") else None)
-    opt._use_graphs = not mode.endswith("_nograph")
-    opt._use_side_stream = not mode.endswith("_serial")
-    return opt
+    return pkg.make_optimizer(model, policy, lr=lr, rank=1, fused=False if mode.endswith("eager") else None,
+                              cuda_graphs=not mode.endswith("_nograph"),
+                              side_stream=not mode.endswith("_serial"))
 
 
 def run_mode(mode: str, model, device, ids, steps: int, warmup: int, lr: float) -> dict:

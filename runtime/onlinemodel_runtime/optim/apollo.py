@@ -6,40 +6,40 @@ Two ways to drive it:
 - hook mode: `attach_to_backward()` once, then per step `backward_step(loss)` (or `begin_step()`,
   `loss.backward()`, `finish_step()`). Parameters are updated in buckets (one decoder layer each)
   as soon as the bucket's gradients are complete, and the gradients are dropped: at most one
-  layer's gradients are held, no full-model gradient buffer exists. On CUDA a bucket's update is
-  one compiled graph replayed as a CUDA graph on a side stream that overlaps backward
-  (compiled_buckets.py, graphs.py).
-See docs/optimizer.md for the guarantees of each mode.
+  layer's gradients are held, no full-model gradient buffer exists.
+
+Apollo owns the parameters' registry (names, groups, buckets), `state` and the step counters, and
+these components, each with its own state and tests: `BackwardHooks` (hooks.py, hook mode's
+gradient collection), `StepGate` (gate.py, the device-side all-or-nothing verdict),
+`Projections` (projections.py), `RoundingGenerators` (rounding.py), `ConstBuffers` and the one
+bucket update (bucket_update.py), `CompiledBuckets` (compiled_buckets.py, the compiled call and
+its CUDA-graph replay) and `SideStreams` (streams.py). See docs/optimizer.md.
 """
 
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
+from .bucket_update import BucketArgs, ConstBuffers, Prepared, bucket_update
 from .compiled_buckets import CompiledBuckets
-from .graphs import GraphCache
-from .functional import (
-    adamw_direction,
-    apollo_direction,
-    grad_norm,
-    param_seed,
-    projected_shape,
-    projection_matrix,
-    projection_seed,
-)
-from .hook_mode import HookMode, Item
+from .functional import grad_norm, projected_shape
+from .gate import StepGate
+from .hooks import BackwardHooks
 from .hyperparams import DEFAULT_LR, MINI_ALPHA, StepReport, check_group
-from .rounding import apply_update_
+from .projections import Projections
+from .rounding import DEFAULT_CHUNK_ELEMS, RoundingGenerators
+from .streams import SideStreams
+
+Item = tuple[dict[str, Any], torch.Tensor, torch.Tensor]  # (group, param, gradient)
 _LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
 
 
 def bucket_key(name: str | None, index: int) -> str:
-    """Hook mode updates parameters in buckets: all parameters of one decoder layer
+    """Parameters are updated in buckets: all parameters of one decoder layer
     ("model.layers.7.*") form one; any other parameter is a bucket of its own."""
     if name is None:
         return f"#{index}"
@@ -47,13 +47,17 @@ def bucket_key(name: str | None, index: int) -> str:
     return match.group(1) if match else name
 
 
-class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
+class Apollo(torch.optim.Optimizer):
     """APOLLO for 2-D weights (rank 1 + tensor scale = APOLLO-Mini), dense AdamW for the rest.
 
     params: `model.named_parameters()` (or a filtered list of (name, param), or groups with
     "params" and "param_names"): names seed each matrix's projection. Parameters that are not
     2-D, and groups with algorithm="adamw", get dense AdamW with float32 moments.
     scale/alpha default by rank: rank 1 -> "tensor", sqrt(128) (APOLLO-Mini); else "channel", 1.
+    norm_growth_limit=None: no limiter and no first-step cap (the authors' `disable_nl`).
+    fused (None: compiled on CUDA, eager on CPU; True: compiled everywhere, errors raise; False:
+    eager everywhere), cuda_graphs and side_stream choose how the same update runs, not what it
+    computes; they are not hyperparameters and are not saved.
     """
 
     def __init__(
@@ -67,11 +71,13 @@ class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
         scale: str | None = None,
         alpha: float | None = None,
         update_proj_gap: int = 200,
-        norm_growth_limit: float = 1.01,
+        norm_growth_limit: float | None = 1.01,
         stochastic_rounding: bool = True,
         algorithm: str = "apollo",
         seed: int = 0,
         fused: bool | None = None,
+        cuda_graphs: bool = True,
+        side_stream: bool = True,
     ) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"Invalid rank: {rank!r} (an int >= 1)")
@@ -84,43 +90,25 @@ class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
             stochastic_rounding=stochastic_rounding, algorithm=algorithm, seed=seed,
         )
         check_group(dict(defaults))
-        # fused=None: one compiled graph per parameter update on CUDA (compiled.py), eager on CPU;
-        # True: compiled everywhere (errors raise); False: eager torch ops everywhere.
-        self.fused = fused
         self.skipped_steps = 0
         self.steps_applied = 0
         self.last_report: StepReport | None = None
         self._names: dict[torch.Tensor, str] = {}
-        self._proj_gens: dict[torch.device, torch.Generator] = {}
-        self._sr_gens: dict[str, torch.Generator] = {}
-        self._hooked: dict[torch.Tensor, Any] = {}  # parameter -> its hook handle (hook mode)
-        self._attached = False
-        self._hook_lock = threading.Lock()
         self._group_of: dict[torch.Tensor, dict[str, Any]] = {}
-        self._armed = False
-        # One bool per device, True until a bucket of the step is not applied; every later bucket
-        # of the step reads it (all on the device, no host round trip). _gate_last: the device
-        # whose flag holds the step's verdict so far.
-        self._gate_bufs: dict[torch.device, torch.Tensor] = {}
-        self._gate_last: torch.device | None = None
-        self._flags: list[tuple[list[torch.Tensor], torch.Tensor]] = []  # (bucket's params, applied)
         self._order: dict[torch.Tensor, int] = {}  # position among all managed parameters
         self._bucket_of: dict[torch.Tensor, str] = {}
-        self._bucket_size: dict[str, int] = {}
-        self._pending: list[Item] = []  # gradients of the bucket being filled (hook mode)
-        self._pending_key: str | None = None
-        self._graphs = GraphCache()
-        self._use_graphs = True  # CUDA-graph replay of multi-parameter buckets (compiled path)
-        self._use_side_stream = True  # hook mode on CUDA: bucket updates overlap backward
-        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._side_synced: set[torch.device] = set()  # side streams that waited this step
-        self._proj_cache: dict[torch.Tensor, tuple[tuple[int, int], torch.Tensor]] = {}
-        self._seeds: dict[tuple[str, int], int] = {}  # param_seed(name, base seed), hashed once
-        self._const_bufs: dict[tuple, tuple[torch.Tensor, Any]] = {}  # (buffer, rows loaded)
-        self._step_serial = 0  # counts steps begun: hyperparameters may change between steps
-        self._stream_events: dict[torch.device, tuple] = {}  # hook mode's side stream handshake
-        self._producer: torch.cuda.Stream | None = None  # the stream gradients come from (hook mode)
+        self._streams = SideStreams(side_stream)
+        self._consts = ConstBuffers()
+        self._compiled = CompiledBuckets(self._streams, self._consts, fused, cuda_graphs)
+        self._gate = StepGate(self._streams)
+        self._projections = Projections()
+        self._rounding = RoundingGenerators()
+        self._hooks = BackwardHooks(self._flush)
         super().__init__(params, defaults)
+
+    @property
+    def fused(self) -> bool | None:
+        return self._compiled.fused
 
     # ------------------------------------------------------------------ groups and names
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -133,181 +121,80 @@ class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
         for i, p in enumerate(group["params"]):
             if p.dtype not in (torch.float32, torch.bfloat16):
                 raise ValueError(f"Apollo supports float32 and bfloat16 parameters, got {p.dtype}")
-            if self._uses_apollo(group, p):
-                if names is None:
-                    raise ValueError(
-                        "Apollo derives each matrix's projection seed from its name: pass "
-                        "model.named_parameters() (or (name, param) pairs), not bare parameters"
-                    )
+            if self._uses_apollo(group, p) and names is None:
+                raise ValueError(
+                    "Apollo derives each matrix's projection seed from its name: pass "
+                    "model.named_parameters() (or (name, param) pairs), not bare parameters"
+                )
             if names is not None:
                 self._names[p] = names[i]
             self._group_of[p] = group
             self._order[p] = len(self._order)
             self._bucket_of[p] = bucket_key(names[i] if names is not None else None, self._order[p])
-        if self._attached:
-            self._hook_params(group["params"])
+        if self._hooks.attached:
+            self._hooks.attach((p, self._bucket_of[p]) for p in group["params"])
 
     @staticmethod
     def _uses_apollo(group: dict[str, Any], p: torch.Tensor) -> bool:
         return group["algorithm"] == "apollo" and p.dim() == 2
 
-    # ------------------------------------------------------------------ per-parameter update
-    def _proj_gen(self, device: torch.device) -> torch.Generator:
-        gen = self._proj_gens.get(device)
-        if gen is None:
-            gen = self._proj_gens[device] = torch.Generator(device=device)
-        return gen
-
-    def _sr_gen(self, device: torch.device, seed: int) -> torch.Generator:
-        key = str(device)
-        gen = self._sr_gens.get(key)
-        if gen is None:
-            gen = self._sr_gens[key] = torch.Generator(device=device)
-            gen.manual_seed(param_seed(f"stochastic-rounding:{key}", seed))
-        return gen
-
-    def _projection(self, group: dict[str, Any], p: torch.Tensor, step: int, rank: int) -> torch.Tensor:
-        """The projection in force at `step`, regenerated from its seed when the period changes.
-        Kept between steps in a small cache (r * min(m, n) floats, never in state_dict) so a step
-        costs no RNG launches."""
-        # Keyed by (base seed, period): the two sha256 hashes run once per projection period.
-        tag = (group["seed"], (step - 1) // group["update_proj_gap"])
-        hit = self._proj_cache.get(p)
-        if hit is not None and hit[0] == tag and hit[1].device == p.device and hit[1].shape[0] == rank:
-            return hit[1]
-        name_key = (self._names[p], group["seed"])
-        base = self._seeds.get(name_key)
-        if base is None:
-            base = self._seeds[name_key] = param_seed(*name_key)
-        seed = projection_seed(base, step, group["update_proj_gap"])
-        proj = projection_matrix(tuple(p.shape), rank, seed, device=p.device,
-                                 generator=self._proj_gen(p.device))
-        if hit is not None and hit[1].device == p.device and hit[1].shape == proj.shape:
-            proj = hit[1].copy_(proj)  # same address: a captured CUDA graph reads the new values
-        self._proj_cache[p] = (tag, proj)
-        return proj
-
+    # ------------------------------------------------------------------ one bucket
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         st = self.state[p]
         if not st:
             st["step"] = 0
-            if self._uses_apollo(group, p):
-                rank = min(group["rank"], *p.shape)
-                shape = projected_shape(tuple(p.shape), rank)
-                st["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-                st["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            apollo = self._uses_apollo(group, p)
+            shape = projected_shape(tuple(p.shape), min(group["rank"], *p.shape)) if apollo else p.shape
+            st["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            st["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            if apollo:
                 st["limiter_norm"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            else:
-                st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         return st
 
     @torch.no_grad()
-    def _update_bucket(self, items: list[Item], gate: torch.Tensor) -> torch.Tensor:
+    def _update_bucket(self, name: str, items: list[Item], gate: torch.Tensor) -> torch.Tensor:
         """Update the parameters of one bucket (same device) from their gradients, all or none:
         committed only where `gate` and every item's gradient and update are finite. Never syncs
-        with the device. Returns the 0-dim bool 'applied' flag of the whole bucket and writes it
-        into `gate` (the device's step gate, see _gate_for)."""
+        with the device. Returns the bucket's 0-dim bool applied flag, also written into `gate`."""
         prepared = []
         for group, p, grad in items:
             st = self._init_state(group, p)
             step = st["step"] + 1
             proj = None
             if self._uses_apollo(group, p):
-                proj = self._projection(group, p, step, min(st["exp_avg"].shape))
-            prepared.append((group, p, grad, st, step, proj))
+                proj = self._projections.get(p, self._names[p], group["seed"], group["update_proj_gap"],
+                                             step, min(st["exp_avg"].shape))
+            prepared.append(Prepared(group, p, grad, st, step, proj))
+        args = BucketArgs.of(prepared)
+        consts = self._consts.load(args.rows, gate.device)
         ok = None
-        if self._compiled_path(items[0][1]):
-            ok = self._update_bucket_compiled(prepared, gate)
+        if self._compiled.applies(items[0][1]):
+            ok = self._compiled.update(name, prepared, args, consts, gate)
         if ok is None:
-            ok = self._update_bucket_eager(prepared, gate)
-        for _, _, _, st, step, _ in prepared:
-            st["step"] = step  # rolled back in _settle() if `ok` turns out false
+            self._streams.await_producer()
+            self._streams.mark_used(args.grads)
+            rng = self._rounding.get(gate.device, items[0][0]["seed"])
+            ok = args.call(bucket_update, consts, gate, generator=rng, chunk_elems=DEFAULT_CHUNK_ELEMS)
+            gate.copy_(ok)
+        for it in prepared:
+            it.state["step"] = it.step  # rolled back in _settle() if `ok` turns out false
         return ok
-
-    def _update_bucket_eager(self, prepared: list[tuple], gate: torch.Tensor) -> torch.Tensor:
-        """Torch ops, two phases: every item's new values first, then one commit flag for all."""
-        self._await_producer()
-        self._mark_grads_used_here([it[2] for it in prepared])
-        results = []
-        for group, p, grad, st, step, proj in prepared:
-            beta1, beta2 = group["betas"]
-            if proj is not None:
-                d = apollo_direction(
-                    grad, proj, st["exp_avg"], st["exp_avg_sq"], st["limiter_norm"], step,
-                    beta1=beta1, beta2=beta2, eps=group["eps"], alpha=group["alpha"],
-                    scale_kind=group["scale"], norm_growth_limit=group["norm_growth_limit"],
-                )
-                results.append((d.exp_avg, d.exp_avg_sq, grad, d.scale * (-group["lr"]),
-                                d.update_norm, d.ok))
-            else:
-                m, v, direction, ok_d = adamw_direction(
-                    grad, st["exp_avg"], st["exp_avg_sq"], step, beta1=beta1, beta2=beta2,
-                    eps=group["eps"])
-                coeff = torch.full((), -group["lr"], dtype=torch.float32, device=p.device)
-                results.append((m, v, direction, coeff, None, ok_d))
-        ok = gate & torch.stack([r[5] for r in results]).all()
-        for (group, p, _, st, _, _), (m, v, direction, coeff, update_norm, _) in zip(prepared, results):
-            if update_norm is not None:
-                st["limiter_norm"].copy_(torch.where(ok, update_norm, st["limiter_norm"]))
-            st["exp_avg"].copy_(torch.where(ok, m, st["exp_avg"]))
-            st["exp_avg_sq"].copy_(torch.where(ok, v, st["exp_avg_sq"]))
-            apply_update_(p.data, direction, coeff, decay=1.0 - group["lr"] * group["weight_decay"],
-                          ok=ok, stochastic=group["stochastic_rounding"],
-                          generator=self._sr_gen(p.device, group["seed"]))
-        gate.copy_(ok)
-        return ok
-
-    def _gate_for(self, device: torch.device) -> torch.Tensor:
-        """The step gate of `device`: a persistent 0-dim bool (so captured graphs read and write it
-        in place). Set True at the start of each step (_new_step); when the step moves to
-        another device, the verdict so far is carried over."""
-        buf = self._gate_bufs.get(device)
-        if buf is None:
-            buf = self._gate_bufs[device] = torch.ones((), dtype=torch.bool, device=device)
-        last = self._gate_last
-        if last is not None and last != device:
-            # A cross-device copy runs on the source's current stream: order it after the
-            # source's side-stream updates, which wrote the flag.
-            side = self._side_streams.get(last)
-            if side is not None:
-                torch.cuda.current_stream(last).wait_stream(side)
-            buf.copy_(self._gate_bufs[last])
-        self._gate_last = device
-        return buf
 
     def _new_step(self) -> None:
-        """Start of a step (step() or begin_step()), on the current stream (bucket updates are
-        ordered after it): gates set True, a new serial for the per-step constants."""
-        self._step_serial += 1
-        for buf in self._gate_bufs.values():
-            buf.fill_(True)
-        self._gate_last = None
+        """Start of a step (step() or begin_step()), on the current stream."""
+        self._consts.new_step()
+        self._gate.reset()
+        self._streams.new_step()
 
-    def _settle(self, flags: list[tuple[list[torch.Tensor], torch.Tensor]]) -> tuple[int, int]:
-        """One host sync per step: read every bucket's applied flag, roll back step counters of
-        parameters whose update was gated off (their moments and weights were left as they were).
-        Returns (parameters updated, parameters with a gradient)."""
-        if not flags:
-            return 0, 0
-        by_device: dict[torch.device, list[int]] = {}
-        for i, (_, f) in enumerate(flags):
-            by_device.setdefault(f.device, []).append(i)
-        values = [False] * len(flags)
-        for idx in by_device.values():  # one transfer per device
-            for i, v in zip(idx, torch.stack([flags[i][1] for i in idx]).tolist()):
-                values[i] = v
-        applied = total = 0
-        for (params, _), ok in zip(flags, values):
-            total += len(params)
-            if ok:
-                applied += len(params)
-            else:
-                for p in params:
-                    self.state[p]["step"] -= 1
-        return applied, total
+    def _settle(self, reason: str | None) -> StepReport:
+        """One host sync: roll back the step counters of parameters whose update was gated off
+        (their moments and weights were left as they were), then report."""
+        applied, gated_off = self._gate.settle()
+        for p in gated_off:
+            self.state[p]["step"] -= 1
+        return self._report(applied, applied + len(gated_off), reason)
 
-    def _record(self, applied: int, total: int, reason: str | None) -> StepReport:
+    def _report(self, applied: int, total: int, reason: str | None) -> StepReport:
         skipped = reason is not None or applied < total
         if skipped:
             self.skipped_steps += 1
@@ -325,34 +212,94 @@ class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """torch.optim step: returns the closure's loss; the StepReport is in `last_report`.
         If any gradient is not finite, nothing (weights, moments, counters) changes."""
-        if self._armed:
+        if self._hooks.armed:
             raise RuntimeError("step() called between begin_step() and finish_step() (hook mode)")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not work:
-            self._record(0, 0, None)
-            return loss
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for _, p in work:
-            by_device.setdefault(p.grad.device, []).append(
-                grad_norm(p.grad))
+            by_device.setdefault(p.grad.device, []).append(grad_norm(p.grad))
         if not all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in by_device.values()):
-            self._record(0, len(work), "non-finite gradient")
+            self._report(0, len(work), "non-finite gradient")
             return loss
+        self._new_step()
         buckets: dict[tuple[str, torch.device], list[Item]] = {}
         for group, p in work:
             buckets.setdefault((self._bucket_of[p], p.device), []).append((group, p, p.grad))
-        flags = []
-        self._new_step()
-        for (_, device), items in buckets.items():
-            ok = self._update_bucket(items, self._gate_for(device))
-            flags.append(([p for _, p, _ in items], ok))
-        applied, total = self._settle(flags)
-        self._record(applied, total, None)
+        for (name, device), items in buckets.items():
+            ok = self._update_bucket(name, items, self._gate.for_device(device))
+            self._gate.record([p for _, p, _ in items], ok)
+        self._settle(None)
         return loss
+
+    # ------------------------------------------------------------------ hook mode
+    def attach_to_backward(self) -> None:
+        """Register post-accumulate-grad hooks on every managed parameter (idempotent; groups
+        added later get theirs in add_param_group)."""
+        self._hooks.attach((p, self._bucket_of[p]) for g in self.param_groups for p in g["params"])
+
+    def detach_from_backward(self) -> None:
+        """Remove the hooks; a step in progress is ended first (reported as skipped, what was
+        already applied stays, counters settled)."""
+        if self._hooks.armed:
+            self.finish_step("detached during the step")
+        self._hooks.detach()
+
+    def begin_step(self) -> None:
+        """Arm the hooks for one backward pass; stale gradients are dropped."""
+        if not self._hooks.attached:
+            raise RuntimeError("begin_step() needs attach_to_backward() first")
+        if self._hooks.armed:
+            raise RuntimeError("begin_step() called twice without finish_step()")
+        self.zero_grad(set_to_none=True)
+        self._new_step()
+        self._hooks.arm()
+
+    def finish_step(self, reason: str | None = None) -> StepReport:
+        """Disarm the hooks and report (one device sync). `reason` marks the step skipped."""
+        if not self._hooks.armed:
+            raise RuntimeError("finish_step() without begin_step()")
+        self._hooks.disarm(flush_held=reason is None)
+        self._streams.join()
+        return self._settle(reason)
+
+    def backward_step(self, loss: torch.Tensor) -> StepReport:
+        """begin_step + loss.backward() + finish_step, skipping the backward if the loss is not
+        finite (then nothing is touched)."""
+        self.begin_step()
+        if not bool(torch.isfinite(loss.detach()).all()):
+            return self.finish_step("non-finite loss")
+        try:
+            loss.backward()
+        except BaseException:
+            self.finish_step("backward failed")
+            raise
+        return self.finish_step()
+
+    def _flush(self, name: str, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """A complete bucket's gradients (BackwardHooks): replay its captured graph if its plan
+        still holds, else update it on the general path, per device, on the side stream."""
+        pairs.sort(key=lambda pg: self._order[pg[0]])  # the order step() uses
+        items = [(self._group_of[p], p, g) for p, g in pairs]  # groups in force now
+        replayed = self._compiled.replay_planned(name, items, self.state, self._gate,
+                                                 self._projections, self._names)
+        if replayed is not None:
+            for st in replayed.states:
+                st["step"] = replayed.step
+            self._gate.record(replayed.params, replayed.applied)
+            return
+        by_device: dict[torch.device, list[Item]] = {}
+        for it in items:
+            by_device.setdefault(it[1].device, []).append(it)
+        for device, part in by_device.items():
+            with self._streams.updating(device):
+                # Once one gradient is non-finite, every later bucket in this step is gated off
+                # too: each update reads and writes the device's step gate.
+                ok = self._update_bucket(name, part, self._gate.for_device(device))
+            self._gate.record([p for _, p, _ in part], ok)
 
     # ------------------------------------------------------------------ state
     def summary(self) -> dict[str, Any]:
@@ -371,7 +318,7 @@ class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["rng"] = {k: g.get_state() for k, g in self._sr_gens.items()}
+        sd["rng"] = self._rounding.state_dict()
         sd["counters"] = {"skipped_steps": self.skipped_steps, "steps_applied": self.steps_applied}
         return sd
 
@@ -406,14 +353,10 @@ class Apollo(HookMode, CompiledBuckets, torch.optim.Optimizer):
         for group in new_groups:
             for p in group["params"]:
                 self._group_of[p] = group
-        self._graphs.clear()  # they read the state tensors being replaced
+        self._compiled.clear()
         self.state.clear()
         self.state.update(state)
-        for key, gen_state in state_dict.get("rng", {}).items():
-            device = torch.device(key)
-            if device.type == "cuda" and not torch.cuda.is_available():
-                continue  # CUDA rounding stream saved, resumed on CPU: nothing to restore
-            self._sr_gen(device, new_groups[0]["seed"]).set_state(gen_state)
+        self._rounding.load_state_dict(state_dict.get("rng", {}), new_groups[0]["seed"])
         counters = state_dict.get("counters", {})
         self.skipped_steps = int(counters.get("skipped_steps", 0))
         self.steps_applied = int(counters.get("steps_applied", 0))

@@ -1,24 +1,41 @@
-"""Pure APOLLO math for one 2-D parameter (Zhu et al., arXiv 2412.05270, Algorithm 1).
+"""Pure APOLLO math for one parameter (Zhu et al., arXiv 2412.05270, Algorithm 1): the one
+implementation that every path runs (eager torch ops, torch.compile, CUDA-graph replay; see
+bucket_update.py).
 
 Nothing here keeps state: callers pass the moments in and get new ones back, so the optimizer can
-commit them conditionally (no GPU->CPU sync on the hot path) and the reference implementation can
-share the few definitions that fix the algorithm (seeds, projection matrices).
+commit them conditionally (no GPU->CPU sync on the hot path). The per-step scalars come in as one
+float32 row per parameter (`const_row`, columns `CONSTS`), so that a new learning rate or step
+never recompiles a graph; the same row drives the eager path.
 
 Shapes: the gradient G is m-by-n. The random projection P removes the SMALLER dimension:
   m <= n: P is (r, m), R = P @ G is (r, n)     ("left")
   m >  n: P is (r, n), R = G @ P^T is (m, r)   ("right")
-so R (and each Adam moment) has r * max(m, n) elements.
+so R (and each Adam moment) has r * max(m, n) elements. (The authors' code projects a square
+matrix on the right: docs/optimizer.md, "Where the update differs from the authors' code".)
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 
 import torch
 
 _SEED_MASK = (1 << 63) - 1
+# Columns of a parameter's row of per-step constants (computed in float64 on the host).
+CONSTS = ("lr", "bias_correction1", "bias_correction2", "first_step_cap", "decay", "beta1",
+          "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "alpha", "growth_limit")
+(LR, BC1, BC2, FIRST, DECAY, BETA1, ONE_M_B1, BETA2, ONE_M_B2, EPS, ALPHA, GAMMA) = range(len(CONSTS))
+
+
+def const_row(group: dict, step: int) -> list[float]:
+    """The row of `CONSTS` for a parameter of `group` at (1-based) `step`. norm_growth_limit=None
+    turns the limiter off, and with it the first-step cap (its starting reference)."""
+    lr, (beta1, beta2), limit = group["lr"], group["betas"], group["norm_growth_limit"]
+    first = 1.0 if step == 1 and limit is not None else 0.0
+    return [lr, 1.0 - beta1**step, 1.0 - beta2**step, first, 1.0 - lr * group["weight_decay"],
+            beta1, 1.0 - beta1, beta2, 1.0 - beta2, group["eps"], group["alpha"],
+            math.inf if limit is None else limit]
 
 
 def param_seed(name: str, base_seed: int = 0) -> int:
@@ -38,14 +55,14 @@ def projection_seed(seed: int, step: int, update_proj_gap: int) -> int:
     return int.from_bytes(digest[:8], "little") & _SEED_MASK
 
 
-def projection_side(shape: tuple[int, int]) -> str:
+def projects_left(shape: tuple[int, ...]) -> bool:
     m, n = shape
-    return "left" if m <= n else "right"
+    return m <= n
 
 
 def projected_shape(shape: tuple[int, int], rank: int) -> tuple[int, int]:
     m, n = shape
-    return (rank, n) if projection_side(shape) == "left" else (m, rank)
+    return (rank, n) if projects_left(shape) else (m, rank)
 
 
 def projection_matrix(
@@ -72,118 +89,66 @@ def projection_matrix(
 
 
 def grad_norm(grad: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """float32 norm(s) of a possibly bf16 gradient. The reduction accumulates in float32 inside the
-    kernel; asking for dtype=float32 instead could materialize a full-size float32 copy."""
-    return torch.linalg.vector_norm(grad, dim=dim).float()
+    """float32 norm(s) of a possibly bf16 gradient, not rounded to bf16 on the way (a compiled
+    graph would not round it, the eager op would). Measured: dtype=float32 makes no float32 copy
+    of a bf16 gradient (CPU, torch 2.13; CUDA, torch 2.11)."""
+    return torch.linalg.vector_norm(grad, dim=dim, dtype=torch.float32)
 
 
-def project(grad: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+def project(grad: torch.Tensor, proj: torch.Tensor, left: bool) -> torch.Tensor:
     """R = P G (left) or G P^T (right), in float32. The matmul runs in the gradient's dtype
     so a bf16 gradient is never copied to a full-size float32 temporary."""
     p = proj.to(grad.dtype)
-    if projection_side(tuple(grad.shape)) == "left":
-        r = p @ grad
+    return (p @ grad if left else grad @ p.t()).float()
+
+
+def adam_moments(x, exp_avg, exp_avg_sq, c):
+    """New first and second moments of x and the bias-corrected direction m_hat / (sqrt(v_hat) + eps)."""
+    m = exp_avg * c[BETA1] + x * c[ONE_M_B1]
+    v = exp_avg_sq * c[BETA2] + x * x * c[ONE_M_B2]
+    return m, v, (m / c[BC1]) / ((v / c[BC2]).sqrt() + c[EPS])
+
+
+def apollo_direction(grad, proj, exp_avg, exp_avg_sq, prev_norm, c, *, left: bool, channel: bool):
+    """One APOLLO step for a 2-D gradient; inputs are not modified. `c`: the parameter's row of
+    CONSTS; `prev_norm`: the limiter's reference (0-dim float32; unused at a capped first step).
+
+    Returns (exp_avg, exp_avg_sq, update_norm, coeff, ok): the new weight is
+    `w * decay + coeff (*) G`, coeff = -lr * alpha * limit * scale (0-dim for scale="tensor",
+    one factor per column (n,) or per row (m, 1) for "channel"); update_norm = ||scale (*) G||
+    after the limiter (its next reference); ok: every number involved is finite.
+    """
+    r = project(grad, proj, left)
+    m, v, r_tilde = adam_moments(r, exp_avg, exp_avg_sq, c)
+    if channel:  # one factor per row/column of the dimension the projection keeps
+        dim = 0 if left else 1
+        r_norms = torch.linalg.vector_norm(r, dim=dim)
+        scale = torch.linalg.vector_norm(r_tilde, dim=dim) / (r_norms + 1e-8)
+        scaled_norm = torch.linalg.vector_norm(scale * grad_norm(grad, dim))
+        if not left:
+            scale = scale.unsqueeze(1)  # (m, 1): one factor per row
+        r_norm = torch.linalg.vector_norm(r_norms)
     else:
-        r = grad @ p.T
-    return r.float()
-
-
-@dataclass
-class ApolloDirection:
-    """Result of one APOLLO step for one matrix, before it touches the weight.
-
-    The weight update is `-lr * alpha * limit * scale (*) G` where `scale` is a 0-dim tensor
-    (tensor-wise) or a vector broadcastable to G (channel-wise) and `limit` is the norm-growth
-    limiter's factor. `ok` is a 0-dim bool tensor: every number involved is finite.
-    """
-
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
-    scale: torch.Tensor  # broadcastable to G; already includes limiter and alpha
-    update_norm: torch.Tensor  # ||scale (*) G|| / alpha after limiting: the limiter's next reference
-    ok: torch.Tensor
-
-
-def apollo_direction(
-    grad: torch.Tensor,
-    proj: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    prev_norm: torch.Tensor,
-    step: int,
-    *,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    alpha: float,
-    scale_kind: str,
-    norm_growth_limit: float,
-) -> ApolloDirection:
-    """One APOLLO step for a 2-D gradient. Pure: returns new moments; inputs are not modified.
-
-    `step` is 1-based. `prev_norm` is the limiter's reference (0-dim float32; ignored at step 1).
-    """
-    shape = tuple(grad.shape)
-    r = project(grad, proj)
-    m = exp_avg.mul(beta1).add_(r, alpha=1.0 - beta1)
-    v = exp_avg_sq.mul(beta2).addcmul_(r, r, value=1.0 - beta2)
-    # Bias-corrected Adam direction in the projected space.
-    bc1 = 1.0 - beta1**step
-    bc2 = 1.0 - beta2**step
-    r_tilde = (m / bc1) / ((v / bc2).sqrt_().add_(eps))
-
-    if scale_kind == "tensor":
         r_norm = torch.linalg.vector_norm(r)
         scale = torch.linalg.vector_norm(r_tilde) / (r_norm + 1e-8)
-        g_norm = grad_norm(grad)
-        scaled_norm = scale * g_norm
-    else:  # "channel": one factor per row/column of the dimension the projection keeps
-        dim = 0 if projection_side(shape) == "left" else 1
-        r_norm = torch.linalg.vector_norm(r, dim=dim)
-        scale = torch.linalg.vector_norm(r_tilde, dim=dim) / (r_norm + 1e-8)
-        g_norms = grad_norm(grad, dim)
-        scaled_norm = torch.linalg.vector_norm(scale * g_norms)
-        if dim == 1:
-            scale = scale.unsqueeze(1)  # (m, 1): one factor per row
-        r_norm = torch.linalg.vector_norm(r_norm)
-
-    if step == 1:
-        # No reference norm yet. AdamW's first update is elementwise m_hat/sqrt(v_hat) = sign(g),
-        # of norm sqrt(m*n) (RMS 1). A rank-1 projection of a near rank-1 gradient (batch-1 online
-        # data) can make ||R|| tiny and the scale huge, so cap ||alpha * scale * G|| at that AdamW
-        # norm; the limiter then allows at most `norm_growth_limit`x growth per step from there.
-        cap = math.sqrt(shape[0] * shape[1]) / alpha
-        limit = torch.clamp(cap / (scaled_norm + 1e-30), max=1.0)
-    else:
-        # Fira's norm-growth limiter: ||update_t|| <= gamma * ||update_{t-1}||.
-        growth = scaled_norm / (prev_norm + 1e-8)
-        limit = 1.0 / torch.clamp(growth / norm_growth_limit, min=1.0)
+        scaled_norm = scale * grad_norm(grad)
+    # First step: no reference norm yet. AdamW's first update is elementwise m_hat/sqrt(v_hat) =
+    # sign(g), of norm sqrt(m*n) (RMS 1). A rank-1 projection of a near rank-1 gradient (batch-1
+    # online data) can make ||R|| tiny and the scale huge, so cap ||alpha * scale * G|| at that
+    # AdamW norm. Later steps: Fira's norm-growth limiter, ||update_t|| <= gamma ||update_t-1||.
+    cap = math.sqrt(grad.numel()) / c[ALPHA]
+    limit_first = torch.clamp(cap / (scaled_norm + 1e-30), max=1.0)
+    limit_next = 1.0 / torch.clamp(scaled_norm / (prev_norm + 1e-8) / c[GAMMA], min=1.0)
+    limit = torch.where(c[FIRST] > 0, limit_first, limit_next)
     update_norm = scaled_norm * limit
     ok = torch.isfinite(update_norm) & torch.isfinite(r_norm)
-    return ApolloDirection(
-        exp_avg=m, exp_avg_sq=v, scale=scale * (limit * alpha), update_norm=update_norm, ok=ok
-    )
+    return m, v, update_norm, scale * (limit * c[ALPHA]) * (-c[LR]), ok
 
 
-def adamw_direction(
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    step: int,
-    *,
-    beta1: float,
-    beta2: float,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense AdamW direction (for the fallback: norms, biases, policy-chosen params).
+def adamw_direction(grad, exp_avg, exp_avg_sq, c):
+    """Dense AdamW (parameters that are not 2-D, groups with algorithm="adamw").
 
-    Returns (new exp_avg, new exp_avg_sq, direction, ok); the update is -lr * direction.
-    """
-    g = grad.float()
-    m = exp_avg.mul(beta1).add_(g, alpha=1.0 - beta1)
-    v = exp_avg_sq.mul(beta2).addcmul_(g, g, value=1.0 - beta2)
-    bc1 = 1.0 - beta1**step
-    bc2 = 1.0 - beta2**step
-    d = (m / bc1) / ((v / bc2).sqrt_().add_(eps))
-    ok = torch.isfinite(torch.linalg.vector_norm(d))
-    return m, v, d, ok
+    Returns (exp_avg, exp_avg_sq, direction, coeff, ok); the new weight is
+    `w * decay + coeff * direction`, coeff = -lr."""
+    m, v, d = adam_moments(grad.float(), exp_avg, exp_avg_sq, c)
+    return m, v, d, -c[LR], torch.isfinite(torch.linalg.vector_norm(d))

@@ -6,51 +6,57 @@ captured CUDA graph replays all of them with one launch.
 
 Static inputs: the weights, moments, limiter norms and projections are the optimizer's own tensors
 (fixed addresses; a change of any address builds a new graph), the per-step constants and the
-step's gate flag are per-device buffers shared by every graph (written once per step, see
-compiled_buckets.py), and the gradients go through buffers shared by every bucket of the same
-shapes (buckets run one after another on one stream, so one set serves them all: one decoder
-layer's gradients extra, not the model's). The graph ends by writing its bucket's applied flag into
-the shared gate, so a later bucket of the same step sees it without a host round trip.
+step's gate flag are per-device buffers shared by every graph (written once per step:
+bucket_update.ConstBuffers, gate.StepGate), and the gradients go through buffers shared by every
+bucket of the same shapes (buckets run one after another on one stream, so one set serves them
+all: one decoder layer's gradients extra, not the model's). The graph ends by writing its
+bucket's applied flag into the shared gate, so a later bucket of the same step sees it without a
+host round trip.
 Stochastic rounding stays random per replay: torch advances the captured philox offset each time.
 
-A captured bucket also keeps its "plan" (parameters, states, tensor addresses it was captured
+A captured bucket also keeps its `Plan` (parameters, states, tensor addresses it was captured
 with): a later step that finds the same plan replays at once, with no per-parameter host work
 beyond the constants, which is what keeps hook mode off the critical path of a host-bound backward.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import operator
 from typing import Any
 
 import torch
 
+from .bucket_update import BucketArgs, Prepared
 
-def graph_key(spec: tuple, tensors: list[list[torch.Tensor]]) -> tuple:
-    """Everything a captured graph depends on: structure and every input's address and shape."""
-    return spec, tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
-                       for ts in tensors for t in ts)
+
+def graph_key(args: BucketArgs, consts: torch.Tensor, gate: torch.Tensor) -> tuple:
+    """Everything a captured graph depends on: structure and every input's address and shape
+    (the gradients excepted: they are copied into the graph's own buffers)."""
+    tensors = [*args.ws, *args.projs, *args.ms, *args.vs, *args.lims, consts, gate]
+    return args.spec, tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) for t in tensors)
 
 
 class BucketGraph:
     """One bucket's update captured once, replayed every step."""
 
-    def __init__(self, fn: Any, spec: tuple, ws: list[torch.Tensor], grad_bufs: list[torch.Tensor],
-                 projs: list[torch.Tensor], ms: list[torch.Tensor], vs: list[torch.Tensor],
-                 lims: list[torch.Tensor], consts: torch.Tensor, gate: torch.Tensor, pool: Any,
-                 side: torch.cuda.Stream) -> None:
+    def __init__(self, fn: Any, args: BucketArgs, grad_bufs: list[torch.Tensor], consts: torch.Tensor,
+                 gate: torch.Tensor, pool: Any, side: torch.cuda.Stream) -> None:
         self.grads = grad_bufs
+        # Held so the shared buffers outlive every graph that baked in their addresses.
         self.gate = gate
         self.consts = consts
-        self.plan: dict[str, Any] | None = None  # set by the optimizer after capture
+        self.plan: Plan | None = None  # set after each general-path run (CompiledBuckets.update)
+        args = dataclasses.replace(args, grads=grad_bufs)
         device = consts.device
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             # Warm-up on the capture stream with a private False gate: nothing changes.
-            fn(spec, ws, self.grads, projs, ms, vs, lims, consts, torch.zeros_like(gate))
+            args.call(fn, consts, torch.zeros_like(gate))
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool, stream=side, capture_error_mode="thread_local"):
-            self.ok = fn(spec, ws, self.grads, projs, ms, vs, lims, consts, gate)
+            self.ok = args.call(fn, consts, gate)
             gate.copy_(self.ok)
 
     def run(self, grads: list[torch.Tensor], streams: tuple | None = None,
@@ -121,20 +127,85 @@ class GraphCache:
         self.seen[name] = key
         return None
 
-    def capture(self, name: str, key: tuple, fn: Any, spec: tuple, ws, grads, projs, ms, vs, lims,
-                consts, gate) -> BucketGraph:
+    def capture(self, name: str, key: tuple, fn: Any, args: BucketArgs, consts: torch.Tensor,
+                gate: torch.Tensor) -> BucketGraph:
         device = consts.device
-        sig = tuple((tuple(g.shape), g.dtype, str(g.device)) for g in grads)
+        sig = tuple((tuple(g.shape), g.dtype, str(g.device)) for g in args.grads)
         bufs = self.grad_bufs.get(sig)
         if bufs is None:
             bufs = self.grad_bufs[sig] = [torch.empty_like(g, memory_format=torch.contiguous_format)
-                                          for g in grads]
+                                          for g in args.grads]
         pool = self.pools.get(device)
         if pool is None:
             pool = self.pools[device] = torch.cuda.graph_pool_handle()
         side = self.streams.get(device)
         if side is None:
             side = self.streams[device] = torch.cuda.Stream(device=device)
-        graph = BucketGraph(fn, spec, ws, bufs, projs, ms, vs, lims, consts, gate, pool, side)
+        graph = BucketGraph(fn, args, bufs, consts, gate, pool, side)
         self.graphs[name] = (key, graph)
         return graph
+
+class Plan:
+    """What a bucket's graph was captured with and the step it is at: a flush replays it only
+    while all of it still holds (same parameters in the same order, at the same addresses, same
+    state tensors, same structural hyperparameters, every parameter at the bucket's step)."""
+
+    __slots__ = ("params", "states", "ptrs", "tensors", "groups", "group_ids", "distinct", "structure",
+                 "projs", "ranks", "gate", "device", "step", "next_refresh", "gaps")
+
+    @classmethod
+    def of(cls, prepared: list[Prepared], gate: torch.Tensor) -> "Plan | None":
+        steps = {it.step for it in prepared}
+        if len(steps) != 1:
+            return None  # parameters at different steps: the general path handles it
+        plan = cls()
+        plan.params = [it.param for it in prepared]
+        plan.states = [it.state for it in prepared]
+        plan.ptrs = [_where(p) for p in plan.params]
+        plan.tensors = _state_tensors(plan.states)
+        plan.groups = [it.group for it in prepared]
+        plan.group_ids = tuple(id(g) for g in plan.groups)
+        plan.distinct = list({id(g): g for g in plan.groups}.values())
+        plan.structure = [_structure(g) for g in plan.distinct]
+        plan.projs = [it.proj for it in prepared]
+        plan.ranks = [None if it.proj is None else min(it.state["exp_avg"].shape) for it in prepared]
+        plan.gaps = [it.group["update_proj_gap"] for it in prepared if it.proj is not None]
+        plan.gate = gate
+        plan.device = gate.device
+        plan.step = steps.pop()
+        plan.next_refresh = plan.refresh_after(plan.step)
+        return plan
+
+    def refresh_after(self, step: int) -> int:
+        """The first step after `step` that starts a new projection period of some item."""
+        return min(((step - 1) // gap + 1) * gap + 1 for gap in self.gaps) if self.gaps else 1 << 62
+
+    def matches(self, items: list[tuple], state: Any) -> bool:
+        """`items` ((group, param, grad) in order) can replay this plan: nothing it baked in moved."""
+        if len(items) != len(self.params):
+            return False
+        for (group, p, _), q, st, g in zip(items, self.params, self.states, self.groups):
+            if p is not q or group is not g or st["step"] != self.step or state.get(p) is not st:
+                return False
+        if [_structure(g) for g in self.distinct] != self.structure:
+            return False
+        if [_where(p) for p in self.params] != self.ptrs:
+            return False
+        current = _state_tensors(self.states)
+        return len(current) == len(self.tensors) and all(map(operator.is_, current, self.tensors))
+
+
+def _state_tensors(states: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """The state tensors a captured graph reads, in bucket_update's argument order."""
+    return ([st["exp_avg"] for st in states] + [st["exp_avg_sq"] for st in states]
+            + [st["limiter_norm"] for st in states if "limiter_norm" in st])
+
+
+def _where(t: torch.Tensor) -> tuple:
+    """Address and layout: what a captured graph baked in about a weight."""
+    return t.data_ptr(), t.shape, t.stride(), t.dtype
+
+
+def _structure(group: dict[str, Any]) -> tuple:
+    """Group settings baked into a captured graph or its plan (not in the per-step constants)."""
+    return (group["scale"], group["stochastic_rounding"], group["seed"], group["update_proj_gap"])

@@ -53,8 +53,8 @@ def check_group(group: dict[str, Any]) -> None:
     if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
         raise ValueError(f"Invalid update_proj_gap: {gap!r} (an int >= 1)")
     ngl = group["norm_growth_limit"]
-    if not (isinstance(ngl, (int, float)) and 1.0 <= ngl < math.inf):
-        raise ValueError(f"Invalid norm_growth_limit: {ngl!r} (a finite float >= 1)")
+    if ngl is not None and not (isinstance(ngl, (int, float)) and 1.0 <= ngl < math.inf):
+        raise ValueError(f"Invalid norm_growth_limit: {ngl!r} (a finite float >= 1, or None: no limiter)")
     if not isinstance(group["stochastic_rounding"], bool):
         raise ValueError(f"Invalid stochastic_rounding: {group['stochastic_rounding']!r} (a bool)")
     if group["algorithm"] not in ALGORITHMS:

@@ -1,7 +1,8 @@
-"""Readable float32 reference of the optimizer, for tests only (no hooks, no gating, no rounding).
+"""Readable float64 reference of the optimizer, for tests only (no hooks, no gating, no rounding).
 
-Written straight from the paper's Algorithm 1 (+ our first-step bound); it shares only the
-definitions that pin down randomness (seeds and projection matrices) with the fast version.
+Written straight from the paper's Algorithm 1 (+ our first-step bound; norm_growth_limit=None:
+neither it nor the limiter); it shares only the definitions that pin down randomness (seeds and
+projection matrices) with the optimizer.
 """
 
 from __future__ import annotations
@@ -59,13 +60,13 @@ class ReferenceApollo:
                     s = (R_tilde.norm(dim=1) / (R.norm(dim=1) + 1e-8)).unsqueeze(1)
                 scaled = s * g
                 norm = scaled.norm()
-                if t == 1:
+                limited = self.gamma is not None  # None: no limiter, no first-step cap
+                if limited and t == 1:
                     cap = math.sqrt(rows * cols) / self.alpha
                     if norm > cap:
                         scaled = scaled * (cap / norm)
-                else:
-                    if norm > self.gamma * st["prev_norm"]:
-                        scaled = scaled * (self.gamma * st["prev_norm"] / norm)
+                elif limited and norm > self.gamma * st["prev_norm"]:
+                    scaled = scaled * (self.gamma * st["prev_norm"] / norm)
                 st["prev_norm"] = scaled.norm()
                 update = self.alpha * scaled
             new = p.double() * (1 - self.lr * self.wd) - self.lr * update

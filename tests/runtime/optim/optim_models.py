@@ -1,8 +1,16 @@
-"""Tiny models shared by the optimizer tests (imported by path-relative name)."""
+"""Tiny models and checks shared by the optimizer tests, CPU (here) and GPU (tests/gpu/optim),
+imported by path-relative name."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
+
+from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
+
+# Every parameter trains: decoder-layer buckets (APOLLO + AdamW norms), the final norm, the embedding.
+POLICY = TrainPolicy(embeddings="apollo", norms="adamw")
 
 
 class TinyNet(torch.nn.Module):
@@ -51,3 +59,43 @@ def tiny_llama(layers: int = 3):
 
 def token_ids(step: int) -> torch.Tensor:
     return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(step))
+
+
+def assert_nan_blocks_layer_and_later_ones(device: torch.device, **options) -> None:
+    """Hook mode, a NaN in a gradient in the middle of decoder layer 1: that whole layer and every
+    bucket updated after it keep their weights and step counters, the buckets flushed before it
+    are updated, and the next steps apply again. On CUDA the NaN step comes after the graphs are
+    captured (step 2) and replayed (step 3)."""
+    model = tiny_llama().to(device)
+    opt = make_optimizer(model, POLICY, lr=1e-3, **options)
+    opt.attach_to_backward()
+    for t in range(3):
+        ids = token_ids(t).to(device)
+        assert opt.backward_step(model(ids, labels=ids).loss).applied
+    before = copy.deepcopy(model.state_dict())
+    steps = {n: opt.state[p]["step"] for n, p in model.named_parameters()}
+    # q_proj's gradient is among the last of layer 1 to arrive: down_proj's came before it.
+    h = model.model.layers[1].self_attn.q_proj.weight.register_hook(lambda g: g * float("nan"))
+    report = opt.backward_step(model(ids, labels=ids).loss)
+    h.remove()
+    assert report.skipped and report.partial and 0 < report.params_updated < report.params_total
+    after = model.state_dict()
+    for name in before:
+        if name.startswith(("model.layers.1.", "model.layers.0.", "model.embed_tokens", "lm_head")):
+            assert torch.equal(after[name], before[name]), name  # this layer and all later buckets
+        elif name.startswith(("model.layers.2.", "model.norm")):
+            assert not torch.equal(after[name], before[name]), name  # flushed before the NaN
+    for n, p in model.named_parameters():
+        if n.startswith(("model.layers.1.", "model.layers.0.")):
+            assert opt.state[p]["step"] == steps[n], n
+    assert all_finite(model.parameters())
+    for t in range(4, 6):  # the gate is reset: training goes on, every bucket applied
+        ids = token_ids(t).to(device)
+        assert opt.backward_step(model(ids, labels=ids).loss).applied
+
+
+def all_finite(tensors) -> bool:
+    """True if there is at least one tensor and every element of every one is finite (no NaN, no
+    infinity; an empty list or an empty tensor is not evidence of anything)."""
+    tensors = list(tensors)
+    return bool(tensors) and all(t.numel() > 0 and bool(torch.isfinite(t).all()) for t in tensors)

@@ -6,13 +6,10 @@ import copy
 import pytest
 import torch
 
-from optim_models import tiny_llama, token_ids
+from optim_models import POLICY, assert_nan_blocks_layer_and_later_ones, tiny_llama, token_ids
 
-from onlinemodel_runtime.optim import Apollo, TrainPolicy, make_optimizer
+from onlinemodel_runtime.optim import Apollo, make_optimizer
 from onlinemodel_runtime.optim.apollo import bucket_key
-
-
-POLICY = TrainPolicy(embeddings="apollo", norms="adamw")
 
 
 def test_bucket_keys():
@@ -29,7 +26,7 @@ def test_layer_buckets_hook_mode_equals_step_mode_bitwise():
     o1 = make_optimizer(m1, POLICY, lr=1e-3, weight_decay=0.01, update_proj_gap=2)
     o2 = make_optimizer(m2, POLICY, lr=1e-3, weight_decay=0.01, update_proj_gap=2)
     o2.attach_to_backward()
-    assert len(set(o2._bucket_size)) == 3 + 2  # three layers, the final norm, the embedding
+    assert len(o2._hooks.bucket_sizes) == 3 + 2  # three layers, the final norm, the embedding
     for t in range(4):
         ids = token_ids(t)
         m1(ids, labels=ids).loss.backward()
@@ -47,79 +44,22 @@ def test_at_most_one_layer_of_gradients_is_held():
     opt.attach_to_backward()
     held = []
     for p in model.parameters():  # runs after our hook
-        p.register_post_accumulate_grad_hook(
-            lambda q: held.append({opt._bucket_of[x] for _, x, _ in opt._pending}))
+        p.register_post_accumulate_grad_hook(lambda q: held.append(opt._hooks.held()))
     ids = token_ids(0)
     assert opt.backward_step(model(ids, labels=ids).loss).applied
     assert held and all(len(keys) <= 1 for keys in held)
-    assert any(len(keys) == 1 for keys in held) and not opt._pending
+    assert any(len(keys) == 1 for keys in held) and not opt._hooks.held()
 
 
-@pytest.mark.parametrize("device", [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
-])
-def test_non_finite_gradient_blocks_its_whole_layer_and_later_ones(device):
-    """On CUDA the NaN step comes after the graphs are captured (step 2) and replayed (step 3)."""
-    model = tiny_llama().to(device)
-    opt = make_optimizer(model, POLICY, lr=1e-3)
-    opt.attach_to_backward()
-    for t in range(3):
-        ids = token_ids(t).to(device)
-        assert opt.backward_step(model(ids, labels=ids).loss).applied
-    before = copy.deepcopy(model.state_dict())
-    steps = {n: opt.state[p]["step"] for n, p in model.named_parameters()}
-    # q_proj's gradient is among the last of layer 1 to arrive: down_proj's came before it.
-    h = model.model.layers[1].self_attn.q_proj.weight.register_hook(lambda g: g * float("nan"))
-    report = opt.backward_step(model(ids, labels=ids).loss)
-    h.remove()
-    assert report.skipped and report.partial and 0 < report.params_updated < report.params_total
-    after = model.state_dict()
-    for name in before:
-        if name.startswith(("model.layers.1.", "model.layers.0.", "model.embed_tokens", "lm_head")):
-            assert torch.equal(after[name], before[name]), name  # this layer and all later buckets
-        elif name.startswith(("model.layers.2.", "model.norm")):
-            assert not torch.equal(after[name], before[name]), name  # flushed before the NaN
-    for n, p in model.named_parameters():
-        if n.startswith(("model.layers.1.", "model.layers.0.")):
-            assert opt.state[p]["step"] == steps[n], n
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    for t in range(4, 6):  # the gate is reset: training goes on, every bucket applied
-        ids = token_ids(t).to(device)
-        assert opt.backward_step(model(ids, labels=ids).loss).applied
+def test_non_finite_gradient_blocks_its_whole_layer_and_later_ones():
+    assert_nan_blocks_layer_and_later_ones(torch.device("cpu"))
 
 
 def test_unnamed_parameters_are_buckets_of_their_own():
     w = torch.nn.Parameter(torch.randn(4))
     opt = Apollo([w], algorithm="adamw", lr=1e-2)
     opt.attach_to_backward()
-    assert opt.backward_step((w * w).sum()).applied and opt._bucket_size == {"#0": 1}
-
-
-def test_projection_seeds_hashed_once_per_period(monkeypatch):
-    """Per-step host work: a parameter's name is hashed once, its projection seed once per
-    projection period (update_proj_gap), not on every step."""
-    from onlinemodel_runtime.optim import apollo
-    from optim_models import loss_fn, make_net
-
-    calls = {"param_seed": 0, "projection_seed": 0}
-
-    def counting(name, fn):
-        def wrapped(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapped
-
-    monkeypatch.setattr(apollo, "param_seed", counting("param_seed", apollo.param_seed))
-    monkeypatch.setattr(apollo, "projection_seed", counting("projection_seed", apollo.projection_seed))
-    net = make_net()
-    opt = Apollo(net.named_parameters(), lr=1e-2, update_proj_gap=3)
-    opt.attach_to_backward()
-    matrices = sum(1 for p in net.parameters() if p.dim() == 2)
-    for step in range(7):  # periods: steps 1-3, 4-6, 7
-        assert opt.backward_step(loss_fn(net, step)).applied
-    assert calls["param_seed"] == matrices + 1  # + the rounding generator's seed, once
-    assert calls["projection_seed"] == 3 * matrices
+    assert opt.backward_step((w * w).sum()).applied and opt._hooks.bucket_sizes == {"#0": 1}
 
 
 def test_hooks_follow_param_groups_replaced_by_load_state_dict():

@@ -1,6 +1,7 @@
 import torch
 
 from onlinemodel_runtime.optim.rounding import (
+    RoundingGenerators,
     apply_update_,
     stochastic_add_,
     stochastic_round_to_bf16,
@@ -60,3 +61,17 @@ def test_apply_update_gate_and_chunks():
     ref = before.float() * 0.9 + coeff * grad
     apply_update_(w, grad, coeff, decay=0.9, ok=torch.tensor(True), chunk_elems=100)
     assert ((w.float() - ref).abs() <= ref.abs() * 2**-7 + 1e-6).all()
+
+
+def test_rounding_generators_round_trip_their_state():
+    gens = RoundingGenerators()
+    g = gens.get(torch.device("cpu"), seed=3)
+    assert gens.get(torch.device("cpu"), seed=99) is g  # seeded once, on first use
+    x = torch.randn(256)
+    stochastic_round_to_bf16(x, g)
+    saved = gens.state_dict()
+    a = stochastic_round_to_bf16(x, g)
+    fresh = RoundingGenerators()
+    fresh.load_state_dict(saved, seed=3)
+    assert torch.equal(stochastic_round_to_bf16(x, fresh.get(torch.device("cpu"), 3)), a)
+    assert not torch.equal(stochastic_round_to_bf16(x, RoundingGenerators().get(torch.device("cpu"), 3)), a)

@@ -1,0 +1,170 @@
+"""The update of one bucket (the parameters of one decoder layer): the one function every path
+runs. Eager on CPU (and with fused=False), with seeded rounding bits and chunked weight writes;
+`COMPILED`, the same function through torch.compile (CUDA's default; fused=True elsewhere), a
+single graph for the whole bucket; on CUDA that graph is then captured and replayed
+(compiled_buckets.py, graphs.py).
+
+Why one graph per bucket: the eager path launches ~45 small kernels per parameter from Python, and
+one compiled graph per parameter still cost ~0.4 ms of host time each (guard check, argument
+handling, launches) on autograd's thread, which made a Qwen3 step host-bound (1.7B: 226 ms vs
+fused AdamW's 96 ms). Here the host cost is paid once per decoder layer, not once per matrix.
+
+All-or-nothing per bucket: every item's new values are computed first, then committed under one
+flag `gate & all(item finite)`.
+
+`consts` is a float32 (items, len(CONSTS)) tensor, one `functional.const_row` per item, so changing
+lr, step or any float hyperparameter never recompiles; `spec` holds the structural flags
+(apollo, left, channel, stochastic) per item, which do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from .functional import CONSTS, DECAY, adamw_direction, apollo_direction, const_row, projects_left
+from .rounding import apply_update_
+
+# One graph per distinct bucket signature (shapes + spec): a model has ~3 (a decoder layer, the
+# embedding, the final norm), a process that trains several model shapes more than dynamo's
+# default of 8 per function; past the limit dynamo would silently run the Python eagerly.
+RECOMPILE_LIMIT = 64
+
+
+def bucket_update(spec, ws, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, consts, gate,
+                  generator=None, chunk_elems=None):
+    """Update every item of a bucket, all or nothing. spec[i] = (apollo, left, channel,
+    stochastic); projs and limiter_norms list the APOLLO items only, in order. generator and
+    chunk_elems: the eager path's (rounding.apply_update_). Returns the 0-dim bool flag: gate and
+    every item's gradient and update finite."""
+    results = []
+    j = 0
+    for i, (apollo, left, channel, _) in enumerate(spec):
+        if apollo:
+            m, v, norm, coeff, ok_i = apollo_direction(
+                grads[i], projs[j], exp_avgs[i], exp_avg_sqs[i], limiter_norms[j], consts[i],
+                left=left, channel=channel)
+            results.append((m, v, norm, grads[i], coeff, ok_i))
+            j += 1
+        else:
+            m, v, d, coeff, ok_i = adamw_direction(grads[i], exp_avgs[i], exp_avg_sqs[i], consts[i])
+            results.append((m, v, None, d, coeff, ok_i))
+    ok = gate & torch.stack([r[5] for r in results]).all()
+    j = 0
+    for i, (m, v, norm, src, coeff, _) in enumerate(results):
+        exp_avgs[i].copy_(torch.where(ok, m, exp_avgs[i]))
+        exp_avg_sqs[i].copy_(torch.where(ok, v, exp_avg_sqs[i]))
+        if norm is not None:
+            limiter_norms[j].copy_(torch.where(ok, norm, limiter_norms[j]))
+            j += 1
+        apply_update_(ws[i], src, coeff, decay=consts[i][DECAY], ok=ok, stochastic=spec[i][3],
+                      generator=generator, chunk_elems=chunk_elems)
+    return ok
+
+
+class Prepared(NamedTuple):
+    """One parameter of a bucket, ready for its update: `step` is the step being taken (1-based),
+    `proj` the projection in force (None: dense AdamW)."""
+
+    group: dict[str, Any]
+    param: torch.Tensor
+    grad: torch.Tensor
+    state: dict[str, Any]
+    step: int
+    proj: torch.Tensor | None
+
+
+@dataclass
+class BucketArgs:
+    """bucket_update's tensor arguments for a bucket, and its rows of constants (not yet uploaded)."""
+
+    spec: tuple
+    ws: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    projs: list[torch.Tensor]
+    ms: list[torch.Tensor]
+    vs: list[torch.Tensor]
+    lims: list[torch.Tensor]
+    rows: list[list[float]]
+
+    @classmethod
+    def of(cls, prepared: list[Prepared]) -> "BucketArgs":
+        args = cls((), [], [], [], [], [], [], [])
+        spec = []
+        for group, p, grad, st, step, proj in prepared:
+            apollo = proj is not None
+            spec.append((apollo, apollo and projects_left(tuple(p.shape)), group["scale"] == "channel",
+                         group["stochastic_rounding"]))
+            args.rows.append(const_row(group, step))
+            args.ws.append(p.data)
+            args.grads.append(grad)
+            args.ms.append(st["exp_avg"])
+            args.vs.append(st["exp_avg_sq"])
+            if apollo:
+                args.projs.append(proj)
+                args.lims.append(st["limiter_norm"])
+        args.spec = tuple(spec)
+        return args
+
+    def call(self, fn: Any, consts: torch.Tensor, gate: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return fn(self.spec, self.ws, self.grads, self.projs, self.ms, self.vs, self.lims, consts,
+                  gate, **kwargs)
+
+
+class ConstBuffers:
+    """The per-step constants in a per-(device, row count) buffer that every compiled call and
+    graph reads. Re-uploaded only when the rows change: in a normal step every decoder layer has
+    the same rows (same step and hyperparameters), so once per step. Writes and reads are ordered
+    by the streams' events (graphs.BucketGraph.run)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple, tuple[torch.Tensor, Any]] = {}  # (device, rows) -> (buffer, key)
+        self.serial = 0  # steps begun: hyperparameters may change between steps, not within one
+
+    def new_step(self) -> None:
+        self.serial += 1
+
+    def holds(self, device: torch.device, n_rows: int, key: Any) -> bool:
+        return self._bufs.get((device, n_rows), (None, None))[1] == key
+
+    def load(self, rows: list[list[float]], device: torch.device, key: Any = None) -> torch.Tensor:
+        """The buffer holding `rows`; `key`: what identifies them (default: the rows themselves)."""
+        slot = (device, len(rows))
+        buf, loaded = self._bufs.get(slot, (None, None))
+        if key is None:
+            key = tuple(map(tuple, rows))
+        if buf is None:
+            buf = torch.empty((len(rows), len(CONSTS)), dtype=torch.float32, device=device)
+        if loaded != key:
+            src = torch.tensor(rows, dtype=torch.float32)
+            if device.type == "cuda":  # pinned + non_blocking: a pageable copy would sync
+                buf.copy_(src.pin_memory(), non_blocking=True)
+            else:
+                buf.copy_(src)
+            self._bufs[slot] = (buf, key)
+        return buf
+
+
+class Compiled:
+    """The lazily compiled bucket_update, shared by every optimizer of the process; `ok` is False
+    once compilation failed (callers then run bucket_update eagerly)."""
+
+    def __init__(self) -> None:
+        self.fn = None
+        self.ok = True
+
+    def get(self):
+        if self.fn is None:
+            cfg = torch._dynamo.config
+            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+            if getattr(cfg, name) < RECOMPILE_LIMIT:
+                setattr(cfg, name, RECOMPILE_LIMIT)
+            # Static shapes: the decoder layers of a model share one signature, so this compiles
+            # about three graphs per model, each with kernels specialized to its shapes.
+            self.fn = torch.compile(bucket_update, dynamic=False, fullgraph=True)
+        return self.fn
+
+
+COMPILED = Compiled()
