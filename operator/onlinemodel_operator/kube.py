@@ -30,10 +30,6 @@ class Conflict(KubeError):
     """409: the object exists already (create) or changed meanwhile."""
 
 
-class Invalid(KubeError):
-    """422: the API server refused the object."""
-
-
 @dataclass(frozen=True)
 class Kind:
     api_prefix: str  # "/api/v1" or "/apis/group/version"
@@ -122,7 +118,7 @@ class KubeApi:
                 message = response.json().get("message") or response.text
             except ValueError:
                 message = response.text
-            error = {409: Conflict, 422: Invalid}.get(response.status_code, KubeError)
+            error = Conflict if response.status_code == 409 else KubeError
             raise error(response.status_code, str(message)[:1000])
         return response.json() if response.content else {}
 
@@ -140,14 +136,11 @@ class KubeApi:
         return await self._request("PATCH", kind.path(namespace, name, subresource), body=dict(patch),
                                    content_type=MERGE_PATCH)
 
-    async def delete(self, kind: Kind, namespace: str, name: str, *, uid: Optional[str] = None,
-                     grace_period_seconds: Optional[int] = None) -> bool:
+    async def delete(self, kind: Kind, namespace: str, name: str, *, uid: Optional[str] = None) -> bool:
         """Delete (with a uid precondition when given); False when it was already gone."""
         body: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
         if uid:
             body["preconditions"] = {"uid": uid}
-        if grace_period_seconds is not None:
-            body["gracePeriodSeconds"] = grace_period_seconds
         try:
             result = await self._request("DELETE", kind.path(namespace, name), body=body,
                                          content_type="application/json")

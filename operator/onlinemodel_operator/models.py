@@ -17,9 +17,7 @@ from pydantic.alias_generators import to_camel
 # Kubernetes quantity ("20Gi", "500m", 4): an int or a string; the string's form is checked by a pattern.
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 Quantity = Union[int, Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN)]]
-DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Flags of `onlinemodel serve` that the operator sets itself; extraArgs may not repeat them.
-MANAGED_FLAGS = ("model", "served-model-name", "host", "port")
 MANAGED_FLAGS_RE = r"^--(model|served-model-name|host|port)(=.*)?$"
 API_TOKEN_ENV = "ONLINEMODEL_API_TOKEN"
 MAX_NAME_LENGTH = 63
@@ -49,10 +47,6 @@ class _Model(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
-
-
-def _bad(message: str) -> ValueError:
-    return ValueError(message)
 
 
 class SecretKeyRef(_Model):
@@ -96,7 +90,7 @@ class ModelSource(_Model):
     @model_validator(mode="after")
     def _exactly_one(self) -> "ModelSource":
         if sum(x is not None for x in (self.hugging_face, self.volume, self.image)) != 1:
-            raise _bad(self.CEL[0]["message"])
+            raise ValueError(self.CEL[0]["message"])
         return self
 
 
@@ -136,7 +130,7 @@ class ServingSpec(_Model):
     @model_validator(mode="after")
     def _no_managed_flags(self) -> "ServingSpec":
         if any(re.match(MANAGED_FLAGS_RE, a) for a in self.extra_args):
-            raise _bad(self.CEL[0]["message"])
+            raise ValueError(self.CEL[0]["message"])
         return self
 
 
@@ -165,7 +159,7 @@ class CheckpointVolumeSpec(_Model):
     @model_validator(mode="after")
     def _claim_or_size(self) -> "CheckpointVolumeSpec":
         if self.existing_claim is not None and (self.size is not None or self.storage_class_name is not None):
-            raise _bad(self.CEL[0]["message"])
+            raise ValueError(self.CEL[0]["message"])
         return self
 
 
@@ -200,7 +194,7 @@ class EnvVar(_Model):
     @model_validator(mode="after")
     def _value_xor(self) -> "EnvVar":
         if self.value is not None and self.value_from is not None:
-            raise _bad(self.CEL[0]["message"])
+            raise ValueError(self.CEL[0]["message"])
         return self
 
 
@@ -233,9 +227,9 @@ class PodOverrides(_Model):
     @model_validator(mode="after")
     def _reserved(self) -> "PodOverrides":
         if any(e.name == API_TOKEN_ENV for e in self.env):
-            raise _bad(self.CEL[0]["message"])
+            raise ValueError(self.CEL[0]["message"])
         if any(k.startswith("onlinemodel.dev/") for k in self.labels):
-            raise _bad(self.CEL[1]["message"])
+            raise ValueError(self.CEL[1]["message"])
         return self
 
 
@@ -256,6 +250,7 @@ class OnlineModelSpec(_Model):
 # --- status -------------------------------------------------------------------------------------------
 
 CONDITION_TYPES = ("Ready", "Serving", "Training", "Checkpointed", "Degraded")
+PHASES = ("Pending", "Loading", "Ready", "Updating", "Degraded", "Failed", "Suspended", "Invalid")
 
 
 class _StatusModel(_Model):
@@ -311,7 +306,7 @@ class OnlineModelStatus(_StatusModel):
     """Observed state, recomputed from the live pod and the runtime's /train/status."""
 
     observed_generation: Optional[int] = Field(None, ge=0)
-    phase: Optional[str] = Field(None, description="One-word summary: Pending, Loading, Ready, Updating, Failed, Suspended, Invalid.")
+    phase: Optional[str] = Field(None, description=f"One-word summary: {', '.join(PHASES)}.")
     conditions: list[Condition] = Field(default_factory=list, json_schema_extra={
         "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
     training: Optional[TrainingStatus] = None
@@ -344,10 +339,17 @@ class OnlineModel(_Model):
 
     @model_validator(mode="after")
     def _name(self) -> "OnlineModel":
-        name = self.metadata.name
-        if name is not None and (len(name) > MAX_NAME_LENGTH or not re.match(RESOURCE_NAME_RE, name)):
-            raise _bad(self.CEL[0]["message"])
+        error = name_error(self.metadata.name) if self.metadata.name is not None else None
+        if error:
+            raise ValueError(error)
         return self
+
+
+def name_error(name: str) -> Optional[str]:
+    """Why `name` cannot name an OnlineModel (its pod, Service and claim take the name), or None."""
+    if len(name) > MAX_NAME_LENGTH or not re.match(RESOURCE_NAME_RE, name):
+        return OnlineModel.CEL[0]["message"]
+    return None
 
 
 def parse_spec(spec: Any) -> OnlineModelSpec:

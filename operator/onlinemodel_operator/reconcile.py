@@ -1,83 +1,65 @@
 """One idempotent reconcile of an OnlineModel, shared by every handler, the poller and pod events.
 
-Level-triggered: each pass re-reads the OnlineModel and its pod, makes the claim, Service and pod match the
-spec, asks the runtime how training goes, and writes the whole status. A bad spec changes nothing that runs.
-A pod that must go (spec change, suspend) is asked for a checkpoint first; a new pod starts only after the
-old one is gone (one GPU, one volume).
+Level-triggered: each pass reads the OnlineModel and its pod, parses the spec, renders the children,
+lets `decide` pick the one thing to do about the pod and does it, asks the runtime how training goes, and
+patches the whole status. What to do is decided in decide.py; this module only executes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from pydantic import ValidationError
 
-from onlinemodel_operator import NAME_LABEL, SPEC_HASH_ANNOTATION
+from onlinemodel_operator.clock import rfc3339, utcnow
 from onlinemodel_operator.config import OperatorConfig
+from onlinemodel_operator.decide import (
+    AlreadyHandled,
+    CreatePod,
+    ReplaceFailedPod,
+    StopPod,
+    WaitForOldPod,
+    WaitUntilServing,
+    decide,
+    decide_checkpoint_request,
+    name_taken,
+)
 from onlinemodel_operator.kube import CLAIMS, ONLINEMODELS, PODS, SERVICES, Conflict, KubeApi
-from onlinemodel_operator.models import API_TOKEN_ENV, OnlineModelSpec, format_validation_error, parse_spec
-from onlinemodel_operator.models import MAX_NAME_LENGTH, OnlineModel, RESOURCE_NAME_RE
-from onlinemodel_operator.render import CONTAINER_NAME, PORT_NAME, Owner, render_all
+from onlinemodel_operator.models import (
+    OnlineModelSpec,
+    OnlineModelStatus,
+    format_validation_error,
+    name_error,
+    parse_spec,
+)
+from onlinemodel_operator.pod import analyze_pod, api_token_ref, pod_failure, runtime_url
+from onlinemodel_operator.render import Desired, Owner, made_for, render_all
 from onlinemodel_operator.runtime_client import CheckpointBusy, RuntimeClient, RuntimeClientError
 from onlinemodel_operator.status import (
     RuntimeUnavailable,
     RuntimeView,
     Transition,
-    analyze_pod,
     compute_status,
     merge_patch,
-    pod_failure,
-    rfc3339,
+    previous_status,
     transitions,
+    with_saved_checkpoint,
 )
 
 EventSink = Callable[[Mapping[str, Any], Transition], None]
 
 
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-@dataclass
+@dataclass(frozen=True)
 class Outcome:
-    """What a pass left: the status written, and whether the caller should come back."""
+    """What a pass left: whether the caller should come back (kopf's TemporaryError) or give up (PermanentError)."""
 
-    status: dict[str, Any] = field(default_factory=dict)
     retry_after: Optional[float] = None
     message: str = ""
     invalid: Optional[str] = None
     gone: bool = False
-
-
-def runtime_url(pod: Mapping[str, Any]) -> Optional[str]:
-    """http://<podIP>:<the runtime container's http port>, or None while the pod has no IP."""
-    ip = (pod.get("status") or {}).get("podIP")
-    if not ip:
-        return None
-    port = None
-    for container in pod.get("spec", {}).get("containers", []):
-        if container.get("name") == CONTAINER_NAME:
-            for p in container.get("ports") or []:
-                if p.get("name") == PORT_NAME:
-                    port = p.get("containerPort")
-    host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{port or 8000}"
-
-
-def _pod_token_ref(pod: Mapping[str, Any]) -> Optional[tuple[str, str]]:
-    """The Secret key the pod's runtime takes its API token from (the pod's, not the current spec's)."""
-    for container in pod.get("spec", {}).get("containers", []):
-        if container.get("name") != CONTAINER_NAME:
-            continue
-        for env in container.get("env") or []:
-            ref = (env.get("valueFrom") or {}).get("secretKeyRef")
-            if env.get("name") == API_TOKEN_ENV and ref:
-                return ref["name"], ref.get("key", "token")
-    return None
 
 
 class Reconciler:
@@ -96,6 +78,9 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         self._locks.pop((namespace, name), None)
 
+    def _retry(self, message: str) -> Outcome:
+        return Outcome(retry_after=self.config.retry_delay, message=message)
+
     # --- entry points -----------------------------------------------------------------------------------
 
     async def reconcile(self, namespace: str, name: str, events: EventSink) -> Outcome:
@@ -108,33 +93,30 @@ class Reconciler:
             body = await self.kube.get(ONLINEMODELS, namespace, name)
             if body is None:
                 return Outcome(gone=True)
-            checkpoint = (body.get("status") or {}).get("checkpoint") or {}
-            if checkpoint.get("requested") == value:
-                return await self._reconcile(namespace, name, events)  # handled before (e.g. on resume)
+            previous = previous_status(body).checkpoint
             pod = await self.kube.get(PODS, namespace, name)
-            url = runtime_url(pod) if pod is not None else None
-            if pod is None or url is None or not analyze_pod(pod).serving:
-                return Outcome(retry_after=self.config.retry_delay,
-                               message="checkpoint requested; waiting for the pod to serve")
-            now = self.clock()
-            record: dict[str, Any] = {"requested": value, "requestTime": rfc3339(now)}
+            action = decide_checkpoint_request(value, previous.requested if previous else None, pod)
+            if isinstance(action, AlreadyHandled):
+                return await self._reconcile(namespace, name, events)
+            if isinstance(action, WaitUntilServing):
+                return self._retry("checkpoint requested; waiting for the pod to serve")
+            assert pod is not None
+            request = {"requested": value, "request_time": rfc3339(self.clock())}
             try:
-                result = await self._client(url, await self._token(pod)).checkpoint(self.config.checkpoint_timeout)
+                saved = await (await self._client(pod)).checkpoint(self.config.checkpoint_timeout)
             except CheckpointBusy:
-                return Outcome(retry_after=self.config.retry_delay, message="a checkpoint is already running")
+                return self._retry("a checkpoint is already running")
             except RuntimeClientError as exc:
-                record.update(requestResult="Failed", requestMessage=str(exc))
+                record = with_saved_checkpoint(previous, {}, **request, request_result="Failed",
+                                               request_message=str(exc))
                 events(body, Transition("Warning", "CheckpointFailed", f"requested checkpoint {value!r} failed: {exc}"))
             else:
-                record.update(requestResult="Succeeded", requestMessage=f"saved step {result.get('step')}")
-                for key, src in (("step", "step"), ("weightVersion", "weight_version"), ("time", "time"),
-                                 ("path", "path")):
-                    if result.get(src) is not None:
-                        record[key] = result[src]
+                record = with_saved_checkpoint(previous, saved, **request, request_result="Succeeded",
+                                               request_message=f"saved step {saved.get('step')}")
                 events(body, Transition("Normal", "CheckpointRequested",
-                                        f"requested checkpoint {value!r} saved step {result.get('step')} "
-                                        f"to {result.get('path')}"))
-            await self.kube.patch(ONLINEMODELS, namespace, name, {"status": {"checkpoint": record}}, "status")
+                                        f"requested checkpoint {value!r} saved step {saved.get('step')} "
+                                        f"to {saved.get('path')}"))
+            await self.kube.patch(ONLINEMODELS, namespace, name, {"status": {"checkpoint": record.to_dict()}}, "status")
             return await self._reconcile(namespace, name, events)
 
     # --- one pass -------------------------------------------------------------------------------------------
@@ -144,54 +126,50 @@ class Reconciler:
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             return Outcome(gone=True)  # owner references let the garbage collector take the rest
         owner = Owner.from_body(body)
-        spec, spec_error = await self._validate(body, owner)
+        spec, refused = await self._parse(body, owner)
         pod = await self.kube.get(PODS, namespace, name)
         if spec is not None:
-            spec_error = await self._name_taken(owner, pod)
-            if spec_error:
-                spec, pod = None, None  # not ours: neither managed nor reported as our pod
-        if spec is None:
-            runtime = await self._poll(pod)
-            status = compute_status(body, pod, runtime, self.clock(), spec_error=spec_error)
+            refused = name_taken(name, namespace, pod, await self.kube.get(SERVICES, namespace, name))
+            if refused:
+                pod = None  # not ours: neither managed nor reported as our pod
+        if spec is None or refused:  # parse failed: report it, touch nothing that runs
+            status = compute_status(body, pod, await self._poll(pod), self.clock(), spec_error=refused)
             await self._publish(body, status, events)
-            return Outcome(status, invalid=spec_error)
+            return Outcome(invalid=refused)
 
         desired = render_all(owner, spec)
         await self._ensure_claim(owner, desired.pvc)
         await self._ensure_service(desired.service)
-        retry: Optional[float] = None
-        message = ""
-        failure: Optional[dict[str, Any]] = None
-        if pod is not None and pod["metadata"].get("deletionTimestamp"):
-            retry, message = self.config.retry_delay, "waiting for the old pod to terminate"
-        elif pod is not None and spec.suspend:
-            body = await self._announce(body, pod, desired.spec_hash, desired.endpoint, events)
-            pod = await self._stop_pod(body, pod, "Suspended", events)
-        elif pod is not None and (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded"):
-            failure = pod_failure(pod)
-            events(body, Transition("Warning", "PodFailed", f"pod {name} {pod['status']['phase'].lower()}; recreating it"))
-            pod = await self._delete_pod(pod)
-        elif pod is not None and (pod["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION) != desired.spec_hash:
-            body = await self._announce(body, pod, desired.spec_hash, desired.endpoint, events)
-            pod = await self._stop_pod(body, pod, "SpecChanged", events)
-        if pod is not None and pod["metadata"].get("deletionTimestamp"):
-            retry, message = self.config.retry_delay, "waiting for the old pod to terminate"
-        if pod is None and not spec.suspend:
+        failure = None
+        action = decide(pod, desired_hash=desired.spec_hash, suspend=spec.suspend)
+        if isinstance(action, (StopPod, ReplaceFailedPod)):
+            assert pod is not None
+            if isinstance(action, StopPod):
+                body = await self._announce(body, pod, desired, events)
+                pod = await self._stop_pod(body, pod, action, events)
+            else:
+                failure = pod_failure(pod)
+                events(body, Transition("Warning", "PodFailed", f"pod {name} {action.phase.lower()}; recreating it"))
+                pod = await self._delete_pod(pod)
+            # Then the one thing to do about what is left of it: wait while it terminates, or replace it.
+            action = decide(pod, desired_hash=desired.spec_hash, suspend=spec.suspend)
+        outcome = Outcome()
+        if isinstance(action, WaitForOldPod):
+            outcome = self._retry("waiting for the old pod to terminate")
+        elif isinstance(action, CreatePod):
             pod = await self._create_pod(desired.pod)
             events(body, Transition("Normal", "PodCreated", f"created pod {name} (spec {desired.spec_hash})"))
 
-        runtime = await self._poll(pod)
-        status = compute_status(body, pod, runtime, self.clock(), desired_hash=desired.spec_hash,
-                                endpoint=desired.endpoint)
-        if failure and failure != (body.get("status") or {}).get("lastFailure"):
-            status["lastFailure"] = failure
+        status = compute_status(body, pod, await self._poll(pod), self.clock(), desired_hash=desired.spec_hash,
+                                endpoint=desired.endpoint, deleted_failure=failure)
         await self._publish(body, status, events)
-        return Outcome(status, retry_after=retry, message=message)
+        return outcome
 
-    async def _validate(self, body: Mapping[str, Any], owner: Owner) -> tuple[Optional[OnlineModelSpec], Optional[str]]:
+    async def _parse(self, body: Mapping[str, Any], owner: Owner) -> tuple[Optional[OnlineModelSpec], Optional[str]]:
         """The parsed spec, or None and why it is refused (schema, CEL twins, missing references)."""
-        if len(owner.name) > MAX_NAME_LENGTH or not re.match(RESOURCE_NAME_RE, owner.name):
-            return None, OnlineModel.CEL[0]["message"]
+        error = name_error(owner.name)
+        if error:
+            return None, error
         try:
             spec = parse_spec(body.get("spec"))
         except ValidationError as exc:
@@ -216,15 +194,6 @@ class Reconciler:
                 return None, f"{path}: PersistentVolumeClaim {ns}/{claim} does not exist"
         return spec, None
 
-    async def _name_taken(self, owner: Owner, pod: Optional[Mapping[str, Any]]) -> Optional[str]:
-        """Why the pod or Service name is someone else's (never touch objects the operator did not make)."""
-        service = await self.kube.get(SERVICES, owner.namespace, owner.name)
-        for kind, obj in (("Pod", pod), ("Service", service)):
-            if obj is not None and (obj["metadata"].get("labels") or {}).get(NAME_LABEL) != owner.name:
-                return (f"{kind} {owner.namespace}/{owner.name} exists and was not created for this OnlineModel; "
-                        "delete it or give the OnlineModel another name")
-        return None
-
     # --- children -------------------------------------------------------------------------------------------
 
     async def _ensure_claim(self, owner: Owner, pvc: Optional[dict[str, Any]]) -> None:
@@ -237,7 +206,7 @@ class Reconciler:
             except Conflict:
                 pass
             return
-        if (existing["metadata"].get("labels") or {}).get(NAME_LABEL) != owner.name:
+        if not made_for(existing, owner.name):
             return  # a claim of that name that we did not make: leave it alone
         current = existing["metadata"].get("ownerReferences") or []
         others = [r for r in current if r.get("uid") != owner.uid]
@@ -272,17 +241,18 @@ class Reconciler:
             return await self.kube.get(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"])
 
     async def _delete_pod(self, pod: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+        """Delete this pod (not a newer one of the same name); returns what is left of it."""
         meta = pod["metadata"]
         await self.kube.delete(PODS, meta["namespace"], meta["name"], uid=meta.get("uid"))
         return await self.kube.get(PODS, meta["namespace"], meta["name"])
 
-    async def _stop_pod(self, body: Mapping[str, Any], pod: Mapping[str, Any], why: str,
+    async def _stop_pod(self, body: Mapping[str, Any], pod: Mapping[str, Any], action: StopPod,
                         events: EventSink) -> Optional[dict[str, Any]]:
-        """Checkpoint (when the runtime answers), then delete the pod; returns what is left of it."""
-        url = runtime_url(pod)
-        if url and analyze_pod(pod).serving:
+        """Checkpoint (when the action says the runtime answers), then delete the pod."""
+        why = action.why
+        if action.checkpoint_first:
             try:
-                result = await self._client(url, await self._token(pod)).checkpoint(self.config.checkpoint_timeout)
+                saved = await (await self._client(pod)).checkpoint(self.config.checkpoint_timeout)
             except CheckpointBusy:
                 pass  # one is running; the preStop hook waits for it
             except RuntimeClientError as exc:
@@ -291,20 +261,19 @@ class Reconciler:
                                         "the pod's preStop hook tries again"))
             else:
                 events(body, Transition("Normal", "CheckpointBeforeStop",
-                                        f"{why}: saved step {result.get('step')} before stopping the pod"))
+                                        f"{why}: saved step {saved.get('step')} before stopping the pod"))
         events(body, Transition("Normal", why, f"deleting pod {pod['metadata']['name']} ({why})"))
         return await self._delete_pod(pod)
 
     # --- runtime and status ---------------------------------------------------------------------------------
 
-    def _client(self, url: str, token: Optional[str] = None) -> RuntimeClient:
+    async def _client(self, pod: Mapping[str, Any]) -> RuntimeClient:
+        """A client of the pod's runtime, with the API token the pod itself was given (POST needs it)."""
+        url = runtime_url(pod)
+        assert url is not None, "decide only talks to pods that answer"
+        ref = api_token_ref(pod)
+        token = None if ref is None else await self.kube.read_secret_key(pod["metadata"]["namespace"], *ref)
         return self.runtime_client(url, token, timeout=self.config.runtime_timeout)
-
-    async def _token(self, pod: Mapping[str, Any]) -> Optional[str]:
-        ref = _pod_token_ref(pod)
-        if ref is None:
-            return None
-        return await self.kube.read_secret_key(pod["metadata"]["namespace"], ref[0], ref[1])
 
     async def _poll(self, pod: Optional[Mapping[str, Any]]) -> RuntimeView:
         if pod is None or not analyze_pod(pod).serving:
@@ -313,24 +282,24 @@ class Reconciler:
         if url is None:
             return RuntimeUnavailable("the pod has no IP address")
         try:
-            return await self._client(url).train_status()
+            return await self.runtime_client(url, None, timeout=self.config.runtime_timeout).train_status()
         except RuntimeClientError as exc:
             return RuntimeUnavailable(str(exc))
 
-    async def _announce(self, body: dict[str, Any], pod: Mapping[str, Any], desired_hash: str, endpoint: str,
+    async def _announce(self, body: dict[str, Any], pod: Mapping[str, Any], desired: Desired,
                         events: EventSink) -> dict[str, Any]:
         """Publish Updating/Suspended before a pod is stopped (its checkpoint may take minutes)."""
-        runtime = await self._poll(pod)
-        status = compute_status(body, pod, runtime, self.clock(), desired_hash=desired_hash, endpoint=endpoint)
+        status = compute_status(body, pod, await self._poll(pod), self.clock(), desired_hash=desired.spec_hash,
+                                endpoint=desired.endpoint)
         await self._publish(body, status, events)
         meta = body["metadata"]
         return await self.kube.get(ONLINEMODELS, meta["namespace"], meta["name"]) or body
 
-    async def _publish(self, body: Mapping[str, Any], status: dict[str, Any], events: EventSink) -> None:
-        old = body.get("status") or {}
-        patch = merge_patch(old, status)
+    async def _publish(self, body: Mapping[str, Any], status: OnlineModelStatus, events: EventSink) -> None:
+        """Patch /status with the difference from what the API holds, and post an Event per transition."""
+        patch = merge_patch(body.get("status") or {}, status.to_dict())
         if patch:
             meta = body["metadata"]
             await self.kube.patch(ONLINEMODELS, meta["namespace"], meta["name"], {"status": patch}, "status")
-        for transition in transitions(old, status):
+        for transition in transitions(previous_status(body), status):
             events(body, transition)

@@ -70,6 +70,11 @@ def selector_labels(owner: Owner) -> dict[str, str]:
     return {NAME_LABEL: owner.name}
 
 
+def made_for(obj: Mapping[str, Any], name: str) -> bool:
+    """Whether `obj` carries the label this module puts on what it renders for the OnlineModel `name`."""
+    return ((obj.get("metadata") or {}).get("labels") or {}).get(NAME_LABEL) == name
+
+
 def common_labels(owner: Owner) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "onlinemodel",
@@ -112,7 +117,7 @@ def final_checkpoint_timeout(spec: OnlineModelSpec) -> int:
 
 
 def serve_args(owner: Owner, spec: OnlineModelSpec) -> list[str]:
-    """Arguments of `onlinemodel serve` (see notes/contracts.md)."""
+    """Arguments of `onlinemodel serve` (its options: README.md, "Quickstart (runtime)")."""
     args = ["--model", model_argument(spec),
             "--served-model-name", spec.model.served_name or owner.name,
             "--host", "0.0.0.0", "--port", str(spec.serving.port),
@@ -298,28 +303,3 @@ class Desired:
 def render_all(owner: Owner, spec: OnlineModelSpec) -> Desired:
     return Desired(pod=render_pod(owner, spec), service=render_service(owner, spec), pvc=render_pvc(owner, spec),
                    spec_hash=spec_hash(spec), endpoint=endpoint(owner, spec))
-
-
-def container_command(pod: Mapping[str, Any]) -> list[str]:
-    """The runtime container's command + args of a (rendered or live) pod, e.g. to run it locally."""
-    for container in pod.get("spec", {}).get("containers", []):
-        if container.get("name") == CONTAINER_NAME:
-            return [*container.get("command", []), *container.get("args", [])]
-    raise ValueError(f"pod {pod.get('metadata', {}).get('name')!r} has no {CONTAINER_NAME!r} container")
-
-
-def with_overrides(argv: list[str], **flags: str) -> list[str]:
-    """Replace (or add before `--`) `--flag value` pairs of a serve command, e.g. host='127.0.0.1', port='9000'.
-
-    Keyword names use underscores for dashes: checkpoint_dir='/tmp/ck' -> --checkpoint-dir /tmp/ck.
-    """
-    out = list(argv)
-    end = out.index("--") if "--" in out else len(out)
-    for key, value in flags.items():
-        flag = "--" + key.replace("_", "-")
-        if flag in out[:end]:
-            out[out.index(flag) + 1] = str(value)
-        else:
-            out[end:end] = [flag, str(value)]
-            end += 2
-    return out

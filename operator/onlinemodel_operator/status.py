@@ -1,25 +1,31 @@
-"""Pure status computation: (OnlineModel, its pod, the runtime's /train/status, now) -> the whole status.
+"""Pure status computation: (OnlineModel, its pod, the runtime's /train/status, now) -> OnlineModelStatus.
 
 The status tells the truth about the live pod and trainer at this moment: all five conditions are always
 present, every condition and the status carry the generation they describe, and a condition keeps its
-lastTransitionTime while its status does not change. Reads raw dicts, so an invalid spec still gets a status.
+lastTransitionTime while its status does not change. Reads the raw OnlineModel, so an invalid spec still
+gets a status; builds the `models.OnlineModelStatus` the API receives (its `to_dict()`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
-from onlinemodel_operator import SPEC_HASH_ANNOTATION
-from onlinemodel_operator.models import CONDITION_TYPES
-from onlinemodel_operator.render import CONTAINER_NAME
+from pydantic import ValidationError
 
-IMAGE_PULL_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
-CONFIG_ERROR_REASONS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
-# Pod reasons that mean "broken until someone acts" (Degraded), as opposed to "not there yet".
-FAILING_POD_REASONS = {"ImagePullBackOff", "CrashLoopBackOff", "PodFailed", "ContainerConfigError"}
-PHASES = {
+from onlinemodel_operator.clock import parse_time, rfc3339
+from onlinemodel_operator.models import (
+    CONDITION_TYPES,
+    CheckpointStatus,
+    Condition,
+    FailureStatus,
+    OnlineModelStatus,
+    TrainingStatus,
+)
+from onlinemodel_operator.pod import FAILING_POD_REASONS, PodView, analyze_pod, pod_failure, spec_hash_of
+
+PHASE_OF_REASON = {
     "PodPending": "Pending", "Unschedulable": "Pending", "PodTerminating": "Pending",
     "ModelLoading": "Loading", "TrainerStarting": "Loading", "NotPolled": "Loading", "ContainerRestarting": "Loading",
     "ImagePullBackOff": "Failed", "CrashLoopBackOff": "Failed", "PodFailed": "Failed", "ContainerConfigError": "Failed",
@@ -35,170 +41,136 @@ class RuntimeUnavailable:
     message: str
 
 
+# The runtime's GET /train/status answer, RuntimeUnavailable, or None when it was not asked.
 RuntimeView = Union[Mapping[str, Any], RuntimeUnavailable, None]
 
 
-def rfc3339(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(value: Any) -> Optional[dt.datetime]:
-    if not isinstance(value, str) or not value:
-        return None
+def previous_status(body: Mapping[str, Any]) -> OnlineModelStatus:
+    """The status the OnlineModel holds now. One that does not parse (not written by this operator) counts
+    as none: the next status replaces it whole."""
     try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+        return OnlineModelStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        return OnlineModelStatus()
 
+
+# --- the runtime's words -> the status's ---------------------------------------------------------------
+
+def training_from_runtime(answer: Mapping[str, Any]) -> TrainingStatus:
+    return TrainingStatus(state=answer.get("state"), steps=answer.get("steps"),
+                          tokens_trained=answer.get("tokens_trained"), last_loss=answer.get("last_loss"),
+                          weight_version=answer.get("weight_version"), last_step_time=answer.get("last_step_time"))
+
+
+def with_saved_checkpoint(checkpoint: Optional[CheckpointStatus], saved: Mapping[str, Any],
+                          **request: Any) -> CheckpointStatus:
+    """`checkpoint` updated with a checkpoint the runtime saved (POST /checkpoint's answer, or
+    /train/status's checkpoint.last) and with `request` fields (requested, request_result, ...)."""
+    fields = {key: saved.get(key) for key in ("step", "weight_version", "time", "path")}
+    updates = {k: v for k, v in {**fields, **request}.items() if v is not None}
+    return CheckpointStatus.model_validate({**(checkpoint or CheckpointStatus()).model_dump(), **updates})
+
+
+def _runtime_checkpoint(runtime: RuntimeView) -> Mapping[str, Any]:
+    """/train/status's checkpoint section ({} when the runtime did not answer or has none)."""
+    return (runtime.get("checkpoint") or {}) if isinstance(runtime, Mapping) else {}
+
+
+# --- conditions -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class PodView:
-    """What the pod says: a CamelCase reason, a message, whether it serves, whether it is failing."""
+class Verdict:
+    """One condition before its times are set: ok None is Unknown."""
 
+    ok: Optional[bool]
     reason: str
     message: str
-    serving: bool = False
-    failing: bool = False
+
+    @property
+    def status(self) -> Literal["True", "False", "Unknown"]:
+        return "Unknown" if self.ok is None else "True" if self.ok else "False"
 
 
-def _runtime_container(pod: Mapping[str, Any]) -> Mapping[str, Any]:
-    for status in pod.get("status", {}).get("containerStatuses") or []:
-        if status.get("name") == CONTAINER_NAME:
-            return status
-    return {}
-
-
-def analyze_pod(pod: Optional[Mapping[str, Any]]) -> PodView:
-    if pod is None:
-        return PodView("PodPending", "the pod does not exist yet")
-    name = pod.get("metadata", {}).get("name", "")
-    if pod.get("metadata", {}).get("deletionTimestamp"):
-        return PodView("PodTerminating", f"pod {name} is terminating")
-    status = pod.get("status") or {}
-    phase = status.get("phase") or "Pending"
-    if phase in ("Failed", "Succeeded"):
-        detail = status.get("message") or status.get("reason") or _terminated_text(_runtime_container(pod))
-        return PodView("PodFailed", f"pod {name} {phase.lower()}: {detail}".rstrip(": "), failing=True)
-    container = _runtime_container(pod)
-    state = container.get("state") or {}
-    waiting = state.get("waiting") or {}
-    reason = waiting.get("reason") or ""
-    if reason in IMAGE_PULL_REASONS:
-        return PodView("ImagePullBackOff", waiting.get("message") or f"cannot pull the image ({reason})", failing=True)
-    if reason == "CrashLoopBackOff":
-        last = _terminated_text(container, last=True)
-        restarts = container.get("restartCount", 0)
-        return PodView("CrashLoopBackOff", f"the runtime keeps exiting ({restarts} restarts); last: {last}", failing=True)
-    if reason in CONFIG_ERROR_REASONS:
-        return PodView("ContainerConfigError", waiting.get("message") or reason, failing=True)
-    if state.get("running") is not None:
-        if container.get("ready"):
-            return PodView("Serving", f"pod {name} serves", serving=True)
-        started = state["running"].get("startedAt", "")
-        return PodView("ModelLoading", f"the runtime started {started} and is loading the model".replace("  ", " "))
-    if state.get("terminated") is not None:
-        return PodView("ContainerRestarting", f"the runtime exited: {_terminated_text(container)}")
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-            return PodView("Unschedulable" if cond.get("reason") == "Unschedulable" else "PodPending",
-                           cond.get("message") or "the pod is not scheduled yet")
-    return PodView("PodPending", waiting.get("message") or reason or f"pod {name} is {phase.lower()}")
-
-
-def _terminated_text(container: Mapping[str, Any], last: bool = False) -> str:
-    key = "lastState" if last else "state"
-    term = (container.get(key) or {}).get("terminated") or {}
-    if not term:
-        return "unknown"
-    return f"exit code {term.get('exitCode')} ({term.get('reason') or 'Error'})"
-
-
-def pod_failure(pod: Optional[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
-    """The newest failure the pod shows (a terminated container, or a failed/evicted pod), or None."""
-    if pod is None:
-        return None
-    status = pod.get("status") or {}
-    container = _runtime_container(pod)
-    for key in ("state", "lastState"):
-        term = (container.get(key) or {}).get("terminated")
-        if term and (term.get("exitCode") not in (0, None) or term.get("reason") not in (None, "Completed")):
-            return _clean({"exitCode": term.get("exitCode"), "reason": term.get("reason") or "Error",
-                           "message": (term.get("message") or "")[-1024:] or None,
-                           "time": term.get("finishedAt")})
-    if status.get("phase") == "Failed":
-        return _clean({"reason": status.get("reason") or "PodFailed", "message": status.get("message")})
-    return None
-
-
-def _clean(d: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if v is not None}
-
-
-def _condition(type_: str, ok: Optional[bool], reason: str, message: str) -> dict[str, Any]:
-    status = "Unknown" if ok is None else "True" if ok else "False"
-    return {"type": type_, "status": status, "reason": reason, "message": message}
-
-
-def _training_condition(enabled: bool, suspended: bool, pod: PodView, runtime: RuntimeView) -> dict[str, Any]:
+def _training(enabled: bool, suspended: bool, pod: PodView, runtime: RuntimeView) -> Verdict:
     if suspended:
-        return _condition("Training", False, "Suspended", "the OnlineModel is suspended")
+        return Verdict(False, "Suspended", "the OnlineModel is suspended")
     if not enabled:
-        return _condition("Training", False, "TrainingDisabled", "spec.training.enabled is false")
+        return Verdict(False, "TrainingDisabled", "spec.training.enabled is false")
     if not pod.serving:
-        return _condition("Training", False, pod.reason, f"the trainer is not reachable yet: {pod.message}")
+        return Verdict(False, pod.reason, f"the trainer is not reachable yet: {pod.message}")
     if runtime is None:
-        return _condition("Training", None, "NotPolled", "the trainer has not been asked yet")
+        return Verdict(None, "NotPolled", "the trainer has not been asked yet")
     if isinstance(runtime, RuntimeUnavailable):
-        return _condition("Training", None, "RuntimeUnreachable", f"GET /train/status failed: {runtime.message}")
+        return Verdict(None, "RuntimeUnreachable", f"GET /train/status failed: {runtime.message}")
     state = runtime.get("state")
     if state == "error":
-        return _condition("Training", False, "TrainerError", str(runtime.get("last_error") or "the trainer failed"))
+        return Verdict(False, "TrainerError", str(runtime.get("last_error") or "the trainer failed"))
     if state == "starting":
-        return _condition("Training", False, "TrainerStarting", "the trainer is starting")
+        return Verdict(False, "TrainerStarting", "the trainer is starting")
     if state == "training":
-        return _condition("Training", True, "Training", f"training; {runtime.get('steps', 0)} steps so far")
+        return Verdict(True, "Training", f"training; {runtime.get('steps', 0)} steps so far")
     if state == "idle":
-        return _condition("Training", True, "Idle", "the trainer is ready; no job is running")
-    return _condition("Training", None, "UnknownTrainerState", f"unexpected trainer state {state!r}")
+        return Verdict(True, "Idle", "the trainer is ready; no job is running")
+    return Verdict(None, "UnknownTrainerState", f"unexpected trainer state {state!r}")
 
 
-def _training_status(previous: Mapping[str, Any], enabled: bool, runtime: RuntimeView) -> dict[str, Any]:
-    if isinstance(runtime, Mapping):
-        return _clean({"state": runtime.get("state"), "steps": runtime.get("steps"),
-                       "tokensTrained": runtime.get("tokens_trained"), "lastLoss": runtime.get("last_loss"),
-                       "weightVersion": runtime.get("weight_version"), "lastStepTime": runtime.get("last_step_time")})
-    kept = dict(previous.get("training") or {})
-    kept["state"] = "unavailable" if enabled else "disabled"
-    return kept
-
-
-def _checkpoint_status(previous: Mapping[str, Any], runtime: RuntimeView) -> dict[str, Any]:
-    checkpoint = dict(previous.get("checkpoint") or {})
-    last = ((runtime.get("checkpoint") or {}).get("last") if isinstance(runtime, Mapping) else None) or {}
-    if last:
-        checkpoint.update(_clean({"step": last.get("step"), "weightVersion": last.get("weight_version"),
-                                  "time": last.get("time"), "path": last.get("path")}))
-    return checkpoint
-
-
-def _checkpointed_condition(checkpoint: Mapping[str, Any], runtime: RuntimeView) -> dict[str, Any]:
-    runtime_ck = (runtime.get("checkpoint") or {}) if isinstance(runtime, Mapping) else {}
+def _checkpointed(checkpoint: CheckpointStatus, runtime: RuntimeView) -> Verdict:
+    runtime_ck = _runtime_checkpoint(runtime)
     if runtime_ck.get("state") == "failed":
-        return _condition("Checkpointed", False, "CheckpointFailed",
-                          str(runtime_ck.get("last_error") or "the last checkpoint failed"))
-    last_time = parse_time(checkpoint.get("time"))
-    request_time = parse_time(checkpoint.get("requestTime"))
-    if checkpoint.get("requestResult") == "Failed" and (last_time is None or request_time is None
-                                                        or last_time <= request_time):
-        return _condition("Checkpointed", False, "CheckpointFailed",
-                          f"requested checkpoint {checkpoint.get('requested')!r} failed: "
-                          f"{checkpoint.get('requestMessage') or 'unknown error'}")
-    if checkpoint.get("step") is not None or checkpoint.get("path"):
-        return _condition("Checkpointed", True, "Checkpointed",
-                          f"step {checkpoint.get('step')} saved at {checkpoint.get('time')} to {checkpoint.get('path')}")
-    return _condition("Checkpointed", False, "NoCheckpoint", "no checkpoint has been taken yet")
+        return Verdict(False, "CheckpointFailed", str(runtime_ck.get("last_error") or "the last checkpoint failed"))
+    last_time = parse_time(checkpoint.time)
+    request_time = parse_time(checkpoint.request_time)
+    if checkpoint.request_result == "Failed" and (last_time is None or request_time is None
+                                                  or last_time <= request_time):
+        return Verdict(False, "CheckpointFailed", f"requested checkpoint {checkpoint.requested!r} failed: "
+                                                  f"{checkpoint.request_message or 'unknown error'}")
+    if checkpoint.step is not None or checkpoint.path:
+        return Verdict(True, "Checkpointed",
+                       f"step {checkpoint.step} saved at {checkpoint.time} to {checkpoint.path}")
+    return Verdict(False, "NoCheckpoint", "no checkpoint has been taken yet")
 
+
+def _ready(spec_error: Optional[str], suspended: bool, pod: PodView, outdated: bool, training_enabled: bool,
+           training: Verdict) -> Verdict:
+    if spec_error:
+        return Verdict(False, "InvalidSpec", f"{spec_error} (anything running keeps the last valid spec)")
+    if suspended:
+        return Verdict(False, "Suspended", "the OnlineModel is suspended")
+    if not pod.serving:
+        return Verdict(False, pod.reason, pod.message)
+    if outdated:
+        return Verdict(False, "Updating", "the pod runs an older spec and is being replaced")
+    if training_enabled and training.ok is not True:
+        return Verdict(False, training.reason, training.message)
+    return Verdict(True, training.reason if training_enabled else "Serving",
+                   "serving" + (" and training" if training_enabled else "; training is disabled"))
+
+
+def _degraded(spec_error: Optional[str], suspended: bool, pod: PodView, training: Verdict,
+              checkpointed: Verdict) -> Verdict:
+    if spec_error:
+        return Verdict(True, "InvalidSpec", spec_error)
+    if pod.failing:
+        return Verdict(True, pod.reason, pod.message)
+    if training.reason == "TrainerError":
+        return Verdict(True, "TrainerError", training.message)
+    if checkpointed.reason == "CheckpointFailed":
+        return Verdict(True, "CheckpointFailed", checkpointed.message)
+    if suspended:
+        return Verdict(False, "Suspended", "the OnlineModel is suspended")
+    return Verdict(False, "Healthy", "nothing is failing")
+
+
+def _condition(type_: str, verdict: Verdict, previous: OnlineModelStatus, generation: Optional[int],
+               now: dt.datetime) -> Condition:
+    before = next((c for c in previous.conditions if c.type == type_), None)
+    kept = before is not None and before.status == verdict.status
+    return Condition(type=type_, status=verdict.status, reason=verdict.reason, message=verdict.message,
+                     last_transition_time=before.last_transition_time if kept else rfc3339(now),
+                     observed_generation=generation)
+
+
+# --- the whole status -----------------------------------------------------------------------------------
 
 def compute_status(
     body: Mapping[str, Any],
@@ -209,15 +181,17 @@ def compute_status(
     spec_error: Optional[str] = None,
     desired_hash: Optional[str] = None,
     endpoint: Optional[str] = None,
-) -> dict[str, Any]:
+    deleted_failure: Optional[FailureStatus] = None,
+) -> OnlineModelStatus:
     """The full status of `body` (a raw OnlineModel) given its live pod and the runtime's answer.
 
     spec_error: why the spec was refused (-> InvalidSpec); desired_hash: the spec hash the pod should run
-    (a pod with another hash -> Updating); endpoint: the Service URL (None when unknown).
+    (a pod with another hash -> Updating); endpoint: the Service URL (None when unknown); deleted_failure:
+    the failure of a pod this pass deleted (it becomes lastFailure).
     """
     meta = body.get("metadata") or {}
     spec = body.get("spec") or {}
-    previous = body.get("status") or {}
+    previous = previous_status(body)
     generation = meta.get("generation")
     suspended = bool(spec.get("suspend", False))
     training_enabled = bool((spec.get("training") or {}).get("enabled", True))
@@ -225,71 +199,32 @@ def compute_status(
     if suspended and pod is None:
         view = PodView("Suspended", "the OnlineModel is suspended; the pod is deleted and the volume kept")
 
-    serving = _condition("Serving", view.serving, view.reason, view.message)
-    training = _training_condition(training_enabled, suspended, view, runtime)
-    checkpoint = _checkpoint_status(previous, runtime)
-    checkpointed = _checkpointed_condition(checkpoint, runtime)
+    pod_hash = spec_hash_of(pod)
+    training = _training(training_enabled, suspended, view, runtime)
+    checkpoint = with_saved_checkpoint(previous.checkpoint, _runtime_checkpoint(runtime).get("last") or {})
+    checkpointed = _checkpointed(checkpoint, runtime)
+    ready = _ready(spec_error, suspended, view, desired_hash is not None and pod_hash != desired_hash,
+                   training_enabled, training)
+    verdicts = {"Ready": ready, "Serving": Verdict(view.serving, view.reason, view.message), "Training": training,
+                "Checkpointed": checkpointed,
+                "Degraded": _degraded(spec_error, suspended, view, training, checkpointed)}
 
-    pod_hash = ((pod or {}).get("metadata", {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
-    if spec_error:
-        ready = _condition("Ready", False, "InvalidSpec", f"{spec_error} (anything running keeps the last valid spec)")
-    elif suspended:
-        ready = _condition("Ready", False, "Suspended", "the OnlineModel is suspended")
-    elif not view.serving:
-        ready = _condition("Ready", False, view.reason, view.message)
-    elif desired_hash is not None and pod_hash != desired_hash:
-        ready = _condition("Ready", False, "Updating", "the pod runs an older spec and is being replaced")
-    elif training_enabled and training["status"] != "True":
-        ready = _condition("Ready", False, training["reason"], training["message"])
-    else:
-        ready = _condition("Ready", True, training["reason"] if training_enabled else "Serving",
-                           "serving" + (" and training" if training_enabled else "; training is disabled"))
-
-    if spec_error:
-        degraded = _condition("Degraded", True, "InvalidSpec", spec_error)
-    elif view.failing:
-        degraded = _condition("Degraded", True, view.reason, view.message)
-    elif training["reason"] == "TrainerError":
-        degraded = _condition("Degraded", True, "TrainerError", training["message"])
-    elif checkpointed["reason"] == "CheckpointFailed":
-        degraded = _condition("Degraded", True, "CheckpointFailed", checkpointed["message"])
-    elif suspended:
-        degraded = _condition("Degraded", False, "Suspended", "the OnlineModel is suspended")
-    else:
-        degraded = _condition("Degraded", False, "Healthy", "nothing is failing")
-
-    by_type = {c["type"]: c for c in (ready, serving, training, checkpointed, degraded)}
-    old = {c.get("type"): c for c in previous.get("conditions") or []}
-    conditions = []
-    for type_ in CONDITION_TYPES:
-        cond = by_type[type_]
-        before = old.get(type_)
-        keep = before is not None and before.get("status") == cond["status"] and before.get("lastTransitionTime")
-        cond["lastTransitionTime"] = before["lastTransitionTime"] if keep else rfc3339(now)
-        if generation is not None:
-            cond["observedGeneration"] = generation
-        conditions.append(cond)
-
-    status: dict[str, Any] = {}
-    if generation is not None:
-        status["observedGeneration"] = generation
-    status["phase"] = "Ready" if ready["status"] == "True" else PHASES.get(ready["reason"], "Pending")
-    status["conditions"] = conditions
-    status["training"] = _training_status(previous, training_enabled, runtime)
-    if checkpoint:
-        status["checkpoint"] = checkpoint
-    if endpoint:
-        status["endpoint"] = endpoint
-    elif previous.get("endpoint"):
-        status["endpoint"] = previous["endpoint"]
-    if pod is not None:
-        status["podName"] = pod.get("metadata", {}).get("name")
-        if pod_hash:
-            status["podSpecHash"] = pod_hash
-    failure = pod_failure(pod) or previous.get("lastFailure")
-    if failure:
-        status["lastFailure"] = dict(failure)
-    return status
+    if isinstance(runtime, Mapping):
+        training_status = training_from_runtime(runtime)
+    else:  # keep the last numbers seen
+        training_status = (previous.training or TrainingStatus()).model_copy(
+            update={"state": "unavailable" if training_enabled else "disabled"})
+    return OnlineModelStatus(
+        observed_generation=generation,
+        phase="Ready" if ready.ok else PHASE_OF_REASON.get(ready.reason, "Pending"),
+        conditions=[_condition(t, verdicts[t], previous, generation, now) for t in CONDITION_TYPES],
+        training=training_status,
+        checkpoint=checkpoint if checkpoint != CheckpointStatus() else None,
+        endpoint=endpoint or previous.endpoint or None,
+        pod_name=pod.get("metadata", {}).get("name") if pod is not None else None,
+        pod_spec_hash=pod_hash or None,
+        last_failure=deleted_failure or pod_failure(pod) or previous.last_failure,
+    )
 
 
 @dataclass(frozen=True)
@@ -301,22 +236,23 @@ class Transition:
     message: str
 
 
-def transitions(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Transition]:
+WARNING_REASONS = FAILING_POD_REASONS | {"TrainerError", "CheckpointFailed", "InvalidSpec", "RuntimeUnreachable"}
+
+
+def transitions(old: OnlineModelStatus, new: OnlineModelStatus) -> list[Transition]:
     """Events for conditions whose status or reason changed, and for a new checkpoint."""
     out: list[Transition] = []
-    before = {c.get("type"): c for c in old.get("conditions") or []}
-    for cond in new.get("conditions") or []:
-        prev = before.get(cond["type"], {})
-        if (prev.get("status"), prev.get("reason")) == (cond["status"], cond["reason"]):
+    before = {c.type: (c.status, c.reason) for c in old.conditions}
+    for cond in new.conditions:
+        if before.get(cond.type) == (cond.status, cond.reason):
             continue
-        bad = (cond["type"] == "Degraded" and cond["status"] == "True") or cond["reason"] in (
-            FAILING_POD_REASONS | {"TrainerError", "CheckpointFailed", "InvalidSpec", "RuntimeUnreachable"})
-        out.append(Transition("Warning" if bad else "Normal", cond["reason"],
-                              f"{cond['type']}={cond['status']}: {cond['message']}"))
-    old_step = (old.get("checkpoint") or {}).get("step")
-    new_ck = new.get("checkpoint") or {}
-    if new_ck.get("step") is not None and new_ck.get("step") != old_step:
-        out.append(Transition("Normal", "CheckpointSaved", f"checkpoint of step {new_ck['step']} at {new_ck.get('path')}"))
+        bad = (cond.type == "Degraded" and cond.status == "True") or cond.reason in WARNING_REASONS
+        out.append(Transition("Warning" if bad else "Normal", cond.reason,
+                              f"{cond.type}={cond.status}: {cond.message}"))
+    old_step = old.checkpoint.step if old.checkpoint else None
+    new_ck = new.checkpoint
+    if new_ck is not None and new_ck.step is not None and new_ck.step != old_step:
+        out.append(Transition("Normal", "CheckpointSaved", f"checkpoint of step {new_ck.step} at {new_ck.path}"))
     return out
 
 

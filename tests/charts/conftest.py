@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import helm_python as helm
 import pytest
 import yaml
 
-from chart_helpers import CHART_DIR, NAMESPACE, RELEASE, RenderFn, require_crd
-
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk is part of the dev extra")
+from chart_helpers import CHART_DIR, NAMESPACE, RELEASE, RenderFn
 
 
 @pytest.fixture(scope="session")
@@ -23,8 +22,6 @@ def render(chart) -> RenderFn:
     """Render the chart with Helm's engine; returns its manifests (NOTES.txt left out) as objects."""
 
     def _render(values: dict[str, Any] | None = None, **options: Any) -> list[dict[str, Any]]:
-        if (values or {}).get("crds", {}).get("install", True):
-            require_crd()
         options.setdefault("name", RELEASE)
         options.setdefault("namespace", NAMESPACE)
         rendered = chart.render(values, **options)

@@ -4,11 +4,11 @@ transitively) and runs as non-root; the runtime image builds on vLLM's official 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from importlib import metadata
 from pathlib import Path
@@ -19,7 +19,6 @@ from packaging.utils import canonicalize_name
 
 from chart_helpers import CHART_DIR, DOCKER_DIR, REPO
 
-tomllib = pytest.importorskip("tomllib")
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PROJECT = canonicalize_name(PYPROJECT["project"]["name"])
@@ -173,12 +172,9 @@ def test_operator_extra_dependency_closure_has_no_gpu_package():
     assert "kopf" in closure
 
 
-@pytest.mark.skipif(not (REPO / "README.md").is_file(), reason="README.md (read by pyproject) not written yet")
 def test_operator_wheel_from_the_image_build_context(tmp_path):
     """Build the wheel from exactly what operator.Dockerfile copies: it must build without runtime/
     and carry no runtime code."""
-    if not any((REPO / "operator" / "onlinemodel_operator").glob("*.py")):
-        pytest.skip("the operator package has no modules yet")
     context = tmp_path / "context"
     context.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -200,25 +196,6 @@ def test_operator_wheel_from_the_image_build_context(tmp_path):
     operator_requires = [r for r in requires if r.marker and r.marker.evaluate({"extra": "operator"})]
     assert operator_requires
     assert not [r for r in operator_requires if FORBIDDEN.match(canonicalize_name(r.name))]
-
-
-@pytest.mark.skipif(os.environ.get("ONLINEMODEL_TEST_PIP_RESOLVE") != "1",
-                    reason="set ONLINEMODEL_TEST_PIP_RESOLVE=1 to resolve .[operator] against the package index (~10 s, network)")
-def test_pip_resolves_the_operator_extra_without_gpu_packages(tmp_path):
-    """What `pip install .[operator]` would install from the index, fresh (nothing installed counts)."""
-    if not (REPO / "README.md").is_file():
-        pytest.skip("README.md (read by pyproject) not written yet")
-    context = tmp_path / "context"
-    shutil.copytree(REPO / "operator", context / "operator", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, context / name)
-    report = tmp_path / "report.json"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-build-isolation",
-                    "--quiet", "--report", str(report), ".[operator]"],
-                   cwd=context, check=True, capture_output=True, timeout=300)
-    names = {canonicalize_name(item["metadata"]["name"]) for item in json.loads(report.read_text())["install"]}
-    assert "kopf" in names
-    assert not {n for n in names if FORBIDDEN.match(n)}
 
 
 # --- runtime image --------------------------------------------------------------------------

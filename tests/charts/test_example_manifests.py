@@ -9,12 +9,15 @@ import functools
 import re
 from typing import Any
 
+import celpy
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
 from chart_helpers import EXAMPLES_DIR, KUBE_VERSIONS, load_crd_source
+from onlinemodel_operator.models import OnlineModel, parse_spec
+from onlinemodel_operator.render import Owner, render_all
 
 EXAMPLE_FILES = sorted(EXAMPLES_DIR.glob("*.yaml"))
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -90,15 +93,12 @@ def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
 
 @functools.cache
 def _cel_program(rule: str):
-    import celpy
-
     environment = celpy.Environment()
     return environment.program(environment.compile(rule))
 
 
 def cel_failures(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
     """Messages of the x-kubernetes-validations rules that `value` breaks (evaluated with cel-python)."""
-    celpy = pytest.importorskip("celpy", reason="cel-python evaluates the CRD's CEL rules")
     failures = []
     for rule in schema.get("x-kubernetes-validations", []):
         if not bool(_cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})):
@@ -170,8 +170,7 @@ def test_example_would_be_accepted(where, document):
         defaulted = apply_defaults(crd_schema(version), copy.deepcopy(document))
         assert not cel_failures(crd_schema(version), defaulted)
         # The operator validates specs the same way (for API servers and fakes that skip CEL).
-        models = pytest.importorskip("onlinemodel_operator.models")
-        models.OnlineModel.model_validate(document)
+        OnlineModel.model_validate(document)
     else:
         for kube_version in KUBE_VERSIONS:
             kubernetes_validate.validate(document, kube_version, strict=True)
@@ -181,11 +180,9 @@ def test_example_would_be_accepted(where, document):
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_what_the_operator_makes_of_an_example_is_valid(where, document):
     """The Pod, Service and PVC the operator renders for each example pass the Kubernetes schemas."""
-    models = pytest.importorskip("onlinemodel_operator.models")
-    render = pytest.importorskip("onlinemodel_operator.render")
     body = copy.deepcopy(document)
     body["metadata"].update(namespace="default", uid="0f5c7d9e-1111-2222-3333-444455556666")
-    desired = render.render_all(render.Owner.from_body(body), models.parse_spec(body["spec"]))
+    desired = render_all(Owner.from_body(body), parse_spec(body["spec"]))
     objects = [desired.pod, desired.service] + ([desired.pvc] if desired.pvc else [])
     for obj in objects:
         for kube_version in KUBE_VERSIONS:

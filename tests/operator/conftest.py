@@ -7,7 +7,9 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from operator_harness import Cluster, FakeKubelet, FakeRuntime, cluster_session, operator_running
+from operator_cluster import Cluster, cluster_session, operator_running
+from operator_fake_runtime import FakeRuntime
+from operator_kubelet import FakeKubelet
 
 
 @pytest.fixture

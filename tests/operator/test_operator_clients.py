@@ -7,7 +7,6 @@ import pytest
 
 from onlinemodel_operator.config import OperatorConfig
 from onlinemodel_operator.main import build_parser
-from onlinemodel_operator.reconcile import runtime_url
 from onlinemodel_operator.runtime_client import CheckpointBusy, CheckpointFailed, RuntimeClient, RuntimeUnreachable
 
 
@@ -51,16 +50,6 @@ async def test_checkpoint_sends_token_and_maps_errors() -> None:
         await client(lambda r: httpx.Response(500, json={"error": {"message": "disk full"}})).checkpoint()
     with pytest.raises(CheckpointFailed, match="HTTP 401"):
         await client(lambda r: httpx.Response(401, json={"error": "unauthorized"})).checkpoint()
-
-
-def test_runtime_url() -> None:
-    pod = {"spec": {"containers": [{"name": "runtime", "ports": [{"name": "http", "containerPort": 9000}]}]},
-           "status": {"podIP": "10.1.2.3"}}
-    assert runtime_url(pod) == "http://10.1.2.3:9000"
-    pod["status"]["podIP"] = "fd00::1"
-    assert runtime_url(pod) == "http://[fd00::1]:9000"
-    pod["status"] = {}
-    assert runtime_url(pod) is None
 
 
 def test_config_from_env_and_overrides() -> None:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 from typing import Any
 
+import httpx
 import pytest
 
-from operator_harness import CLAIMS, ONLINEMODELS, PODS, SERVICES, Cluster, FakeKubelet, FakeRuntime, condition
+from onlinemodel_operator.kube import CLAIMS, ONLINEMODELS, PODS, SERVICES
+from operator_cluster import Cluster, condition
+from operator_fake_runtime import FakeRuntime, free_port
+from operator_kubelet import FakeKubelet
 
 pytestmark = pytest.mark.e2e
 
@@ -14,6 +22,13 @@ pytestmark = pytest.mark.e2e
 def spec(port: int = 8000, **extra: Any) -> dict[str, Any]:
     return {"model": {"source": {"image": {"path": "/models/smollm2"}}}, "image": "onlinemodel/runtime:test",
             "resources": {"gpus": 0}, "serving": {"port": port}, **extra}
+
+
+async def replaced_pod(cluster: Cluster, name: str, old: dict[str, Any]) -> dict[str, Any]:
+    """The pod that replaced `old` (same name, another uid), once there is one."""
+    return await cluster.wait_for(lambda: cluster.get(PODS, name),
+                                  lambda p: p is not None and p["metadata"]["uid"] != old["metadata"]["uid"],
+                                  what=f"a new pod {name}")
 
 
 def owned_by(obj: dict[str, Any], om: dict[str, Any]) -> bool:
@@ -43,9 +58,7 @@ async def test_deleted_pod_is_recreated(cluster: Cluster, kubelet: FakeKubelet, 
     await cluster.wait_condition("m2", "Ready", "True")
     old = await cluster.get(PODS, "m2")
     await cluster.delete(PODS, "m2")
-    new = await cluster.wait_for(lambda: cluster.get(PODS, "m2"),
-                                 lambda p: p is not None and p["metadata"]["uid"] != old["metadata"]["uid"],
-                                 what="a new pod")
+    new = await replaced_pod(cluster, "m2", old)
     assert new["metadata"]["annotations"] == old["metadata"]["annotations"]
     await cluster.wait_condition("m2", "Ready", "True")
 
@@ -56,8 +69,7 @@ async def test_failed_pod_is_recreated_and_failure_reported(cluster: Cluster, ku
     await cluster.wait_condition("m3", "Ready", "True")
     old = await cluster.get(PODS, "m3")
     await kubelet.mark_failed("m3", exit_code=137, reason="OOMKilled")
-    await cluster.wait_for(lambda: cluster.get(PODS, "m3"),
-                           lambda p: p is not None and p["metadata"]["uid"] != old["metadata"]["uid"], what="a new pod")
+    await replaced_pod(cluster, "m3", old)
     om = await cluster.wait_condition("m3", "Ready", "True")
     assert om["status"]["lastFailure"]["exitCode"] == 137
     assert om["status"]["lastFailure"]["reason"] == "OOMKilled"
@@ -94,9 +106,7 @@ async def test_spec_change_checkpoints_then_recreates_pod(cluster: Cluster, kube
     await cluster.wait_condition("m6", "Ready", "True")
     old = await cluster.get(PODS, "m6")
     await cluster.patch(ONLINEMODELS, "m6", {"spec": {"training": {"learningRate": 0.0001}}})
-    new = await cluster.wait_for(lambda: cluster.get(PODS, "m6"),
-                                 lambda p: p is not None and p["metadata"]["uid"] != old["metadata"]["uid"],
-                                 what="a new pod")
+    new = await replaced_pod(cluster, "m6", old)
     assert "--learning-rate" in new["spec"]["containers"][0]["args"]
     assert len(runtime.checkpoint_calls) == 1
     om = await cluster.wait_condition("m6", "Ready", "True")
@@ -126,8 +136,7 @@ async def test_bad_spec_is_refused_and_running_pod_untouched(cluster: Cluster, k
     # Fixing the spec (creating the Secret) lets the change through.
     await cluster.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "nope"},
                           "data": {"token": "c2VjcmV0"}})
-    await cluster.wait_for(lambda: cluster.get(PODS, "m7"),
-                           lambda p: p is not None and p["metadata"]["uid"] != old["metadata"]["uid"], what="new pod")
+    await replaced_pod(cluster, "m7", old)
     await cluster.wait_condition("m7", "Ready", "True")
 
 
@@ -215,9 +224,7 @@ async def test_new_pod_waits_for_the_old_one_to_terminate(cluster: Cluster, kube
                                          lambda p: p["metadata"].get("deletionTimestamp"), what="terminating pod")
     assert terminating["metadata"]["uid"] == old["metadata"]["uid"]
     await cluster.wait_condition("m11", "Ready", "False", "PodTerminating")
-    new = await cluster.wait_for(lambda: cluster.get(PODS, "m11"),
-                                 lambda p: p is not None and p["metadata"]["uid"] != old["metadata"]["uid"],
-                                 what="the new pod")
+    new = await replaced_pod(cluster, "m11", old)
     assert "--max-model-len" in new["spec"]["containers"][0]["args"]
     await cluster.wait_condition("m11", "Ready", "True")
 
@@ -236,15 +243,6 @@ async def test_foreign_pod_with_the_same_name_is_left_alone(cluster: Cluster, ku
 async def test_cli_entry_point_runs_the_operator_with_liveness(cluster: Cluster, kubelet: FakeKubelet,
                                                                runtime: FakeRuntime) -> None:
     """`onlinemodel-operator` as a process (what the chart's Deployment runs), liveness endpoint included."""
-    import asyncio
-    import os
-    import subprocess
-    import sys
-
-    import httpx
-
-    from operator_harness import free_port
-
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "onlinemodel_operator.main", "-n", cluster.namespace,
@@ -275,8 +273,7 @@ async def test_status_says_updating_during_a_slow_checkpoint_and_a_failed_one_do
     await cluster.patch(ONLINEMODELS, "m13", {"spec": {"serving": {"maxModelLen": 1024}}})
     await cluster.wait_condition("m13", "Ready", "False", "Updating")  # while the checkpoint runs
     assert (await cluster.get(PODS, "m13"))["metadata"]["uid"] == old["metadata"]["uid"]
-    await cluster.wait_for(lambda: cluster.get(PODS, "m13"),
-                           lambda p: p is not None and p["metadata"]["uid"] != old["metadata"]["uid"], what="new pod")
+    await replaced_pod(cluster, "m13", old)
     await cluster.wait_condition("m13", "Ready", "True")
 
     async def reasons() -> set[str]:

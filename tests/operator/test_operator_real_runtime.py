@@ -17,7 +17,10 @@ from typing import Any
 import pytest
 
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
-from operator_harness import ONLINEMODELS, PODS, Cluster, FakeKubelet, condition, free_port, play_kubelet
+from onlinemodel_operator.kube import ONLINEMODELS, PODS
+from operator_cluster import Cluster, condition
+from operator_fake_runtime import free_port
+from operator_kubelet import FakeKubelet, play_kubelet
 
 pytestmark = pytest.mark.e2e
 

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from onlinemodel_operator import MANAGED_BY_LABEL, NAME_LABEL, SPEC_HASH_ANNOTATION
 from onlinemodel_operator.models import parse_spec
 from onlinemodel_operator.render import (
     CHECKPOINT_DIR,
     Owner,
-    container_command,
+    made_for,
     render_all,
     render_pod,
     render_pvc,
     serve_args,
     spec_hash,
-    with_overrides,
 )
+from operator_kubelet import local_command
 
 OWNER = Owner(name="chat", namespace="ml", uid="uid-1")
 
@@ -154,16 +152,18 @@ def test_spec_hash_ignores_suspend_and_retain_but_not_the_rest() -> None:
     assert spec_hash(parse_spec(base(image="other:2"))) != h
 
 
-def test_local_command_overrides() -> None:
+def test_local_command_repoints_the_rendered_serve_command() -> None:
+    """What play_kubelet runs (the end-to-end test with the real runtime) is the pod's own command."""
     pod = render_pod(OWNER, parse_spec(base(serving={"extraArgs": ["--enforce-eager"]})))
-    argv = with_overrides(container_command(pod), host="127.0.0.1", port="9123", checkpoint_dir="/tmp/ck",
-                          max_model_len="512")
-    assert argv[argv.index("--host") + 1] == "127.0.0.1"
-    assert argv[argv.index("--port") + 1] == "9123"
-    assert argv[argv.index("--checkpoint-dir") + 1] == "/tmp/ck"
-    assert argv.index("--max-model-len") < argv.index("--") and argv[-1] == "--enforce-eager"
+    argv = local_command(pod, host="127.0.0.1", port=9123, checkpoint_dir="/tmp/ck")
+    expected = [*pod["spec"]["containers"][0]["command"], *pod["spec"]["containers"][0]["args"]]
+    for flag, value in (("--host", "127.0.0.1"), ("--port", "9123"), ("--checkpoint-dir", "/tmp/ck")):
+        assert argv.index(flag) < argv.index("--") and argv[argv.index(flag) + 1] == value
+        expected[expected.index(flag) + 1] = value
+    assert argv == expected and argv[-1] == "--enforce-eager"
 
 
-def test_container_command_needs_the_runtime_container() -> None:
-    with pytest.raises(ValueError):
-        container_command({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "other"}]}})
+def test_every_rendered_object_is_made_for_its_onlinemodel() -> None:
+    desired = render_all(OWNER, parse_spec(base()))
+    assert all(made_for(obj, "chat") for obj in (desired.pod, desired.service, desired.pvc))
+    assert not made_for(desired.pod, "other") and not made_for({"metadata": {}}, "chat")

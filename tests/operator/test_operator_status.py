@@ -1,4 +1,7 @@
-"""Unit tests of status.py: (OnlineModel, pod, /train/status, now) -> status, every condition reason."""
+"""Unit tests of status.py: (OnlineModel, pod, /train/status, now) -> status, every condition reason.
+
+`compute` returns what the API receives: the OnlineModelStatus as the camelCase dict the operator patches.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,15 @@ from typing import Any, Optional
 import pytest
 
 from onlinemodel_operator import SPEC_HASH_ANNOTATION
+from onlinemodel_operator.models import PHASES, CheckpointStatus, OnlineModelStatus
 from onlinemodel_operator.status import (
+    PHASE_OF_REASON,
     RuntimeUnavailable,
     compute_status,
     merge_patch,
+    previous_status,
     transitions,
+    with_saved_checkpoint,
 )
 
 NOW = dt.datetime(2026, 11, 26, 5, 0, 0, tzinfo=dt.timezone.utc)
@@ -46,6 +53,10 @@ def runtime(state: str = "idle", **extra: Any) -> dict[str, Any]:
             "checkpoint": {"state": "idle", "last": None, "last_error": None}, **extra}
 
 
+def compute(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    return compute_status(*args, **kwargs).to_dict()
+
+
 def cond(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next(c for c in status["conditions"] if c["type"] == type_)
 
@@ -55,7 +66,7 @@ def reasons(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 
 def test_all_conditions_always_present_with_generation() -> None:
-    status = compute_status(om(), None, None, NOW)
+    status = compute(om(), None, None, NOW)
     assert [c["type"] for c in status["conditions"]] == ["Ready", "Serving", "Training", "Checkpointed", "Degraded"]
     assert status["observedGeneration"] == 3
     assert all(c["observedGeneration"] == 3 and c["lastTransitionTime"] == "2026-11-26T05:00:00Z"
@@ -63,7 +74,7 @@ def test_all_conditions_always_present_with_generation() -> None:
 
 
 def test_ready_when_serving_and_trainer_idle() -> None:
-    status = compute_status(om(), pod(), runtime("idle"), NOW, desired_hash=HASH, endpoint="http://m.ns.svc:8000")
+    status = compute(om(), pod(), runtime("idle"), NOW, desired_hash=HASH, endpoint="http://m.ns.svc:8000")
     assert reasons(status) == {"Ready": ("True", "Idle"), "Serving": ("True", "Serving"),
                                "Training": ("True", "Idle"), "Checkpointed": ("False", "NoCheckpoint"),
                                "Degraded": ("False", "Healthy")}
@@ -75,13 +86,13 @@ def test_ready_when_serving_and_trainer_idle() -> None:
 
 
 def test_training_state_reported() -> None:
-    status = compute_status(om(), pod(), runtime("training"), NOW, desired_hash=HASH)
+    status = compute(om(), pod(), runtime("training"), NOW, desired_hash=HASH)
     assert reasons(status)["Ready"] == ("True", "Training")
     assert reasons(status)["Training"] == ("True", "Training")
 
 
 def test_training_disabled_still_ready_as_serving() -> None:
-    status = compute_status(om(training={"enabled": False}), pod(), None, NOW, desired_hash=HASH)
+    status = compute(om(training={"enabled": False}), pod(), None, NOW, desired_hash=HASH)
     assert reasons(status)["Training"] == ("False", "TrainingDisabled")
     assert reasons(status)["Ready"] == ("True", "Serving")
     assert status["training"]["state"] == "disabled"
@@ -107,7 +118,7 @@ def test_training_disabled_still_ready_as_serving() -> None:
     (pod(deleting=True), "PodTerminating", False),
 ])
 def test_pod_states(the_pod: Optional[dict[str, Any]], reason: str, degraded: bool) -> None:
-    status = compute_status(om(), the_pod, None, NOW, desired_hash=HASH)
+    status = compute(om(), the_pod, None, NOW, desired_hash=HASH)
     assert reasons(status)["Ready"] == ("False", reason)
     assert reasons(status)["Serving"] == ("False", reason)
     assert reasons(status)["Training"] == ("False", reason)
@@ -121,17 +132,17 @@ def test_crash_loop_message_and_last_failure() -> None:
     the_pod = pod(ready=False, state={"waiting": {"reason": "CrashLoopBackOff"}},
                   last_state={"terminated": {"exitCode": 137, "reason": "OOMKilled",
                                              "finishedAt": "2026-11-26T04:58:00Z", "message": "killed"}})
-    status = compute_status(om(), the_pod, None, NOW)
+    status = compute(om(), the_pod, None, NOW)
     assert "exit code 137 (OOMKilled)" in cond(status, "Ready")["message"]
     assert status["lastFailure"] == {"exitCode": 137, "reason": "OOMKilled", "message": "killed",
                                      "time": "2026-11-26T04:58:00Z"}
     # Kept when the next pod is healthy.
-    later = compute_status(om(status=status), pod(), runtime(), LATER, desired_hash=HASH)
+    later = compute(om(status=status), pod(), runtime(), LATER, desired_hash=HASH)
     assert later["lastFailure"] == status["lastFailure"]
 
 
 def test_evicted_pod_failure() -> None:
-    status = compute_status(om(), pod(phase="Failed", ready=False, state={}, reason="Evicted",
+    status = compute(om(), pod(phase="Failed", ready=False, state={}, reason="Evicted",
                                       message="low on memory"), None, NOW)
     assert status["lastFailure"] == {"reason": "Evicted", "message": "low on memory"}
 
@@ -144,7 +155,7 @@ def test_evicted_pod_failure() -> None:
     (runtime("weird"), "UnknownTrainerState", "Unknown"),
 ])
 def test_trainer_states_make_ready_false(answer: Any, reason: str, training_status: str) -> None:
-    status = compute_status(om(), pod(), answer, NOW, desired_hash=HASH)
+    status = compute(om(), pod(), answer, NOW, desired_hash=HASH)
     assert reasons(status)["Serving"] == ("True", "Serving")
     assert reasons(status)["Training"] == (training_status, reason)
     assert reasons(status)["Ready"] == ("False", reason)
@@ -153,32 +164,32 @@ def test_trainer_states_make_ready_false(answer: Any, reason: str, training_stat
 
 
 def test_trainer_error_message() -> None:
-    status = compute_status(om(), pod(), runtime("error", last_error="CUDA out of memory"), NOW, desired_hash=HASH)
+    status = compute(om(), pod(), runtime("error", last_error="CUDA out of memory"), NOW, desired_hash=HASH)
     assert cond(status, "Training")["message"] == "CUDA out of memory"
     assert status["phase"] == "Degraded"
 
 
 def test_unreachable_runtime_keeps_last_training_numbers() -> None:
-    first = compute_status(om(), pod(), runtime("training"), NOW, desired_hash=HASH)
-    second = compute_status(om(status=first), pod(), RuntimeUnavailable("timeout"), LATER, desired_hash=HASH)
+    first = compute(om(), pod(), runtime("training"), NOW, desired_hash=HASH)
+    second = compute(om(status=first), pod(), RuntimeUnavailable("timeout"), LATER, desired_hash=HASH)
     assert second["training"]["steps"] == 12 and second["training"]["state"] == "unavailable"
 
 
 def test_checkpointed_from_runtime() -> None:
     last = {"step": 12, "weight_version": 12, "time": "2026-11-26T04:59:30Z", "path": "/ck/step-000012"}
-    status = compute_status(om(), pod(), runtime(checkpoint={"state": "idle", "last": last}), NOW, desired_hash=HASH)
+    status = compute(om(), pod(), runtime(checkpoint={"state": "idle", "last": last}), NOW, desired_hash=HASH)
     assert reasons(status)["Checkpointed"] == ("True", "Checkpointed")
     assert status["checkpoint"] == {"step": 12, "weightVersion": 12, "time": "2026-11-26T04:59:30Z",
                                     "path": "/ck/step-000012"}
     # Known while the pod is gone (e.g. suspended).
-    gone = compute_status(om(status=status, suspend=True), None, None, LATER)
+    gone = compute(om(status=status, suspend=True), None, None, LATER)
     assert reasons(gone)["Checkpointed"] == ("True", "Checkpointed")
     assert gone["checkpoint"]["step"] == 12
 
 
 def test_checkpoint_failed_in_runtime() -> None:
     answer = runtime(checkpoint={"state": "failed", "last": None, "last_error": "No space left on device"})
-    status = compute_status(om(), pod(), answer, NOW, desired_hash=HASH)
+    status = compute(om(), pod(), answer, NOW, desired_hash=HASH)
     assert reasons(status)["Checkpointed"] == ("False", "CheckpointFailed")
     assert reasons(status)["Degraded"] == ("True", "CheckpointFailed")
     assert reasons(status)["Ready"] == ("True", "Idle")  # still serves and learns
@@ -189,17 +200,17 @@ def test_failed_checkpoint_request_until_a_newer_checkpoint() -> None:
     previous = {"checkpoint": {"step": 5, "time": "2026-11-26T04:00:00Z", "path": "/ck/5", "requested": "r1",
                                "requestResult": "Failed", "requestMessage": "HTTP 500: disk full",
                                "requestTime": "2026-11-26T04:30:00Z"}}
-    status = compute_status(om(status=previous), pod(), runtime(), NOW, desired_hash=HASH)
+    status = compute(om(status=previous), pod(), runtime(), NOW, desired_hash=HASH)
     assert reasons(status)["Checkpointed"] == ("False", "CheckpointFailed")
     assert "disk full" in cond(status, "Checkpointed")["message"]
     newer = runtime(checkpoint={"state": "idle", "last": {"step": 9, "time": "2026-11-26T04:45:00Z", "path": "/ck/9"}})
-    status = compute_status(om(status=previous), pod(), newer, NOW, desired_hash=HASH)
+    status = compute(om(status=previous), pod(), newer, NOW, desired_hash=HASH)
     assert reasons(status)["Checkpointed"] == ("True", "Checkpointed")
     assert status["checkpoint"]["requested"] == "r1"  # the handled request value is kept
 
 
 def test_suspended() -> None:
-    status = compute_status(om(suspend=True), None, None, NOW, desired_hash=HASH)
+    status = compute(om(suspend=True), None, None, NOW, desired_hash=HASH)
     assert reasons(status) == {"Ready": ("False", "Suspended"), "Serving": ("False", "Suspended"),
                                "Training": ("False", "Suspended"), "Checkpointed": ("False", "NoCheckpoint"),
                                "Degraded": ("False", "Suspended")}
@@ -207,7 +218,7 @@ def test_suspended() -> None:
 
 
 def test_invalid_spec_keeps_reporting_the_running_pod() -> None:
-    status = compute_status(om(), pod(), runtime(), NOW, spec_error="spec.training.learningRate: too big")
+    status = compute(om(), pod(), runtime(), NOW, spec_error="spec.training.learningRate: too big")
     assert reasons(status)["Ready"] == ("False", "InvalidSpec")
     assert reasons(status)["Degraded"] == ("True", "InvalidSpec")
     assert reasons(status)["Serving"] == ("True", "Serving")
@@ -216,33 +227,35 @@ def test_invalid_spec_keeps_reporting_the_running_pod() -> None:
 
 
 def test_outdated_pod_is_updating() -> None:
-    status = compute_status(om(), pod(spec_hash="old"), runtime(), NOW, desired_hash=HASH)
+    status = compute(om(), pod(spec_hash="old"), runtime(), NOW, desired_hash=HASH)
     assert reasons(status)["Ready"] == ("False", "Updating")
     assert status["phase"] == "Updating"
 
 
 def test_last_transition_time_kept_while_status_unchanged() -> None:
-    first = compute_status(om(generation=1), pod(), runtime("idle"), NOW, desired_hash=HASH)
+    first = compute(om(generation=1), pod(), runtime("idle"), NOW, desired_hash=HASH)
     # Same statuses (reason changes Idle -> Training), new generation: times kept, generation updated.
-    second = compute_status(om(generation=2, status=first), pod(), runtime("training"), LATER, desired_hash=HASH)
+    second = compute(om(generation=2, status=first), pod(), runtime("training"), LATER, desired_hash=HASH)
+    assert len(second["conditions"]) == 5
     assert all(c["lastTransitionTime"] == "2026-11-26T05:00:00Z" for c in second["conditions"])
     assert all(c["observedGeneration"] == 2 for c in second["conditions"])
     # A status flip moves the time.
-    third = compute_status(om(generation=2, status=second), pod(ready=False), None, LATER, desired_hash=HASH)
+    third = compute(om(generation=2, status=second), pod(ready=False), None, LATER, desired_hash=HASH)
     assert cond(third, "Ready")["lastTransitionTime"] == "2026-11-26T05:05:00Z"
     assert cond(third, "Degraded")["lastTransitionTime"] == "2026-11-26T05:00:00Z"
 
 
 def test_transitions_become_events() -> None:
     first = compute_status(om(), None, None, NOW)
-    second = compute_status(om(status=first), pod(phase="Pending", ready=False,
-                                                 state={"waiting": {"reason": "ImagePullBackOff"}}), None, LATER)
+    second = compute_status(om(status=first.to_dict()), pod(phase="Pending", ready=False,
+                                                            state={"waiting": {"reason": "ImagePullBackOff"}}), None, LATER)
     events = transitions(first, second)
     assert {e.reason for e in events} == {"ImagePullBackOff"}
     assert all(e.type == "Warning" for e in events)
     assert transitions(second, second) == []
-    with_ck = dict(second, checkpoint={"step": 4, "path": "/ck/4"})
+    with_ck = second.model_copy(update={"checkpoint": CheckpointStatus(step=4, path="/ck/4")})
     assert [e.reason for e in transitions(second, with_ck)] == ["CheckpointSaved"]
+    assert [e.reason for e in transitions(OnlineModelStatus(), first)] == [c.reason for c in first.conditions]
 
 
 def test_merge_patch_removes_vanished_keys() -> None:
@@ -250,3 +263,24 @@ def test_merge_patch_removes_vanished_keys() -> None:
     new = {"a": 1, "b": {"c": 2}, "e": [1, 2], "f": None}
     assert merge_patch(old, new) == {"b": {"d": None}, "e": [1, 2], "f": None}
     assert merge_patch(new, new) == {}
+
+
+def test_every_phase_is_a_documented_one() -> None:
+    assert set(PHASE_OF_REASON.values()) | {"Ready"} == set(PHASES)
+
+
+def test_saved_checkpoint_updates_only_what_the_runtime_says() -> None:
+    before = CheckpointStatus(step=5, path="/ck/5", requested="r1", request_result="Failed")
+    after = with_saved_checkpoint(before, {"step": 9, "weight_version": 9, "time": None, "path": "/ck/9",
+                                           "size_bytes": 10}, requested="r2", request_result="Succeeded")
+    assert after.to_dict() == {"step": 9, "weightVersion": 9, "path": "/ck/9", "requested": "r2",
+                               "requestResult": "Succeeded"}
+    assert with_saved_checkpoint(None, {}) == CheckpointStatus()
+
+
+def test_a_status_that_does_not_parse_is_replaced_whole() -> None:
+    body = om(status={"phase": "Ready", "conditions": [{"type": "Ready", "status": "Maybe"}], "endpoint": "x"})
+    assert previous_status(body) == OnlineModelStatus()
+    status = compute(body, None, None, NOW)
+    assert "endpoint" not in status and len(status["conditions"]) == 5
+    assert merge_patch(body["status"], status)["endpoint"] is None
