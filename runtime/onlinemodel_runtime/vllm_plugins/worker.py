@@ -39,6 +39,7 @@ class WeightExportExtension:
                                "'onlinemodel_weights' in VLLM_PLUGINS?): CPU inference would read stale "
                                "prepacked weights")
         model = self.get_model()  # type: ignore[attr-defined]
+        compat.check_live_weights(model)
         archs = getattr(model_config.hf_config, "architectures", None) or ["unknown"]
         manifest = shared.export_weights(
             model.named_parameters(),

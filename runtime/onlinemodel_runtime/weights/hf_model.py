@@ -113,7 +113,8 @@ def build_hf_model(config_or_dir: Any, vllm_tensors: Mapping[str, torch.Tensor],
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
+        # A multimodal model's layout names its text config: the trainer gets the causal LM only.
+        model = AutoModelForCausalLM.from_config(layout.hf_config, **kwargs)
 
     hf_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     missing = [n for n in hf_names if n not in views]

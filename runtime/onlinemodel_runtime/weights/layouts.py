@@ -6,12 +6,15 @@ multiple of 64, and with tied embeddings exports only `model.embed_tokens.weight
 `named_parameters()` (its `lm_head.weight` IS that parameter). The tables below say this once per
 architecture; everything else (validation, zero-copy views, packing an HF state dict into vLLM's
 layout) is derived from them. Checked against vllm 0.32 `models/{llama,qwen2,qwen3}.py` with
-tensor parallel size 1 (one GPU, one process holds every tensor whole).
+tensor parallel size 1 (one GPU, one process holds every tensor whole). Architectures whose layers differ
+by index or that hold experts build their plan from the same rows in `layouts_qwen35.py` and
+`layouts_moe.py` (docs/layouts.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
@@ -28,21 +31,25 @@ class LayoutError(ValueError):
 # Declarative tables.
 #
 # One row per vLLM tensor: (vLLM name, HF parts concatenated along dim 0 as (HF name, rows),
-# columns or None for 1-D, condition flag or None). Sizes are symbols resolved from the config:
+# trailing dims (one symbol, a tuple of symbols, or None for 1-D), condition flag or None). Sizes are
+# symbols resolved from the config:
 #   hidden, q = heads*head_dim, kv = kv_heads*head_dim, inter = intermediate_size, vocab, head_dim.
-# Names in _LAYER_TABLE are relative to `model.layers.{i}.`.
+# Names in the layer rows are relative to `model.layers.{i}.`.
 # ---------------------------------------------------------------------------------------------
-_Row = tuple[str, tuple[tuple[str, str], ...], "str | None", "str | None"]
+_Row = tuple[str, tuple[tuple[str, str], ...], "str | tuple[str, ...] | None", "str | None"]
 
-_GLOBAL_TABLE: tuple[_Row, ...] = (
+GLOBAL_ROWS: tuple[_Row, ...] = (
     ("model.embed_tokens.weight", (("model.embed_tokens.weight", "vocab"),), "hidden", None),
     ("lm_head.weight", (("lm_head.weight", "vocab"),), "hidden", "untied"),
     ("model.norm.weight", (("model.norm.weight", "hidden"),), None, None),
 )
 
-_LAYER_TABLE: tuple[_Row, ...] = (
+NORM_ROWS: tuple[_Row, ...] = (
     ("input_layernorm.weight", (("input_layernorm.weight", "hidden"),), None, None),
     ("post_attention_layernorm.weight", (("post_attention_layernorm.weight", "hidden"),), None, None),
+)
+
+ATTENTION_ROWS: tuple[_Row, ...] = (
     ("self_attn.qkv_proj.weight",
      (("self_attn.q_proj.weight", "q"), ("self_attn.k_proj.weight", "kv"), ("self_attn.v_proj.weight", "kv")),
      "hidden", None),
@@ -53,12 +60,17 @@ _LAYER_TABLE: tuple[_Row, ...] = (
     ("self_attn.o_proj.bias", (("self_attn.o_proj.bias", "hidden"),), None, "o_bias"),
     ("self_attn.q_norm.weight", (("self_attn.q_norm.weight", "head_dim"),), None, "qk_norm"),
     ("self_attn.k_norm.weight", (("self_attn.k_norm.weight", "head_dim"),), None, "qk_norm"),
+)
+
+MLP_ROWS: tuple[_Row, ...] = (
     ("mlp.gate_up_proj.weight", (("mlp.gate_proj.weight", "inter"), ("mlp.up_proj.weight", "inter")),
      "hidden", None),
     ("mlp.gate_up_proj.bias", (("mlp.gate_proj.bias", "inter"), ("mlp.up_proj.bias", "inter")), None, "mlp_bias"),
     ("mlp.down_proj.weight", (("mlp.down_proj.weight", "hidden"),), "inter", None),
     ("mlp.down_proj.bias", (("mlp.down_proj.bias", "hidden"),), None, "mlp_bias"),
 )
+
+_LAYER_TABLE = NORM_ROWS + ATTENTION_ROWS + MLP_ROWS
 
 
 def _cfg(config: Any, name: str, default: Any = None) -> Any:
@@ -98,15 +110,56 @@ def _qwen2_head_dim(c: Any) -> int:
 
 
 @dataclass(frozen=True)
-class _ArchSpec:
-    flags: Callable[[Any], dict[str, bool]]
-    head_dim: Callable[[Any], int]
+class LayoutPlan:
+    """What one architecture's config resolves to; ModelLayout derives everything else from it.
+
+    tables: (rows, HF name prefix) in vLLM's parameter order. sizes/flags: the symbols the rows use.
+    hf_config: the config the trainer's transformers causal LM is built from (a multimodal model's
+    text config). vllm_prefixes: (HF prefix, vLLM prefix) renames of whole names. dtypes: vLLM row
+    name (relative) -> the dtype vLLM keeps it in whatever it serves. passengers: vLLM name prefixes
+    that are exported but never attached (a frozen vision tower).
+    """
+
+    tables: tuple[tuple[tuple[_Row, ...], str], ...]
+    sizes: Mapping[str, int]
+    flags: Mapping[str, bool]
+    hf_config: Any
+    vllm_prefixes: tuple[tuple[str, str], ...] = ()
+    dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)
+    passengers: tuple[str, ...] = ()
 
 
-ARCHITECTURES: Mapping[str, _ArchSpec] = {
-    "LlamaForCausalLM": _ArchSpec(_llama_flags, _head_dim_from_config),
-    "Qwen2ForCausalLM": _ArchSpec(_qwen2_flags, _qwen2_head_dim),
-    "Qwen3ForCausalLM": _ArchSpec(_qwen3_flags, _head_dim_from_config),
+def _dense_plan(flags: Callable[[Any], dict[str, bool]], head_dim: Callable[[Any], int]
+                ) -> Callable[[Any], LayoutPlan]:
+    def plan(c: Any) -> LayoutPlan:
+        hd = head_dim(c)
+        sizes = dict(hidden=int(c.hidden_size), head_dim=hd, q=int(c.num_attention_heads) * hd,
+                     kv=int(_cfg(c, "num_key_value_heads", None) or c.num_attention_heads) * hd,
+                     inter=int(c.intermediate_size), vocab=int(c.vocab_size))
+        tables = ((GLOBAL_ROWS, ""),) + tuple(
+            (_LAYER_TABLE, f"model.layers.{i}.") for i in range(int(c.num_hidden_layers)))
+        return LayoutPlan(tables, sizes, flags(c), hf_config=c)
+
+    return plan
+
+
+def _plan_in(module: str, function: str) -> Callable[[Any], LayoutPlan]:
+    """A plan defined in a sibling module, imported on first use (those modules import this one)."""
+    def plan(c: Any) -> LayoutPlan:
+        return getattr(importlib.import_module(f"{__package__}.{module}"), function)(c)
+
+    return plan
+
+
+ARCHITECTURES: Mapping[str, Callable[[Any], LayoutPlan]] = {
+    "LlamaForCausalLM": _dense_plan(_llama_flags, _head_dim_from_config),
+    "Qwen2ForCausalLM": _dense_plan(_qwen2_flags, _qwen2_head_dim),
+    "Qwen3ForCausalLM": _dense_plan(_qwen3_flags, _head_dim_from_config),
+    "Qwen3MoeForCausalLM": _plan_in("layouts_moe", "qwen3_moe_plan"),
+    "Qwen3_5ForConditionalGeneration": _plan_in("layouts_qwen35", "qwen35_plan"),
+    "Qwen3_5ForCausalLM": _plan_in("layouts_qwen35", "qwen35_plan"),
+    "Qwen3_5MoeForConditionalGeneration": _plan_in("layouts_qwen35", "qwen35_plan"),
+    "Qwen3_5MoeForCausalLM": _plan_in("layouts_qwen35", "qwen35_plan"),
 }
 
 
@@ -135,6 +188,7 @@ class VllmTensorSpec:
     shape: tuple[int, ...]
     vocab_padded: bool
     parts: tuple[tuple[str, int, int], ...]  # (HF name, offset, length) along dim 0
+    dtype: torch.dtype | None = None  # declared by the architecture; None: the dtype vLLM serves
 
 
 def padded_vocab_size(vocab: int, pad_to: int = VOCAB_PADDING) -> int:
@@ -161,39 +215,42 @@ class ModelLayout:
         if arch not in ARCHITECTURES:
             raise LayoutError(f"unsupported architecture {arch!r} (config.architectures={arch_list!r}); "
                               f"supported: {', '.join(ARCHITECTURES)}")
-        spec = ARCHITECTURES[arch]
+        plan = ARCHITECTURES[arch](config)
         self.architecture: str = arch
         self.config = config
-        self.tied: bool = bool(_cfg(config, "tie_word_embeddings", False))
-        head_dim = spec.head_dim(config)
-        self.sizes: dict[str, int] = dict(
-            hidden=int(config.hidden_size), head_dim=head_dim,
-            q=int(config.num_attention_heads) * head_dim,
-            kv=int(_cfg(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim,
-            inter=int(config.intermediate_size), vocab=int(config.vocab_size),
-        )
-        self.flags: dict[str, bool] = dict(spec.flags(config), untied=not self.tied)
-        self.num_layers = int(config.num_hidden_layers)
+        self.plan = plan
+        self.hf_config = plan.hf_config
+        self.tied: bool = bool(_cfg(plan.hf_config, "tie_word_embeddings", False))
+        self.sizes: dict[str, int] = dict(plan.sizes)
+        self.flags: dict[str, bool] = dict(plan.flags, untied=not self.tied)
 
         self.vllm_specs: dict[str, VllmTensorSpec] = {}
         self.hf_to_vllm: dict[str, Slot] = {}
-        rows = [(r, "") for r in _GLOBAL_TABLE]
-        rows += [(r, f"model.layers.{i}.") for i in range(self.num_layers) for r in _LAYER_TABLE]
-        for (vname, parts, cols, flag), prefix in rows:
-            if flag is not None and not self.flags[flag]:
-                continue
-            offset, placed = 0, []
-            for hf_name, size_sym in parts:
-                length = self.sizes[size_sym]
-                placed.append((prefix + hf_name, offset, length))
-                self.hf_to_vllm[prefix + hf_name] = Slot(prefix + vname, 0, offset, length)
-                offset += length
-            shape = (offset,) if cols is None else (offset, self.sizes[cols])
-            self.vllm_specs[prefix + vname] = VllmTensorSpec(
-                prefix + vname, shape, vocab_padded=parts[0][1] == "vocab", parts=tuple(placed))
+        for table, prefix in plan.tables:
+            for vname, parts, cols, flag in table:
+                if flag is not None and not self.flags[flag]:
+                    continue
+                full = self.vllm_name(prefix + vname)
+                offset, placed = 0, []
+                for hf_name, size_sym in parts:
+                    length = self.sizes[size_sym]
+                    placed.append((prefix + hf_name, offset, length))
+                    self.hf_to_vllm[prefix + hf_name] = Slot(full, 0, offset, length)
+                    offset += length
+                trailing = () if cols is None else (cols,) if isinstance(cols, str) else cols
+                self.vllm_specs[full] = VllmTensorSpec(
+                    full, (offset, *(self.sizes[c] for c in trailing)), vocab_padded=parts[0][1] == "vocab",
+                    parts=tuple(placed), dtype=plan.dtypes.get(vname))
         if self.tied:
             # HF's lm_head.weight IS model.embed_tokens.weight (same Parameter); so is vLLM's.
             self.hf_to_vllm["lm_head.weight"] = self.hf_to_vllm["model.embed_tokens.weight"]
+
+    def vllm_name(self, hf_side_name: str) -> str:
+        """The vLLM name of a tensor named `hf_side_name` in HF's prefix convention."""
+        for hf_prefix, vllm_prefix in self.plan.vllm_prefixes:
+            if hf_side_name.startswith(hf_prefix):
+                return vllm_prefix + hf_side_name[len(hf_prefix):]
+        return hf_side_name
 
     # -- validation ---------------------------------------------------------------------------
     def expected_dtype(self, expected_dtype: torch.dtype | None = None) -> torch.dtype | None:
@@ -205,14 +262,16 @@ class ModelLayout:
         dtype_src = "expected_dtype" if expected_dtype is not None else "config dtype"
         problems: list[str] = []
         missing = [n for n in self.vllm_specs if n not in vllm_tensors]
-        unknown = [n for n in vllm_tensors if n not in self.vllm_specs]
+        unknown = [n for n in vllm_tensors if n not in self.vllm_specs and not n.startswith(self.plan.passengers)]
         if missing:
             problems.append(f"missing {len(missing)} tensor(s): {_head(missing)}")
         for name in unknown:
             hint = ""
-            if name == "lm_head.weight" and self.tied:
+            if name == self.vllm_name("lm_head.weight") and self.tied:
                 hint = (" (tie_word_embeddings=true: vLLM's lm_head.weight is model.embed_tokens.weight; "
                         "export named_parameters() with remove_duplicate=True)")
+            elif name.startswith("mtp."):
+                hint = " (a multi-token-prediction head: onlinemodel trains and exports the served model only)"
             problems.append(f"unexpected tensor {name!r}{hint}")
         seen_dtypes = set()
         for name, spec in self.vllm_specs.items():
@@ -222,9 +281,13 @@ class ModelLayout:
             if not isinstance(t, torch.Tensor):
                 problems.append(f"{name}: expected a torch.Tensor, found {type(t).__name__}")
                 continue
-            seen_dtypes.add(t.dtype)
-            if want_dtype is not None and t.dtype != want_dtype:
-                problems.append(f"{name}: expected dtype {want_dtype} ({dtype_src}), found {t.dtype}")
+            if spec.dtype is not None:
+                if t.dtype != spec.dtype:
+                    problems.append(f"{name}: expected dtype {spec.dtype} (vLLM keeps it so), found {t.dtype}")
+            else:
+                seen_dtypes.add(t.dtype)
+                if want_dtype is not None and t.dtype != want_dtype:
+                    problems.append(f"{name}: expected dtype {want_dtype} ({dtype_src}), found {t.dtype}")
             problems.extend(self._shape_problems(spec, t))
             if not t.is_contiguous():
                 # The HF views are row slices; they only alias the right bytes of a contiguous tensor.
@@ -270,7 +333,8 @@ class ModelLayout:
                            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Build vLLM-layout tensors (fresh memory) from an HF state dict, as vLLM's loader would.
 
-        Padded vocabulary rows are zero, like vLLM's. `dtype` casts (default: keep).
+        Padded vocabulary rows are zero, like vLLM's. `dtype` casts (default: keep); tensors the
+        architecture declares a dtype for get that one, as vLLM's loader casts them.
         """
         problems = []
         allowed = set(self.hf_to_vllm)
@@ -288,7 +352,8 @@ class ModelLayout:
             rows = spec.shape[0]
             if spec.vocab_padded and pad_vocab:
                 rows = padded_vocab_size(rows)
-            packed = torch.zeros((rows, *spec.shape[1:]), dtype=dtype or first.dtype, device=first.device)
+            packed = torch.zeros((rows, *spec.shape[1:]), dtype=spec.dtype or dtype or first.dtype,
+                                 device=first.device)
             for hf_name, offset, length in spec.parts:
                 src = hf_state_dict[hf_name]
                 want = (length, *spec.shape[1:])

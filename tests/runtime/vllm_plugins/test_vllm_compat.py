@@ -30,3 +30,21 @@ def test_cpu_linears_keep_and_read_live_weights():
         method.process_weights_after_loading(None, layer)
         assert layer.weight.numel() == 12, "the weight must not be replaced by an empty tensor"
         assert layer.cpu_linear is F.linear
+
+
+def test_live_weights_check_after_vllms_own_post_processing(vllm_loaded):
+    """What check_live_weights says after vLLM's CPU post-processing (with the live-weights patch)."""
+    import torch
+
+    errors = {name: loaded["live_weights_error"] for name, loaded in vllm_loaded.items()}
+    assert errors["qwen3"] is None and errors["qwen2"] is None and errors["llama"] is None
+    assert "model.layers.0.mlp.experts.routed_experts: vLLM's MoE kernel CPU computes from its own layout" \
+        in errors["qwen3_moe"]
+    # vLLM's CPU Gated-DeltaNet kernel reads conv1d packed where the CPU has AVX-512 BF16 (as here).
+    if torch.cpu._is_avx512_bf16_supported():
+        for name in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe"):
+            assert "layers.0.linear_attn.conv1d: vLLM's CPU Gated-DeltaNet kernel computes from a packed copy" \
+                in errors[name]
+    else:
+        assert errors["qwen3_5"] is None and errors["qwen3_5_text"] is None
+        assert "vLLM's MoE kernel CPU" in errors["qwen3_5_moe"]

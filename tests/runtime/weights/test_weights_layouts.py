@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -55,75 +52,35 @@ def random_vllm_tensors(config, dtype=torch.bfloat16, pad=True):
 
 # --- the tables against real vLLM ---------------------------------------------------------------
 
-_VLLM_LOAD = textwrap.dedent("""
-    import sys, torch
-    from safetensors.torch import load_file
-    from vllm.config import DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
-    from vllm.model_executor.model_loader.utils import initialize_model
-    from vllm.utils.torch_utils import set_default_torch_dtype
-    port, out, dirs = sys.argv[1], sys.argv[2], sys.argv[3:]
-    result = {}
-    for i, d in enumerate(dirs):
-        mc = ModelConfig(model=d, dtype="bfloat16")
-        vc = VllmConfig(model_config=mc, device_config=DeviceConfig("cpu"))
-        with set_current_vllm_config(vc):
-            if i == 0:
-                init_distributed_environment(world_size=1, rank=0, local_rank=0,
-                                             distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
-                initialize_model_parallel(1, 1)
-            with torch.device("cpu"), set_default_torch_dtype(mc.dtype):
-                model = initialize_model(vllm_config=vc)
-            model.load_weights(load_file(d + "/model.safetensors").items())
-        result[d] = {
-            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "all_names": [n for n, _ in model.named_parameters(remove_duplicate=False)],
-        }
-    torch.save(result, out)
-""")
+DENSE = ("qwen3", "qwen2", "llama")
 
 
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    tok = ensure_smollm2()
-    return {
-        "qwen3": make_tiny_model_dir("qwen3", root / "qwen3", tokenizer_dir=tok),
-        # Untied, with qkv bias, and a vocabulary vLLM pads (49160 -> 49216 rows).
-        "qwen2": make_tiny_model_dir("qwen2", root / "qwen2", tokenizer_dir=tok, vocab_size=49160),
-        "llama": make_tiny_model_dir("llama", root / "llama", tokenizer_dir=tok, attention_bias=True,
-                                     mlp_bias=True, tie_word_embeddings=False),
-    }
-
-
-def test_packing_equals_what_vllm_loads(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("name", DENSE)
+def test_packing_equals_what_vllm_loads(tiny_dirs, vllm_loaded, name):
     """pack_hf_state_dict produces exactly vLLM's named_parameters() after its own load_weights."""
-    out = tmp_path / "vllm.pt"
-    dirs = [str(d) for d in tiny_dirs.values()]
-    proc = subprocess.run([sys.executable, "-c", _VLLM_LOAD, str(free_port()), str(out), *dirs],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    loaded = torch.load(out)
-    for d in dirs:
-        config = AutoConfig.from_pretrained(d)
-        real = loaded[d]["params"]
-        mine = pack_hf_state_dict(config, load_file(Path(d) / "model.safetensors"))
-        assert sorted(real) == sorted(mine), d
-        for name in real:
-            assert real[name].dtype == mine[name].dtype == torch.bfloat16
-            assert torch.equal(real[name], mine[name]), (d, name)
-        validate(config, real)  # vLLM's real tensors pass validation as they are
-        views = hf_views(config, real)
-        assert set(views) == set(layout_for(config).hf_to_vllm)
-    qwen2 = loaded[str(tiny_dirs["qwen2"])]["params"]
+    d = tiny_dirs[name]
+    config = AutoConfig.from_pretrained(d)
+    real = vllm_loaded[name]["params"]
+    mine = pack_hf_state_dict(config, load_file(Path(d) / "model.safetensors"))
+    assert sorted(real) == sorted(mine)
+    for key in real:
+        assert real[key].dtype == mine[key].dtype == torch.bfloat16
+        assert torch.equal(real[key], mine[key]), key
+    validate(config, real)  # vLLM's real tensors pass validation as they are
+    views = hf_views(config, real)
+    assert set(views) == set(layout_for(config).hf_to_vllm)
+
+
+def test_what_vllm_holds_for_dense_models(vllm_loaded):
+    qwen2 = vllm_loaded["qwen2"]["params"]
     assert qwen2["model.embed_tokens.weight"].shape[0] == 49216  # vLLM pads the vocabulary
     assert "model.layers.0.self_attn.qkv_proj.bias" in qwen2
-    qwen3 = loaded[str(tiny_dirs["qwen3"])]
+    qwen3 = vllm_loaded["qwen3"]
     # Tied: named_parameters() lists the embedding once; lm_head.weight only without dedup.
     assert "lm_head.weight" not in qwen3["params"]
     assert "lm_head.weight" in qwen3["all_names"]
     assert "model.layers.1.self_attn.q_norm.weight" in qwen3["params"]
-    llama = loaded[str(tiny_dirs["llama"])]["params"]
+    llama = vllm_loaded["llama"]["params"]
     assert {"model.layers.0.self_attn.o_proj.bias", "model.layers.0.mlp.gate_up_proj.bias",
             "model.layers.0.mlp.down_proj.bias", "lm_head.weight"} <= set(llama)
 
@@ -131,7 +88,10 @@ def test_packing_equals_what_vllm_loads(tiny_dirs, tmp_path):
 # --- the tables themselves ---------------------------------------------------------------------
 
 def test_supported_architectures():
-    assert set(supported_architectures()) == {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+    assert set(supported_architectures()) == {
+        "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+        "Qwen3_5ForConditionalGeneration", "Qwen3_5ForCausalLM", "Qwen3_5MoeForConditionalGeneration",
+        "Qwen3_5MoeForCausalLM"}
 
 
 def test_slots_split_qkv_and_gate_up():
@@ -191,7 +151,7 @@ def test_unpadded_vocab_is_accepted_too():
 def test_unknown_architecture():
     config = qwen3_config(architectures=["MistralForCausalLM"])
     with pytest.raises(LayoutError, match=r"unsupported architecture 'MistralForCausalLM'.*supported: "
-                                          r"LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+                                          r"LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"):
         validate(config, {})
     with pytest.raises(LayoutError, match="unsupported architecture None"):
         validate(qwen3_config(architectures=None), {})
