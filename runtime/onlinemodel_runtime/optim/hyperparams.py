@@ -8,12 +8,13 @@ from typing import Any
 
 import torch
 
+from onlinemodel_protocol.limits import LEARNING_RATE_DEFAULT
+
 SCALES = ("tensor", "channel")
 ALGORITHMS = ("apollo", "adamw")
 MINI_ALPHA = math.sqrt(128.0)
-# Best rate of bench/teach_fact_optimizers.py (SmolLM2-135M, one fact, bf16 in place): the trainer's
-# default. torch's usual 1e-3 is a pre-training rate and wrecks a served model in a few steps.
-DEFAULT_LR = 3e-5
+# The trainer's default rate is the optimizer's too (see limits.py for why it is not torch's 1e-3).
+DEFAULT_LR = LEARNING_RATE_DEFAULT
 
 
 @dataclass(frozen=True)
