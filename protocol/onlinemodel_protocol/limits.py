@@ -32,3 +32,14 @@ FINAL_CHECKPOINT_TIMEOUT_DEFAULT = 60.0  # seconds for the checkpoint taken on S
 # The trainer process.
 TRAINER_START_TIMEOUT_DEFAULT = 600.0  # seconds to wait for vLLM's exported weights
 TRAINER_RESTART_LIMIT_DEFAULT = 5
+
+# Periodic checkpoints (when a checkpoint directory is set): whichever comes first, and only when the
+# weights changed since the last one. 0 turns one trigger off.
+CHECKPOINT_EVERY_STEPS_DEFAULT = 1000
+CHECKPOINT_EVERY_SECONDS_DEFAULT = 900.0
+
+# Request bodies of the training routes, refused with 413 before they are parsed.
+MAX_BODY_BYTES_DEFAULT = 8 * 1024 * 1024
+
+# Serving first: decode may get at most this much slower (p99 time per token) while training runs.
+MAX_DECODE_SLOWDOWN_DEFAULT = 1.25

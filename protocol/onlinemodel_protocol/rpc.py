@@ -28,6 +28,9 @@ EXPORT_WEIGHTS_METHOD = "onlinemodel_export_weights"
 
 # The trainer's exit status when restarting it will not help (unsupported model, bad config).
 EXIT_PERMANENT = 2
+# `onlinemodel serve`'s exit status when the checkpoint directory holds a different base model than
+# --model (and --start-over was not given): the operator reports it as a condition instead of restarting.
+EXIT_MODEL_CHANGED = 3
 
 # Label of a token without loss (transformers' ignore_index).
 IGNORE_INDEX = -100
