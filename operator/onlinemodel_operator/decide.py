@@ -89,8 +89,8 @@ def name_taken(name: str, namespace: str, pod: Optional[Mapping[str, Any]],
     for kind, obj in (("Pod", pod), ("Service", service), ("Secret", token_secret)):
         if obj is not None and not made_for(obj, name):
             taken = obj["metadata"]["name"]
-            fix = " or set spec.training.apiTokenSecretRef" if kind == "Secret" else " or give the OnlineModel another name"
-            return f"{kind} {namespace}/{taken} exists and was not created for this OnlineModel; delete it{fix}"
+            fix = "set spec.training.apiTokenSecretRef" if kind == "Secret" else "give the OnlineModel another name"
+            return f"{kind} {namespace}/{taken} exists and was not created for this OnlineModel; delete it or {fix}"
     return None
 
 

@@ -167,8 +167,9 @@ class CheckpointVolumeSpec(_Model):
     size: Optional[Quantity] = Field(None, json_schema_extra=QUANTITY,
                                      description="Size of the claim the operator creates (default 20Gi).")
     storage_class_name: Optional[str] = Field(None, min_length=1, description="Storage class of the claim the operator creates.")
-    delete_with_model: bool = Field(False, description="Delete the created claim, and every checkpoint on it, when the "
-                                                       "OnlineModel is deleted (an owner reference). By default it is kept.")
+    delete_with_model: bool = Field(False, description="Delete the created claim, and every checkpoint on it, when "
+                                                       "the OnlineModel is deleted (an owner reference). By default "
+                                                       "it is kept.")
 
     @model_validator(mode="before")
     @classmethod

@@ -9,7 +9,14 @@ from typing import Any, Optional
 
 from aiohttp import web
 
-from onlinemodel_protocol.api import CheckpointRecord, CheckpointStatus, ErrorBody, ErrorDetail, TrainStatus, utc_timestamp
+from onlinemodel_protocol.api import (
+    CheckpointRecord,
+    CheckpointStatus,
+    ErrorBody,
+    ErrorDetail,
+    TrainStatus,
+    utc_timestamp,
+)
 from onlinemodel_runtime.devtools.launcher import free_port
 
 
