@@ -70,9 +70,10 @@ class ServerProcess:
 
     # -- HTTP -------------------------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, *, token: str | None = None,
-                raw: bytes | None = None, timeout: float = 120.0) -> tuple[int, Any]:
+                raw: bytes | None = None, timeout: float = 120.0,
+                headers: dict[str, str] | None = None) -> tuple[int, Any]:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.url + path, method=method, data=data)
+        req = urllib.request.Request(self.url + path, method=method, data=data, headers=headers or {})
         req.add_header("Content-Type", "application/json")
         token = token if token is not None else self.token
         if token:

@@ -115,6 +115,9 @@ class TrainerService:
         self._queue = JobQueue()
         self._cancel_requested: set[str] = set()
         self._weights_lock = threading.Lock()
+        # Set while a checkpoint waits for _weights_lock: the training thread, which would otherwise take
+        # it back right after every step (locks are not fair), lets the snapshot go first.
+        self._snapshot_waiting = threading.Event()
         self._checkpoint_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -284,6 +287,8 @@ class TrainerService:
                 for ex in examples:
                     if job.id in self._cancel_requested:
                         raise _Cancelled
+                    while self._snapshot_waiting.is_set():
+                        time.sleep(0.001)
                     with self._weights_lock:
                         try:
                             result = train_step(self.model, self.optimizer, ex.input_ids, ex.labels,
@@ -379,7 +384,11 @@ class TrainerService:
                 self._weights_lock.release()
 
         try:
-            self._weights_lock.acquire()
+            self._snapshot_waiting.set()
+            try:
+                self._weights_lock.acquire()
+            finally:
+                self._snapshot_waiting.clear()
             counters = self.state_dict()
             info = self.store.save(
                 hf_weight_tensors(self.model),

@@ -15,7 +15,7 @@ import logging
 import os
 from argparse import Namespace
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel
@@ -148,6 +148,17 @@ async def train_status(request: Request):
     return _answer(await rt.supervisor.status())
 
 
+async def _ask_trainer(request: Awaitable[BaseModel], error_type: str, param: str | None = None
+                       ) -> tuple[BaseModel | None, Response | None]:
+    """(the trainer's answer, None), or (None, the error response that answers instead)."""
+    try:
+        return await request, None
+    except TrainerUnavailable as exc:
+        return None, _error(503, str(exc), type_="service_unavailable")
+    except TrainerRequestError as exc:
+        return None, _error(exc.code, str(exc), type_=error_type, param=param)
+
+
 @router.delete("/train/jobs/{job_id}")
 async def cancel_job(request: Request, job_id: str):
     rt, refused = _runtime(request)
@@ -155,14 +166,9 @@ async def cancel_job(request: Request, job_id: str):
         return refused
     if rt.supervisor is None:
         return _error(409, "training is disabled for this model: there are no jobs", type_="conflict")
-    try:
-        job = await rt.supervisor.cancel(job_id)
-    except TrainerUnavailable as exc:
-        return _error(503, str(exc), type_="service_unavailable")
-    except TrainerRequestError as exc:
-        return _error(exc.code, str(exc), type_="trainer_error", param="job_id")
+    job, refused = await _ask_trainer(rt.supervisor.cancel(job_id), "trainer_error", param="job_id")
     # A queued job is cancelled at once; a running one stops after its current step.
-    return _answer(job, 200 if job.state == "cancelled" else 202)
+    return refused or _answer(job, 200 if job.state == "cancelled" else 202)
 
 
 @router.post("/checkpoint")
@@ -172,12 +178,8 @@ async def checkpoint(request: Request):
         return refused
     if rt.supervisor is None:
         return _error(409, "training is disabled for this model: there is nothing to checkpoint", type_="conflict")
-    try:
-        return _answer(await rt.supervisor.checkpoint())
-    except TrainerUnavailable as exc:
-        return _error(503, str(exc), type_="service_unavailable")
-    except TrainerRequestError as exc:
-        return _error(exc.code, str(exc), type_="checkpoint_error")
+    record, refused = await _ask_trainer(rt.supervisor.checkpoint(), "checkpoint_error")
+    return refused or _answer(record)
 
 
 class OnlineModelEndpoints:

@@ -276,3 +276,24 @@ def test_a_diverging_loss_keeps_the_checkpoint_aside(tiny_dir, tmp_path):
         service.checkpoint()
     assert exc.value.code == 422
     assert service.store.latest() is None and service.status().checkpoint.last is None
+
+
+def test_a_checkpoint_is_not_starved_by_back_to_back_steps(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path, checkpoint_dir=tmp_path / "ckpt")
+    service.start()
+    try:
+        service.submit(job(epochs=20))
+        deadline = time.monotonic() + 60
+        while service.steps < 2:
+            assert time.monotonic() < deadline, "the job never ran"
+            time.sleep(0.01)
+        before = service.steps
+        info = service.checkpoint()
+        # The step running when it was asked finishes (and at most one that had already started to
+        # take the lock); then the snapshot goes first.
+        assert info.step - before <= 2, (before, info.step)
+        assert service.jobs[next(iter(service.jobs))].state == "running"
+    finally:
+        for job_id in list(service.jobs):
+            service._cancel_requested.add(job_id)
+        service.stop()
