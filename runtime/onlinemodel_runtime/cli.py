@@ -192,7 +192,7 @@ def prepare(args: argparse.Namespace, extra: list[str]) -> tuple[RuntimeConfig, 
     try:
         return build_config(args, state_dir), extra, tokens
     except ValidationError as exc:
-        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+        problems = "; ".join((f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: " if e["loc"] else "") + e["msg"]
                              for e in exc.errors())
         message, code = problems, EXIT_USAGE
     except ModelChanged as exc:

@@ -36,7 +36,10 @@ MANIFEST = "weights.json"
 CUDA_HANDLES = "cuda_handles.json"
 FORMAT_VERSION = 2  # 2: CUDA handles as JSON (cuda_ipc.py), shm files locked by their owner
 _ALIGN = 64
-SHM_GLOB = "onlinemodel-*.weights"
+# Shared-memory weight files carry the format in their name: files of older runtimes, which hold no lock,
+# are never taken for stale ones.
+SHM_PREFIX = f"onlinemodel-v{FORMAT_VERSION}-"
+SHM_GLOB = f"{SHM_PREFIX}*.weights"
 
 # (manifest, mapping, fd holding the file's flock) once the CPU parameters were moved into shared
 # memory in this process; the fd stays open, and the lock held, for the life of the process.
@@ -217,7 +220,7 @@ def _export_shm(params, state_dir: Path, shm_dir: Path, common: dict) -> Manifes
 
 def _create_locked_file(shm_dir: Path, size: int) -> tuple[Path, int]:
     """A new file of `size` reserved bytes, flock()ed by the returned fd (kept open by the caller)."""
-    name = f"onlinemodel-{os.getpid()}-{uuid.uuid4().hex[:12]}.weights"
+    name = f"{SHM_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}.weights"
     # Created under a name the stale-file sweep does not match, locked, then renamed: no other
     # server's sweep can see it unlocked.
     tmp = shm_dir / f".{name}"

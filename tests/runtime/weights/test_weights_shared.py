@@ -192,7 +192,7 @@ def test_the_shm_file_is_locked_while_its_owner_lives(exported, tmp_path):
 
     _, _, _, manifest = exported
     path = Path(manifest.shm_path)
-    assert path.parent == tmp_path and path.name.startswith("onlinemodel-") and path.stat().st_mode & 0o777 == 0o600
+    assert path.parent == tmp_path and path.name.startswith("onlinemodel-v2-") and path.stat().st_mode & 0o777 == 0o600
     # Another server's sweep leaves it alone, whatever the pid in its name says.
     assert shared.remove_stale_shm_files(tmp_path) == [] and path.exists()
     assert not shared.remove_if_stale(path)
@@ -203,22 +203,24 @@ def test_only_unlocked_weight_files_are_swept(tmp_path):
 
     from onlinemodel_runtime.weights import shared
 
-    dead = tmp_path / "onlinemodel-1-dead.weights"  # its owner is gone: nobody holds the lock
+    dead = tmp_path / "onlinemodel-v2-1-dead.weights"  # its owner is gone: nobody holds the lock
     dead.write_bytes(b"x")
-    alive = tmp_path / f"onlinemodel-{os.getpid()}-alive.weights"
+    alive = tmp_path / f"onlinemodel-v2-{os.getpid()}-alive.weights"
     alive.write_bytes(b"x")
     holder = os.open(alive, os.O_RDONLY)
     fcntl.flock(holder, fcntl.LOCK_EX)
     target = tmp_path / "precious"
     target.write_bytes(b"keep")
-    (tmp_path / "onlinemodel-2-link.weights").symlink_to(target)  # never followed
+    (tmp_path / "onlinemodel-v2-2-link.weights").symlink_to(target)  # never followed
     other = tmp_path / "unrelated.weights"
     other.write_bytes(b"x")
+    older = tmp_path / "onlinemodel-3-1764600000.weights"  # an older runtime's: it holds no lock
+    older.write_bytes(b"x")
     try:
         assert shared.remove_stale_shm_files(tmp_path) == [dead]
     finally:
         os.close(holder)
-    assert alive.exists() and target.read_bytes() == b"keep" and other.exists()
+    assert alive.exists() and target.read_bytes() == b"keep" and other.exists() and older.exists()
     assert shared.remove_if_stale(alive) and not alive.exists()  # its owner let go
 
 
