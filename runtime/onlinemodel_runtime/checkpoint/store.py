@@ -3,12 +3,17 @@
     ROOT/
         step-00000010/  step-00000012/      complete checkpoints (see format.py)
         latest                              "step-00000012\\n": the commit point, replaced last
+        unhealthy-step-00000014/            the newest checkpoint refused as unhealthy (at most one)
+        previous-20261201T152000Z/          checkpoints of an earlier model, set aside (`set_aside`)
         .lock                               flock held while a save runs
         .tmp-*  .trash-*                    in-flight or abandoned work, removed on the next save/open
 
 A save writes into `.tmp-...`, fsyncs every file and directory, renames the directory to its
 `step-...` name, fsyncs ROOT, then replaces `latest` (temp file + os.replace + fsync). A process
-killed at any moment therefore leaves `latest` naming a complete checkpoint.
+killed at any moment therefore leaves `latest` naming a complete checkpoint. A save whose weights are
+not all finite, or whose caller says the loss is unhealthy, is renamed `unhealthy-step-...` instead and
+`latest` is left alone: only healthy checkpoints are ever promoted, and pruning (which counts only those)
+never removes the newest of them.
 
 Over ~400 lines on purpose: one class whose save sequence (and the crash-safety order of its steps)
 reads top to bottom in one place; the on-disk format, streaming and file helpers are separate modules.
@@ -35,10 +40,11 @@ import torch
 from onlinemodel_protocol.api import utc_timestamp
 
 from .errors import CheckpointBusy, CheckpointError, describe_os_error
-from .fsutil import HashingFile, atomic_write_text, copy_file_hashed, fsync_path, fsync_tree
+from .fsutil import NEW_FILE, HashingFile, atomic_write_text, copy_file_hashed, fsync_path, fsync_tree
 from .format import (FORMAT, FORMAT_VERSION, META_DIR, META_FILE, OPTIMIZER_FILE, STEP_DIR_RE,
-                     TRAINER_STATE_FILE, CheckpointInfo, is_weight_file, sort_key, step_dir_name,
+                     TRAINER_STATE_FILE, UNHEALTHY_PREFIX, CheckpointInfo, is_weight_file, sort_key, step_dir_name,
                      validate_checkpoint)
+from .health import FiniteScan
 from .safetensors_stream import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES, SafetensorsStreamWriter,
                                  TensorSpec, specs_of)
 
@@ -84,7 +90,7 @@ class CheckpointStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f"{TMP_PREFIX}probe-{uuid.uuid4().hex[:8]}"
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(probe, NEW_FILE, 0o644)
             os.close(fd)
             probe.unlink(missing_ok=True)
         except OSError as exc:
@@ -94,7 +100,7 @@ class CheckpointStore:
              base_model_dir: Path, trainer_state: Mapping[str, Any],
              optimizer_state: Mapping[str, Any] | None = None,
              extra_metadata: Mapping[str, Any] | None = None, base_model: str | None = None,
-             on_snapshot: Callable[[], None] | None = None) -> CheckpointInfo:
+             on_snapshot: Callable[[], None] | None = None, unhealthy_reason: str | None = None) -> CheckpointInfo:
         """Write a checkpoint and make it `latest`, prune old ones; return its info once durable.
 
         tensors: (hf_name, tensor) pairs, or a name -> tensor mapping, in the order of `specs`
@@ -111,6 +117,10 @@ class CheckpointStore:
           overrides the recorded name (e.g. a Hugging Face id).
         on_snapshot: called once every tensor and the optimizer state have been written (not yet
           fsynced): the caller may resume training from then on.
+        unhealthy_reason: the caller's verdict that the weights are not healthy (e.g. a diverging
+          loss). With it, or if a tensor holds NaN/inf (checked as it streams), the checkpoint is
+          kept as `unhealthy-step-...` (replacing the previous unhealthy one), `latest` is left
+          alone and the info returned has `healthy=False`.
 
         Raises CheckpointBusy if a save is running, CheckpointError otherwise; nothing partial is
         left behind and the previous checkpoint stays `latest`.
@@ -143,9 +153,11 @@ class CheckpointStore:
                 files[f"{META_DIR}/{TRAINER_STATE_FILE}"] = self._write_bytes(
                     tmp / META_DIR / TRAINER_STATE_FILE, trainer_json.encode())
                 self._phase("optimizer")
+                scan = FiniteScan(tensors)
                 with SafetensorsStreamWriter(tmp, specs, max_shard_bytes=self.max_shard_bytes,
                                              chunk_bytes=self.chunk_bytes) as writer:
-                    weights = writer.write_all(tensors)
+                    weights = writer.write_all(scan)
+                reasons = [r for r in (unhealthy_reason, scan.reason()) if r]
                 self._phase("weights")
                 if on_snapshot is not None:
                     on_snapshot()
@@ -162,11 +174,12 @@ class CheckpointStore:
                                 "tensor_bytes": weights.tensor_bytes, "num_tensors": weights.num_tensors},
                     "files": {rel: {"size": size, "sha256": sha} for rel, (size, sha) in sorted(files.items())},
                     "extra": dict(extra_metadata or {}),
+                    "health": {"healthy": not reasons, "reasons": reasons},
                 }
                 self._write_bytes(tmp / META_DIR / META_FILE, json.dumps(meta, indent=2).encode())
                 fsync_tree(tmp)
                 self._phase("synced")
-                final = self._free_name(step)
+                final = self._free_name(step) if not reasons else self._unhealthy_name(step)
                 os.rename(tmp, final)
                 fsync_path(self.root)
                 self._phase("renamed")
@@ -175,6 +188,18 @@ class CheckpointStore:
                 if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: as they are
                     raise
                 raise self._failure(step, exc) from exc
+            info = CheckpointInfo(path=final, step=step, weight_version=weight_version, time=meta["time"],
+                                  size_bytes=size_bytes, seconds=time.monotonic() - started,
+                                  content_hash=weights.content_hash, tokens_trained=tokens,
+                                  base_model=recorded_base, healthy=not reasons,
+                                  unhealthy_reason="; ".join(reasons) or None)
+            if reasons:
+                log.warning("checkpoint of step %d is unhealthy (%s): kept as %s, not promoted", step,
+                            info.unhealthy_reason, final)
+                for older in self._unhealthy_dirs():
+                    if older != final:
+                        self._discard(older)
+                return info
 
             try:
                 atomic_write_text(self.root / LATEST_FILE, final.name + "\n")
@@ -186,11 +211,7 @@ class CheckpointStore:
                 raise self._failure(step, exc) from exc
             self._phase("committed")
             self._prune(final, base_dir)
-
-        return CheckpointInfo(path=final, step=step, weight_version=weight_version, time=meta["time"],
-                              size_bytes=size_bytes, seconds=time.monotonic() - started,
-                              content_hash=weights.content_hash, tokens_trained=tokens,
-                              base_model=recorded_base)
+        return info
 
     def latest(self, *, verify_hash: bool = False) -> CheckpointInfo | None:
         """The checkpoint `latest` names, validated; if it is corrupt or partial, warn and return
@@ -244,6 +265,28 @@ class CheckpointStore:
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot load {META_DIR}/{OPTIMIZER_FILE}: {exc}") from exc
         return optimizer_state, trainer_state
+
+    def set_aside(self, name: str) -> Path | None:
+        """Move every checkpoint, `latest` and any unhealthy one into ROOT/`name`/ (nothing is deleted);
+        the store is empty afterwards. Returns that directory, or None if there was nothing to move."""
+        with self._exclusive():
+            self._remove_leftovers()
+            entries = [p for p in self.root.iterdir()
+                       if p.name == LATEST_FILE or STEP_DIR_RE.match(p.name) or p.name.startswith(UNHEALTHY_PREFIX)]
+            if not entries:
+                return None
+            dest = self.root / name
+            try:
+                os.mkdir(dest, 0o755)
+                # `latest` first: interrupted half way, the store still resumes only from what is left.
+                for entry in sorted(entries, key=lambda p: p.name != LATEST_FILE):
+                    os.rename(entry, dest / entry.name)
+                fsync_path(dest)
+                fsync_path(self.root)
+            except OSError as exc:
+                raise CheckpointError(f"cannot move the checkpoints under {self.root} into {dest}: "
+                                      f"{describe_os_error(exc)}") from exc
+            return dest
 
     # -- saving internals --------------------------------------------------------------------
 
@@ -314,6 +357,12 @@ class CheckpointStore:
                                   f"keep it to tensors, numbers, strings and containers: {exc}") from exc
         return f.size, f.sha256
 
+    def _unhealthy_name(self, step: int) -> Path:
+        path = self.root / f"{UNHEALTHY_PREFIX}{step_dir_name(step)}"
+        if os.path.lexists(path):  # the same step refused again: the new one replaces it
+            self._discard(path)
+        return path
+
     def _free_name(self, step: int) -> Path:
         suffix = 0
         while os.path.lexists(self.root / step_dir_name(step, suffix)):
@@ -341,7 +390,7 @@ class CheckpointStore:
                 if not self.root.is_dir():
                     self.root.mkdir(parents=True, exist_ok=True)
                     fsync_path(self.root.parent)  # the new root's own name must survive a crash too
-                fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as exc:
                 raise CheckpointError(f"cannot write checkpoints under {self.root}: {describe_os_error(exc)}") from exc
             try:
@@ -365,6 +414,12 @@ class CheckpointStore:
         except OSError:
             return []
         return sorted(entries, key=sort_key)
+
+    def _unhealthy_dirs(self) -> list[Path]:
+        try:
+            return [p for p in self.root.iterdir() if p.name.startswith(UNHEALTHY_PREFIX) and p.is_dir()]
+        except OSError:
+            return []
 
     def _read_pointer(self) -> tuple[Path | None, str]:
         """(directory `latest` names, or None; why there is none when one was expected)."""
