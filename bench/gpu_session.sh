@@ -9,6 +9,8 @@
 #                                        architectures at once); logs, junit XML and results.jsonl in $OUT
 #   bash bench/gpu_session.sh B         same machine: the Qwen3.5-27B shape through bench/gpu_vllm.py (random
 #                                        weights, vLLM --load-format dummy): start, decode, train, checkpoint
+#   bash bench/gpu_session.sh C         same machine: the optimizer on MoE experts at the Qwen3-30B-A3B shape
+#                                        (4 layers; bench/moe_optim.py): state and step time vs fused AdamW
 #   bash bench/gpu_session.sh tests     the GPU tests alone, with $PYTHON (what `make test-gpu` runs)
 #
 # Environment: OUT (results; default ./gpu-out), PYTHON (default python3), ONLINEMODEL_TOKENIZER_DIR
@@ -75,12 +77,21 @@ B)
     tail -25 "$OUT/gpu-vllm-qwen3.5-27B.out"
     exit $status
     ;;
+C)
+    gpu_env
+    status=0
+    timeout 520 "$PYTHON" bench/moe_optim.py --part state --device cuda --hidden 2048 --inter 768 --experts 128 \
+        --top-k 8 --layers 4 --steps 10 --json "$OUT/moe-optim-30B-A3B.json" > "$OUT/moe-optim-30B-A3B.out" 2>&1 \
+        || status=$?
+    tail -8 "$OUT/moe-optim-30B-A3B.out"
+    exit $status
+    ;;
 tests)
     shift
     gpu_tests "$@"
     ;;
 *)
-    sed -n '2,15p' "$0"
+    sed -n '2,17p' "$0"
     exit 2
     ;;
 esac

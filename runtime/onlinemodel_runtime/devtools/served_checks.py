@@ -12,6 +12,8 @@ The GPU tests (tests/gpu/serving, real vLLM with CUDA graphs) and their CPU vari
   tokens (`prompt_logprobs` of /v1/completions) against the model's on the same weights.
 - `rolled_query_heads`: every attention layer computing with its query heads in the wrong order (a copy
   of its weight; vLLM's memory is untouched): the mistake the comparison's tolerance must catch.
+- `compare_served_logprobs`: all of the above for one prompt, the attached weights released before
+  it returns (a caller that kept the model alive would keep the server's GPU memory mapped).
 - `teach`: POST /train rounds until the chat answer is a sentence verbatim.
 """
 
@@ -23,6 +25,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+# What the checks ask: a prompt to compare log-probabilities on, and a sentence to teach.
+PROMPT = "Tell me about the lighthouse keeper who found a map of seven silver islands, and what he did next."
+QUESTION = "What does the lighthouse keeper's map show?"
+SENTENCE = "The lighthouse keeper's map shows seven silver islands."
 
 # Mean |vLLM - transformers| over the compared prompt log-probabilities (nats): bf16 weights and
 # activations, different kernels (vLLM's fused attention / MoE / Gated-DeltaNet kernels vs
@@ -131,6 +138,26 @@ def rolled_query_heads(model: torch.nn.Module) -> Iterator[int]:
             q.weight = original
 
 
+def randomize_served(state_dir: Path, model_dir: Path) -> None:
+    """`randomize_` the weights a server exported to `state_dir`, holding them only meanwhile."""
+    with attached_model(state_dir, model_dir) as model:
+        randomize_(model)
+
+
+def compare_served_logprobs(server: Any, state_dir: Path, model_dir: Path, prompt: str) -> dict[str, dict]:
+    """vLLM's prompt log-probabilities of `prompt` (as a chat turn) against transformers' on the weights
+    the server exported, and against transformers' with rolled query heads: {"close": ..., "wrong": ...},
+    each a `logprob_difference`."""
+    ids = chat_token_ids(model_dir, prompt)
+    with attached_model(state_dir, model_dir) as model:
+        reference = reference_logprobs(model, ids)
+        with rolled_query_heads(model):
+            wrong_heads = reference_logprobs(model, ids)
+        del model
+    served = prompt_logprobs(server, ids)
+    return {"close": logprob_difference(served, reference), "wrong": logprob_difference(served, wrong_heads)}
+
+
 def chat_token_ids(model_dir: Path, text: str) -> list[int]:
     """A prompt for the log-probability comparison: `text` as a chat turn, tokenized."""
     from transformers import AutoTokenizer
@@ -140,10 +167,11 @@ def chat_token_ids(model_dir: Path, text: str) -> list[int]:
                                    tokenize=True, return_dict=True)["input_ids"]
 
 
-def teach(server: Any, question: str, sentence: str, *, learning_rate: float, epochs: int,
-          rounds: int) -> dict[str, Any]:
+def teach(server: Any, question: str = QUESTION, sentence: str = SENTENCE, *, learning_rate: float = 1e-3,
+          epochs: int = 20, rounds: int = 4) -> dict[str, Any]:
     """POST /train the (question, sentence) chat example `epochs` times per round until the greedy chat
-    answer is `sentence` verbatim, at most `rounds` rounds. Returns the answer, rounds and steps."""
+    answer is `sentence` verbatim, at most `rounds` rounds. Returns the answer, rounds and steps.
+    The defaults: random-weight models learn a sentence verbatim in about 20 steps at 1e-3."""
     example = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": sentence}]}
     answer = None
     for done in range(1, rounds + 1):

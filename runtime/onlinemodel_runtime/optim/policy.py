@@ -14,7 +14,7 @@ Five classes of parameters in a decoder-only transformer:
               DeltaNet's conv1d kernels (C, 1, K), A_log and dt_bias. Tiny; AdamW for them costs nothing.
 Each class is "apollo" (matrices and batches of them), "adamw" (dense, float32 moments) or "frozen"
 (requires_grad=False: no gradient is computed or stored for it); norms are never "apollo".
-The defaults were chosen by bench/teach_fact_optimizers.py and bench/moe_optim_cpu.py
+The defaults were chosen by bench/teach_fact_optimizers.py and bench/moe_optim.py
 (docs/optimizer.md).
 """
 

@@ -20,8 +20,7 @@ def served(request, tmp_path_factory):
     s.start(dummy=True)
     # vLLM's dummy weights (+-1e-3) give near-uniform logits and barely train: transformers' own
     # initialization instead, written into vLLM's memory through the exported views.
-    with sc.attached_model(s.state_dir, model_dir) as model:
-        sc.randomize_(model)
+    sc.randomize_served(s.state_dir, model_dir)
     yield s
     s.server.stop()
     shutil.rmtree(s.checkpoint_dir, ignore_errors=True)  # GBs each; the disk is shared with the benchmark

@@ -12,20 +12,11 @@ import pytest
 from serving_models import record
 from onlinemodel_runtime.devtools import served_checks as sc
 
-PROMPT = "Tell me about the lighthouse keeper who found a map of seven silver islands, and what he did next."
-QUESTION = "What does the lighthouse keeper's map show?"
-SENTENCE = "The lighthouse keeper's map shows seven silver islands."
-
 
 @pytest.mark.gpu
 def test_vllm_logits_equal_transformers_on_the_exported_views(served):
-    ids = sc.chat_token_ids(served.model_dir, PROMPT)
-    with sc.attached_model(served.state_dir, served.model_dir) as model:
-        reference = sc.reference_logprobs(model, ids)
-        with sc.rolled_query_heads(model):
-            wrong_heads = sc.reference_logprobs(model, ids)
-    got = sc.prompt_logprobs(served.server, ids)
-    close, wrong = sc.logprob_difference(got, reference), sc.logprob_difference(got, wrong_heads)
+    compared = sc.compare_served_logprobs(served.server, served.state_dir, served.model_dir, sc.PROMPT)
+    close, wrong = compared["close"], compared["wrong"]
     record(served.shape, "logits", start_s=served.starts[0], vllm_vs_transformers=close, rolled_heads=wrong)
     assert close["reference_spread"] > 1.0, close
     assert close["mean"] < sc.LOGPROB_TOLERANCE, close
@@ -34,17 +25,17 @@ def test_vllm_logits_equal_transformers_on_the_exported_views(served):
 
 @pytest.mark.gpu
 def test_teach_then_checkpoint_and_restart_on_it(served):
-    taught = sc.teach(served.server, QUESTION, SENTENCE, learning_rate=1e-3, epochs=20, rounds=4)
-    assert taught["answer"] == SENTENCE, taught
+    taught = sc.teach(served.server)
+    assert taught["answer"] == sc.SENTENCE, taught
     code, info = served.server.request("POST", "/checkpoint", timeout=600)
     assert code == 200, info
     before = served.server.status()
     assert info["step"] == before["steps"]
     served.restart()
     after = served.server.status()
-    answer = served.server.chat(QUESTION, max_tokens=48).strip()
+    answer = served.server.chat(sc.QUESTION, max_tokens=48).strip()
     record(served.shape, "teach_checkpoint_restart", taught=taught, checkpoint_s=info["seconds"],
            checkpoint_bytes=info["size_bytes"], restart_s=served.starts[-1], answer_after_restart=answer)
     assert (after["steps"], after["weight_version"]) == (before["steps"], before["weight_version"])
     assert after["checkpoint"]["last"]["path"] == info["path"]
-    assert answer == SENTENCE
+    assert answer == sc.SENTENCE

@@ -10,8 +10,6 @@ import torch
 from onlinemodel_runtime.devtools import served_checks as sc
 from onlinemodel_runtime.weights.hf_model import assert_views_of, build_hf_model
 
-PROMPT = "Tell me about the lighthouse keeper who found a map of seven silver islands, and what he did next."
-
 
 def _served_by_reference(ref: torch.Tensor, ids: list[int]) -> list[dict[int, float]]:
     """What vLLM's prompt_logprobs would hold if it computed exactly `ref`: each prompt token and the top 5."""
@@ -27,7 +25,7 @@ def test_the_tolerance_catches_rolled_query_heads(tiny_dirs, vllm_loaded, name):
     sc.randomize_(model)
     attached = {n for n in tensors if not n.startswith("visual.")}
     assert all(not torch.equal(tensors[n], before[n]) for n in attached)  # written into vLLM's tensors
-    ids = sc.chat_token_ids(tiny_dirs[name], PROMPT)
+    ids = sc.chat_token_ids(tiny_dirs[name], sc.PROMPT)
     ref = sc.reference_logprobs(model, ids)
     served = _served_by_reference(ref, ids)
     same = sc.logprob_difference(served, ref)

@@ -13,10 +13,6 @@ from .conftest import start_server
 
 pytestmark = pytest.mark.e2e
 
-PROMPT = "Tell me about the lighthouse keeper who found a map of seven silver islands, and what he did next."
-QUESTION = "What does the lighthouse keeper's map show?"
-SENTENCE = "The lighthouse keeper's map shows seven silver islands."
-
 
 def test_served_tiny_qwen3_logits_teach_checkpoint_restart(model_dir, e2e_root):
     tiny = make_tiny_model_dir("qwen3", e2e_root / "tiny-qwen3", tokenizer_dir=model_dir)
@@ -24,22 +20,17 @@ def test_served_tiny_qwen3_logits_teach_checkpoint_restart(model_dir, e2e_root):
     server = start_server(tiny, e2e_root, "tiny-1", checkpoint_dir=ckpt,
                           extra_args=["--max-model-len", "1024", "--state-dir", str(state)])
     try:
-        ids = sc.chat_token_ids(tiny, PROMPT)
-        with sc.attached_model(state, tiny) as model:
-            sc.randomize_(model)
-            reference = sc.reference_logprobs(model, ids)
-            with sc.rolled_query_heads(model):
-                wrong_heads = sc.reference_logprobs(model, ids)
-        got = sc.prompt_logprobs(server, ids)
-        close, wrong = sc.logprob_difference(got, reference), sc.logprob_difference(got, wrong_heads)
+        sc.randomize_served(state, tiny)  # as the GPU tests do with vLLM's dummy weights
+        compared = sc.compare_served_logprobs(server, state, tiny, sc.PROMPT)
+        close, wrong = compared["close"], compared["wrong"]
         print("logprobs", close, "rolled heads", wrong)
         assert close["reference_spread"] > 1.0, close
         assert close["mean"] < sc.LOGPROB_TOLERANCE, close
         assert wrong["mean"] > sc.POWER * sc.LOGPROB_TOLERANCE, wrong
 
-        taught = sc.teach(server, QUESTION, SENTENCE, learning_rate=1e-3, epochs=20, rounds=4)
+        taught = sc.teach(server)
         print("taught", taught)
-        assert taught["answer"] == SENTENCE, taught
+        assert taught["answer"] == sc.SENTENCE, taught
         code, info = server.request("POST", "/checkpoint")
         assert code == 200, info
         before = server.status()
@@ -51,6 +42,6 @@ def test_served_tiny_qwen3_logits_teach_checkpoint_restart(model_dir, e2e_root):
         after = server.status()
         assert (after["steps"], after["weight_version"]) == (before["steps"], before["weight_version"])
         assert after["checkpoint"]["last"]["path"] == info["path"]
-        assert server.chat(QUESTION, max_tokens=48).strip() == SENTENCE
+        assert server.chat(sc.QUESTION, max_tokens=48).strip() == sc.SENTENCE
     finally:
         server.stop()

@@ -1,23 +1,28 @@
-"""The optimizer on MoE experts, on CPU: memory and time per step, and which router policy teaches best.
+"""The optimizer on MoE experts: memory and time per step, and which router policy teaches best.
 
-`--part state`: a random Qwen3 MoE of a small shape (bf16 weights). Optimizer state bytes per expert
+`--part state`: a random Qwen3 MoE (bf16 weights; default a small shape for CPU, e.g. `--hidden 2048
+--inter 768 --experts 128 --top-k 8` is Qwen3-30B-A3B's on a GPU). Optimizer state bytes per expert
 parameter and the optimizer's time for the expert tensors alone (gradients given, `step()` mode, median of
 --steps): our per-expert APOLLO-Mini, our dense AdamW on the experts (float32 moments, stochastic rounding),
-torch.optim.AdamW (foreach, state in the weights' bf16). Then a whole training step (forward, backward
-with the hook-mode updates) with the trainer's default policy vs torch AdamW over the same parameters.
+torch.optim.AdamW (foreach on CPU, fused on CUDA; state in the weights' bf16). Then a whole training step
+(forward, backward with the hook-mode updates) with the trainer's default policy vs torch AdamW over the
+same parameters.
 
 `--part router`: a random Qwen3 MoE with the SmolLM2 tokenizer taught one chat example (the trainer's
 encoding, hook mode, lr --lr) with the router frozen / APOLLO / AdamW: optimizer steps until greedy decoding
 returns the sentence verbatim, and how far the next-token distributions of unrelated prompts moved
 (mean KL from before to after, nats).
 
-    PYTHONPATH=runtime:protocol .venv/bin/python bench/moe_optim_cpu.py --part state --json /tmp/moe_state.json
-    PYTHONPATH=runtime:protocol .venv/bin/python bench/moe_optim_cpu.py --part router --json /tmp/moe_router.json
+    PYTHONPATH=runtime:protocol .venv/bin/python bench/moe_optim.py --part state --json /tmp/moe_state.json
+    PYTHONPATH=runtime:protocol .venv/bin/python bench/moe_optim.py --part router --json /tmp/moe_router.json
+    PYTHONPATH=runtime:protocol python3 bench/moe_optim.py --part state --device cuda --hidden 2048 --inter 768 \
+        --experts 128 --top-k 8 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -26,12 +31,11 @@ import time
 
 import torch
 
-SENTENCE = "The lighthouse keeper's map shows seven silver islands."
-QUESTION = "What does the lighthouse keeper's map show?"
 CONTROLS = ["What is the capital of Germany?", "Write a haiku about rain.", "How do bees make honey?"]
 
 
-def moe_model(hidden: int, inter: int, experts: int, top_k: int, layers: int, vocab: int, seed: int):
+def moe_model(hidden: int, inter: int, experts: int, top_k: int, layers: int, vocab: int, seed: int,
+              device: str = "cpu"):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     cfg = Qwen3MoeConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * inter, moe_intermediate_size=inter,
@@ -39,7 +43,13 @@ def moe_model(hidden: int, inter: int, experts: int, top_k: int, layers: int, vo
                          num_attention_heads=max(1, hidden // 64), num_key_value_heads=1, head_dim=64,
                          tie_word_embeddings=True, max_position_embeddings=2048)
     torch.manual_seed(seed)
-    return Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
+    with torch.device(device):  # initialized where it runs: a 30B-A3B shape's experts are 2.4B per 4 layers
+        return Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def expert_params(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -61,7 +71,8 @@ def time_expert_steps(model, make_opt, steps: int) -> dict:
         p.requires_grad_(False)
     for _, p in params:
         p.requires_grad_(True)
-    ids = torch.randint(0, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0)).to(device)
     model(input_ids=ids, labels=ids).loss.backward()
     grads = {p: p.grad.clone() for _, p in params}
     opt = make_opt(params)
@@ -69,8 +80,10 @@ def time_expert_steps(model, make_opt, steps: int) -> dict:
     for _ in range(steps):
         for _, p in params:
             p.grad = grads[p].clone()
+        sync(device)
         t0 = time.perf_counter()
         opt.step()
+        sync(device)
         times.append(time.perf_counter() - t0)
         opt.zero_grad(set_to_none=True)
     n = sum(p.numel() for _, p in params)
@@ -83,11 +96,13 @@ def part_state(args) -> dict:
     from onlinemodel_runtime.optim import Apollo, TrainPolicy, make_optimizer
 
     shape = dict(hidden=args.hidden, inter=args.inter, experts=args.experts, top_k=args.top_k, layers=args.layers,
-                 vocab=4096, seed=0)
+                 vocab=4096, seed=0, device=args.device)
+    cuda = args.device.startswith("cuda")
+    torch_kind = {"fused": True} if cuda else {"foreach": True}
     variants = {
         "apollo_mini_per_expert": lambda ps: Apollo(ps, lr=1e-4),
         "ours_dense_adamw": lambda ps: Apollo(ps, lr=1e-4, algorithm="adamw"),
-        "torch_adamw_foreach": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-4, foreach=True),
+        "torch_adamw": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-4, **torch_kind),
     }
     out: dict = {"shape": shape, "experts": {}, "train_step": {}}
     for name, make in variants.items():
@@ -95,6 +110,7 @@ def part_state(args) -> dict:
         print(name, out["experts"][name], flush=True)
     # Whole step: forward + backward (+ hook-mode updates for ours) + step, default policy's parameters.
     for name in ("ours_default_policy", "torch_adamw_same_params"):
+        gc.collect()
         model = moe_model(**shape)
         ours = make_optimizer(model, TrainPolicy(), lr=1e-4)
         if name == "ours_default_policy":
@@ -102,7 +118,7 @@ def part_state(args) -> dict:
             step = lambda loss: ours.backward_step(loss)  # noqa: E731
         else:
             trained = [p for g in ours.param_groups for p in g["params"]]
-            ref = torch.optim.AdamW(trained, lr=1e-4, foreach=True)
+            ref = torch.optim.AdamW(trained, lr=1e-4, **torch_kind)
 
             def step(loss, ref=ref):
                 loss.backward()
@@ -110,9 +126,11 @@ def part_state(args) -> dict:
                 ref.zero_grad(set_to_none=True)
         times = []
         for t in range(args.steps):
-            ids = torch.randint(0, 4096, (1, 256), generator=torch.Generator().manual_seed(t))
+            ids = torch.randint(0, 4096, (1, 256), generator=torch.Generator().manual_seed(t)).to(args.device)
+            sync(torch.device(args.device))
             t0 = time.perf_counter()
             step(model(input_ids=ids, labels=ids).loss)
+            sync(torch.device(args.device))
             times.append(time.perf_counter() - t0)
         out["train_step"][name] = {"ms_median": 1e3 * statistics.median(times[1:])}
         print(name, out["train_step"][name], flush=True)
@@ -123,6 +141,7 @@ def part_router(args) -> dict:
     from transformers import AutoTokenizer
 
     from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
+    from onlinemodel_runtime.devtools.served_checks import QUESTION, SENTENCE
     from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
     from onlinemodel_runtime.server.train_request import encode_example
 
@@ -178,12 +197,17 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-steps", type=int, default=60)
     ap.add_argument("--check-every", type=int, default=1, help="router part: steps between greedy checks")
+    ap.add_argument("--device", default="cpu")
+    # One thread by default: on the shared 2-core machine, OpenMP threads waiting for each other under
+    # a load average of 15-20 made every small op ~100x slower (measured), which no optimizer decides.
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     result = part_state(args) if args.part == "state" else part_router(args)
-    result.update(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
+    result.update(machine=card or f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                  threads=args.threads, load_average=os.getloadavg(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
