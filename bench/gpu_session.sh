@@ -53,10 +53,15 @@ A)
     gpu_env
     start=$(date +%s)
     "$PYTHON" -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . > "$OUT/pip.log" 2>&1
-    rm -rf /tmp/omg
+    rm -rf /tmp/omg "$OUT/results.jsonl" "$OUT/server-pids"
     status=0
     ONLINEMODEL_GPU_RESULTS=$OUT timeout 500 bash "$0" tests --basetemp=/tmp/omg --junitxml="$OUT/gpu-tests.xml" \
         > "$OUT/gpu-tests.log" 2>&1 || status=$?
+    # Servers a killed run left behind (each in its own session): their process groups, by id.
+    if [ -f "$OUT/server-pids" ]; then
+        while read -r pid; do kill -9 -- "-$pid" 2>/dev/null || true; done < "$OUT/server-pids"
+        rm -f "$OUT/server-pids"
+    fi
     mkdir -p "$OUT/server-logs"
     find /tmp/omg -name 'server-*.log' -exec sh -c 'cp "$1" "$2/$(basename "$(dirname "$1")")-$(basename "$1")"' \
         _ {} "$OUT/server-logs" \; 2>/dev/null || true

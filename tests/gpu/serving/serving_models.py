@@ -47,6 +47,16 @@ def tokenizer_dir() -> Path:
     return ensure_smollm2()
 
 
+def record_pid(pid: int) -> None:
+    """Note a server's process group in $ONLINEMODEL_GPU_RESULTS/server-pids: if the run is killed by a
+    timeout, bench/gpu_session.sh stops these groups (the servers run in sessions of their own)."""
+    out = os.environ.get("ONLINEMODEL_GPU_RESULTS")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with open(Path(out) / "server-pids", "a") as f:
+            f.write(f"{pid}\n")
+
+
 def record(shape: str, test: str, **values) -> None:
     """Append one line to $ONLINEMODEL_GPU_RESULTS/results.jsonl (if set): what the GPU run measured."""
     out = os.environ.get("ONLINEMODEL_GPU_RESULTS")
@@ -83,6 +93,7 @@ class Served:
         t0 = time.monotonic()
         self.server = ServerProcess(self.model_dir, checkpoint_dir=self.checkpoint_dir, extra_args=args,
                                     env={"ONLINEMODEL_API_TOKEN": TOKEN}, log_path=log)
+        record_pid(self.server.proc.pid)
         try:
             self.server.wait_ready(timeout=420)
         except Exception:

@@ -35,6 +35,13 @@ def _names(model_dir: Path) -> set[str]:
     return names
 
 
+def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in model_dir.glob("*.safetensors"):
+        out.update(load_file(f))
+    return out
+
+
 def _base_with_mtp(src: Path, dest: Path) -> Path:
     """A copy of `src` whose weights also hold multi-token-prediction tensors (as the published ones do)."""
     shutil.copytree(src, dest)
@@ -117,6 +124,23 @@ def test_vllm_loads_them_into_the_tensors_it_serves(saved, vllm_loaded, tmp_path
             assert key in trained or key.startswith("visual."), key
             assert torch.equal(tensor, expected), (name, key)
         assert set(trained) <= set(params)
+
+
+def test_a_checkpoint_of_a_sharded_checkpoint_carries_the_same_tensors(saved, tmp_path):
+    """Resumed from a checkpoint, the next one carries the vision tower and mtp heads from it (here
+    sharded, read through its index) unchanged."""
+    base, _, _, model = saved["qwen3_5"]
+    names = layout_for(AutoConfig.from_pretrained(base)).checkpoint_names
+    pairs = hf_weight_tensors(model)
+    first = CheckpointStore(tmp_path / "a", names=names, max_shard_bytes=300_000).save(
+        iter(pairs), specs_of(pairs), base_model_dir=base, trainer_state={"step": 2})
+    assert len(list(first.path.glob("*.safetensors"))) > 2 and (first.path / "model.safetensors.index.json").is_file()
+    second = CheckpointStore(tmp_path / "b", names=names).save(
+        iter(pairs), specs_of(pairs), base_model_dir=first.path, trainer_state={"step": 3})
+    got, want = _tensors(second.path), _tensors(first.path)
+    assert set(got) == set(want) == _names(base)
+    for name, tensor in got.items():
+        assert torch.equal(tensor, want[name]), name
 
 
 def test_names_are_views_and_split_experts_in_order():
