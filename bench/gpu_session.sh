@@ -14,7 +14,8 @@
 #   bash bench/gpu_session.sh tests     the GPU tests alone, with $PYTHON (what `make test-gpu` runs)
 #
 # Environment: OUT (results; default ./gpu-out), PYTHON (default python3), ONLINEMODEL_TOKENIZER_DIR
-# (default .gpu/tokenizer if present), UTIL (step B's --gpu-memory-utilization, default 0.55).
+# (default .gpu/tokenizer if present), UTIL and PHASES (step B's --gpu-memory-utilization, default 0.55,
+# and --phases, default decode,train,checkpoint). Run B last: a server it leaves after a timeout stays.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -75,7 +76,7 @@ B)
     start=$(date +%s)
     status=0
     timeout 520 "$PYTHON" bench/gpu_vllm.py --shape qwen3.5-27B --tokenizer "$ONLINEMODEL_TOKENIZER_DIR" \
-        --phases decode,train,checkpoint --gpu-memory-utilization "${UTIL:-0.55}" --label "27B, gpu_session B" \
+        --phases "${PHASES:-decode,train,checkpoint}" --gpu-memory-utilization "${UTIL:-0.55}" --label "27B, gpu_session B" \
         --out "$OUT/gpu-vllm-qwen3.5-27B.json" > "$OUT/gpu-vllm-qwen3.5-27B.out" 2>&1 || status=$?
     rm -rf /tmp/onlinemodel-gpu-vllm-*  # the random model's config and any checkpoint left by a failure
     echo "step B: exit $status in $(($(date +%s) - start)) s" | tee -a "$OUT/gpu-vllm-qwen3.5-27B.out"
@@ -96,7 +97,7 @@ tests)
     gpu_tests "$@"
     ;;
 *)
-    sed -n '2,17p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
     ;;
 esac
