@@ -10,9 +10,15 @@ files; the tokenizer comes from a real model directory), then measures over HTTP
 - step-to-visibility: a streamed greedy completion whose tokens change because of a weight write (the
   trainer's debug write over its local socket, `--debug-ops`): decode steps and ms from the write's end
   to the first changed token;
-- the trainer's GPU memory beyond the weights (from /train/status).
+- the trainer's GPU memory beyond the weights (from /train/status);
+- checkpoint (`--phases ...,checkpoint`, last): POST /checkpoint's time and size, then the checkpoint is
+  deleted (a 27B one is 54 GB: the GPU machine's disk holds one at most).
+
+A multimodal shape (Qwen3.5) is served `--language-model-only`: random weights have no image to see.
 
     python3 bench/gpu_vllm.py --shape 8B --tokenizer DIR --out results.json [-- extra vLLM args]
+    python3 bench/gpu_vllm.py --shape qwen3.5-27B --tokenizer DIR --phases decode,train,checkpoint \
+        --gpu-memory-utilization 0.55 --out results.json
     .venv/bin/python bench/gpu_vllm.py --model DIR --quick          # CPU smoke test with SmolLM2
 
 Prints a markdown table last; writes every number to --out.
@@ -228,6 +234,19 @@ async def _scale(server: ServerProcess, param: str) -> None:
         client.reset()
 
 
+# -- checkpoint ---------------------------------------------------------------------------------
+def checkpoint_phase(server: ServerProcess, checkpoint_dir: Path) -> dict[str, Any]:
+    """POST /checkpoint (the weights as they are now), timed from outside; then delete it."""
+    t0 = time.monotonic()
+    code, info = server.request("POST", "/checkpoint", timeout=1800)
+    wall = time.monotonic() - t0
+    if code != 200:
+        raise RuntimeError(f"/checkpoint answered {code}: {info}")
+    shutil.rmtree(checkpoint_dir)  # a later final checkpoint finds the weights unchanged and writes none
+    return {"wall_s": wall, "seconds": info["seconds"], "size_bytes": info["size_bytes"],
+            "gb_per_s": info["size_bytes"] / 1e9 / info["seconds"], "step": info["step"]}
+
+
 # -- main ---------------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -256,6 +275,8 @@ def main() -> int:
             ap.error("--shape needs --tokenizer")
         model = write_random_model_dir(work / "model", args.shape, Path(args.tokenizer))
         extra += ["--load-format", "dummy"]
+        if SHAPES[args.shape][0].endswith("ForConditionalGeneration"):
+            extra += ["--language-model-only"]
     else:
         model = Path(args.model)
     if args.gpu_memory_utilization:
@@ -266,8 +287,9 @@ def main() -> int:
                                "card": _card(), "train_tokens": args.train_tokens, "serve_args": extra}
     phases = set(args.phases.split(","))
     streams = [int(s) for s in args.streams.split(",")]
+    checkpoint_dir = work / "checkpoints" if "checkpoint" in phases else None
     t0 = time.monotonic()
-    server = ServerProcess(model, log_path=work / "server.log", extra_args=extra)
+    server = ServerProcess(model, log_path=work / "server.log", extra_args=extra, checkpoint_dir=checkpoint_dir)
     server.state_dir = work / "state"
     try:
         server.wait_ready(timeout=1200)
@@ -296,6 +318,9 @@ def main() -> int:
             param = "lm_head.weight" if "lm_head.weight" in _param_names(server) else "model.embed_tokens.weight"
             results["visibility"] = visibility(server, param)
             print("visibility", results["visibility"], flush=True)
+        if "checkpoint" in phases:
+            results["checkpoint"] = checkpoint_phase(server, checkpoint_dir)
+            print("checkpoint", results["checkpoint"], flush=True)
     finally:
         server.stop()
         shutil.copy(work / "server.log", Path(args.out).with_suffix(".log")) if args.out else None
@@ -342,6 +367,10 @@ def print_table(r: dict[str, Any]) -> None:
               f"{d['train']['steps_per_s']:.3f} |")
     if "train_idle" in r:
         print(f"| training, no requests | - | - | - | - | {r['train_idle']['steps_per_s']:.3f} |")
+    if "checkpoint" in r:
+        c = r["checkpoint"]
+        print(f"\ncheckpoint: {c['size_bytes'] / 1e9:.1f} GB in {c['seconds']:.1f} s ({c['gb_per_s']:.2f} GB/s; "
+              f"{c['wall_s']:.1f} s for the request)")
     if "visibility" in r:
         v = r["visibility"]
         print(f"\nstep-to-visibility: {v['steps_after_write']} decode step(s), {v['ms_after_write']:.2f} ms after the "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -39,12 +40,14 @@ import torch
 
 from onlinemodel_protocol.api import utc_timestamp
 
+from .base_weights import BaseWeights
 from .errors import CheckpointBusy, CheckpointError, describe_os_error
 from .fsutil import NEW_FILE, HashingFile, atomic_write_text, copy_file_hashed, fsync_path, fsync_tree
 from .format import (FORMAT, FORMAT_VERSION, META_DIR, META_FILE, OPTIMIZER_FILE, STEP_DIR_RE,
                      TRAINER_STATE_FILE, UNHEALTHY_PREFIX, CheckpointInfo, is_weight_file, sort_key, step_dir_name,
                      validate_checkpoint)
 from .health import FiniteScan
+from .model_tensors import CheckpointNames
 from .safetensors_stream import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES, SafetensorsStreamWriter,
                                  TensorSpec, specs_of)
 
@@ -59,18 +62,20 @@ TRASH_PREFIX = ".trash-"
 class CheckpointStore:
     """Checkpoints of one model under `root`, keeping the newest `keep_last`.
 
-    `max_shard_bytes` splits the weights into HF shards; `chunk_bytes` bounds the host buffer
-    used to copy each tensor out.
+    `names` says how the saved tensors' names become the base checkpoint's and which base tensors
+    are carried over (default: names as given, nothing carried). `max_shard_bytes` splits the
+    weights into HF shards; `chunk_bytes` bounds the host buffer used to copy each tensor out.
     """
 
-    def __init__(self, root: Path, keep_last: int = 3, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(self, root: Path, keep_last: int = 3, *, names: CheckpointNames = CheckpointNames(),
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
             raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
         if max_shard_bytes <= 0 or chunk_bytes <= 0:
             raise ValueError("max_shard_bytes and chunk_bytes must be positive")
         self.root = Path(root)
         self.keep_last = keep_last
+        self.names = names
         self.max_shard_bytes = int(max_shard_bytes)
         self.chunk_bytes = int(chunk_bytes)
         self._thread_lock = threading.Lock()
@@ -106,15 +111,16 @@ class CheckpointStore:
         tensors: (hf_name, tensor) pairs, or a name -> tensor mapping, in the order of `specs`
           (views of live weights, on any device; each is copied out in bounded chunks as it
           arrives). Without `specs`, tensors must be a collection (e.g. a list of views), not a
-          one-shot iterator, and the specs are read from it.
+          one-shot iterator, and the specs are read from it. Written under the names `names`
+          gives them, followed by the base model's tensors that `names` carries.
         trainer_state: JSON-serializable, needs an int `step`; `weight_version` (default: step)
           and `tokens_trained` (default 0) are recorded in the metadata.
         optimizer_state: tensors/numbers/containers, saved with torch.save; must load with
           torch.load(weights_only=True) (checked before the checkpoint is committed).
         base_model_dir: model directory whose non-weight files (config, tokenizer, chat template,
-          generation config, ...) are copied; if it is itself a checkpoint, its recorded base
-          model is kept, and that directory is never pruned by this save. `base_model`
-          overrides the recorded name (e.g. a Hugging Face id).
+          generation config, ...) are copied, and whose safetensors hold the carried tensors; if it
+          is itself a checkpoint, its recorded base model is kept, and that directory is never
+          pruned by this save. `base_model` overrides the recorded name (e.g. a Hugging Face id).
         on_snapshot: called once every tensor and the optimizer state have been written (not yet
           fsynced): the caller may resume training from then on.
         unhealthy_reason: the caller's verdict that the weights are not healthy (e.g. a diverging
@@ -137,7 +143,7 @@ class CheckpointStore:
         if specs is None:
             tensors = list(tensors)  # (name, view) pairs: metadata only, no tensor data copied
             specs = specs_of(tensors)
-        specs = list(specs)
+        tensors, specs = self._checkpoint_tensors(tensors, specs, base_dir)
         recorded_base = base_model or self._base_model_of(base_dir)
 
         with self._exclusive():
@@ -324,6 +330,19 @@ class CheckpointStore:
                 if isinstance(recorded, str) and recorded:
                     return recorded
         return str(base_dir.resolve())
+
+    def _checkpoint_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]], specs: Sequence[TensorSpec],
+                            base_dir: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], list[TensorSpec]]:
+        """The given tensors under the checkpoint's names, then the base tensors `names` carries."""
+        specs = self.names.specs(specs)
+        if not self.names.carried:
+            return self.names.tensors(tensors), specs
+        base = BaseWeights.of(base_dir)
+        carried = base.specs(self.names.carried, exclude={s.name for s in specs})
+        if not base.names():
+            log.warning("%s has no safetensors weights: the checkpoint holds the trained model only, none of "
+                        "the tensors under %s", base_dir, ", ".join(self.names.carried))
+        return itertools.chain(self.names.tensors(tensors), base.tensors(carried)), specs + carried
 
     @staticmethod
     def _copy_base_files(base_dir: Path, dest: Path) -> dict[str, tuple[int, str]]:
