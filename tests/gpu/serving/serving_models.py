@@ -27,10 +27,13 @@ from model_shapes import write_random_model_dir  # noqa: E402
 TOKEN = "gpu-test-token"
 LAYERS = 4
 # shape (bench/model_shapes.py) -> extra `onlinemodel serve` arguments
+# vLLM 0.26 picks FlashInfer's Gated-DeltaNet prefill kernel on Hopper; the slim GPU bundle has no FlashInfer
+# (shared/tools/gpu-vllm), so the Qwen3.5 models ask for vLLM's Triton kernel instead.
+QWEN35 = ["--language-model-only", "--additional-config", '{"gdn_prefill_backend": "triton"}']
 ARCHITECTURES = {
     "qwen3-1.7B": [],
-    "qwen3.5-27B": ["--language-model-only"],
-    "qwen3.5-moe-35B-A3B": ["--language-model-only"],
+    "qwen3.5-27B": QWEN35,
+    "qwen3.5-moe-35B-A3B": QWEN35,
 }
 # A fifth of the card each (vLLM only checks it is free at start), a fixed KV cache instead of
 # profiling (which would count the other servers' allocations as its own), few CUDA graph sizes.
