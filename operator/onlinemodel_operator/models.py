@@ -14,6 +14,8 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 
+from onlinemodel_protocol.limits import DECODE_SLOWDOWN_OFF, MAX_DECODE_SLOWDOWN_DEFAULT, MAX_DECODE_SLOWDOWN_MAX
+
 # Kubernetes quantity ("20Gi", "500m", 4): an int or a string; the string's form is checked by a pattern.
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 Quantity = Union[int, Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN)]]
@@ -137,12 +139,25 @@ class ServingSpec(_Model):
 class TrainingSpec(_Model):
     """Online training settings."""
 
+    CEL = (cel("!has(self.maxDecodeSlowdown) || double(self.maxDecodeSlowdown) == 0.0 "
+               "|| double(self.maxDecodeSlowdown) >= 1.0",
+               "training.maxDecodeSlowdown: a factor of at least 1, or 0 (off)"),)
     enabled: bool = Field(True, description="Run the trainer next to vLLM (false: serve only).")
     learning_rate: Optional[float] = Field(None, gt=0, le=1, description="Learning rate of the optimizer.")
     optimizer_rank: Optional[int] = Field(None, ge=1, le=4096, description="Rank of the low-rank optimizer state (APOLLO).")
     max_examples_per_request: Optional[int] = Field(None, ge=1, le=100000, description="Largest number of examples one POST /train may carry.")
     api_token_secret_ref: Optional[SecretKeyRef] = Field(
         None, description="Secret key holding the bearer token that POST /train and POST /checkpoint require.")
+    max_decode_slowdown: Optional[float] = Field(
+        None, ge=DECODE_SLOWDOWN_OFF, le=MAX_DECODE_SLOWDOWN_MAX,
+        description=f"Serving first: how much slower (p99 per token) decode may get while training runs "
+                    f"(default {MAX_DECODE_SLOWDOWN_DEFAULT}; 0: training is not paced).")
+
+    @model_validator(mode="after")
+    def _slowdown_factor(self) -> "TrainingSpec":
+        if self.max_decode_slowdown is not None and 0 < self.max_decode_slowdown < 1:
+            raise ValueError(self.CEL[0]["message"])
+        return self
 
 
 class CheckpointVolumeSpec(_Model):

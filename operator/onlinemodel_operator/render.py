@@ -138,6 +138,9 @@ def serve_args(owner: Owner, spec: OnlineModelSpec) -> list[str]:
             args += ["--optimizer-rank", str(training.optimizer_rank)]
         if training.max_examples_per_request is not None:
             args += ["--max-examples", str(training.max_examples_per_request)]
+        if training.max_decode_slowdown is not None:
+            args += ["--max-decode-slowdown", _num(training.max_decode_slowdown) if training.max_decode_slowdown
+                     else "off"]
     if spec.serving.max_model_len is not None:
         args += ["--max-model-len", str(spec.serving.max_model_len)]
     if spec.serving.gpu_memory_utilization is not None:

@@ -41,5 +41,9 @@ CHECKPOINT_EVERY_SECONDS_DEFAULT = 900.0
 # Request bodies of the training routes, refused with 413 before they are parsed.
 MAX_BODY_BYTES_DEFAULT = 8 * 1024 * 1024
 
-# Serving first: decode may get at most this much slower (p99 time per token) while training runs.
+# Serving first: decode may get at most this much slower (p99 time per token) while training runs
+# (docs/serving-first.md). A budget is at least 1 (no slowdown at all: training only waits) and at most
+# MAX_DECODE_SLOWDOWN_MAX; DECODE_SLOWDOWN_OFF (`--max-decode-slowdown off`) turns pacing off.
 MAX_DECODE_SLOWDOWN_DEFAULT = 1.25
+MAX_DECODE_SLOWDOWN_MAX = 100.0
+DECODE_SLOWDOWN_OFF = 0.0

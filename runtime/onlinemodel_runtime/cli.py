@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from onlinemodel_protocol.api import CheckpointRecord
 from onlinemodel_protocol.config import ENV_API_TOKEN, ENV_CONFIG, RuntimeConfig
+from onlinemodel_protocol.limits import DECODE_SLOWDOWN_OFF, MAX_DECODE_SLOWDOWN_DEFAULT
 from onlinemodel_protocol.rpc import ENDPOINT_PLUGIN, GENERAL_PLUGIN, WORKER_EXTENSION_CLS
 
 log = logging.getLogger("onlinemodel")
@@ -51,8 +52,22 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--state-dir", type=Path, default=None, help="where weight handles live (default: a temp dir)")
+    p.add_argument("--max-decode-slowdown", type=_slowdown, default=None, metavar="FACTOR|off",
+                   help="serving first: how much slower decode may get while training runs "
+                        f"(default {MAX_DECODE_SLOWDOWN_DEFAULT}; off: training is not paced)")
+    p.add_argument("--activation-recompute", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each decoder layer's activations in backward (default: on a GPU only)")
     # Lets tests write through the trainer's views over its local socket; never for production.
     p.add_argument("--debug-ops", action="store_true", help=argparse.SUPPRESS)
+
+
+def _slowdown(text: str) -> float:
+    if text.strip().lower() == "off":
+        return DECODE_SLOWDOWN_OFF
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'off'") from None
 
 
 def build_config(args: argparse.Namespace) -> RuntimeConfig:
@@ -68,6 +83,7 @@ def build_config(args: argparse.Namespace) -> RuntimeConfig:
     optional = {
         "learning_rate": args.learning_rate, "optimizer_rank": args.optimizer_rank,
         "max_examples": args.max_examples, "default_epochs": args.default_epochs,
+        "max_decode_slowdown": args.max_decode_slowdown,
     }
     return RuntimeConfig(
         model=model,
@@ -79,6 +95,7 @@ def build_config(args: argparse.Namespace) -> RuntimeConfig:
         checkpoint_keep=args.checkpoint_keep,
         final_checkpoint_timeout=args.final_checkpoint_timeout,
         training_enabled=not args.no_training,
+        activation_recompute=args.activation_recompute,
         debug_ops=args.debug_ops,
         **{k: v for k, v in optional.items() if v is not None},
     )

@@ -172,6 +172,9 @@ BAD_SPECS = {
     "keepLast 0": with_(checkpoint={"keepLast": 0}),
     "no image": {"model": GOOD["model"]},
     "short startup": with_(serving={"startupTimeoutSeconds": 10}),
+    "slowdown below 1": with_(training={"maxDecodeSlowdown": 0.5}),
+    "negative slowdown": with_(training={"maxDecodeSlowdown": -1}),
+    "slowdown too large": with_(training={"maxDecodeSlowdown": 1000}),
 }
 
 
@@ -202,12 +205,13 @@ def test_good_specs_pass_both() -> None:
                          serving={"port": 9000, "maxModelLen": 4096, "gpuMemoryUtilization": 0.8,
                                   "extraArgs": ["--enforce-eager", "--portable"]},
                          training={"learningRate": 1e-5, "optimizerRank": 1, "maxExamplesPerRequest": 64,
-                                   "apiTokenSecretRef": {"name": "tok"}},
+                                   "apiTokenSecretRef": {"name": "tok"}, "maxDecodeSlowdown": 1.5},
                          checkpoint={"everySteps": 10, "everySeconds": 300, "keepLast": 5,
                                      "volume": {"size": "100Gi", "storageClassName": "fast", "retain": True}},
                          suspend=True,
                          pod={"env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                               "tolerations": [{"operator": "Exists"}], "labels": {"team": "ml"}})]
+    specs += [with_(training={"maxDecodeSlowdown": 0}), with_(training={"maxDecodeSlowdown": 1})]
     for spec in specs:
         assert api_server_refuses(spec) == []
         assert not operator_refuses(spec)

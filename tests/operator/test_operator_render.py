@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from onlinemodel_operator import MANAGED_BY_LABEL, NAME_LABEL, SPEC_HASH_ANNOTATION
 from onlinemodel_operator.models import parse_spec
 from onlinemodel_operator.render import (
@@ -68,6 +70,16 @@ def test_serve_args_default_and_full() -> None:
         "--learning-rate", "1e-05", "--optimizer-rank", "4", "--max-examples", "16",
         "--max-model-len", "4096", "--gpu-memory-utilization", "0.85",
         "--", "--revision", "main", "--enforce-eager"]
+
+
+@pytest.mark.parametrize("budget,flag", [(1.5, ["--max-decode-slowdown", "1.5"]), (1, ["--max-decode-slowdown", "1.0"]),
+                                         (0, ["--max-decode-slowdown", "off"]), (None, [])])
+def test_max_decode_slowdown_flag(budget, flag) -> None:
+    training = {} if budget is None else {"maxDecodeSlowdown": budget}
+    args = serve_args(OWNER, parse_spec(base(training=training)))
+    found = args[args.index("--max-decode-slowdown"):args.index("--max-decode-slowdown") + 2] \
+        if "--max-decode-slowdown" in args else []
+    assert found == flag
 
 
 def test_no_training_flag() -> None:

@@ -21,7 +21,8 @@ def test_placeholder_keeps_the_last_counters_and_queues_nothing():
     assert fresh.model_dump() == {
         "state": "disabled", "steps": 0, "tokens_trained": 0, "last_loss": None, "weight_version": 0,
         "last_step_time": None, "last_step_seconds": None, "skipped_steps": 0, "queued_jobs": 0, "jobs": [],
-        "last_error": None, "checkpoint": None, "optimizer": None, "trainer_restarts": 0}
+        "last_error": None, "checkpoint": None, "optimizer": None, "trainer_restarts": 0, "scheduler": None,
+        "memory": None}
 
 
 def test_non_finite_loss_is_written_as_null():

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from onlinemodel_protocol.config import ENV_CONFIG, RuntimeConfig
+from onlinemodel_protocol.limits import MAX_DECODE_SLOWDOWN_DEFAULT
 from onlinemodel_protocol.rpc import ENDPOINT_PLUGIN, GENERAL_PLUGIN, WORKER_EXTENSION_CLS
 from onlinemodel_runtime import cli
 
@@ -61,6 +62,30 @@ def test_bad_settings_are_refused(tmp_path, flag, value):
     args, _ = parse(["serve", "--model", "/m", flag, value, "--state-dir", str(tmp_path)])
     with pytest.raises(ValueError, match=flag.strip("-").replace("-", "_")):
         cli.build_config(args)
+
+
+@pytest.mark.parametrize("value,budget", [(None, MAX_DECODE_SLOWDOWN_DEFAULT), ("1.5", 1.5), ("off", 0.0),
+                                          ("OFF", 0.0), ("0", 0.0)])
+def test_max_decode_slowdown(tmp_path, value, budget):
+    flag = ["--max-decode-slowdown", value] if value is not None else []
+    args, _ = parse(["serve", "--model", "/m", "--state-dir", str(tmp_path), *flag])
+    assert cli.build_config(args).max_decode_slowdown == budget
+
+
+def test_max_decode_slowdown_refuses_nonsense(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse(["serve", "--model", "/m", "--max-decode-slowdown", "fast"])
+    assert "neither a number nor 'off'" in capsys.readouterr().err
+    args, _ = parse(["serve", "--model", "/m", "--state-dir", str(tmp_path), "--max-decode-slowdown", "0.5"])
+    with pytest.raises(ValueError, match="max_decode_slowdown"):
+        cli.build_config(args)
+
+
+@pytest.mark.parametrize("flag,value", [([], None), (["--activation-recompute"], True),
+                                        (["--no-activation-recompute"], False)])
+def test_activation_recompute_flag(tmp_path, flag, value):
+    args, _ = parse(["serve", "--model", "/m", "--state-dir", str(tmp_path), *flag])
+    assert cli.build_config(args).activation_recompute is value
 
 
 def test_checkpoint_command_reports_unreachable_server(capsys):

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from onlinemodel_protocol.api import ErrorBody, ErrorDetail, TrainStatus
 from onlinemodel_protocol.config import ENV_API_TOKEN, RuntimeConfig
 from onlinemodel_protocol.rpc import ENDPOINT_PLUGIN, WORKER_EXTENSION_CLS, TrainJob
+from onlinemodel_runtime.server.inflight import InFlightMiddleware, InFlightRequests
 from onlinemodel_runtime.server.train_request import ExampleError, encode_request, parse_train_request
 from onlinemodel_runtime.server.trainer_client import TrainerRequestError, TrainerUnavailable
 
@@ -139,8 +140,15 @@ class OnlineModelEndpoints:
     name = ENDPOINT_PLUGIN
     required_tasks = ("generate",)
 
+    def __init__(self) -> None:
+        # Generation requests in flight and the controller that publishes them with the trainer's duty
+        # cycle (docs/serving-first.md).
+        self.in_flight = InFlightRequests()
+        self.pacing: Any = None
+
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        app.add_middleware(InFlightMiddleware, requests=self.in_flight)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         from transformers import AutoTokenizer
@@ -165,7 +173,13 @@ class OnlineModelEndpoints:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         supervisor = None
         if cfg.training_enabled:  # serve-only: no export, no trainer process, no GPU memory for it
+            from onlinemodel_runtime.server.pacing_control import PacingGovernor
+
             supervisor = TrainerSupervisor(cfg, engine_client)
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            # Before the trainer starts: it maps the load signal the governor creates.
+            self.pacing = PacingGovernor(cfg, self.in_flight, training=lambda: supervisor.training)
+            self.pacing.start()
             await supervisor.start()
         setattr(state, STATE_KEY, _Runtime(cfg, tokenizer, max_len, supervisor, os.environ.get(ENV_API_TOKEN)))
 

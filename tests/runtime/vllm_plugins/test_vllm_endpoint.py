@@ -102,3 +102,18 @@ def test_serve_only_mode(tokenizer):
     status = c.get("/train/status")
     assert status.status_code == 200
     assert status.json() == TrainStatus.placeholder("disabled").model_dump()
+
+
+def test_generation_requests_are_counted_while_they_run():
+    plugin = endpoint.OnlineModelEndpoints()
+    app = FastAPI()
+    seen = []
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        seen.append(plugin.in_flight.count)
+        return {}
+
+    plugin.attach_router(app)
+    assert TestClient(app).post("/v1/chat/completions").status_code == 200
+    assert seen == [1] and plugin.in_flight.count == 0
