@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -132,14 +133,28 @@ class DutyController:
 
 
 class PacingGovernor:
-    """Owns the load signal file and the controller; one asyncio task in vLLM's API server."""
+    """Owns the load signal file and the controller; one asyncio task in vLLM's API server. Its figures are
+    also gauges in `registry` (default: the process's, which vLLM's /metrics serves)."""
 
     def __init__(self, cfg: RuntimeConfig, requests: InFlightRequests, training: Callable[[], bool],
-                 meter: ItlMeter | None = None, clock: Callable[[], float] = time.monotonic):
+                 meter: ItlMeter | None = None, clock: Callable[[], float] = time.monotonic, registry: Any = None):
+        from prometheus_client import REGISTRY, Gauge
+
+        registry = registry if registry is not None else REGISTRY
         self._training = training
         self._clock = clock
-        self._meter = meter if meter is not None else ItlMeter()
+        self._meter = meter if meter is not None else ItlMeter(registry)
         self.budget = cfg.max_decode_slowdown if cfg.pacing_enabled else None
+        Gauge("onlinemodel_generation_requests_in_flight", "Generation requests the API server is answering.",
+              registry=registry).set_function(lambda: requests.count)
+        Gauge("onlinemodel_decode_slowdown_budget", "--max-decode-slowdown (0: training is not paced).",
+              registry=registry).set(self.budget or 0.0)
+        self._duty_gauge = Gauge("onlinemodel_trainer_duty_cycle",
+                                 "Share of the time the trainer computes while requests wait.", registry=registry)
+        self._slowdown_gauge = Gauge("onlinemodel_decode_slowdown_measured",
+                                     "Mean inter-token latency while training / without (NaN: not measured yet).",
+                                     registry=registry)
+        self._slowdown_gauge.set(math.nan)
         self.controller = DutyController(self.budget) if self.budget is not None else None
         self._last: ItlSample | None = None
         self._was_training: bool | None = None
@@ -151,6 +166,7 @@ class PacingGovernor:
                         self.controller.duty)
         self.writer = LoadSignalWriter.create(cfg.load_signal_path, mode=self.mode, duty=self._duty(),
                                               max_decode_slowdown=self.budget)
+        self._duty_gauge.set(self._duty())
         requests.publish_to(self.writer)
 
     def _duty(self) -> float:
@@ -182,3 +198,5 @@ class PacingGovernor:
         duty = c.observe(itl, through, self._clock())
         self.writer.publish(mode=self.mode, duty=duty, max_decode_slowdown=self.budget,
                             measured_slowdown=c.slowdown, baseline_itl_seconds=c.baseline)
+        self._duty_gauge.set(duty)
+        self._slowdown_gauge.set(math.nan if c.slowdown is None else c.slowdown)

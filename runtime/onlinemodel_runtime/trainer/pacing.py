@@ -12,8 +12,8 @@ At a yield point:
 - else: synchronize the device, so at most one of the trainer's ops is ever queued ahead of vLLM's
   kernels. Once the trainer has computed for ``slice_seconds`` since it last resumed, it sleeps
   ``busy * (1 - d) / d`` (at most ``max_sleep``), ``d`` the duty cycle the API server's controller
-  publishes. ``d == 0`` (the controller measuring its baseline) holds the trainer until ``d > 0`` or
-  nobody waits.
+  publishes, re-reading the signal every ``POLL_SECONDS`` so that it resumes as soon as nobody waits.
+  ``d == 0`` (the controller measuring its baseline) holds the trainer until ``d > 0`` or nobody waits.
 
 An op longer than a slice is split while requests wait: dense MLPs run over token chunks (exact, they
 are token-wise) of at most ``tokens_per_slice`` tokens, and the loss bounds its vocabulary chunks the same
@@ -38,8 +38,8 @@ from onlinemodel_protocol.api import SchedulerStatus
 SLICE_SECONDS = 0.5e-3
 SLICE_FLOPS = 2.5e11
 MIN_CHUNK_TOKENS = 16
-MAX_SLEEP_SECONDS = 0.05
-PAUSE_POLL_SECONDS = 0.002
+MAX_SLEEP_SECONDS = 0.5  # one op's rest at most (a slow CPU op at a low duty cycle earns long ones)
+POLL_SECONDS = 0.002  # a rest re-reads the signal this often
 MAX_PAUSE_SECONDS = 5.0  # a probe lasts about a second; never hold the trainer forever on a stale signal
 NOTES = {"fixed": "vLLM's inter-token latency histogram is not available: the duty cycle is fixed by the budget"}
 
@@ -194,18 +194,20 @@ class Pacer:
         duty = self._signal.duty
         if duty >= 1.0:
             self._resume = now
-            return
-        if duty <= 0.0:
-            self._hold(now)
-            return
-        pause = min(busy * (1.0 - duty) / duty, self.max_sleep)
-        self._sleep(pause)
-        self.paced_seconds += pause
-        self._resume = self._clock()
+        elif duty <= 0.0:  # the controller is measuring decode alone: wait for it
+            self._rest(now, MAX_PAUSE_SECONDS, until_duty=True)
+        else:
+            self._rest(now, min(busy * (1.0 - duty) / duty, self.max_sleep), until_duty=False)
 
-    def _hold(self, since: float) -> None:
-        while (self._signal.in_flight > 0 and self._signal.duty <= 0.0
-               and self._clock() - since < MAX_PAUSE_SECONDS):
-            self._sleep(PAUSE_POLL_SECONDS)
+    def _rest(self, since: float, seconds: float, until_duty: bool) -> None:
+        """Sleep `seconds` in short polls, ending early once nobody waits (or, `until_duty`, once the duty
+        cycle is above 0), so training resumes at full speed as soon as the load is gone."""
+        left = seconds
+        while left > 0:
+            nap = min(POLL_SECONDS, left)
+            self._sleep(nap)
+            left -= nap
+            if self._signal.in_flight <= 0 or (until_duty and self._signal.duty > 0.0):
+                break
         self._resume = self._clock()
         self.paced_seconds += self._resume - since

@@ -31,6 +31,8 @@ from onlinemodel_runtime.server.trainer_client import TrainerRequestError, Train
 log = logging.getLogger(__name__)
 
 STATE_KEY = "onlinemodel"
+IN_FLIGHT_KEY = "onlinemodel_in_flight"
+PACING_KEY = "onlinemodel_pacing"
 
 
 def register() -> OnlineModelEndpoints:
@@ -140,15 +142,13 @@ class OnlineModelEndpoints:
     name = ENDPOINT_PLUGIN
     required_tasks = ("generate",)
 
-    def __init__(self) -> None:
-        # Generation requests in flight and the controller that publishes them with the trainer's duty
-        # cycle (docs/serving-first.md).
-        self.in_flight = InFlightRequests()
-        self.pacing: Any = None
-
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
-        app.add_middleware(InFlightMiddleware, requests=self.in_flight)
+        # Serving first (docs/serving-first.md): generation requests in flight, counted for the trainer's pacer.
+        # Kept on the app's state, which init_state receives too.
+        requests = InFlightRequests()
+        setattr(app.state, IN_FLIGHT_KEY, requests)
+        app.add_middleware(InFlightMiddleware, requests=requests)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         from transformers import AutoTokenizer
@@ -178,8 +178,10 @@ class OnlineModelEndpoints:
             supervisor = TrainerSupervisor(cfg, engine_client)
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
             # Before the trainer starts: it maps the load signal the governor creates.
-            self.pacing = PacingGovernor(cfg, self.in_flight, training=lambda: supervisor.training)
-            self.pacing.start()
+            requests = getattr(state, IN_FLIGHT_KEY, None) or InFlightRequests()  # no middleware: never paced
+            pacing = PacingGovernor(cfg, requests, training=lambda: supervisor.training)
+            setattr(state, PACING_KEY, pacing)
+            pacing.start()
             await supervisor.start()
         setattr(state, STATE_KEY, _Runtime(cfg, tokenizer, max_len, supervisor, os.environ.get(ENV_API_TOKEN)))
 

@@ -120,7 +120,9 @@ def config(tmp_path: Path, **kw) -> RuntimeConfig:
 def test_governor_publishes_what_it_measures(tmp_path):
     requests, meter, training = InFlightRequests(), FakeMeter(), {"now": False}
     clock = iter(range(1000)).__next__
-    gov = pc.PacingGovernor(config(tmp_path), requests, training=lambda: training["now"], meter=meter, clock=clock)
+    registry = CollectorRegistry()
+    gov = pc.PacingGovernor(config(tmp_path), requests, training=lambda: training["now"], meter=meter, clock=clock,
+                            registry=registry)
     reader = LoadSignalReader(tmp_path / "load-signal")
     snap = reader.snapshot()
     assert (gov.mode, snap.mode, snap.duty, snap.max_decode_slowdown) == ("measured", "measured", pytest.approx(0.2),
@@ -139,11 +141,16 @@ def test_governor_publishes_what_it_measures(tmp_path):
     gov.tick()
     snap = reader.snapshot()
     assert snap.measured_slowdown == pytest.approx(2.0) and snap.duty == pytest.approx(0.2 * pc.DECREASE)
+    # The same figures on vLLM's /metrics.
+    metric = registry.get_sample_value
+    assert (metric("onlinemodel_trainer_duty_cycle"), metric("onlinemodel_decode_slowdown_measured"),
+            metric("onlinemodel_decode_slowdown_budget"), metric("onlinemodel_generation_requests_in_flight")) == (
+        pytest.approx(0.2 * pc.DECREASE), pytest.approx(2.0), 1.25, 2)
 
 
 def test_without_the_histogram_the_duty_is_fixed(tmp_path):
     gov = pc.PacingGovernor(config(tmp_path, max_decode_slowdown=2.0), InFlightRequests(), training=lambda: True,
-                            meter=FakeMeter(available=False))
+                            meter=FakeMeter(available=False), registry=CollectorRegistry())
     snap = LoadSignalReader(tmp_path / "load-signal").snapshot()
     assert (gov.mode, snap.mode, snap.duty) == ("fixed", "fixed", 0.5)
     gov.tick()  # nothing to measure, nothing changes
@@ -153,7 +160,7 @@ def test_without_the_histogram_the_duty_is_fixed(tmp_path):
 def test_budget_off(tmp_path):
     requests = InFlightRequests()
     gov = pc.PacingGovernor(config(tmp_path, max_decode_slowdown=0), requests, training=lambda: True,
-                            meter=FakeMeter())
+                            meter=FakeMeter(), registry=CollectorRegistry())
     requests.add(1)
     snap = LoadSignalReader(tmp_path / "load-signal").snapshot()
     assert (gov.mode, snap.mode, snap.duty, snap.max_decode_slowdown, snap.in_flight) == ("off", "off", 1.0, None, 1)

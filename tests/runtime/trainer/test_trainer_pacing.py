@@ -10,7 +10,7 @@ import torch
 
 from onlinemodel_runtime.optim import make_optimizer
 from onlinemodel_runtime.trainer.loop import train_step
-from onlinemodel_runtime.trainer.pacing import MAX_PAUSE_SECONDS, PAUSE_POLL_SECONDS, Pacer
+from onlinemodel_runtime.trainer.pacing import MAX_PAUSE_SECONDS, POLL_SECONDS, Pacer
 
 from trainer_fixtures import POLICY, FakeSignal, FakeTime, example, tiny_llama
 
@@ -49,7 +49,35 @@ def test_load_is_paced_to_the_duty_cycle(duty):
     assert t.syncs == 2000  # every yield point under load drains the queue
     measured = busy / (busy + pacer.paced_seconds)
     assert measured == pytest.approx(duty, rel=0.03)
-    assert max(t.slept) <= pacer.max_sleep
+    assert max(t.slept) <= POLL_SECONDS  # rests re-read the signal often
+
+
+def test_slow_ops_still_get_their_duty_cycle():
+    signal, t = FakeSignal(in_flight=1, duty=0.1), FakeTime()
+    pacer = pacer_on(signal, t)
+    pacer.yield_point()
+    for _ in range(100):
+        t.advance(0.03)  # 30 ms ops (a CPU's) earn 270 ms rests
+        pacer.yield_point()
+    assert 3.0 / (3.0 + pacer.paced_seconds) == pytest.approx(0.1, rel=0.01)
+
+
+def test_a_rest_ends_as_soon_as_nobody_waits():
+    t = FakeTime()
+
+    def requests_end(sig: FakeSignal) -> None:
+        if t.now >= 0.02:
+            sig.set_in_flight(0)
+
+    signal = FakeSignal(in_flight=1, duty=0.1, on_read=requests_end)
+    pacer = pacer_on(signal, t)
+    pacer.yield_point()
+    t.advance(0.01)  # earns a 90 ms rest
+    pacer.yield_point()
+    assert 0.02 <= t.now <= 0.02 + POLL_SECONDS
+    t.advance(0.01)
+    pacer.yield_point()  # nobody waits: no sync, no rest
+    assert t.syncs == 2 and t.now == pytest.approx(0.03, abs=POLL_SECONDS)
 
 
 def test_short_ops_are_gathered_into_slices_before_a_sleep():
@@ -93,7 +121,7 @@ def test_zero_duty_holds_until_the_probe_ends_or_nobody_waits():
     pacer.yield_point()
     t.advance(1e-3)
     pacer.yield_point()
-    assert 0.3 <= t.now < 0.3 + 2 * PAUSE_POLL_SECONDS
+    assert 0.3 <= t.now < 0.3 + 2 * POLL_SECONDS
     assert pacer.paced_seconds == pytest.approx(t.now - 1e-3)
     # A signal stuck at 0 (its writer gone) holds the trainer at most MAX_PAUSE_SECONDS per yield point.
     stuck, t2 = FakeSignal(in_flight=1, duty=0.0), FakeTime()
@@ -101,7 +129,7 @@ def test_zero_duty_holds_until_the_probe_ends_or_nobody_waits():
     pacer.yield_point()
     t2.advance(1e-3)
     pacer.yield_point()
-    assert MAX_PAUSE_SECONDS <= t2.now <= MAX_PAUSE_SECONDS + 2 * PAUSE_POLL_SECONDS
+    assert MAX_PAUSE_SECONDS <= t2.now <= MAX_PAUSE_SECONDS + 2 * POLL_SECONDS
 
 
 def _linear_calls(model, ids) -> int:

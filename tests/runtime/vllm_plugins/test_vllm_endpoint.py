@@ -111,9 +111,9 @@ def test_generation_requests_are_counted_while_they_run():
 
     @app.post("/v1/chat/completions")
     async def chat():
-        seen.append(plugin.in_flight.count)
+        seen.append(getattr(app.state, endpoint.IN_FLIGHT_KEY).count)
         return {}
 
     plugin.attach_router(app)
     assert TestClient(app).post("/v1/chat/completions").status_code == 200
-    assert seen == [1] and plugin.in_flight.count == 0
+    assert seen == [1] and getattr(app.state, endpoint.IN_FLIGHT_KEY).count == 0
