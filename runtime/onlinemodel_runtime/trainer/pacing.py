@@ -86,12 +86,6 @@ class Pacer:
         return cls(signal, enabled=enabled, sync=sync)
 
     # -- state ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"paced_seconds": self.paced_seconds}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.paced_seconds = float(state.get("paced_seconds", 0.0))
-
     def status(self) -> SchedulerStatus:
         snap = self._signal.snapshot()
         mode = snap.mode if self.enabled else "off"

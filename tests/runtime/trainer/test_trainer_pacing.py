@@ -211,13 +211,16 @@ def test_disabled_pacer_installs_nothing_and_reports_off():
 def test_status_and_removal():
     model = tiny_llama()
     original = type(model.model.layers[0].mlp).forward
-    pacer = Pacer(FakeSignal(in_flight=1, duty=0.25))
+    t = FakeTime()
+    pacer = pacer_on(FakeSignal(in_flight=1, duty=0.25), t)
     pacer.install(model)
     assert model.model.layers[0].mlp.forward.func == pacer._chunked
-    pacer.paced_seconds = 1.23456
+    pacer.yield_point()
+    t.advance(0.1)
+    pacer.yield_point()  # rests 0.3 s
     status = pacer.status()
     assert (status.mode, status.duty_cycle, status.in_flight_requests, status.paced_seconds,
-            status.baseline_itl_ms, status.measured_slowdown) == ("measured", 0.25, 1, 1.235, 5.0, 1.1)
+            status.baseline_itl_ms, status.measured_slowdown) == ("measured", 0.25, 1, 0.3, 5.0, 1.1)
     assert Pacer(FakeSignal(mode="fixed")).status().note.startswith("vLLM's inter-token latency histogram")
     pacer.remove()
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
