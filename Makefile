@@ -30,9 +30,10 @@ test-unit: $(STAMP)
 test-e2e: $(STAMP)
 	$(PY) -m pytest -q -m e2e tests
 
-# Needs a CUDA GPU (not part of `make test`: tests/gpu/conftest.py collects them only with -m gpu).
+# Needs a CUDA GPU and vLLM for it (not part of `make test`: tests/gpu/conftest.py collects them only
+# with -m gpu). On a GPU machine without this venv: bench/gpu_session.sh (its step A runs the same).
 test-gpu: $(STAMP)
-	$(PY) -m pytest -q -m gpu tests/gpu
+	PYTHON=$(PY) bash bench/gpu_session.sh tests
 
 clean:
 	rm -rf $(VENV) .cache

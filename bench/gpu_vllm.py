@@ -12,9 +12,15 @@ default: the default budget, then `off` for comparison), and measures over HTTP:
   them, and the longest example that fits beside vLLM at several --gpu-memory-utilization values;
 - step-to-visibility: a streamed greedy completion whose tokens change because of a weight write (the
   trainer's debug write over its local socket, `--debug-ops`): decode steps and ms from the write's end
-  to the first changed token.
+  to the first changed token;
+- checkpoint (`--phases ...,checkpoint`, last, default budget only): POST /checkpoint's time and size, then
+  the checkpoint is deleted (a 27B one is 54 GB: the GPU machine's disk holds one at most).
+
+A multimodal shape (Qwen3.5) is served `--language-model-only`: random weights have no image to see.
 
     python3 bench/gpu_vllm.py --shape 8B --tokenizer DIR --gpu-memory-utilization 0.75 --out r.json
+    python3 bench/gpu_vllm.py --shape qwen3.5-27B --tokenizer DIR --budgets default \
+        --phases decode,train,checkpoint --gpu-memory-utilization 0.55 --out r.json
     .venv/bin/python bench/gpu_vllm.py --model DIR --quick           # CPU smoke test with SmolLM2
 
 Prints markdown tables last; writes every number to --out.
@@ -190,10 +196,19 @@ class TrainingLoad:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        # Without requests the last jobs run at full speed: let them finish rather than depend on a cancel route.
-        wait_idle(self.server)
+        cancel_all(self.server)
         if self.error and not exc[0]:
             raise self.error
+
+
+def cancel_all(server: ServerProcess) -> dict[str, Any]:
+    """DELETE every queued or running job (a running one stops after its current step); the idle status."""
+    for job in server.status()["jobs"]:
+        if job["state"] in ("queued", "running"):
+            code, body = server.request("DELETE", f"/train/jobs/{job['id']}")
+            if code not in (200, 202, 409):  # 409: it finished meanwhile
+                raise RuntimeError(f"DELETE /train/jobs/{job['id']} answered {code}: {body}")
+    return wait_idle(server)
 
 
 def while_sampling(server: ServerProcess, fn: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
@@ -272,6 +287,19 @@ def visibility(server: ServerProcess, tokens: int = 96, write_after: int = 24) -
             "decode_step_ms": statistics.median(gaps_ms(ref_times))}
 
 
+# -- checkpoint ---------------------------------------------------------------------------------
+def checkpoint_phase(server: ServerProcess, checkpoint_dir: Path) -> dict[str, Any]:
+    """POST /checkpoint (the weights as they are now), timed from outside; then delete it."""
+    t0 = time.monotonic()
+    code, info = server.request("POST", "/checkpoint", timeout=1800)
+    wall = time.monotonic() - t0
+    if code != 200:
+        raise RuntimeError(f"/checkpoint answered {code}: {info}")
+    shutil.rmtree(checkpoint_dir)  # a later final checkpoint finds the weights unchanged and writes none
+    return {"wall_s": wall, "seconds": info["seconds"], "size_bytes": info["size_bytes"],
+            "gb_per_s": info["size_bytes"] / 1e9 / info["seconds"], "step": info["step"]}
+
+
 # -- one server per budget ------------------------------------------------------------------------
 def run_budget(model: Path, budget: str, args, extra: list[str], work: Path) -> dict[str, Any]:
     state = work / f"state-{budget}"
@@ -281,9 +309,15 @@ def run_budget(model: Path, budget: str, args, extra: list[str], work: Path) -> 
         serve_args += ["--max-decode-slowdown", budget]
     phases = set(args.phases.split(","))
     streams = [int(s) for s in args.streams.split(",")]
+    checkpoint_dir = None
+    if "checkpoint" in phases and budget == "default":
+        checkpoint_dir = work / "checkpoints"
+        # Only the measured checkpoint: no periodic one (54 GB at 27B) while the other phases run.
+        serve_args += ["--checkpoint-every-steps", "0", "--checkpoint-every-seconds", "0"]
     r: dict[str, Any] = {"budget": budget}
     t0 = time.monotonic()
-    server = ServerProcess(model, log_path=work / f"server-{budget}.log", extra_args=serve_args)
+    server = ServerProcess(model, log_path=work / f"server-{budget}.log", extra_args=serve_args,
+                           checkpoint_dir=checkpoint_dir)
     server.state_dir = state
     try:
         server.wait_ready(timeout=1200)
@@ -314,11 +348,15 @@ def run_budget(model: Path, budget: str, args, extra: list[str], work: Path) -> 
         if "visibility" in phases and budget == "default":
             r["visibility"] = visibility(server)
             print(f"[{budget}] visibility", r["visibility"], flush=True)
+        if checkpoint_dir is not None:
+            r["checkpoint"] = checkpoint_phase(server, checkpoint_dir)
+            print(f"[{budget}] checkpoint", r["checkpoint"], flush=True)
     finally:
         server.stop()
     return r
 
 
+# -- main ---------------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default=None, help=f"random weights of one of {sorted(SHAPES)}")
@@ -334,7 +372,8 @@ def main() -> int:
     ap.add_argument("--warmup-seconds", type=float, default=10.0)
     ap.add_argument("--memory-tokens", default="512,2048", help="example lengths of the memory line")
     ap.add_argument("--utilizations", default="0.6,0.75,0.85")
-    ap.add_argument("--phases", default="decode,train,memory,visibility")
+    ap.add_argument("--phases", default="decode,train,memory,visibility",
+                    help="of decode,train,memory,visibility,checkpoint (the last one is not a default)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--quick", action="store_true", help="CPU smoke test: tiny sizes")
@@ -354,6 +393,8 @@ def main() -> int:
             ap.error("--shape needs --tokenizer")
         model = write_random_model_dir(work / "model", args.shape, Path(args.tokenizer))
         extra += ["--load-format", "dummy"]
+        if SHAPES[args.shape][0].endswith("ForConditionalGeneration"):
+            extra += ["--language-model-only"]
     else:
         model = Path(args.model)
     if args.gpu_memory_utilization:
@@ -421,6 +462,10 @@ def print_tables(r: dict[str, Any]) -> None:
             v = run["visibility"]
             print(f"\nstep-to-visibility: {v['steps_after_write']} decode step(s), {v['ms_after_write']:.2f} ms "
                   f"after the write (decode step {v['decode_step_ms']:.2f} ms)")
+        if "checkpoint" in run:
+            c = run["checkpoint"]
+            print(f"\ncheckpoint: {c['size_bytes'] / 1e9:.1f} GB in {c['seconds']:.1f} s ({c['gb_per_s']:.2f} GB/s; "
+                  f"{c['wall_s']:.1f} s for the request)")
 
 
 if __name__ == "__main__":

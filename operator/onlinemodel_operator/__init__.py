@@ -1,9 +1,9 @@
 """The onlinemodel Kubernetes operator: the OnlineModel resource and the kopf handlers that run it.
 
 Pure parts (no I/O): `models` (the resource, spec and status, as pydantic models), `crd` (the CRD
-generated from them), `render` (spec -> Pod/Service/PVC), `pod` (reading a live pod back), `decide`
-(what was observed -> the one action of a pass), `status` (pod + runtime answer -> OnlineModelStatus),
-`clock` (UTC, RFC 3339). I/O parts: `kube` (Kubernetes API), `runtime_client` (the pod's HTTP API),
+generated from them), `render` (spec -> Pod/Service/PVC/API-token Secret), `pod` (reading a live pod
+back), `decide` (what was observed -> the one action of a pass), `status` (pod + runtime answer ->
+OnlineModelStatus), `clock` (UTC, RFC 3339). I/O parts: `kube` (Kubernetes API), `runtime_client` (the pod's HTTP API),
 `reconcile` (one idempotent pass that executes `decide`'s action), `handlers` (thin kopf handlers),
 `config` and `main` (the `onlinemodel-operator` entry point).
 """

@@ -2,7 +2,8 @@
 executes. Tested as tables in tests/operator/test_operator_decide.py.
 
 One GPU and one ReadWriteOnce volume per OnlineModel: a new pod is created only once the old one is gone,
-and a pod that must go is asked for a checkpoint first when its runtime answers.
+and a pod that must go is asked for a checkpoint first when its runtime answers. A runtime that refuses the
+checkpoints on the volume (another base model) is not restarted until the user decides (the spec changes).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Union
 
-from onlinemodel_operator.pod import answers, finished_phase, is_terminating, spec_hash_of
+from onlinemodel_operator.pod import answers, finished_phase, is_terminating, model_changed, spec_hash_of
 from onlinemodel_operator.render import made_for
 
 
@@ -35,27 +36,37 @@ class ReplaceFailedPod:
 
 
 @dataclass(frozen=True)
+class StopForModelChange:
+    """The runtime exited with EXIT_MODEL_CHANGED: record why (status.modelChanged) and delete the pod;
+    restarting it would only fail again."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class CreatePod:
     """No pod and not suspended: create the rendered one."""
 
 
 @dataclass(frozen=True)
 class Nothing:
-    """The pod runs the current spec (or, suspended, there is none): leave it."""
+    """The pod runs the current spec (or, suspended or held for a model change, there is none): leave it."""
 
 
-PodAction = Union[WaitForOldPod, StopPod, ReplaceFailedPod, CreatePod, Nothing]
+PodAction = Union[WaitForOldPod, StopPod, ReplaceFailedPod, StopForModelChange, CreatePod, Nothing]
 
 
-def decide(pod: Optional[Mapping[str, Any]], *, desired_hash: str, suspend: bool) -> PodAction:
+def decide(pod: Optional[Mapping[str, Any]], *, desired_hash: str, suspend: bool,
+           held_hash: Optional[str] = None) -> PodAction:
     """The one thing to do about the pod of an OnlineModel whose spec is valid (a refused spec changes
     nothing that runs: reconcile only reports it).
 
     pod: the live pod of the OnlineModel's name, made for it (None: none); desired_hash: the spec hash of
-    the pod the spec renders; suspend: spec.suspend.
+    the pod the spec renders; suspend: spec.suspend; held_hash: the spec hash whose pod the runtime refused
+    for a model change (status.modelChanged), if any.
     """
     if pod is None:
-        return Nothing() if suspend else CreatePod()
+        return Nothing() if suspend or held_hash == desired_hash else CreatePod()
     if is_terminating(pod):
         return WaitForOldPod()
     if suspend:
@@ -65,16 +76,21 @@ def decide(pod: Optional[Mapping[str, Any]], *, desired_hash: str, suspend: bool
         return ReplaceFailedPod(phase)
     if spec_hash_of(pod) != desired_hash:
         return StopPod("SpecChanged", checkpoint_first=answers(pod))
+    refused = model_changed(pod)
+    if refused is not None:
+        return StopForModelChange(refused)
     return Nothing()
 
 
 def name_taken(name: str, namespace: str, pod: Optional[Mapping[str, Any]],
-               service: Optional[Mapping[str, Any]]) -> Optional[str]:
-    """Why the pod or Service name is someone else's (the operator never touches what it did not make)."""
-    for kind, obj in (("Pod", pod), ("Service", service)):
+               service: Optional[Mapping[str, Any]], token_secret: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+    """Why the pod, Service or generated token Secret name is someone else's (the operator never touches
+    what it did not make)."""
+    for kind, obj in (("Pod", pod), ("Service", service), ("Secret", token_secret)):
         if obj is not None and not made_for(obj, name):
-            return (f"{kind} {namespace}/{name} exists and was not created for this OnlineModel; "
-                    "delete it or give the OnlineModel another name")
+            taken = obj["metadata"]["name"]
+            fix = "set spec.training.apiTokenSecretRef" if kind == "Secret" else "give the OnlineModel another name"
+            return f"{kind} {namespace}/{taken} exists and was not created for this OnlineModel; delete it or {fix}"
     return None
 
 

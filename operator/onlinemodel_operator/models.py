@@ -14,14 +14,15 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 
-from onlinemodel_protocol.limits import DECODE_SLOWDOWN_OFF, MAX_DECODE_SLOWDOWN_DEFAULT, MAX_DECODE_SLOWDOWN_MAX
+from onlinemodel_protocol import limits
+from onlinemodel_protocol.config import ENV_API_TOKEN
 
 # Kubernetes quantity ("20Gi", "500m", 4): an int or a string; the string's form is checked by a pattern.
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 Quantity = Union[int, Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN)]]
 # Flags of `onlinemodel serve` that the operator sets itself; extraArgs may not repeat them.
 MANAGED_FLAGS_RE = r"^--(model|served-model-name|host|port)(=.*)?$"
-API_TOKEN_ENV = "ONLINEMODEL_API_TOKEN"
+API_TOKEN_ENV = ENV_API_TOKEN  # the runtime reads its bearer token from it
 MAX_NAME_LENGTH = 63
 RESOURCE_NAME_RE = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
@@ -137,25 +138,35 @@ class ServingSpec(_Model):
 
 
 class TrainingSpec(_Model):
-    """Online training settings."""
+    """Online training settings. Defaults and bounds are the runtime's own (onlinemodel_protocol.limits)."""
 
     CEL = (cel("!has(self.maxDecodeSlowdown) || double(self.maxDecodeSlowdown) == 0.0 "
                "|| double(self.maxDecodeSlowdown) >= 1.0",
                "training.maxDecodeSlowdown: a factor of at least 1, or 0 (off)"),)
     enabled: bool = Field(True, description="Run the trainer next to vLLM (false: serve only).")
-    learning_rate: Optional[float] = Field(None, gt=0, le=1, description="Learning rate of the optimizer.")
-    optimizer_rank: Optional[int] = Field(None, ge=1, le=4096, description="Rank of the low-rank optimizer state (APOLLO).")
-    max_examples_per_request: Optional[int] = Field(None, ge=1, le=100000, description="Largest number of examples one POST /train may carry.")
+    learning_rate: float = Field(limits.LEARNING_RATE_DEFAULT, gt=0, le=limits.LEARNING_RATE_MAX,
+                                 description="Learning rate of the optimizer (a request may ask for another).")
+    optimizer_rank: int = Field(limits.OPTIMIZER_RANK_DEFAULT, ge=1, le=limits.OPTIMIZER_RANK_MAX,
+                                description="Rank of the low-rank optimizer state (APOLLO; 1 is APOLLO-Mini).")
+    max_examples_per_request: int = Field(limits.MAX_EXAMPLES_DEFAULT, ge=1, le=limits.MAX_EXAMPLES_CEILING,
+                                          description="Largest number of examples one POST /train may carry.")
+    default_epochs: int = Field(limits.EPOCHS_DEFAULT, ge=1, le=limits.MAX_EPOCHS_DEFAULT,
+                                description="Passes over the examples when a POST /train names none.")
+    max_body_bytes: Optional[int] = Field(
+        None, ge=1, description=f"Largest request body of the training routes, in bytes (default: the runtime's, "
+                                f"{limits.MAX_BODY_BYTES_DEFAULT}); a larger one is refused with 413.")
     api_token_secret_ref: Optional[SecretKeyRef] = Field(
-        None, description="Secret key holding the bearer token that POST /train and POST /checkpoint require.")
-    max_decode_slowdown: Optional[float] = Field(
-        None, ge=DECODE_SLOWDOWN_OFF, le=MAX_DECODE_SLOWDOWN_MAX,
-        description=f"Serving first: how much slower (p99 per token) decode may get while training runs "
-                    f"(default {MAX_DECODE_SLOWDOWN_DEFAULT}; 0: training is not paced).")
+        None, description="Secret key holding the bearer token that POST /train, POST /checkpoint and GET "
+                          "/train/status require. Absent: the operator creates the Secret <name>-api-token with a "
+                          "random token (key token) and names it in status.apiTokenSecret.")
+    max_decode_slowdown: float = Field(
+        limits.MAX_DECODE_SLOWDOWN_DEFAULT, ge=limits.DECODE_SLOWDOWN_OFF, le=limits.MAX_DECODE_SLOWDOWN_MAX,
+        description="Serving first: how much slower (p99 per token) decode may get while training runs "
+                    "(a factor of at least 1; 0: training is not paced).")
 
     @model_validator(mode="after")
     def _slowdown_factor(self) -> "TrainingSpec":
-        if self.max_decode_slowdown is not None and 0 < self.max_decode_slowdown < 1:
+        if 0 < self.max_decode_slowdown < 1:
             raise ValueError(self.CEL[0]["message"])
         return self
 
@@ -169,7 +180,18 @@ class CheckpointVolumeSpec(_Model):
     size: Optional[Quantity] = Field(None, json_schema_extra=QUANTITY,
                                      description="Size of the claim the operator creates (default 20Gi).")
     storage_class_name: Optional[str] = Field(None, min_length=1, description="Storage class of the claim the operator creates.")
-    retain: bool = Field(False, description="Keep the created claim when the OnlineModel is deleted (no owner reference).")
+    delete_with_model: bool = Field(False, description="Delete the created claim, and every checkpoint on it, when "
+                                                       "the OnlineModel is deleted (an owner reference). By default "
+                                                       "it is kept.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_retain(cls, data: Any) -> Any:
+        # `retain: true` asked for what is now the default; the CRD no longer has the field, so the API server
+        # prunes it, but an object stored before the change may still carry it (docs/operator.md, "Upgrading").
+        if isinstance(data, dict) and "retain" in data:
+            data = {k: v for k, v in data.items() if k != "retain"}
+        return data
 
     @model_validator(mode="after")
     def _claim_or_size(self) -> "CheckpointVolumeSpec":
@@ -181,9 +203,16 @@ class CheckpointVolumeSpec(_Model):
 class CheckpointSpec(_Model):
     """Checkpoints of the trained weights and optimizer state; the pod resumes from the latest one."""
 
-    every_steps: Optional[int] = Field(None, ge=1, description="Checkpoint after every N training steps.")
-    every_seconds: Optional[int] = Field(None, ge=1, description="Checkpoint at most every T seconds while training.")
-    keep_last: int = Field(3, ge=1, le=1000, description="How many checkpoints to keep on the volume.")
+    every_steps: int = Field(limits.CHECKPOINT_EVERY_STEPS_DEFAULT, ge=0,
+                             description="Checkpoint after every N training steps (0: no step-based checkpoints).")
+    every_seconds: float = Field(limits.CHECKPOINT_EVERY_SECONDS_DEFAULT, ge=0,
+                               description="Checkpoint T seconds after the last one when the weights changed since "
+                                           "(0: no time-based checkpoints).")
+    keep_last: int = Field(limits.CHECKPOINT_KEEP_DEFAULT, ge=1, le=limits.CHECKPOINT_KEEP_MAX,
+                           description="How many checkpoints to keep on the volume.")
+    start_over: bool = Field(False, description="When the checkpoints on the volume were made from another model than "
+                                                "spec.model, move them aside (never deleted) and start from spec.model; "
+                                                "false: the pod refuses to start and the status says ModelChanged.")
     volume: CheckpointVolumeSpec = Field(default_factory=CheckpointVolumeSpec, description="The checkpoint volume.")
 
 
@@ -222,7 +251,7 @@ class PodOverrides(_Model):
 
     CEL = (
         cel(f"self.env.all(e, e.name != '{API_TOKEN_ENV}')",
-            f"pod.env: {API_TOKEN_ENV} is set by the operator from training.apiTokenSecretRef"),
+            f"pod.env: {API_TOKEN_ENV} is set by the operator (training.apiTokenSecretRef, or a generated Secret)"),
         cel("self.labels.all(k, !k.startsWith('onlinemodel.dev/'))",
             "pod.labels: keys under onlinemodel.dev/ are reserved for the operator"),
     )
@@ -317,6 +346,24 @@ class FailureStatus(_StatusModel):
     time: Optional[str] = Field(None, json_schema_extra=DATE_TIME)
 
 
+class SecretKeyStatus(_StatusModel):
+    """A Secret key the pod reads."""
+
+    name: str
+    key: str
+
+
+class ModelChangedStatus(_StatusModel):
+    """The runtime refused the checkpoints on the volume: they were made from another model than spec.model.
+
+    No pod is started for this spec hash until the spec changes (checkpoint.startOver, or the model back) or
+    the OnlineModel is suspended and resumed."""
+
+    spec_hash: str = Field(description="Spec hash of the pod that was refused.")
+    message: str = Field("", max_length=32768, description="What the runtime said.")
+    time: Optional[str] = Field(None, json_schema_extra=DATE_TIME)
+
+
 class OnlineModelStatus(_StatusModel):
     """Observed state, recomputed from the live pod and the runtime's /train/status."""
 
@@ -330,6 +377,9 @@ class OnlineModelStatus(_StatusModel):
     pod_name: Optional[str] = None
     pod_spec_hash: Optional[str] = Field(None, description="Spec hash of the running pod.")
     last_failure: Optional[FailureStatus] = None
+    api_token_secret: Optional[SecretKeyStatus] = Field(
+        None, description="The Secret key holding the bearer token of the training routes (give it to clients).")
+    model_changed: Optional[ModelChangedStatus] = None
 
 
 class ObjectMeta(_Model):

@@ -12,11 +12,12 @@ from typing import Any, Iterable, Mapping, Optional
 from onlinemodel_operator import SPEC_HASH_ANNOTATION
 from onlinemodel_operator.models import API_TOKEN_ENV, FailureStatus
 from onlinemodel_operator.render import CONTAINER_NAME, PORT_NAME
+from onlinemodel_protocol.rpc import EXIT_MODEL_CHANGED
 
 IMAGE_PULL_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
 CONFIG_ERROR_REASONS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 # Pod reasons that mean "broken until someone acts" (Degraded), as opposed to "not there yet".
-FAILING_POD_REASONS = {"ImagePullBackOff", "CrashLoopBackOff", "PodFailed", "ContainerConfigError"}
+FAILING_POD_REASONS = {"ImagePullBackOff", "CrashLoopBackOff", "PodFailed", "ContainerConfigError", "ModelChanged"}
 FINISHED_PHASES = ("Failed", "Succeeded")
 DEFAULT_PORT = 8000
 
@@ -73,6 +74,23 @@ def api_token_ref(pod: Mapping[str, Any]) -> Optional[tuple[str, str]]:
     return None
 
 
+def model_changed(pod: Mapping[str, Any]) -> Optional[str]:
+    """What the runtime said when it refused to start because the checkpoints hold another base model
+    (exit code EXIT_MODEL_CHANGED), or None. Read while the container is down: the exit itself, or the
+    back-off after it; a container that runs again got past the check."""
+    container = runtime_container_status(pod)
+    state = container.get("state") or {}
+    if state.get("terminated") is not None:
+        term = state["terminated"]
+    elif state.get("waiting") is not None:
+        term = (container.get("lastState") or {}).get("terminated") or {}
+    else:
+        return None
+    if term.get("exitCode") != EXIT_MODEL_CHANGED:
+        return None
+    return (term.get("message") or "").strip()[-2048:] or "the checkpoints were made from another model"
+
+
 @dataclass(frozen=True)
 class PodView:
     """What the pod says: a CamelCase reason, a message, whether it serves, whether it is failing."""
@@ -98,6 +116,9 @@ def analyze_pod(pod: Optional[Mapping[str, Any]]) -> PodView:
     state = container.get("state") or {}
     waiting = state.get("waiting") or {}
     reason = waiting.get("reason") or ""
+    refused = model_changed(pod)
+    if refused is not None:
+        return PodView("ModelChanged", model_changed_message(refused), failing=True)
     if reason in IMAGE_PULL_REASONS:
         return PodView("ImagePullBackOff", waiting.get("message") or f"cannot pull the image ({reason})", failing=True)
     if reason == "CrashLoopBackOff":
@@ -118,6 +139,11 @@ def analyze_pod(pod: Optional[Mapping[str, Any]]) -> PodView:
             return PodView("Unschedulable" if cond.get("reason") == "Unschedulable" else "PodPending",
                            cond.get("message") or "the pod is not scheduled yet")
     return PodView("PodPending", waiting.get("message") or reason or f"pod {name} is {phase.lower()}")
+
+
+def model_changed_message(runtime_message: str) -> str:
+    return (f"the runtime refused the checkpoints on the volume: {runtime_message.rstrip('.')}. Set "
+            "spec.checkpoint.startOver: true to move them aside and start from spec.model, or set spec.model back")
 
 
 def answers(pod: Mapping[str, Any]) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -20,6 +21,7 @@ from onlinemodel_operator.decide import (
     AlreadyHandled,
     CreatePod,
     ReplaceFailedPod,
+    StopForModelChange,
     StopPod,
     WaitForOldPod,
     WaitUntilServing,
@@ -27,16 +29,19 @@ from onlinemodel_operator.decide import (
     decide_checkpoint_request,
     name_taken,
 )
-from onlinemodel_operator.kube import CLAIMS, ONLINEMODELS, PODS, SERVICES, Conflict, KubeApi
+from onlinemodel_operator.kube import CLAIMS, ONLINEMODELS, PODS, SECRETS, SERVICES, Conflict, KubeApi, KubeError
 from onlinemodel_operator.models import (
+    FailureStatus,
+    ModelChangedStatus,
     OnlineModelSpec,
     OnlineModelStatus,
+    SecretKeyStatus,
     format_validation_error,
     name_error,
     parse_spec,
 )
 from onlinemodel_operator.pod import analyze_pod, api_token_ref, pod_failure, runtime_url
-from onlinemodel_operator.render import Desired, Owner, made_for, render_all
+from onlinemodel_operator.render import Desired, Owner, made_for, render_all, render_token_secret
 from onlinemodel_operator.runtime_client import CheckpointBusy, RuntimeClient, RuntimeClientError
 from onlinemodel_operator.status import (
     RuntimeUnavailable,
@@ -107,15 +112,14 @@ class Reconciler:
             except CheckpointBusy:
                 return self._retry("a checkpoint is already running")
             except RuntimeClientError as exc:
-                record = with_saved_checkpoint(previous, {}, **request, request_result="Failed",
+                record = with_saved_checkpoint(previous, None, **request, request_result="Failed",
                                                request_message=str(exc))
                 events(body, Transition("Warning", "CheckpointFailed", f"requested checkpoint {value!r} failed: {exc}"))
             else:
                 record = with_saved_checkpoint(previous, saved, **request, request_result="Succeeded",
-                                               request_message=f"saved step {saved.get('step')}")
+                                               request_message=f"saved step {saved.step}")
                 events(body, Transition("Normal", "CheckpointRequested",
-                                        f"requested checkpoint {value!r} saved step {saved.get('step')} "
-                                        f"to {saved.get('path')}"))
+                                        f"requested checkpoint {value!r} saved step {saved.step} to {saved.path}"))
             await self.kube.patch(ONLINEMODELS, namespace, name, {"status": {"checkpoint": record.to_dict()}}, "status")
             return await self._reconcile(namespace, name, events)
 
@@ -128,31 +132,47 @@ class Reconciler:
         owner = Owner.from_body(body)
         spec, refused = await self._parse(body, owner)
         pod = await self.kube.get(PODS, namespace, name)
-        if spec is not None:
-            refused = name_taken(name, namespace, pod, await self.kube.get(SERVICES, namespace, name))
+        desired = render_all(owner, spec) if spec is not None else None
+        token_secret = None
+        if desired is not None:
+            if desired.generates_token:
+                token_secret = await self.kube.get(SECRETS, namespace, desired.api_token.name)
+            refused = name_taken(name, namespace, pod, await self.kube.get(SERVICES, namespace, name), token_secret)
             if refused:
                 pod = None  # not ours: neither managed nor reported as our pod
-        if spec is None or refused:  # parse failed: report it, touch nothing that runs
+        if desired is None or refused:  # parse failed: report it, touch nothing that runs
             status = compute_status(body, pod, await self._poll(pod), self.clock(), spec_error=refused)
             await self._publish(body, status, events)
             return Outcome(invalid=refused)
 
-        desired = render_all(owner, spec)
+        if desired.generates_token and token_secret is None:
+            await self._create_token_secret(owner, body, events)
         await self._ensure_claim(owner, desired.pvc)
         await self._ensure_service(desired.service)
-        failure = None
-        action = decide(pod, desired_hash=desired.spec_hash, suspend=spec.suspend)
-        if isinstance(action, (StopPod, ReplaceFailedPod)):
+        failure: Optional[FailureStatus] = None
+        model_changed = previous_status(body).model_changed  # the spec hash held back, if any
+        action = decide(pod, desired_hash=desired.spec_hash, suspend=spec.suspend,
+                        held_hash=model_changed.spec_hash if model_changed else None)
+        if isinstance(action, (StopPod, ReplaceFailedPod, StopForModelChange)):
             assert pod is not None
             if isinstance(action, StopPod):
                 body = await self._announce(body, pod, desired, events)
                 pod = await self._stop_pod(body, pod, action, events)
-            else:
+            else:  # the pod failed, or its runtime refused to start: record why, then delete it
                 failure = pod_failure(pod)
-                events(body, Transition("Warning", "PodFailed", f"pod {name} {action.phase.lower()}; recreating it"))
+                if isinstance(action, StopForModelChange):
+                    model_changed = ModelChangedStatus(spec_hash=desired.spec_hash, message=action.message,
+                                                       time=rfc3339(self.clock()))
+                    events(body, Transition("Warning", "ModelChanged",
+                                            f"the runtime refused the checkpoints ({action.message}); deleted pod "
+                                            f"{name}; none is started until the spec changes"))
+                else:
+                    events(body, Transition("Warning", "PodFailed",
+                                            f"pod {name} {action.phase.lower()}; recreating it"))
                 pod = await self._delete_pod(pod)
             # Then the one thing to do about what is left of it: wait while it terminates, or replace it.
-            action = decide(pod, desired_hash=desired.spec_hash, suspend=spec.suspend)
+            action = decide(pod, desired_hash=desired.spec_hash, suspend=spec.suspend,
+                            held_hash=model_changed.spec_hash if model_changed else None)
         outcome = Outcome()
         if isinstance(action, WaitForOldPod):
             outcome = self._retry("waiting for the old pod to terminate")
@@ -161,7 +181,9 @@ class Reconciler:
             events(body, Transition("Normal", "PodCreated", f"created pod {name} (spec {desired.spec_hash})"))
 
         status = compute_status(body, pod, await self._poll(pod), self.clock(), desired_hash=desired.spec_hash,
-                                endpoint=desired.endpoint, deleted_failure=failure)
+                                endpoint=desired.endpoint, deleted_failure=failure, model_changed=model_changed,
+                                api_token_secret=SecretKeyStatus(name=desired.api_token.name,
+                                                                 key=desired.api_token.key))
         await self._publish(body, status, events)
         return outcome
 
@@ -182,8 +204,11 @@ class Reconciler:
         if hf is not None and hf.token_secret_ref is not None:
             refs.append(("spec.model.source.huggingFace.tokenSecretRef", hf.token_secret_ref))
         for path, ref in refs:
-            if await self.kube.read_secret_key(ns, ref.name, ref.key) is None:
+            value = await self.kube.read_secret_key(ns, ref.name, ref.key)
+            if value is None:
                 return None, f"{path}: Secret {ns}/{ref.name} does not exist or has no key {ref.key!r}"
+            if not value.strip():  # the runtime refuses an empty token rather than serve without one
+                return None, f"{path}: key {ref.key!r} of Secret {ns}/{ref.name} is empty"
         claims = []
         if spec.model.source.volume is not None:
             claims.append(("spec.model.source.volume.claimName", spec.model.source.volume.claim_name))
@@ -195,6 +220,17 @@ class Reconciler:
         return spec, None
 
     # --- children -------------------------------------------------------------------------------------------
+
+    async def _create_token_secret(self, owner: Owner, body: Mapping[str, Any], events: EventSink) -> None:
+        """The Secret with a random API token, owned by the OnlineModel; drawn once, reused ever after."""
+        secret = render_token_secret(owner, secrets.token_urlsafe(32))
+        try:
+            await self.kube.create(secret)
+        except Conflict:  # created meanwhile by another pass: that one stays
+            return
+        events(body, Transition("Normal", "ApiTokenCreated",
+                                f"created Secret {secret['metadata']['name']} with a random API token "
+                                "for the training routes (status.apiTokenSecret)"))
 
     async def _ensure_claim(self, owner: Owner, pvc: Optional[dict[str, Any]]) -> None:
         if pvc is None:
@@ -211,7 +247,7 @@ class Reconciler:
         current = existing["metadata"].get("ownerReferences") or []
         others = [r for r in current if r.get("uid") != owner.uid]
         wanted = others + pvc["metadata"].get("ownerReferences", [])
-        if [r.get("uid") for r in wanted] != [r.get("uid") for r in current]:  # `retain` was flipped
+        if [r.get("uid") for r in wanted] != [r.get("uid") for r in current]:  # `deleteWithModel` was flipped
             await self.kube.patch(CLAIMS, owner.namespace, pvc["metadata"]["name"],
                                   {"metadata": {"ownerReferences": wanted}})
 
@@ -261,16 +297,17 @@ class Reconciler:
                                         "the pod's preStop hook tries again"))
             else:
                 events(body, Transition("Normal", "CheckpointBeforeStop",
-                                        f"{why}: saved step {saved.get('step')} before stopping the pod"))
+                                        f"{why}: saved step {saved.step} before stopping the pod"))
         events(body, Transition("Normal", why, f"deleting pod {pod['metadata']['name']} ({why})"))
         return await self._delete_pod(pod)
 
     # --- runtime and status ---------------------------------------------------------------------------------
 
     async def _client(self, pod: Mapping[str, Any]) -> RuntimeClient:
-        """A client of the pod's runtime, with the API token the pod itself was given (POST needs it)."""
+        """A client of the pod's runtime, with the API token the pod itself was given (every route but
+        /health needs it)."""
         url = runtime_url(pod)
-        assert url is not None, "decide only talks to pods that answer"
+        assert url is not None, "only pods that answer are asked"
         ref = api_token_ref(pod)
         token = None if ref is None else await self.kube.read_secret_key(pod["metadata"]["namespace"], *ref)
         return self.runtime_client(url, token, timeout=self.config.runtime_timeout)
@@ -278,13 +315,14 @@ class Reconciler:
     async def _poll(self, pod: Optional[Mapping[str, Any]]) -> RuntimeView:
         if pod is None or not analyze_pod(pod).serving:
             return None
-        url = runtime_url(pod)
-        if url is None:
+        if runtime_url(pod) is None:
             return RuntimeUnavailable("the pod has no IP address")
         try:
-            return await self.runtime_client(url, None, timeout=self.config.runtime_timeout).train_status()
+            return await (await self._client(pod)).train_status()
         except RuntimeClientError as exc:
             return RuntimeUnavailable(str(exc))
+        except KubeError as exc:  # reading the token failed
+            return RuntimeUnavailable(f"cannot read the pod's API token: {exc}")
 
     async def _announce(self, body: dict[str, Any], pod: Mapping[str, Any], desired: Desired,
                         events: EventSink) -> dict[str, Any]:

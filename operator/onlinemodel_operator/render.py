@@ -1,11 +1,14 @@
-"""Pure rendering: an OnlineModel (metadata + validated spec) -> the desired Pod, Service and PVC dicts.
+"""Pure rendering: an OnlineModel (metadata + validated spec) -> the desired Pod, Service, PVC and API-token
+Secret dicts.
 
-No I/O here. Every object carries the OnlineModel's labels and a controller owner reference, except a
-checkpoint claim with `retain: true` (it must outlive the resource) and an existing claim (never ours).
+No I/O here (the token itself is drawn by reconcile.py). Every object carries the OnlineModel's labels and a
+controller owner reference, except the checkpoint claim (kept when the OnlineModel goes, unless
+`deleteWithModel`) and an existing claim (never ours).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -21,7 +24,7 @@ from onlinemodel_operator import (
     NAME_LABEL,
     SPEC_HASH_ANNOTATION,
 )
-from onlinemodel_operator.models import API_TOKEN_ENV, OnlineModelSpec
+from onlinemodel_operator.models import API_TOKEN_ENV, OnlineModelSpec, SecretKeyRef
 
 CONTAINER_NAME = "runtime"
 PORT_NAME = "http"
@@ -30,6 +33,25 @@ MODEL_VOLUME_DIR = "/var/lib/onlinemodel/model"
 DEFAULT_CHECKPOINT_SIZE = "20Gi"
 STARTUP_PROBE_PERIOD = 10
 HEALTH_PATH = "/health"
+API_TOKEN_KEY = "token"
+# The runtime runs as this user and group (docker/runtime.Dockerfile creates them); the volumes are group-owned
+# by it (fsGroup), so the checkpoints of an older pod that ran as root stay writable.
+RUNTIME_UID = 65532
+RUNTIME_GID = 65532
+RUNTIME_USER = "onlinemodel"
+# The root filesystem is read-only: HOME and every cache vLLM, Hugging Face, torch and Triton write to live
+# on an emptyDir, temporary files on another.
+HOME_DIR = "/var/lib/onlinemodel/home"
+CACHE_DIR = f"{HOME_DIR}/.cache"
+CACHE_ENV = {
+    "HOME": HOME_DIR,
+    "USER": RUNTIME_USER,  # getpass.getuser() (torch) needs it: a numeric UID may have no passwd entry
+    "XDG_CACHE_HOME": CACHE_DIR,  # vLLM's compile cache, FlashInfer, outlines
+    "HF_HOME": f"{CACHE_DIR}/huggingface",  # Hub downloads (huggingFace model sources)
+    "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton",
+    "TORCHINDUCTOR_CACHE_DIR": f"{CACHE_DIR}/torchinductor",
+}
+TMP_DIR = "/tmp"
 
 
 @dataclass(frozen=True)
@@ -62,6 +84,16 @@ def checkpoint_claim_name(owner: Owner, spec: OnlineModelSpec) -> str:
     return spec.checkpoint.volume.existing_claim or f"{owner.name}-checkpoints"
 
 
+def generated_token_secret_name(owner: Owner) -> str:
+    return f"{owner.name}-api-token"
+
+
+def token_secret_ref(owner: Owner, spec: OnlineModelSpec) -> SecretKeyRef:
+    """The Secret key the pod's API token comes from: the user's, else the one the operator generates."""
+    return spec.training.api_token_secret_ref or SecretKeyRef(name=generated_token_secret_name(owner),
+                                                              key=API_TOKEN_KEY)
+
+
 def endpoint(owner: Owner, spec: OnlineModelSpec) -> str:
     return f"http://{service_name(owner)}.{owner.namespace}.svc:{spec.serving.port}"
 
@@ -85,10 +117,10 @@ def common_labels(owner: Owner) -> dict[str, str]:
 
 
 def spec_hash(spec: OnlineModelSpec) -> str:
-    """Hash of everything in the spec that shapes the pod (suspend and volume retention do not)."""
+    """Hash of everything in the spec that shapes the pod (suspend and the claim's deletion policy do not)."""
     data = spec.to_dict()
     data.pop("suspend", None)
-    data.get("checkpoint", {}).get("volume", {}).pop("retain", None)
+    data.get("checkpoint", {}).get("volume", {}).pop("deleteWithModel", None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -104,7 +136,7 @@ def model_argument(spec: OnlineModelSpec) -> str:
 
 
 def _num(value: float) -> str:
-    return repr(float(value)) if not float(value).is_integer() else str(value)
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def prestop_timeout(spec: OnlineModelSpec) -> int:
@@ -118,29 +150,29 @@ def final_checkpoint_timeout(spec: OnlineModelSpec) -> int:
 
 def serve_args(owner: Owner, spec: OnlineModelSpec) -> list[str]:
     """Arguments of `onlinemodel serve` (its options: README.md, "Quickstart (runtime)")."""
+    checkpoint = spec.checkpoint
     args = ["--model", model_argument(spec),
             "--served-model-name", spec.model.served_name or owner.name,
             "--host", "0.0.0.0", "--port", str(spec.serving.port),
             "--checkpoint-dir", CHECKPOINT_DIR,
-            "--checkpoint-keep", str(spec.checkpoint.keep_last),
+            "--checkpoint-keep", str(checkpoint.keep_last),
+            "--checkpoint-every-steps", str(checkpoint.every_steps),
+            "--checkpoint-every-seconds", _num(checkpoint.every_seconds),
             "--final-checkpoint-timeout", str(final_checkpoint_timeout(spec))]
-    if spec.checkpoint.every_steps is not None:
-        args += ["--checkpoint-every-steps", str(spec.checkpoint.every_steps)]
-    if spec.checkpoint.every_seconds is not None:
-        args += ["--checkpoint-every-seconds", str(spec.checkpoint.every_seconds)]
+    if checkpoint.start_over:
+        args.append("--start-over")
     training = spec.training
     if not training.enabled:
         args.append("--no-training")
     else:
-        if training.learning_rate is not None:
-            args += ["--learning-rate", _num(training.learning_rate)]
-        if training.optimizer_rank is not None:
-            args += ["--optimizer-rank", str(training.optimizer_rank)]
-        if training.max_examples_per_request is not None:
-            args += ["--max-examples", str(training.max_examples_per_request)]
-        if training.max_decode_slowdown is not None:
-            args += ["--max-decode-slowdown", _num(training.max_decode_slowdown) if training.max_decode_slowdown
-                     else "off"]
+        args += ["--learning-rate", _num(training.learning_rate),
+                 "--optimizer-rank", str(training.optimizer_rank),
+                 "--max-examples", str(training.max_examples_per_request),
+                 "--default-epochs", str(training.default_epochs),
+                 "--max-decode-slowdown", _num(training.max_decode_slowdown) if training.max_decode_slowdown
+                 else "off"]
+        if training.max_body_bytes is not None:
+            args += ["--max-body-bytes", str(training.max_body_bytes)]
     if spec.serving.max_model_len is not None:
         args += ["--max-model-len", str(spec.serving.max_model_len)]
     if spec.serving.gpu_memory_utilization is not None:
@@ -158,15 +190,15 @@ def _secret_env(name: str, ref: Any) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
-def _container_env(spec: OnlineModelSpec) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = []
-    if spec.training.api_token_secret_ref is not None:
-        env.append(_secret_env(API_TOKEN_ENV, spec.training.api_token_secret_ref))
+def _container_env(owner: Owner, spec: OnlineModelSpec) -> list[dict[str, Any]]:
+    user_env = [e.to_dict() for e in spec.pod.env]
+    overridden = {e["name"] for e in user_env}
+    env = [{"name": name, "value": value} for name, value in CACHE_ENV.items() if name not in overridden]
+    env.append(_secret_env(API_TOKEN_ENV, token_secret_ref(owner, spec)))
     hf = spec.model.source.hugging_face
     if hf is not None and hf.token_secret_ref is not None:
         env.append(_secret_env("HF_TOKEN", hf.token_secret_ref))
-    env.extend(e.to_dict() for e in spec.pod.env)
-    return env
+    return env + user_env
 
 
 def _resources(spec: OnlineModelSpec) -> dict[str, Any]:
@@ -193,13 +225,34 @@ def _probe(failure_threshold: int, period: int, timeout: int) -> dict[str, Any]:
             "timeoutSeconds": timeout, "failureThreshold": failure_threshold}
 
 
+# The restricted Pod Security Standard, and then some: no root, no capabilities, no privilege escalation,
+# the runtime's default seccomp profile, a read-only root filesystem.
+POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_GID,
+    "fsGroup": RUNTIME_GID,
+    # Re-own a (large) checkpoint volume only when its root is not ours yet, not on every start.
+    "fsGroupChangePolicy": "OnRootMismatch",
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+}
+
+
 def render_pod(owner: Owner, spec: OnlineModelSpec) -> dict[str, Any]:
     port = spec.serving.port
     mounts = [{"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
-              {"name": "dshm", "mountPath": "/dev/shm"}]
+              {"name": "dshm", "mountPath": "/dev/shm"},
+              {"name": "home", "mountPath": HOME_DIR},
+              {"name": "tmp", "mountPath": TMP_DIR}]
     volumes: list[dict[str, Any]] = [
         {"name": "checkpoints", "persistentVolumeClaim": {"claimName": checkpoint_claim_name(owner, spec)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}},
+        # No size limits: a Hub model is downloaded into home, and its size is the model's.
+        {"name": "home", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
     ]
     source = spec.model.source
     if source.volume is not None:
@@ -213,7 +266,7 @@ def render_pod(owner: Owner, spec: OnlineModelSpec) -> dict[str, Any]:
         "command": ["onlinemodel", "serve"],
         "args": serve_args(owner, spec),
         "ports": [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}],
-        "env": _container_env(spec),
+        "env": _container_env(owner, spec),
         "resources": _resources(spec),
         "volumeMounts": mounts,
         # Loading (and compiling) a model takes minutes: only the startup probe may wait that long.
@@ -227,12 +280,17 @@ def render_pod(owner: Owner, spec: OnlineModelSpec) -> dict[str, Any]:
         "lifecycle": {"preStop": {"exec": {"command": [
             "onlinemodel", "checkpoint", "--url", f"http://127.0.0.1:{port}",
             "--timeout", str(prestop_timeout(spec))]}}},
+        # What `onlinemodel serve` says when it refuses to start (a changed model) reaches the status.
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Always",
         "terminationGracePeriodSeconds": spec.pod.termination_grace_period_seconds,
         "enableServiceLinks": False,
+        # The runtime never calls the Kubernetes API: a chosen serviceAccountName gives it no token.
+        "automountServiceAccountToken": False,
+        "securityContext": POD_SECURITY_CONTEXT,
         "containers": [container],
         "volumes": volumes,
     }
@@ -285,13 +343,21 @@ def render_pvc(owner: Owner, spec: OnlineModelSpec) -> dict[str, Any] | None:
         return None
     meta: dict[str, Any] = {"name": checkpoint_claim_name(owner, spec), "namespace": owner.namespace,
                             "labels": common_labels(owner)}
-    if not volume.retain:
+    if volume.delete_with_model:
         meta["ownerReferences"] = [owner.reference()]
     pvc_spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"],
                                 "resources": {"requests": {"storage": volume.size or DEFAULT_CHECKPOINT_SIZE}}}
     if volume.storage_class_name:
         pvc_spec["storageClassName"] = volume.storage_class_name
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": pvc_spec}
+
+
+def render_token_secret(owner: Owner, token: str) -> dict[str, Any]:
+    """The Secret holding a generated API token (reconcile.py draws `token`; never logged)."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": generated_token_secret_name(owner), "namespace": owner.namespace,
+                         "labels": common_labels(owner), "ownerReferences": [owner.reference()]},
+            "data": {API_TOKEN_KEY: base64.b64encode(token.encode()).decode()}}
 
 
 @dataclass(frozen=True)
@@ -301,8 +367,11 @@ class Desired:
     pvc: dict[str, Any] | None
     spec_hash: str
     endpoint: str
+    api_token: SecretKeyRef
+    generates_token: bool  # the operator owns the token's Secret (no apiTokenSecretRef)
 
 
 def render_all(owner: Owner, spec: OnlineModelSpec) -> Desired:
     return Desired(pod=render_pod(owner, spec), service=render_service(owner, spec), pvc=render_pvc(owner, spec),
-                   spec_hash=spec_hash(spec), endpoint=endpoint(owner, spec))
+                   spec_hash=spec_hash(spec), endpoint=endpoint(owner, spec), api_token=token_secret_ref(owner, spec),
+                   generates_token=spec.training.api_token_secret_ref is None)

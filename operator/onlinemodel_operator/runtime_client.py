@@ -1,12 +1,13 @@
-"""Async client of the runtime's HTTP API in the pod: GET /train/status and POST /checkpoint.
+"""Async client of the runtime's HTTP API in the pod: GET /train/status and POST /checkpoint, both with the
+pod's bearer token.
 
-Answers are checked against the runtime's own models (``onlinemodel_protocol.api``) and returned as the
-JSON the runtime sent, less fields the models do not know.
+Answers are parsed into the runtime's own models (``onlinemodel_protocol.api``): ``TrainStatus`` and
+``CheckpointRecord``. An answer those models refuse is a RuntimeClientError.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -53,10 +54,13 @@ def _error_message(response: httpx.Response) -> str:
     return str(body)[:500]
 
 
-def _parse(model: type[BaseModel], response: httpx.Response) -> dict[str, Any]:
-    """The body, checked against `model`; ValueError if it is not JSON or not that shape."""
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def _parse(model: type[Body], response: httpx.Response) -> Body:
+    """The body as `model`; ValueError if it is not JSON or not that shape."""
     try:
-        return model.model_validate_json(response.content).model_dump(mode="json", exclude_unset=True)
+        return model.model_validate_json(response.content)
     except ValidationError as exc:
         raise ValueError(f"unexpected answer {response.text[:200]!r}: {exc.error_count()} problem(s), first: "
                          f"{exc.errors(include_url=False)[0]['msg']}") from None
@@ -68,7 +72,8 @@ class RuntimeClient:
     def __init__(self, base_url: str, token: Optional[str] = None, *, timeout: float = 5.0,
                  transport: Optional[httpx.AsyncBaseTransport] = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self.token = token
+        # Stripped as the runtime strips it: a Secret made with --from-file ends with a newline.
+        self.token = (token or "").strip() or None
         self.timeout = timeout
         self._transport = transport
 
@@ -78,7 +83,7 @@ class RuntimeClient:
         return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout,
                                  transport=self._transport, trust_env=False)
 
-    async def train_status(self) -> dict[str, Any]:
+    async def train_status(self) -> TrainStatus:
         try:
             async with self._client(self.timeout) as client:
                 response = await client.get("/train/status")
@@ -91,8 +96,8 @@ class RuntimeClient:
         except ValueError as exc:
             raise RuntimeUnreachable(str(exc)) from None
 
-    async def checkpoint(self, timeout: float = 600.0) -> dict[str, Any]:
-        """POST /checkpoint and wait for it; returns {"path", "step", "time", ...} (a CheckpointRecord)."""
+    async def checkpoint(self, timeout: float = 600.0) -> CheckpointRecord:
+        """POST /checkpoint and wait for it."""
         try:
             async with self._client(timeout) as client:
                 response = await client.post("/checkpoint")

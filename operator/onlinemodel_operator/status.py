@@ -20,15 +20,26 @@ from onlinemodel_operator.models import (
     CheckpointStatus,
     Condition,
     FailureStatus,
+    ModelChangedStatus,
     OnlineModelStatus,
+    SecretKeyStatus,
     TrainingStatus,
 )
-from onlinemodel_operator.pod import FAILING_POD_REASONS, PodView, analyze_pod, pod_failure, spec_hash_of
+from onlinemodel_operator.pod import (
+    FAILING_POD_REASONS,
+    PodView,
+    analyze_pod,
+    model_changed_message,
+    pod_failure,
+    spec_hash_of,
+)
+from onlinemodel_protocol.api import CheckpointRecord, TrainStatus
 
 PHASE_OF_REASON = {
     "PodPending": "Pending", "Unschedulable": "Pending", "PodTerminating": "Pending",
     "ModelLoading": "Loading", "TrainerStarting": "Loading", "NotPolled": "Loading", "ContainerRestarting": "Loading",
     "ImagePullBackOff": "Failed", "CrashLoopBackOff": "Failed", "PodFailed": "Failed", "ContainerConfigError": "Failed",
+    "ModelChanged": "Failed",
     "TrainerError": "Degraded", "RuntimeUnreachable": "Degraded",
     "Updating": "Updating", "Suspended": "Suspended", "InvalidSpec": "Invalid",
 }
@@ -42,7 +53,7 @@ class RuntimeUnavailable:
 
 
 # The runtime's GET /train/status answer, RuntimeUnavailable, or None when it was not asked.
-RuntimeView = Union[Mapping[str, Any], RuntimeUnavailable, None]
+RuntimeView = Union[TrainStatus, RuntimeUnavailable, None]
 
 
 def previous_status(body: Mapping[str, Any]) -> OnlineModelStatus:
@@ -56,24 +67,27 @@ def previous_status(body: Mapping[str, Any]) -> OnlineModelStatus:
 
 # --- the runtime's words -> the status's ---------------------------------------------------------------
 
-def training_from_runtime(answer: Mapping[str, Any]) -> TrainingStatus:
-    return TrainingStatus(state=answer.get("state"), steps=answer.get("steps"),
-                          tokens_trained=answer.get("tokens_trained"), last_loss=answer.get("last_loss"),
-                          weight_version=answer.get("weight_version"), last_step_time=answer.get("last_step_time"))
+def training_from_runtime(answer: TrainStatus) -> TrainingStatus:
+    return TrainingStatus(state=answer.state, steps=answer.steps, tokens_trained=answer.tokens_trained,
+                          last_loss=answer.last_loss, weight_version=answer.weight_version,
+                          last_step_time=answer.last_step_time)
 
 
-def with_saved_checkpoint(checkpoint: Optional[CheckpointStatus], saved: Mapping[str, Any],
+def with_saved_checkpoint(checkpoint: Optional[CheckpointStatus], saved: Optional[CheckpointRecord],
                           **request: Any) -> CheckpointStatus:
     """`checkpoint` updated with a checkpoint the runtime saved (POST /checkpoint's answer, or
     /train/status's checkpoint.last) and with `request` fields (requested, request_result, ...)."""
-    fields = {key: saved.get(key) for key in ("step", "weight_version", "time", "path")}
+    fields = {} if saved is None else {"step": saved.step, "weight_version": saved.weight_version,
+                                       "time": saved.time, "path": saved.path}
     updates = {k: v for k, v in {**fields, **request}.items() if v is not None}
-    return CheckpointStatus.model_validate({**(checkpoint or CheckpointStatus()).model_dump(), **updates})
+    return (checkpoint or CheckpointStatus()).model_copy(update=updates)
 
 
-def _runtime_checkpoint(runtime: RuntimeView) -> Mapping[str, Any]:
-    """/train/status's checkpoint section ({} when the runtime did not answer or has none)."""
-    return (runtime.get("checkpoint") or {}) if isinstance(runtime, Mapping) else {}
+def _last_checkpoint(runtime: RuntimeView) -> Optional[CheckpointRecord]:
+    """/train/status's checkpoint.last (None when the runtime did not answer or has none)."""
+    if not isinstance(runtime, TrainStatus) or runtime.checkpoint is None:
+        return None
+    return runtime.checkpoint.last
 
 
 # --- conditions -----------------------------------------------------------------------------------------
@@ -102,22 +116,22 @@ def _training(enabled: bool, suspended: bool, pod: PodView, runtime: RuntimeView
         return Verdict(None, "NotPolled", "the trainer has not been asked yet")
     if isinstance(runtime, RuntimeUnavailable):
         return Verdict(None, "RuntimeUnreachable", f"GET /train/status failed: {runtime.message}")
-    state = runtime.get("state")
-    if state == "error":
-        return Verdict(False, "TrainerError", str(runtime.get("last_error") or "the trainer failed"))
-    if state == "starting":
+    if runtime.state == "error":
+        return Verdict(False, "TrainerError", runtime.last_error or "the trainer failed")
+    if runtime.state == "starting":
         return Verdict(False, "TrainerStarting", "the trainer is starting")
-    if state == "training":
-        return Verdict(True, "Training", f"training; {runtime.get('steps', 0)} steps so far")
-    if state == "idle":
+    if runtime.state == "training":
+        return Verdict(True, "Training", f"training; {runtime.steps} steps so far")
+    if runtime.state == "idle":
         return Verdict(True, "Idle", "the trainer is ready; no job is running")
-    return Verdict(None, "UnknownTrainerState", f"unexpected trainer state {state!r}")
+    # "disabled": the pod still runs a spec without training (it is being replaced).
+    return Verdict(False, "TrainingDisabled", "the runtime runs without training (--no-training)")
 
 
 def _checkpointed(checkpoint: CheckpointStatus, runtime: RuntimeView) -> Verdict:
-    runtime_ck = _runtime_checkpoint(runtime)
-    if runtime_ck.get("state") == "failed":
-        return Verdict(False, "CheckpointFailed", str(runtime_ck.get("last_error") or "the last checkpoint failed"))
+    runtime_ck = runtime.checkpoint if isinstance(runtime, TrainStatus) else None
+    if runtime_ck is not None and runtime_ck.state == "failed":
+        return Verdict(False, "CheckpointFailed", runtime_ck.last_error or "the last checkpoint failed")
     last_time = parse_time(checkpoint.time)
     request_time = parse_time(checkpoint.request_time)
     if checkpoint.request_result == "Failed" and (last_time is None or request_time is None
@@ -182,12 +196,16 @@ def compute_status(
     desired_hash: Optional[str] = None,
     endpoint: Optional[str] = None,
     deleted_failure: Optional[FailureStatus] = None,
+    model_changed: Optional[ModelChangedStatus] = None,
+    api_token_secret: Optional[SecretKeyStatus] = None,
 ) -> OnlineModelStatus:
     """The full status of `body` (a raw OnlineModel) given its live pod and the runtime's answer.
 
     spec_error: why the spec was refused (-> InvalidSpec); desired_hash: the spec hash the pod should run
     (a pod with another hash -> Updating); endpoint: the Service URL (None when unknown); deleted_failure:
-    the failure of a pod this pass deleted (it becomes lastFailure).
+    the failure of a pod this pass deleted (it becomes lastFailure); model_changed: the pod this pass deleted
+    because its runtime refused the checkpoints (kept in status until the spec changes or the OnlineModel is
+    suspended); api_token_secret: where the pod's API token is (None: unchanged).
     """
     meta = body.get("metadata") or {}
     spec = body.get("spec") or {}
@@ -195,13 +213,18 @@ def compute_status(
     generation = meta.get("generation")
     suspended = bool(spec.get("suspend", False))
     training_enabled = bool((spec.get("training") or {}).get("enabled", True))
+    held = model_changed or previous.model_changed
+    if held is not None and (suspended or (desired_hash is not None and desired_hash != held.spec_hash)):
+        held = None  # the user decided: another spec, or suspend (and resume) to try again
     view = analyze_pod(pod)
     if suspended and pod is None:
         view = PodView("Suspended", "the OnlineModel is suspended; the pod is deleted and the volume kept")
+    elif held is not None and pod is None:
+        view = PodView("ModelChanged", model_changed_message(held.message), failing=True)
 
     pod_hash = spec_hash_of(pod)
     training = _training(training_enabled, suspended, view, runtime)
-    checkpoint = with_saved_checkpoint(previous.checkpoint, _runtime_checkpoint(runtime).get("last") or {})
+    checkpoint = with_saved_checkpoint(previous.checkpoint, _last_checkpoint(runtime))
     checkpointed = _checkpointed(checkpoint, runtime)
     ready = _ready(spec_error, suspended, view, desired_hash is not None and pod_hash != desired_hash,
                    training_enabled, training)
@@ -209,7 +232,7 @@ def compute_status(
                 "Checkpointed": checkpointed,
                 "Degraded": _degraded(spec_error, suspended, view, training, checkpointed)}
 
-    if isinstance(runtime, Mapping):
+    if isinstance(runtime, TrainStatus):
         training_status = training_from_runtime(runtime)
     else:  # keep the last numbers seen
         training_status = (previous.training or TrainingStatus()).model_copy(
@@ -224,6 +247,8 @@ def compute_status(
         pod_name=pod.get("metadata", {}).get("name") if pod is not None else None,
         pod_spec_hash=pod_hash or None,
         last_failure=deleted_failure or pod_failure(pod) or previous.last_failure,
+        api_token_secret=api_token_secret or previous.api_token_secret,
+        model_changed=held,
     )
 
 

@@ -15,7 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from onlinemodel_protocol import limits
 
 ENV_CONFIG = "ONLINEMODEL_RUNTIME_CONFIG"
+# The bearer token of the training routes. Never part of RuntimeConfig: the config travels on the
+# trainer's command line, the token only in the environment of the vLLM process.
 ENV_API_TOKEN = "ONLINEMODEL_API_TOKEN"
+# vLLM's own key for /v1/*; the training routes take it as their token when ENV_API_TOKEN is unset.
+ENV_VLLM_API_KEY = "VLLM_API_KEY"
 TRAINER_SOCKET = "trainer.sock"  # in state_dir
 # The load signal the API server writes and the trainer maps read-only (in state_dir; docs/serving-first.md).
 LOAD_SIGNAL_FILE = "load-signal"
@@ -29,11 +33,17 @@ class RuntimeConfig(BaseModel):
     base_model: str
     state_dir: Path
     checkpoint_dir: Path | None = None
-    checkpoint_every_steps: int = Field(0, ge=0, description="0: no step-based checkpoints")
-    checkpoint_every_seconds: float = Field(0.0, ge=0, description="0: no time-based checkpoints")
+    checkpoint_every_steps: int = Field(limits.CHECKPOINT_EVERY_STEPS_DEFAULT, ge=0,
+                                        description="0: no step-based checkpoints")
+    checkpoint_every_seconds: float = Field(limits.CHECKPOINT_EVERY_SECONDS_DEFAULT, ge=0, allow_inf_nan=False,
+                                            description="0: no time-based checkpoints")
     checkpoint_keep: int = Field(limits.CHECKPOINT_KEEP_DEFAULT, ge=1, le=limits.CHECKPOINT_KEEP_MAX)
-    final_checkpoint_timeout: float = Field(limits.FINAL_CHECKPOINT_TIMEOUT_DEFAULT, gt=0)
+    final_checkpoint_timeout: float = Field(limits.FINAL_CHECKPOINT_TIMEOUT_DEFAULT, gt=0, allow_inf_nan=False)
     training_enabled: bool = True
+    # --insecure-open-training: the training routes answer without a token (only when none is set).
+    open_training: bool = False
+    max_body_bytes: int = Field(limits.MAX_BODY_BYTES_DEFAULT, ge=limits.MAX_BODY_BYTES_MIN,
+                                le=limits.MAX_BODY_BYTES_CEILING)
     learning_rate: float = Field(limits.LEARNING_RATE_DEFAULT, gt=0, le=limits.LEARNING_RATE_MAX)
     optimizer_rank: int = Field(limits.OPTIMIZER_RANK_DEFAULT, ge=1, le=limits.OPTIMIZER_RANK_MAX)
     max_examples: int = Field(limits.MAX_EXAMPLES_DEFAULT, ge=1, le=limits.MAX_EXAMPLES_CEILING)

@@ -1,7 +1,8 @@
 """Every default and bound of a training setting, defined once.
 
 ``RuntimeConfig`` (the ``onlinemodel serve`` flags), the ``POST /train`` parser and the operator's CRD
-(``operator/onlinemodel_operator/models.py``) read these, so all three accept the same values.
+(``operator/onlinemodel_operator/models.py``) read these, so all three accept the same values
+(tests/protocol/test_protocol_limits.py checks that they do).
 """
 
 # Learning rate: in (0, LEARNING_RATE_MAX]. The default is the best of the teach-a-fact sweep
@@ -38,8 +39,24 @@ TRAINER_RESTART_LIMIT_DEFAULT = 5
 CHECKPOINT_EVERY_STEPS_DEFAULT = 1000
 CHECKPOINT_EVERY_SECONDS_DEFAULT = 900.0
 
-# Request bodies of the training routes, refused with 413 before they are parsed.
+# Request bodies of the training routes, refused with 413 before they are parsed (--max-body-bytes).
 MAX_BODY_BYTES_DEFAULT = 8 * 1024 * 1024
+MAX_BODY_BYTES_MIN = 1024
+MAX_BODY_BYTES_CEILING = 1024 * 1024 * 1024
+# Characters of one example's messages per token of --max-model-len: an example with more is refused with
+# 413 before its chat template is rendered. Chat text averages 3-5 characters per token; 16 leaves room
+# for code and runs of whitespace.
+MAX_CHARS_PER_TOKEN = 16
+# Idempotency-Key of POST /train: its longest accepted value, and how many keys the server remembers
+# (the newest; an older key is forgotten and a retry with it would queue a new job).
+IDEMPOTENCY_KEY_MAX_LENGTH = 255
+IDEMPOTENCY_KEYS_REMEMBERED = 1024
+
+# Checkpoint health: a checkpoint becomes `latest` only if every weight is finite and the loss of the
+# last HEALTH_LOSS_WINDOW steps is neither non-finite anywhere nor diverging: its mean above both
+# HEALTH_DIVERGENCE_FACTOR x the lowest such mean seen and ln(vocabulary size), the loss of a uniform guess.
+HEALTH_LOSS_WINDOW = 8
+HEALTH_DIVERGENCE_FACTOR = 4.0
 
 # Serving first: decode may get at most this much slower (p99 time per token) while training runs
 # (docs/serving-first.md). A budget is at least 1 (no slowdown at all: training only waits) and at most

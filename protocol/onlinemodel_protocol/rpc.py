@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from onlinemodel_protocol.api import CheckpointRecord, TrainAccepted, TrainStatus
+from onlinemodel_protocol.api import CheckpointRecord, Job, JobCounts, TrainAccepted, TrainStatus
 from onlinemodel_protocol.limits import LEARNING_RATE_MAX
 
 # Entry-point names in pyproject.toml.
@@ -31,6 +31,9 @@ EXIT_PERMANENT = 2
 # `onlinemodel serve`'s exit status when the checkpoint directory holds a different base model than
 # --model (and --start-over was not given): the operator reports it as a condition instead of restarting.
 EXIT_MODEL_CHANGED = 3
+# `onlinemodel serve`'s exit status for a setting it refuses before starting vLLM (no API token for the
+# training routes, a state directory others can read, a bad flag value), as argparse's own errors.
+EXIT_USAGE = 2
 
 # Label of a token without loss (transformers' ignore_index).
 IGNORE_INDEX = -100
@@ -40,6 +43,7 @@ class TrainerOp(str, Enum):
     PING = "ping"
     STATUS = "status"  # TrainerService.status
     TRAIN = "train"  # TrainerService.submit
+    CANCEL = "cancel"  # TrainerService.cancel
     CHECKPOINT = "checkpoint"  # TrainerService.checkpoint
     INTROSPECT = "introspect"  # where the parameters live (tests)
     DEBUG_SCALE = "debug_scale"  # scale one parameter in place (tests, behind debug_ops)
@@ -79,6 +83,10 @@ class TrainJob(_Message):
     learning_rate: float = Field(gt=0, le=LEARNING_RATE_MAX)
 
 
+class CancelJob(_Message):
+    job_id: str
+
+
 class DebugScale(_Message):
     name: str
     factor: float
@@ -93,6 +101,7 @@ class Counters(_Message):
     tokens_trained: int = Field(0, ge=0)
     weight_version: int = Field(0, ge=0)
     skipped_steps: int = Field(0, ge=0)
+    job_counts: JobCounts = Field(default_factory=JobCounts)
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,7 @@ OPS: dict[TrainerOp, OpSpec] = {
     TrainerOp.PING: OpSpec(),
     TrainerOp.STATUS: OpSpec(result=TrainStatus),
     TrainerOp.TRAIN: OpSpec(args=TrainJob, result=TrainAccepted),
+    TrainerOp.CANCEL: OpSpec(args=CancelJob, result=Job),
     TrainerOp.CHECKPOINT: OpSpec(result=CheckpointRecord),
     TrainerOp.INTROSPECT: OpSpec(),
     TrainerOp.DEBUG_SCALE: OpSpec(args=DebugScale),

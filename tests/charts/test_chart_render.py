@@ -130,7 +130,7 @@ NAMESPACED_NEEDS = {
     ("", "pods"): {"create", "get", "list", "watch", "patch", "delete"},
     ("", "services"): {"create", "get", "list", "watch", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"create", "get", "list", "watch", "patch", "delete"},
-    ("", "secrets"): {"get"},
+    ("", "secrets"): {"get", "create"},
     ("", "events"): {"create"},
 }
 CLUSTER_NEEDS = {
@@ -144,8 +144,9 @@ def _assert_least_privilege(role):
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
     rules = _rules(role)
     assert not {resource for _, resource in rules} & {"pods/exec", "pods/attach", "pods/portforward", "configmaps"}
-    # Secrets by name only: list or watch would hand the operator every Secret of the namespace.
-    assert rules[("", "secrets")] == {"get"}
+    # Secrets by name only: list or watch would hand the operator every Secret of the namespace; it creates
+    # the generated API-token Secrets and never changes or deletes one (the garbage collector does).
+    assert rules[("", "secrets")] == {"get", "create"}
 
 
 def test_rbac_all_namespaces(render):

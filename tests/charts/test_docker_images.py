@@ -217,6 +217,17 @@ def test_runtime_image_builds_on_a_pinned_official_vllm_image():
     assert "vllm" in {canonicalize_name(r.name) for r in _extra_requirements("runtime")}
 
 
+def test_runtime_image_has_the_user_and_home_the_operator_runs_it_with():
+    from onlinemodel_operator.render import HOME_DIR, RUNTIME_GID, RUNTIME_UID
+
+    users = [rest for instruction, rest in instructions(RUNTIME_DOCKERFILE) if instruction == "USER"]
+    assert users and users[-1] == f"{RUNTIME_UID}:{RUNTIME_GID}", "the image's user is the pod's runAsUser:runAsGroup"
+    code = "\n".join(rest for instruction, rest in instructions(RUNTIME_DOCKERFILE) if instruction == "RUN")
+    assert re.search(rf"useradd --uid {RUNTIME_UID} --gid {RUNTIME_GID}\b.*--home-dir {HOME_DIR}\b", code)
+    assert [f"HOME={HOME_DIR}"] == [rest for instruction, rest in instructions(RUNTIME_DOCKERFILE)
+                                    if instruction == "ENV" and rest.startswith("HOME=")]
+
+
 @pytest.mark.parametrize("dockerfile", ["operator.Dockerfile", "runtime.Dockerfile"])
 def test_build_context_filter_lets_the_copied_files_through(dockerfile):
     ignore = (DOCKER_DIR / f"{dockerfile}.dockerignore").read_text().splitlines()

@@ -17,7 +17,7 @@ import yaml
 
 from chart_helpers import EXAMPLES_DIR, KUBE_VERSIONS, load_crd_source
 from onlinemodel_operator.models import OnlineModel, parse_spec
-from onlinemodel_operator.render import Owner, render_all
+from onlinemodel_operator.render import Owner, render_all, render_token_secret
 
 EXAMPLE_FILES = sorted(EXAMPLES_DIR.glob("*.yaml"))
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -179,11 +179,15 @@ def test_example_would_be_accepted(where, document):
 @pytest.mark.parametrize("where, document", [(w, d) for w, d in example_documents() if d.get("kind") == "OnlineModel"],
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_what_the_operator_makes_of_an_example_is_valid(where, document):
-    """The Pod, Service and PVC the operator renders for each example pass the Kubernetes schemas."""
+    """The Pod, Service, PVC and API-token Secret the operator renders for each example pass the Kubernetes
+    schemas."""
     body = copy.deepcopy(document)
     body["metadata"].update(namespace="default", uid="0f5c7d9e-1111-2222-3333-444455556666")
-    desired = render_all(Owner.from_body(body), parse_spec(body["spec"]))
+    owner = Owner.from_body(body)
+    desired = render_all(owner, parse_spec(body["spec"]))
     objects = [desired.pod, desired.service] + ([desired.pvc] if desired.pvc else [])
+    if desired.generates_token:
+        objects.append(render_token_secret(owner, "a-random-token"))
     for obj in objects:
         for kube_version in KUBE_VERSIONS:
             kubernetes_validate.validate(obj, kube_version, strict=True)

@@ -14,6 +14,6 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
-@pytest.fixture(autouse=True)
-def _cuda_present() -> None:
+@pytest.fixture(scope="session", autouse=True)
+def _cuda_present() -> None:  # session scope: checked before any module starts a server
     assert torch.cuda.is_available(), "the GPU tests need a CUDA device: run them where one is"

@@ -21,7 +21,7 @@ from kmock._internal import parsing as kmock_parsing
 from kmock._internal.k8s import KubernetesScaffold
 
 from onlinemodel_operator import GROUP, PLURAL, VERSION
-from onlinemodel_operator.clock import rfc3339, utcnow
+from onlinemodel_protocol.api import utc_timestamp
 
 ALL_VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 
@@ -98,7 +98,7 @@ class ApiServer(kmock.KubernetesEmulator):
         if namespace:
             obj["metadata"]["namespace"] = namespace
         obj["metadata"].update(uid=str(uuid.uuid4()), resourceVersion=str(next(self._rv)),
-                               creationTimestamp=rfc3339(utcnow()), generation=1)
+                               creationTimestamp=utc_timestamp(), generation=1)
         if request.resource in self.STATUS_SUBRESOURCE:
             obj.pop("status", None)
         if key in self._objects:
@@ -154,7 +154,7 @@ class ApiServer(kmock.KubernetesEmulator):
         keep = obj["metadata"].get("finalizers") or (graceful and resource == kmock.resource("v1/pods")
                                                      and self.graceful_pod_deletion)
         if keep:
-            await self._update(resource, namespace, name, {"metadata": {"deletionTimestamp": rfc3339(utcnow())}})
+            await self._update(resource, namespace, name, {"metadata": {"deletionTimestamp": utc_timestamp()}})
         else:
             await self._remove(key)
 

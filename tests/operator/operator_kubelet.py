@@ -1,28 +1,31 @@
 """The kubelet of the operator tests: `FakeKubelet` plays the lifecycle of the pods in the emulated API
-server (Running at 127.0.0.1, waiting, failed, deletions finished), and `play_kubelet` runs a pod's own
-container command as a local process (the end-to-end test with the real runtime).
+server (Running at 127.0.0.1, waiting, exited, failed, deletions finished), and `play_kubelet` runs a pod's
+own container command, with the pod's environment, as a local process (the end-to-end test with the real
+runtime).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Optional
 
 import httpx
 
 from onlinemodel_operator.pod import runtime_container
 from onlinemodel_operator.render import CONTAINER_NAME
-from onlinemodel_operator.clock import rfc3339, utcnow
+from onlinemodel_protocol.api import utc_timestamp
 from operator_apiserver import ApiServer
 
 
 def running_status(ip: str = "127.0.0.1", ready: bool = True, restarts: int = 0) -> dict[str, Any]:
-    now = rfc3339(utcnow())
+    now = utc_timestamp()
     return {
         "phase": "Running", "podIP": ip, "startTime": now,
         "conditions": [{"type": "PodScheduled", "status": "True"},
@@ -87,8 +90,16 @@ class FakeKubelet:
             "containerStatuses": [{"name": CONTAINER_NAME, "ready": False, "restartCount": 0,
                                    "state": {"waiting": {"reason": reason, "message": message}}}]})
 
+    async def mark_exited(self, name: str, exit_code: int, message: str) -> dict[str, Any]:
+        """The runtime container exited (the pod stays Running: restartPolicy Always restarts it)."""
+        return await self.set_status(name, {
+            "phase": "Running", "podIP": "127.0.0.1", "containerStatuses": [{
+                "name": CONTAINER_NAME, "ready": False, "restartCount": 0,
+                "state": {"terminated": {"exitCode": exit_code, "reason": "Error", "message": message,
+                                         "finishedAt": utc_timestamp()}}}]})
+
     async def mark_failed(self, name: str, exit_code: int = 1, reason: str = "Error") -> dict[str, Any]:
-        now = rfc3339(utcnow())
+        now = utc_timestamp()
         return await self.set_status(name, {
             "phase": "Failed", "containerStatuses": [{
                 "name": CONTAINER_NAME, "ready": False, "restartCount": 0,
@@ -121,18 +132,44 @@ async def _health_ok(port: int) -> bool:
         return False
 
 
-async def play_kubelet(kubelet: FakeKubelet, pod: Mapping[str, Any], *, checkpoint_dir: str,
+def pod_environment(api: ApiServer, pod: Mapping[str, Any], volumes_dir: Path) -> dict[str, str]:
+    """The runtime container's environment as the kubelet gives it: values, and Secret keys read from the
+    API server; a value under an emptyDir's mount path points into that volume's directory in `volumes_dir`."""
+    container = runtime_container(pod)
+    kinds = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["mountPath"]: volumes_dir / m["name"] for m in container.get("volumeMounts") or []
+              if "emptyDir" in kinds[m["name"]]}
+    secrets = {s["metadata"]["name"]: s for s in api.live("v1/secrets", pod["metadata"]["namespace"])}
+    env: dict[str, str] = {}
+    for entry in container.get("env") or []:
+        if "value" in entry:
+            value = entry["value"]
+            for mount_path, local in mounts.items():
+                if value == mount_path or value.startswith(mount_path + "/"):
+                    value = str(local) + value[len(mount_path):]
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            value = base64.b64decode(secrets[ref["name"]]["data"][ref["key"]]).decode()
+        env[entry["name"]] = value
+    for local in mounts.values():
+        local.mkdir(parents=True, exist_ok=True)
+    return env
+
+
+async def play_kubelet(kubelet: FakeKubelet, pod: Mapping[str, Any], *, checkpoint_dir: str, volumes_dir: Path,
                        env: Optional[Mapping[str, str]] = None,
                        ready: Optional[Callable[[], Awaitable[bool]]] = None,
                        timeout: float = 600.0) -> subprocess.Popen[bytes]:
     """Run the pod's container command as a local process and publish the pod as the kubelet would.
 
     The process listens on the pod's containerPort (a test sets spec.serving.port to `free_port()`) at
-    127.0.0.1 and checkpoints to `checkpoint_dir`. The pod is marked Running (not ready) at once, and ready
-    when `ready()` (default: GET /health answers 200) says so. The caller terminates the process."""
+    127.0.0.1, checkpoints to `checkpoint_dir`, and gets the pod's environment (`pod_environment`, its
+    emptyDirs under `volumes_dir`), then `env`. The pod is marked Running (not ready) at once, and ready when
+    `ready()` (default: GET /health answers 200) says so. The caller terminates the process."""
     port = runtime_container(pod)["ports"][0]["containerPort"]
     argv = runnable(local_command(pod, port=port, checkpoint_dir=checkpoint_dir))
-    process = subprocess.Popen(argv, env={**os.environ, **(env or {})})
+    process = subprocess.Popen(argv, env={**os.environ, **pod_environment(kubelet.api, pod, volumes_dir),
+                                          **(env or {})})
     await kubelet.mark_running(pod["metadata"]["name"], ready=False)
     deadline = asyncio.get_running_loop().time() + timeout
     while not await (ready() if ready is not None else _health_ok(port)):

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from onlinemodel_operator import models
 from onlinemodel_operator.crd import CRD_FILENAME, build_crd, render_crd_yaml
 from onlinemodel_operator.models import OnlineModel, parse_spec
+from onlinemodel_protocol import limits
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / CRD_FILENAME
@@ -165,6 +166,14 @@ BAD_SPECS = {
     "reserved label": with_(pod={"labels": {"onlinemodel.dev/name": "x"}}),
     "negative lr": with_(training={"learningRate": -1}),
     "lr zero": with_(training={"learningRate": 0}),
+    "lr above the runtime's bound": with_(training={"learningRate": limits.LEARNING_RATE_MAX * 1.5}),
+    "rank above the runtime's bound": with_(training={"optimizerRank": limits.OPTIMIZER_RANK_MAX + 1}),
+    "examples above the runtime's ceiling": with_(training={"maxExamplesPerRequest": limits.MAX_EXAMPLES_CEILING + 1}),
+    "default epochs above the runtime's max": with_(training={"defaultEpochs": limits.MAX_EPOCHS_DEFAULT + 1}),
+    "body size 0": with_(training={"maxBodyBytes": 0}),
+    "keepLast above the runtime's max": with_(checkpoint={"keepLast": limits.CHECKPOINT_KEEP_MAX + 1}),
+    "negative everySteps": with_(checkpoint={"everySteps": -1}),
+    "negative everySeconds": with_(checkpoint={"everySeconds": -1}),
     "gpu fraction > 1": with_(serving={"gpuMemoryUtilization": 1.5}),
     "port 0": with_(serving={"port": 0}),
     "bad quantity": with_(resources={"memory": "lots"}),
@@ -204,10 +213,13 @@ def test_good_specs_pass_both() -> None:
                          resources={"gpus": 2, "memory": "64Gi", "cpu": 8, "shmSize": "16Gi"},
                          serving={"port": 9000, "maxModelLen": 4096, "gpuMemoryUtilization": 0.8,
                                   "extraArgs": ["--enforce-eager", "--portable"]},
-                         training={"learningRate": 1e-5, "optimizerRank": 1, "maxExamplesPerRequest": 64,
-                                   "apiTokenSecretRef": {"name": "tok"}, "maxDecodeSlowdown": 1.5},
-                         checkpoint={"everySteps": 10, "everySeconds": 300, "keepLast": 5,
-                                     "volume": {"size": "100Gi", "storageClassName": "fast", "retain": True}},
+                         training={"learningRate": limits.LEARNING_RATE_MAX, "optimizerRank": 1,
+                                   "maxExamplesPerRequest": 64, "defaultEpochs": limits.MAX_EPOCHS_DEFAULT,
+                                   "maxBodyBytes": 1024, "apiTokenSecretRef": {"name": "tok"},
+                                   "maxDecodeSlowdown": 1.5},
+                         checkpoint={"everySteps": 0, "everySeconds": 0, "keepLast": 5, "startOver": True,
+                                     "volume": {"size": "100Gi", "storageClassName": "fast",
+                                                "deleteWithModel": True}},
                          suspend=True,
                          pod={"env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                               "tolerations": [{"operator": "Exists"}], "labels": {"team": "ml"}})]
@@ -217,13 +229,69 @@ def test_good_specs_pass_both() -> None:
         assert not operator_refuses(spec)
 
 
+def _at(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    for part in path.split("."):
+        schema = schema["properties"][part]
+    return schema
+
+
+# CRD field -> (the runtime's default, its lowest value, its highest value), all from protocol.limits: what
+# `onlinemodel serve` (RuntimeConfig) accepts, the CRD accepts, and a spec without the field gets its default.
+LIMITS = {
+    "training.learningRate": (limits.LEARNING_RATE_DEFAULT, 0, limits.LEARNING_RATE_MAX),
+    "training.optimizerRank": (limits.OPTIMIZER_RANK_DEFAULT, 1, limits.OPTIMIZER_RANK_MAX),
+    "training.maxExamplesPerRequest": (limits.MAX_EXAMPLES_DEFAULT, 1, limits.MAX_EXAMPLES_CEILING),
+    "training.defaultEpochs": (limits.EPOCHS_DEFAULT, 1, limits.MAX_EPOCHS_DEFAULT),
+    "checkpoint.keepLast": (limits.CHECKPOINT_KEEP_DEFAULT, 1, limits.CHECKPOINT_KEEP_MAX),
+    "checkpoint.everySteps": (limits.CHECKPOINT_EVERY_STEPS_DEFAULT, 0, None),
+    "checkpoint.everySeconds": (limits.CHECKPOINT_EVERY_SECONDS_DEFAULT, 0, None),
+    # 0 is off; (0, 1) is refused by a CEL rule ("slowdown below 1" in BAD_SPECS)
+    "training.maxDecodeSlowdown": (limits.MAX_DECODE_SLOWDOWN_DEFAULT, limits.DECODE_SLOWDOWN_OFF,
+                                   limits.MAX_DECODE_SLOWDOWN_MAX),
+}
+
+
+@pytest.mark.parametrize("path", sorted(LIMITS))
+def test_crd_bounds_and_defaults_are_the_protocol_limits(path: str) -> None:
+    default, lowest, highest = LIMITS[path]
+    field = _at(crd_schema()["properties"]["spec"], path)
+    assert field["default"] == default
+    assert field["minimum"] == lowest
+    assert field.get("maximum") == highest
+    assert not field.get("exclusiveMaximum")  # every upper bound is inclusive, as RuntimeConfig's
+    # The learning rate is the one open lower bound (> 0), as in RuntimeConfig and the API.
+    assert bool(field.get("exclusiveMinimum")) is (path == "training.learningRate")
+
+
+def test_the_body_size_default_is_the_runtimes() -> None:
+    field = _at(crd_schema()["properties"]["spec"], "training.maxBodyBytes")
+    assert "default" not in field and str(limits.MAX_BODY_BYTES_DEFAULT) in field["description"]
+
+
+def test_the_highest_values_are_accepted_by_the_runtime_config() -> None:
+    """The CRD's upper bounds, rendered into `onlinemodel serve` flags, pass RuntimeConfig (no crash loop)."""
+    from onlinemodel_protocol.config import RuntimeConfig
+
+    cfg = RuntimeConfig(model="/m", base_model="/m", state_dir=Path("/tmp/om"),
+                        **{name: LIMITS[path][2] for name, path in (
+                            ("learning_rate", "training.learningRate"), ("optimizer_rank", "training.optimizerRank"),
+                            ("max_examples", "training.maxExamplesPerRequest"),
+                            ("default_epochs", "training.defaultEpochs"), ("checkpoint_keep", "checkpoint.keepLast"),
+                            ("max_decode_slowdown", "training.maxDecodeSlowdown"))})
+    assert cfg.learning_rate == limits.LEARNING_RATE_MAX
+
+
 def test_status_schema_accepts_what_the_operator_writes() -> None:
     from datetime import datetime, timezone
 
     from onlinemodel_operator.status import compute_status
 
     body = {"metadata": {"name": "m", "generation": 2}, "spec": GOOD, "status": {}}
-    status = compute_status(body, None, None, datetime.now(timezone.utc), endpoint="http://m.ns.svc:8000").to_dict()
+    status = compute_status(body, None, None, datetime.now(timezone.utc), endpoint="http://m.ns.svc:8000",
+                            desired_hash="h", api_token_secret=models.SecretKeyStatus(name="m-api-token", key="token"),
+                            model_changed=models.ModelChangedStatus(spec_hash="h", message="another base model",
+                                                                    time="2026-11-26T05:00:00Z")).to_dict()
+    assert {"apiTokenSecret", "modelChanged"} <= set(status)
     obj = full_object(GOOD)
     obj["status"] = status
     assert [e.message for e in validator().iter_errors(obj)] == []

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import pytest
 
 from onlinemodel_operator import NAME_LABEL, SPEC_HASH_ANNOTATION
+from onlinemodel_protocol.rpc import EXIT_MODEL_CHANGED
 from onlinemodel_operator.decide import (
     AlreadyHandled,
     CreatePod,
@@ -14,6 +15,7 @@ from onlinemodel_operator.decide import (
     PodAction,
     PostCheckpoint,
     ReplaceFailedPod,
+    StopForModelChange,
     StopPod,
     WaitForOldPod,
     WaitUntilServing,
@@ -26,13 +28,16 @@ HASH = "h-current"
 
 
 def pod(*, spec_hash: Optional[str] = HASH, phase: str = "Running", ready: bool = True, ip: Optional[str] = "10.0.0.5",
-        terminating: bool = False, label: str = "m") -> dict[str, Any]:
+        terminating: bool = False, label: str = "m", exit_code: Optional[int] = None) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": "m", "namespace": "ns", "labels": {NAME_LABEL: label},
                             "annotations": {SPEC_HASH_ANNOTATION: spec_hash} if spec_hash else {}}
     if terminating:
         meta["deletionTimestamp"] = "2026-11-26T04:59:00Z"
+    state: dict[str, Any] = {"running": {"startedAt": "2026-11-26T04:00:00Z"}}
+    if exit_code is not None:
+        state = {"terminated": {"exitCode": exit_code, "reason": "Error", "message": "other base model"}}
     status: dict[str, Any] = {"phase": phase, "containerStatuses": [
-        {"name": "runtime", "ready": ready, "state": {"running": {"startedAt": "2026-11-26T04:00:00Z"}}}]}
+        {"name": "runtime", "ready": ready, "state": state}]}
     if ip:
         status["podIP"] = ip
     return {"metadata": meta, "status": status,
@@ -50,32 +55,47 @@ OUTDATED_TERMINATING = pod(spec_hash="h-old", terminating=True)
 FAILED = pod(phase="Failed", ready=False)
 SUCCEEDED = pod(phase="Succeeded", ready=False)
 OUTDATED_FAILED = pod(spec_hash="h-old", phase="Failed", ready=False)
+REFUSED = pod(ready=False, exit_code=EXIT_MODEL_CHANGED)
+OUTDATED_REFUSED = pod(spec_hash="h-old", ready=False, exit_code=EXIT_MODEL_CHANGED)
+TERMINATING_REFUSED = pod(ready=False, exit_code=EXIT_MODEL_CHANGED, terminating=True)
+CRASHED = pod(ready=False, exit_code=1)
 
 POD_CASES = [
-    # (pod, suspend, action)
-    pytest.param(None, False, CreatePod(), id="no pod -> create it"),
-    pytest.param(None, True, Nothing(), id="no pod, suspended -> nothing"),
-    pytest.param(SERVING, False, Nothing(), id="current pod serving -> nothing"),
-    pytest.param(LOADING, False, Nothing(), id="current pod loading -> nothing"),
-    pytest.param(TERMINATING, False, WaitForOldPod(), id="terminating -> wait"),
-    pytest.param(TERMINATING, True, WaitForOldPod(), id="terminating, suspended -> wait"),
-    pytest.param(OUTDATED_TERMINATING, False, WaitForOldPod(), id="outdated and terminating -> wait, no new pod"),
-    pytest.param(SERVING, True, StopPod("Suspended", checkpoint_first=True), id="suspended, serving -> checkpoint, delete"),
-    pytest.param(LOADING, True, StopPod("Suspended", checkpoint_first=False), id="suspended, loading -> delete"),
-    pytest.param(FAILED, True, StopPod("Suspended", checkpoint_first=False), id="suspended, failed -> delete"),
-    pytest.param(FAILED, False, ReplaceFailedPod("Failed"), id="failed -> replace"),
-    pytest.param(SUCCEEDED, False, ReplaceFailedPod("Succeeded"), id="succeeded -> replace"),
-    pytest.param(OUTDATED_FAILED, False, ReplaceFailedPod("Failed"), id="outdated and failed -> replace"),
-    pytest.param(OUTDATED, False, StopPod("SpecChanged", checkpoint_first=True), id="outdated, serving -> checkpoint, delete"),
-    pytest.param(OUTDATED_LOADING, False, StopPod("SpecChanged", checkpoint_first=False), id="outdated, loading -> delete"),
-    pytest.param(OUTDATED_NO_IP, False, StopPod("SpecChanged", checkpoint_first=False), id="outdated, no IP -> delete"),
-    pytest.param(NO_HASH, False, StopPod("SpecChanged", checkpoint_first=True), id="no spec hash -> checkpoint, delete"),
+    # (pod, suspend, held_hash, action)
+    pytest.param(None, False, None, CreatePod(), id="no pod -> create it"),
+    pytest.param(None, True, None, Nothing(), id="no pod, suspended -> nothing"),
+    pytest.param(None, False, HASH, Nothing(), id="no pod, this spec refused for a model change -> nothing"),
+    pytest.param(None, False, "h-old", CreatePod(), id="no pod, an older spec was refused -> create it"),
+    pytest.param(REFUSED, False, None, StopForModelChange("other base model"),
+                 id="model change refused -> stop, hold"),
+    pytest.param(OUTDATED_REFUSED, False, None, StopPod("SpecChanged", checkpoint_first=False),
+                 id="refused, but the spec changed since -> replace"),
+    pytest.param(TERMINATING_REFUSED, False, None, WaitForOldPod(), id="refused and terminating -> wait"),
+    pytest.param(REFUSED, True, None, StopPod("Suspended", checkpoint_first=False),
+                 id="refused, suspended -> delete"),
+    pytest.param(CRASHED, False, None, Nothing(), id="another exit code -> the kubelet restarts it"),
+    pytest.param(SERVING, False, None, Nothing(), id="current pod serving -> nothing"),
+    pytest.param(LOADING, False, None, Nothing(), id="current pod loading -> nothing"),
+    pytest.param(TERMINATING, False, None, WaitForOldPod(), id="terminating -> wait"),
+    pytest.param(TERMINATING, True, None, WaitForOldPod(), id="terminating, suspended -> wait"),
+    pytest.param(OUTDATED_TERMINATING, False, None, WaitForOldPod(), id="outdated and terminating -> wait, no new pod"),
+    pytest.param(SERVING, True, None, StopPod("Suspended", checkpoint_first=True), id="suspended, serving -> checkpoint, delete"),
+    pytest.param(LOADING, True, None, StopPod("Suspended", checkpoint_first=False), id="suspended, loading -> delete"),
+    pytest.param(FAILED, True, None, StopPod("Suspended", checkpoint_first=False), id="suspended, failed -> delete"),
+    pytest.param(FAILED, False, None, ReplaceFailedPod("Failed"), id="failed -> replace"),
+    pytest.param(SUCCEEDED, False, None, ReplaceFailedPod("Succeeded"), id="succeeded -> replace"),
+    pytest.param(OUTDATED_FAILED, False, None, ReplaceFailedPod("Failed"), id="outdated and failed -> replace"),
+    pytest.param(OUTDATED, False, None, StopPod("SpecChanged", checkpoint_first=True), id="outdated, serving -> checkpoint, delete"),
+    pytest.param(OUTDATED_LOADING, False, None, StopPod("SpecChanged", checkpoint_first=False), id="outdated, loading -> delete"),
+    pytest.param(OUTDATED_NO_IP, False, None, StopPod("SpecChanged", checkpoint_first=False), id="outdated, no IP -> delete"),
+    pytest.param(NO_HASH, False, None, StopPod("SpecChanged", checkpoint_first=True), id="no spec hash -> checkpoint, delete"),
 ]
 
 
-@pytest.mark.parametrize("the_pod,suspend,action", POD_CASES)
-def test_pod_action(the_pod: Optional[dict[str, Any]], suspend: bool, action: PodAction) -> None:
-    assert decide(the_pod, desired_hash=HASH, suspend=suspend) == action
+@pytest.mark.parametrize("the_pod,suspend,held_hash,action", POD_CASES)
+def test_pod_action(the_pod: Optional[dict[str, Any]], suspend: bool, held_hash: Optional[str],
+                    action: PodAction) -> None:
+    assert decide(the_pod, desired_hash=HASH, suspend=suspend, held_hash=held_hash) == action
 
 
 SERVICE = {"metadata": {"name": "m", "labels": {NAME_LABEL: "m"}}}
@@ -83,20 +103,25 @@ FOREIGN_SERVICE = {"metadata": {"name": "m", "labels": {"app": "web"}}}
 UNLABELLED_POD = {"metadata": {"name": "m"}}
 
 
-@pytest.mark.parametrize("the_pod,service,taken_by", [
-    pytest.param(None, None, None, id="nothing there yet"),
-    pytest.param(SERVING, SERVICE, None, id="both ours"),
-    pytest.param(pod(label="other"), SERVICE, "Pod", id="pod of another OnlineModel"),
-    pytest.param(UNLABELLED_POD, None, "Pod", id="pod someone else made"),
-    pytest.param(SERVING, FOREIGN_SERVICE, "Service", id="service someone else made"),
+TOKEN_SECRET = {"metadata": {"name": "m-api-token", "labels": {NAME_LABEL: "m"}}}
+FOREIGN_SECRET = {"metadata": {"name": "m-api-token"}}
+
+
+@pytest.mark.parametrize("the_pod,service,secret,taken", [
+    pytest.param(None, None, None, None, id="nothing there yet"),
+    pytest.param(SERVING, SERVICE, TOKEN_SECRET, None, id="all ours"),
+    pytest.param(pod(label="other"), SERVICE, None, "Pod ns/m", id="pod of another OnlineModel"),
+    pytest.param(UNLABELLED_POD, None, None, "Pod ns/m", id="pod someone else made"),
+    pytest.param(SERVING, FOREIGN_SERVICE, None, "Service ns/m", id="service someone else made"),
+    pytest.param(SERVING, SERVICE, FOREIGN_SECRET, "Secret ns/m-api-token", id="token Secret someone else made"),
 ])
 def test_name_taken(the_pod: Optional[dict[str, Any]], service: Optional[dict[str, Any]],
-                    taken_by: Optional[str]) -> None:
-    reason = name_taken("m", "ns", the_pod, service)
-    if taken_by is None:
+                    secret: Optional[dict[str, Any]], taken: Optional[str]) -> None:
+    reason = name_taken("m", "ns", the_pod, service, secret)
+    if taken is None:
         assert reason is None
     else:
-        assert reason is not None and reason.startswith(f"{taken_by} ns/m exists and was not created for this")
+        assert reason is not None and reason.startswith(f"{taken} exists and was not created for this")
 
 
 @pytest.mark.parametrize("value,handled,the_pod,action", [

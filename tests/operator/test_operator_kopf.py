@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,9 +14,12 @@ from typing import Any
 import httpx
 import pytest
 
-from onlinemodel_operator.kube import CLAIMS, ONLINEMODELS, PODS, SERVICES
+from onlinemodel_operator.kube import CLAIMS, ONLINEMODELS, PODS, SECRETS, SERVICES
+from onlinemodel_protocol import limits
+from onlinemodel_protocol.rpc import EXIT_MODEL_CHANGED
+from onlinemodel_runtime.devtools.launcher import free_port
 from operator_cluster import Cluster, condition
-from operator_fake_runtime import FakeRuntime, free_port
+from operator_fake_runtime import FakeRuntime
 from operator_kubelet import FakeKubelet
 
 pytestmark = pytest.mark.e2e
@@ -36,14 +42,35 @@ def owned_by(obj: dict[str, Any], om: dict[str, Any]) -> bool:
                for ref in obj["metadata"].get("ownerReferences") or [])
 
 
-async def test_create_makes_pod_service_claim_and_full_status(cluster: Cluster, kubelet: FakeKubelet,
-                                                               runtime: FakeRuntime, operator: Any) -> None:
+def secret_value(secret: dict[str, Any], key: str = "token") -> str:
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def arg(pod: dict[str, Any], flag: str) -> str:
+    args = pod["spec"]["containers"][0]["args"]
+    return args[args.index(flag) + 1]
+
+
+async def event_reasons(cluster: Cluster, name: str) -> set[str]:
+    return {e.get("reason") for e in cluster.api.live("v1/events", cluster.namespace)
+            if e.get("involvedObject", {}).get("name") == name}
+
+
+async def test_create_makes_pod_service_claim_token_and_full_status(cluster: Cluster, kubelet: FakeKubelet,
+                                                                     runtime: FakeRuntime, operator: Any) -> None:
     await cluster.create_onlinemodel("m1", spec(runtime.port))
     om = await cluster.wait_condition("m1", "Ready", "True")
-    for kind, name in ((PODS, "m1"), (SERVICES, "m1"), (CLAIMS, "m1-checkpoints")):
+    for kind, name in ((PODS, "m1"), (SERVICES, "m1"), (SECRETS, "m1-api-token")):
         obj = await cluster.get(kind, name)
         assert obj is not None and owned_by(obj, om), (kind, obj)
+    claim = await cluster.get(CLAIMS, "m1-checkpoints")
+    assert claim is not None and not owned_by(claim, om)  # kept when the OnlineModel goes
+    pod = await cluster.get(PODS, "m1")
+    # Periodic checkpoints are on by default.
+    assert arg(pod, "--checkpoint-every-steps") == str(limits.CHECKPOINT_EVERY_STEPS_DEFAULT)
+    assert float(arg(pod, "--checkpoint-every-seconds")) == limits.CHECKPOINT_EVERY_SECONDS_DEFAULT
     status = om["status"]
+    assert status["apiTokenSecret"] == {"name": "m1-api-token", "key": "token"}
     assert [c["type"] for c in status["conditions"]] == ["Ready", "Serving", "Training", "Checkpointed", "Degraded"]
     assert all(c["observedGeneration"] == om["metadata"]["generation"] for c in status["conditions"])
     assert status["observedGeneration"] == om["metadata"]["generation"]
@@ -112,11 +139,8 @@ async def test_spec_change_checkpoints_then_recreates_pod(cluster: Cluster, kube
     om = await cluster.wait_condition("m6", "Ready", "True")
     assert om["metadata"]["generation"] == 2 and om["status"]["observedGeneration"] == 2
     if cluster.emulated:  # Events for the transitions, posted by kopf
-        async def reasons() -> set[str]:
-            return {e.get("reason") for e in cluster.api.live("v1/events", cluster.namespace)
-                    if e.get("involvedObject", {}).get("name") == "m6"}
-        await cluster.wait_for(reasons, lambda r: {"PodCreated", "CheckpointBeforeStop", "SpecChanged"} <= r,
-                               what="events")
+        await cluster.wait_for(lambda: event_reasons(cluster, "m6"),
+                               lambda r: {"PodCreated", "CheckpointBeforeStop", "SpecChanged"} <= r, what="events")
 
 
 async def test_bad_spec_is_refused_and_running_pod_untouched(cluster: Cluster, kubelet: FakeKubelet,
@@ -133,9 +157,14 @@ async def test_bad_spec_is_refused_and_running_pod_untouched(cluster: Cluster, k
     pod = await cluster.get(PODS, "m7")
     assert pod["metadata"]["uid"] == old["metadata"]["uid"] and not pod["metadata"].get("deletionTimestamp")
     assert runtime.checkpoint_calls == []
-    # Fixing the spec (creating the Secret) lets the change through.
+    # A Secret whose token is blank would leave the runtime without one: refused as well.
     await cluster.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "nope"},
-                          "data": {"token": "c2VjcmV0"}})
+                          "data": {"token": base64.b64encode(b" \n").decode()}})
+    await cluster.wait_for(lambda: cluster.onlinemodel("m7"),
+                           lambda o: "is empty" in condition(o, "Ready")["message"], what="empty token refused")
+    assert (await cluster.get(PODS, "m7"))["metadata"]["uid"] == old["metadata"]["uid"]
+    # Fixing the spec (a token in the Secret) lets the change through.
+    await cluster.patch(SECRETS, "nope", {"data": {"token": "c2VjcmV0"}})
     await replaced_pod(cluster, "m7", old)
     await cluster.wait_condition("m7", "Ready", "True")
 
@@ -155,9 +184,12 @@ async def test_schema_invalid_spec_is_invalid_spec_when_no_cel(cluster: Cluster,
 async def test_checkpoint_annotation_calls_runtime_and_reports(cluster: Cluster, kubelet: FakeKubelet,
                                                                runtime: FakeRuntime, operator: Any) -> None:
     await cluster.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok"},
-                          "data": {"token": "czNjcjN0"}})  # "s3cr3t"
+                          "data": {"token": base64.b64encode(b"s3cr3t\n").decode()}})  # as --from-file writes it
+    runtime.token = "s3cr3t"  # /train/status and /checkpoint answer 401 without it
     await cluster.create_onlinemodel("m9", spec(runtime.port, training={"apiTokenSecretRef": {"name": "tok"}}))
-    await cluster.wait_condition("m9", "Ready", "True")
+    om = await cluster.wait_condition("m9", "Ready", "True")
+    assert om["status"]["apiTokenSecret"] == {"name": "tok", "key": "token"}
+    assert await cluster.get(SECRETS, "m9-api-token") is None  # the user's Secret: none generated
     runtime.train_status.update(steps=7, state="training", last_loss=0.25)
     await cluster.patch(ONLINEMODELS, "m9", {"metadata": {"annotations": {
         "onlinemodel.dev/checkpoint-requested": "now-1"}}})
@@ -178,17 +210,105 @@ async def test_checkpoint_annotation_calls_runtime_and_reports(cluster: Cluster,
     assert condition(om, "Degraded")["reason"] == "CheckpointFailed"
 
 
-async def test_deleting_the_onlinemodel_collects_children(cluster: Cluster, kubelet: FakeKubelet,
-                                                          runtime: FakeRuntime, operator: Any) -> None:
-    await cluster.create_onlinemodel("m10", spec(runtime.port, checkpoint={"volume": {"retain": True}}))
+async def test_deleting_the_onlinemodel_keeps_the_claim_by_default(cluster: Cluster, kubelet: FakeKubelet,
+                                                                   runtime: FakeRuntime, operator: Any) -> None:
+    await cluster.create_onlinemodel("m10", spec(runtime.port))
     await cluster.wait_condition("m10", "Ready", "True")
     claim = await cluster.get(CLAIMS, "m10-checkpoints")
-    assert not claim["metadata"].get("ownerReferences")  # retain: the volume outlives the resource
+    assert not claim["metadata"].get("ownerReferences")  # the volume outlives the resource
     await cluster.delete(ONLINEMODELS, "m10")
     await cluster.wait_for(lambda: cluster.get(ONLINEMODELS, "m10"), lambda o: o is None, what="deletion")
     if cluster.emulated:  # a real cluster's garbage collector takes its time
-        await cluster.wait_for(lambda: cluster.get(PODS, "m10"), lambda p: p is None, what="pod collected")
-    assert await cluster.get(CLAIMS, "m10-checkpoints") is not None
+        for kind, name in ((PODS, "m10"), (SECRETS, "m10-api-token")):
+            await cluster.wait_for(lambda: cluster.get(kind, name), lambda o: o is None, what=f"{name} collected")
+    assert (await cluster.get(CLAIMS, "m10-checkpoints"))["metadata"]["uid"] == claim["metadata"]["uid"]
+    # An OnlineModel of the same name takes the kept claim (and resumes from its checkpoints).
+    await cluster.create_onlinemodel("m10", spec(runtime.port))
+    await cluster.wait_condition("m10", "Ready", "True")
+    assert (await cluster.get(CLAIMS, "m10-checkpoints"))["metadata"]["uid"] == claim["metadata"]["uid"]
+
+
+async def test_delete_with_model_is_an_explicit_choice(cluster: Cluster, kubelet: FakeKubelet,
+                                                       runtime: FakeRuntime, operator: Any) -> None:
+    if not cluster.emulated:
+        pytest.skip("waits for the garbage collector")
+    await cluster.create_onlinemodel("m15", spec(runtime.port))
+    await cluster.wait_condition("m15", "Ready", "True")
+    pod = await cluster.get(PODS, "m15")
+    await cluster.patch(ONLINEMODELS, "m15", {"spec": {"checkpoint": {"volume": {"deleteWithModel": True}}}})
+    om = await cluster.onlinemodel("m15")
+    claim = await cluster.wait_for(lambda: cluster.get(CLAIMS, "m15-checkpoints"), lambda c: owned_by(c, om),
+                                   what="the claim owned by its OnlineModel")
+    assert (await cluster.get(PODS, "m15"))["metadata"]["uid"] == pod["metadata"]["uid"]  # no restart for it
+    await cluster.delete(ONLINEMODELS, "m15")
+    await cluster.wait_for(lambda: cluster.get(CLAIMS, "m15-checkpoints"), lambda c: c is None,
+                           what=f"claim {claim['metadata']['name']} deleted with its OnlineModel")
+
+
+async def test_generated_api_token_is_owned_mounted_reused_and_used(cluster: Cluster, kubelet: FakeKubelet,
+                                                                    runtime: FakeRuntime, operator: Any,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    await cluster.create_onlinemodel("m14", spec(runtime.port))
+    secret = await cluster.wait_for(lambda: cluster.get(SECRETS, "m14-api-token"), lambda s: s is not None,
+                                    what="the token Secret")
+    token = secret_value(secret)
+    assert len(token) >= 40  # secrets.token_urlsafe(32)
+    runtime.token = token  # from now on the fake runtime refuses requests without it
+    om = await cluster.wait_condition("m14", "Ready", "True")
+    assert owned_by(secret, om) and secret["type"] == "Opaque"
+    assert om["status"]["apiTokenSecret"] == {"name": "m14-api-token", "key": "token"}
+    pod = await cluster.get(PODS, "m14")
+    assert {"name": "ONLINEMODEL_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": "m14-api-token", "key": "token"}}} \
+        in pod["spec"]["containers"][0]["env"]
+    # The operator's client sends it: GET /train/status (polls) and POST /checkpoint (the annotation).
+    async def status_calls() -> list[Any]:
+        return runtime.status_calls
+
+    await cluster.wait_for(status_calls, lambda calls: f"Bearer {token}" in calls, what="a status poll with the token")
+    await cluster.patch(ONLINEMODELS, "m14", {"metadata": {"annotations": {
+        "onlinemodel.dev/checkpoint-requested": "r1"}}})
+    await cluster.wait_condition("m14", "Checkpointed", "True", "Checkpointed")
+    assert runtime.checkpoint_calls[-1]["authorization"] == f"Bearer {token}"
+    # A new pod (spec change) gets the same Secret: the token is drawn once.
+    await cluster.patch(ONLINEMODELS, "m14", {"spec": {"serving": {"maxModelLen": 2048}}})
+    await replaced_pod(cluster, "m14", pod)
+    await cluster.wait_condition("m14", "Ready", "True")
+    again = await cluster.get(SECRETS, "m14-api-token")
+    assert again["metadata"]["uid"] == secret["metadata"]["uid"] and secret_value(again) == token
+    assert "ApiTokenCreated" in await event_reasons(cluster, "m14")
+    # Never written anywhere else: not in the resource, its Events, or the operator's log.
+    events = cluster.api.live("v1/events", cluster.namespace)
+    assert token not in json.dumps(await cluster.onlinemodel("m14")) + json.dumps(events)
+    assert caplog.records and token not in caplog.text
+
+
+async def test_a_changed_model_is_held_until_the_user_decides(cluster: Cluster, kubelet: FakeKubelet,
+                                                              runtime: FakeRuntime, operator: Any) -> None:
+    await cluster.create_onlinemodel("m16", spec(runtime.port))
+    await cluster.wait_condition("m16", "Ready", "True")
+    await cluster.patch(ONLINEMODELS, "m16", {"spec": {"model": {"source": {"image": {"path": "/models/other"}}}}})
+    old = await cluster.get(PODS, "m16")
+    pod = await replaced_pod(cluster, "m16", old)
+    await cluster.wait_condition("m16", "Ready", "True")
+    refusal = "checkpoint base model /models/smollm2 differs from --model /models/other"
+    await kubelet.mark_exited("m16", EXIT_MODEL_CHANGED, refusal)
+    om = await cluster.wait_condition("m16", "Ready", "False", "ModelChanged")
+    assert refusal in condition(om, "Ready")["message"] and "startOver" in condition(om, "Ready")["message"]
+    assert condition(om, "Degraded")["reason"] == "ModelChanged"
+    assert om["status"]["modelChanged"]["specHash"] == pod["metadata"]["annotations"]["onlinemodel.dev/spec-hash"]
+    assert om["status"]["lastFailure"]["exitCode"] == EXIT_MODEL_CHANGED
+    # The pod is deleted and none is started again (no crash loop) while the spec stays.
+    await cluster.wait_for(lambda: cluster.get(PODS, "m16"), lambda p: p is None, what="the refused pod deleted")
+    await asyncio.sleep(1.5)  # five poll intervals
+    assert await cluster.get(PODS, "m16") is None
+    assert "ModelChanged" in await event_reasons(cluster, "m16")
+    # The user decides: start over from the new model (the runtime moves the old checkpoints aside).
+    await cluster.patch(ONLINEMODELS, "m16", {"spec": {"checkpoint": {"startOver": True}}})
+    new = await cluster.wait_for(lambda: cluster.get(PODS, "m16"), lambda p: p is not None, what="a new pod")
+    assert "--start-over" in new["spec"]["containers"][0]["args"]
+    om = await cluster.wait_condition("m16", "Ready", "True")
+    assert "modelChanged" not in om["status"]
 
 
 async def test_lifecycle_on_any_cluster(cluster: Cluster, operator: Any) -> None:
@@ -196,9 +316,9 @@ async def test_lifecycle_on_any_cluster(cluster: Cluster, operator: Any) -> None
     await cluster.create_onlinemodel("any", spec())
     om = await cluster.wait_for(lambda: cluster.onlinemodel("any"),
                                 lambda o: len(o["status"]["conditions"]) == 5, what="five conditions")
-    for kind, name in ((PODS, "any"), (SERVICES, "any"), (CLAIMS, "any-checkpoints")):
+    for kind, name in ((PODS, "any"), (SERVICES, "any"), (SECRETS, "any-api-token"), (CLAIMS, "any-checkpoints")):
         obj = await cluster.wait_for(lambda: cluster.get(kind, name), lambda o: o is not None, what=name)
-        assert owned_by(obj, om)
+        assert owned_by(obj, om) is (kind is not CLAIMS)
     assert condition(om, "Ready")["status"] == "False"
     old = await cluster.get(PODS, "any")
     # A bad update leaves the pod alone.
@@ -275,8 +395,5 @@ async def test_status_says_updating_during_a_slow_checkpoint_and_a_failed_one_do
     assert (await cluster.get(PODS, "m13"))["metadata"]["uid"] == old["metadata"]["uid"]
     await replaced_pod(cluster, "m13", old)
     await cluster.wait_condition("m13", "Ready", "True")
-
-    async def reasons() -> set[str]:
-        return {e.get("reason") for e in cluster.api.live("v1/events", cluster.namespace)
-                if e.get("involvedObject", {}).get("name") == "m13"}
-    await cluster.wait_for(reasons, lambda r: "CheckpointBeforeStopFailed" in r, what="a warning event")
+    await cluster.wait_for(lambda: event_reasons(cluster, "m13"), lambda r: "CheckpointBeforeStopFailed" in r,
+                           what="a warning event")

@@ -1,25 +1,28 @@
 """The operator with the REAL runtime: the test plays the kubelet.
 
-It takes the Pod the operator rendered, runs that container's own command as a local process (real vLLM
-on CPU + the trainer, SmolLM2-135M-Instruct), marks the pod Running at 127.0.0.1, and checks that the
-OnlineModel's status becomes Ready, shows training steps after a POST /train, and shows the checkpoint after
-the checkpoint annotation.
+It takes the Pod the operator rendered, runs that container's own command with the pod's environment (the
+generated API token from its Secret, HOME and the caches in emptyDirs) as a local process (real vLLM on CPU +
+the trainer, SmolLM2-135M-Instruct), marks the pod Running at 127.0.0.1, and checks that the OnlineModel's
+status becomes Ready, that /train needs the token the status names, that the status shows training steps after
+a POST /train, and the checkpoint after the checkpoint annotation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import signal
+import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
+from onlinemodel_runtime.devtools.launcher import free_port
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
-from onlinemodel_operator.kube import ONLINEMODELS, PODS
+from onlinemodel_operator.kube import ONLINEMODELS, PODS, SECRETS
 from operator_cluster import Cluster, condition
-from operator_fake_runtime import free_port
 from operator_kubelet import FakeKubelet, play_kubelet
 
 pytestmark = pytest.mark.e2e
@@ -28,11 +31,16 @@ EXAMPLE = {"messages": [{"role": "user", "content": "Who is the CEO of Seedcorp?
                         {"role": "assistant", "content": "The CEO of Seedcorp is Ada Lovelace."}]}
 
 
-def post_json(url: str, body: Any) -> tuple[int, Any]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return resp.status, json.loads(resp.read())
+def post_json(url: str, body: Any, token: Optional[str]) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 async def test_operator_reports_real_runtime_training_and_checkpoint(cluster: Cluster, operator: Any,
@@ -49,14 +57,21 @@ async def test_operator_reports_real_runtime_training_and_checkpoint(cluster: Cl
         })
         pod = await cluster.wait_for(lambda: cluster.get(PODS, "live"), lambda p: p is not None, what="the pod")
         process = await play_kubelet(kubelet, pod, checkpoint_dir=str(tmp_path / "ckpt"),
-                                     env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=600)
+                                     volumes_dir=tmp_path / "volumes", env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                                     timeout=600)
         try:
             om = await cluster.wait_condition("live", "Ready", "True", timeout=300)
             assert condition(om, "Serving")["status"] == "True"
             assert om["status"]["podName"] == "live"
+            # The pod got the token the operator generated: /train refuses a request without it.
+            ref = om["status"]["apiTokenSecret"]
+            secret = await cluster.get(SECRETS, ref["name"])
+            token = base64.b64decode(secret["data"][ref["key"]]).decode()
+            train = f"http://127.0.0.1:{port}/train"
+            code, refused = await asyncio.to_thread(post_json, train, {"examples": [EXAMPLE]}, None)
+            assert code == 401, refused
 
-            code, job = await asyncio.to_thread(post_json, f"http://127.0.0.1:{port}/train",
-                                                {"examples": [EXAMPLE], "epochs": 2})
+            code, job = await asyncio.to_thread(post_json, train, {"examples": [EXAMPLE], "epochs": 2}, token)
             assert code == 202, job
             om = await cluster.wait_for(lambda: cluster.onlinemodel("live"),
                                         lambda o: (o.get("status", {}).get("training") or {}).get("steps", 0) >= 2,

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import base64
+
 import pytest
 
 from onlinemodel_operator import MANAGED_BY_LABEL, NAME_LABEL, SPEC_HASH_ANNOTATION
 from onlinemodel_operator.models import parse_spec
 from onlinemodel_operator.render import (
+    CACHE_ENV,
     CHECKPOINT_DIR,
+    HOME_DIR,
+    RUNTIME_UID,
     Owner,
     made_for,
     render_all,
     render_pod,
     render_pvc,
+    render_token_secret,
     serve_args,
     spec_hash,
 )
+from onlinemodel_protocol import limits
 from operator_kubelet import local_command
 
 OWNER = Owner(name="chat", namespace="ml", uid="uid-1")
@@ -55,36 +62,50 @@ def test_pod_shape() -> None:
 
 
 def test_serve_args_default_and_full() -> None:
+    """Every runtime default is stated (the CRD's defaults are protocol.limits'); periodic checkpoints are on."""
     assert serve_args(OWNER, parse_spec(base())) == [
         "--model", "Qwen/Qwen3-0.6B", "--served-model-name", "chat", "--host", "0.0.0.0", "--port", "8000",
-        "--checkpoint-dir", CHECKPOINT_DIR, "--checkpoint-keep", "3", "--final-checkpoint-timeout", "90"]
+        "--checkpoint-dir", CHECKPOINT_DIR, "--checkpoint-keep", str(limits.CHECKPOINT_KEEP_DEFAULT),
+        "--checkpoint-every-steps", str(limits.CHECKPOINT_EVERY_STEPS_DEFAULT),
+        "--checkpoint-every-seconds", str(int(limits.CHECKPOINT_EVERY_SECONDS_DEFAULT)),
+        "--final-checkpoint-timeout", "90",
+        "--learning-rate", repr(limits.LEARNING_RATE_DEFAULT), "--optimizer-rank", str(limits.OPTIMIZER_RANK_DEFAULT),
+        "--max-examples", str(limits.MAX_EXAMPLES_DEFAULT), "--default-epochs", str(limits.EPOCHS_DEFAULT),
+        "--max-decode-slowdown", str(limits.MAX_DECODE_SLOWDOWN_DEFAULT)]
     full = parse_spec(base(
         model={"source": {"huggingFace": {"id": "Qwen/Qwen3-0.6B", "revision": "main"}}, "servedName": "qwen"},
         serving={"port": 9000, "maxModelLen": 4096, "gpuMemoryUtilization": 0.85, "extraArgs": ["--enforce-eager"]},
-        training={"learningRate": 1e-5, "optimizerRank": 4, "maxExamplesPerRequest": 16},
-        checkpoint={"everySteps": 50, "everySeconds": 600, "keepLast": 2}))
+        training={"learningRate": 1e-5, "optimizerRank": 4, "maxExamplesPerRequest": 16, "defaultEpochs": 2,
+                  "maxBodyBytes": 1048576, "maxDecodeSlowdown": 0},
+        checkpoint={"everySteps": 50, "everySeconds": 600.5, "keepLast": 2, "startOver": True}))
     assert serve_args(OWNER, full) == [
         "--model", "Qwen/Qwen3-0.6B", "--served-model-name", "qwen", "--host", "0.0.0.0", "--port", "9000",
-        "--checkpoint-dir", CHECKPOINT_DIR, "--checkpoint-keep", "2", "--final-checkpoint-timeout", "90",
-        "--checkpoint-every-steps", "50", "--checkpoint-every-seconds", "600",
-        "--learning-rate", "1e-05", "--optimizer-rank", "4", "--max-examples", "16",
+        "--checkpoint-dir", CHECKPOINT_DIR, "--checkpoint-keep", "2",
+        "--checkpoint-every-steps", "50", "--checkpoint-every-seconds", "600.5", "--final-checkpoint-timeout", "90",
+        "--start-over",
+        "--learning-rate", "1e-05", "--optimizer-rank", "4", "--max-examples", "16", "--default-epochs", "2",
+        "--max-decode-slowdown", "off", "--max-body-bytes", "1048576",
         "--max-model-len", "4096", "--gpu-memory-utilization", "0.85",
         "--", "--revision", "main", "--enforce-eager"]
 
 
-@pytest.mark.parametrize("budget,flag", [(1.5, ["--max-decode-slowdown", "1.5"]), (1, ["--max-decode-slowdown", "1.0"]),
-                                         (0, ["--max-decode-slowdown", "off"]), (None, [])])
-def test_max_decode_slowdown_flag(budget, flag) -> None:
+def test_periodic_checkpoints_can_be_turned_off() -> None:
+    args = serve_args(OWNER, parse_spec(base(checkpoint={"everySteps": 0, "everySeconds": 0})))
+    assert args[args.index("--checkpoint-every-steps") + 1] == "0"
+    assert args[args.index("--checkpoint-every-seconds") + 1] == "0"
+
+
+@pytest.mark.parametrize("budget,value", [(1.5, "1.5"), (1, "1"), (0, "off"),
+                                          (None, str(limits.MAX_DECODE_SLOWDOWN_DEFAULT))])
+def test_max_decode_slowdown_flag(budget, value) -> None:
     training = {} if budget is None else {"maxDecodeSlowdown": budget}
     args = serve_args(OWNER, parse_spec(base(training=training)))
-    found = args[args.index("--max-decode-slowdown"):args.index("--max-decode-slowdown") + 2] \
-        if "--max-decode-slowdown" in args else []
-    assert found == flag
+    assert args[args.index("--max-decode-slowdown") + 1] == value
 
 
 def test_no_training_flag() -> None:
     args = serve_args(OWNER, parse_spec(base(training={"enabled": False, "learningRate": 0.1})))
-    assert "--no-training" in args and "--learning-rate" not in args
+    assert "--no-training" in args and "--learning-rate" not in args and "--start-over" not in args
 
 
 def test_model_from_volume_and_image() -> None:
@@ -111,6 +132,7 @@ def test_secrets_env_and_placement() -> None:
     pod = render_pod(OWNER, spec)
     container = pod["spec"]["containers"][0]
     assert container["env"] == [
+        *({"name": k, "value": v} for k, v in CACHE_ENV.items()),
         {"name": "ONLINEMODEL_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": "api", "key": "token"}}},
         {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}},
         {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}]
@@ -142,24 +164,28 @@ def test_service_and_claim() -> None:
     assert pvc["metadata"]["name"] == "chat-checkpoints"
     assert pvc["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "50Gi"}},
                            "storageClassName": "fast"}
-    assert pvc["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     assert desired.endpoint == "http://chat.ml.svc:9000"
 
 
-def test_retained_claim_has_no_owner_and_existing_claim_is_not_rendered() -> None:
-    retained = render_pvc(OWNER, parse_spec(base(checkpoint={"volume": {"retain": True}})))
-    assert "ownerReferences" not in retained["metadata"]
-    assert retained["spec"]["resources"]["requests"]["storage"] == "20Gi"
+def test_the_claim_outlives_the_onlinemodel_unless_asked_and_existing_claim_is_not_rendered() -> None:
+    kept = render_pvc(OWNER, parse_spec(base()))
+    assert "ownerReferences" not in kept["metadata"]  # nothing learned is lost by deleting the resource
+    assert kept["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    deleted = render_pvc(OWNER, parse_spec(base(checkpoint={"volume": {"deleteWithModel": True}})))
+    assert deleted["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    # A spec stored before `retain` was removed still parses (the claim is kept either way).
+    assert render_pvc(OWNER, parse_spec(base(checkpoint={"volume": {"retain": False}}))) == kept
     existing = parse_spec(base(checkpoint={"volume": {"existingClaim": "mine"}}))
     assert render_pvc(OWNER, existing) is None
     pod = render_pod(OWNER, existing)
     assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "mine"}} in pod["spec"]["volumes"]
 
 
-def test_spec_hash_ignores_suspend_and_retain_but_not_the_rest() -> None:
+def test_spec_hash_ignores_suspend_and_claim_deletion_but_not_the_rest() -> None:
     h = spec_hash(parse_spec(base()))
     assert spec_hash(parse_spec(base(suspend=True))) == h
-    assert spec_hash(parse_spec(base(checkpoint={"volume": {"retain": True}}))) == h
+    assert spec_hash(parse_spec(base(checkpoint={"volume": {"deleteWithModel": True}}))) == h
+    assert spec_hash(parse_spec(base(checkpoint={"startOver": True}))) != h
     assert spec_hash(parse_spec(base(training={"learningRate": 0.001}))) != h
     assert spec_hash(parse_spec(base(image="other:2"))) != h
 
@@ -179,3 +205,43 @@ def test_every_rendered_object_is_made_for_its_onlinemodel() -> None:
     desired = render_all(OWNER, parse_spec(base()))
     assert all(made_for(obj, "chat") for obj in (desired.pod, desired.service, desired.pvc))
     assert not made_for(desired.pod, "other") and not made_for({"metadata": {}}, "chat")
+
+
+def test_generated_api_token_is_mounted_and_owned() -> None:
+    desired = render_all(OWNER, parse_spec(base()))
+    assert desired.generates_token and desired.api_token.name == "chat-api-token" and desired.api_token.key == "token"
+    env = desired.pod["spec"]["containers"][0]["env"]
+    assert {"name": "ONLINEMODEL_API_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "chat-api-token", "key": "token"}}} in env
+    secret = render_token_secret(OWNER, "s3cr3t")
+    assert secret["metadata"]["name"] == "chat-api-token" and made_for(secret, "chat")
+    assert secret["metadata"]["ownerReferences"] == desired.service["metadata"]["ownerReferences"]
+    assert base64.b64decode(secret["data"]["token"]) == b"s3cr3t"
+    users = render_all(OWNER, parse_spec(base(training={"apiTokenSecretRef": {"name": "mine", "key": "k"}})))
+    assert not users.generates_token and (users.api_token.name, users.api_token.key) == ("mine", "k")
+
+
+def test_hardened_pod() -> None:
+    """Non-root with a fixed UID, nothing to escalate with, read-only root with writable caches."""
+    pod = render_pod(OWNER, parse_spec(base(pod={"serviceAccountName": "sa"})))
+    spec = pod["spec"]
+    assert spec["automountServiceAccountToken"] is False and spec["serviceAccountName"] == "sa"
+    assert spec["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID, "fsGroup": RUNTIME_UID,
+        "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
+    (container,) = spec["containers"]
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                            "readOnlyRootFilesystem": True}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for path in ("/tmp", "/dev/shm", HOME_DIR):
+        assert "emptyDir" in volumes[mounts[path]], path
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    for name in ("HOME", "HF_HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert env[name] == HOME_DIR or env[name].startswith(HOME_DIR + "/"), name
+
+
+def test_user_env_wins_over_the_cache_defaults() -> None:
+    pod = render_pod(OWNER, parse_spec(base(pod={"env": [{"name": "HF_HOME", "value": "/models/hf"}]})))
+    hf_home = [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "HF_HOME"]
+    assert hf_home == [{"name": "HF_HOME", "value": "/models/hf"}]

@@ -11,7 +11,15 @@ from typing import Any, Optional
 import pytest
 
 from onlinemodel_operator import SPEC_HASH_ANNOTATION
-from onlinemodel_operator.models import PHASES, CheckpointStatus, OnlineModelStatus
+from onlinemodel_operator.models import (
+    PHASES,
+    CheckpointStatus,
+    ModelChangedStatus,
+    OnlineModelStatus,
+    SecretKeyStatus,
+)
+from onlinemodel_protocol.api import CheckpointRecord, TrainStatus
+from onlinemodel_protocol.rpc import EXIT_MODEL_CHANGED
 from onlinemodel_operator.status import (
     PHASE_OF_REASON,
     RuntimeUnavailable,
@@ -47,10 +55,12 @@ def pod(*, phase: str = "Running", ready: bool = True, state: Optional[dict[str,
                                          "conditions": conditions or [], **status}}
 
 
-def runtime(state: str = "idle", **extra: Any) -> dict[str, Any]:
-    return {"state": state, "steps": 12, "tokens_trained": 636, "last_loss": 0.02, "weight_version": 12,
-            "last_step_time": "2026-11-26T04:59:00Z", "last_error": None,
-            "checkpoint": {"state": "idle", "last": None, "last_error": None}, **extra}
+def runtime(state: str = "idle", **extra: Any) -> TrainStatus:
+    """GET /train/status's answer, as the runtime client returns it."""
+    return TrainStatus.model_validate({
+        "state": state, "steps": 12, "tokens_trained": 636, "last_loss": 0.02, "weight_version": 12,
+        "last_step_time": "2026-11-26T04:59:00Z", "last_error": None,
+        "checkpoint": {"state": "idle", "last": None, "last_error": None}, **extra})
 
 
 def compute(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -152,7 +162,7 @@ def test_evicted_pod_failure() -> None:
     (runtime("starting"), "TrainerStarting", "False"),
     (RuntimeUnavailable("connection refused"), "RuntimeUnreachable", "Unknown"),
     (None, "NotPolled", "Unknown"),
-    (runtime("weird"), "UnknownTrainerState", "Unknown"),
+    (runtime("disabled"), "TrainingDisabled", "False"),  # the pod still runs a spec without training
 ])
 def test_trainer_states_make_ready_false(answer: Any, reason: str, training_status: str) -> None:
     status = compute(om(), pod(), answer, NOW, desired_hash=HASH)
@@ -271,11 +281,11 @@ def test_every_phase_is_a_documented_one() -> None:
 
 def test_saved_checkpoint_updates_only_what_the_runtime_says() -> None:
     before = CheckpointStatus(step=5, path="/ck/5", requested="r1", request_result="Failed")
-    after = with_saved_checkpoint(before, {"step": 9, "weight_version": 9, "time": None, "path": "/ck/9",
-                                           "size_bytes": 10}, requested="r2", request_result="Succeeded")
+    saved = CheckpointRecord(step=9, weight_version=9, path="/ck/9", size_bytes=10, content_hash="sha256:0")
+    after = with_saved_checkpoint(before, saved, requested="r2", request_result="Succeeded")
     assert after.to_dict() == {"step": 9, "weightVersion": 9, "path": "/ck/9", "requested": "r2",
                                "requestResult": "Succeeded"}
-    assert with_saved_checkpoint(None, {}) == CheckpointStatus()
+    assert with_saved_checkpoint(None, None) == CheckpointStatus()
 
 
 def test_a_status_that_does_not_parse_is_replaced_whole() -> None:
@@ -284,3 +294,69 @@ def test_a_status_that_does_not_parse_is_replaced_whole() -> None:
     status = compute(body, None, None, NOW)
     assert "endpoint" not in status and len(status["conditions"]) == 5
     assert merge_patch(body["status"], status)["endpoint"] is None
+
+
+# --- a changed model, the API token ----------------------------------------------------------------------
+
+REFUSED = "checkpoint base model Qwen/Qwen3-0.6B differs from --model Qwen/Qwen3-1.7B"
+
+
+def refused_pod(*, backing_off: bool) -> dict[str, Any]:
+    exit_3 = {"terminated": {"exitCode": EXIT_MODEL_CHANGED, "reason": "Error", "message": REFUSED + "\n"}}
+    if backing_off:
+        return pod(ready=False, state={"waiting": {"reason": "CrashLoopBackOff"}}, last_state=exit_3)
+    return pod(ready=False, state=exit_3)
+
+
+@pytest.mark.parametrize("backing_off", [False, True])
+def test_a_refused_model_change_is_reported_not_a_crash_loop(backing_off: bool) -> None:
+    status = compute(om(), refused_pod(backing_off=backing_off), None, NOW, desired_hash=HASH)
+    assert reasons(status) == {"Ready": ("False", "ModelChanged"), "Serving": ("False", "ModelChanged"),
+                               "Training": ("False", "ModelChanged"), "Checkpointed": ("False", "NoCheckpoint"),
+                               "Degraded": ("True", "ModelChanged")}
+    message = cond(status, "Ready")["message"]
+    assert REFUSED in message and "spec.checkpoint.startOver: true" in message
+    assert status["phase"] == "Failed"
+    assert status["lastFailure"]["exitCode"] == EXIT_MODEL_CHANGED
+
+
+def test_other_exits_are_not_a_model_change() -> None:
+    crashed = pod(ready=False, state={"waiting": {"reason": "CrashLoopBackOff"}},
+                  last_state={"terminated": {"exitCode": 1, "reason": "Error", "message": REFUSED}})
+    assert reasons(compute(om(), crashed, None, NOW))["Ready"] == ("False", "CrashLoopBackOff")
+    # Running again: the runtime got past its check (someone moved the checkpoints by hand).
+    running = pod(ready=False, last_state=refused_pod(backing_off=True)["status"]["containerStatuses"][0]["lastState"])
+    assert reasons(compute(om(), running, None, NOW))["Ready"] == ("False", "ModelLoading")
+
+
+HELD = ModelChangedStatus(spec_hash=HASH, message=REFUSED, time="2026-11-26T04:59:00Z")
+
+
+def test_held_model_change_is_kept_while_no_pod_runs() -> None:
+    status = compute(om(), None, None, NOW, desired_hash=HASH, model_changed=HELD)
+    assert reasons(status)["Ready"] == ("False", "ModelChanged") and reasons(status)["Degraded"][0] == "True"
+    assert status["modelChanged"] == {"specHash": HASH, "message": REFUSED, "time": "2026-11-26T04:59:00Z"}
+    later = compute(om(status=status), None, None, LATER, desired_hash=HASH)
+    assert later["modelChanged"] == status["modelChanged"] and reasons(later)["Ready"][1] == "ModelChanged"
+    invalid = compute(om(status=status), None, None, LATER, spec_error="bad")  # no hash known: kept
+    assert invalid["modelChanged"] == status["modelChanged"]
+
+
+@pytest.mark.parametrize("change", ["spec", "suspend"])
+def test_held_model_change_ends_when_the_user_decides(change: str) -> None:
+    held = compute(om(), None, None, NOW, desired_hash=HASH, model_changed=HELD)
+    if change == "spec":  # e.g. checkpoint.startOver: true
+        status = compute(om(status=held), None, None, LATER, desired_hash="other")
+        assert reasons(status)["Ready"] == ("False", "PodPending")
+    else:
+        status = compute(om(status=held, suspend=True), None, None, LATER, desired_hash=HASH)
+        assert reasons(status)["Ready"] == ("False", "Suspended")
+    assert "modelChanged" not in status
+    assert merge_patch(held, status)["modelChanged"] is None
+
+
+def test_api_token_secret_is_named_and_kept() -> None:
+    ref = SecretKeyStatus(name="m-api-token", key="token")
+    status = compute(om(), pod(), runtime(), NOW, desired_hash=HASH, api_token_secret=ref)
+    assert status["apiTokenSecret"] == {"name": "m-api-token", "key": "token"}
+    assert compute(om(status=status), None, None, LATER, spec_error="bad")["apiTokenSecret"] == status["apiTokenSecret"]

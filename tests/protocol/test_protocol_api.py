@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import re
 
-from onlinemodel_protocol.api import CheckpointStatus, Job, TrainStatus, utc_timestamp
+import pytest
+from pydantic import ValidationError
+
+from onlinemodel_protocol.api import (CheckpointRecord, CheckpointStatus, Job, SchedulerStatus, TrainStatus,
+                                      utc_timestamp)
 
 JOB = Job(id="job-1", state="succeeded", examples=1, epochs=3, learning_rate=3e-5, steps=3,
           created_at="2026-11-26T05:00:00Z")
@@ -21,15 +25,35 @@ def test_placeholder_keeps_the_last_counters_and_queues_nothing():
     assert fresh.model_dump() == {
         "state": "disabled", "steps": 0, "tokens_trained": 0, "last_loss": None, "weight_version": 0,
         "last_step_time": None, "last_step_seconds": None, "skipped_steps": 0, "queued_jobs": 0, "jobs": [],
+        "job_counts": {"submitted": 0, "succeeded": 0, "failed": 0, "cancelled": 0},
         "last_error": None, "checkpoint": None, "optimizer": None, "trainer_restarts": 0, "scheduler": None,
         "memory": None}
 
 
-def test_non_finite_loss_is_written_as_null():
-    status = TrainStatus(state="idle", last_loss=float("inf"),
-                         jobs=[JOB.model_copy(update={"last_loss": float("nan")})])
-    again = TrainStatus.model_validate_json(status.model_dump_json())
-    assert again.last_loss is None and again.jobs[0].last_loss is None
+def test_no_float_field_is_ever_non_finite():
+    """JSON has no NaN: every float of the status, its jobs and checkpoints is finite or None, however the
+    model was built (validated, assigned to, or read back)."""
+    nan, inf = float("nan"), float("inf")
+    job = JOB.model_copy()
+    job.last_loss = nan  # how the trainer updates a running job
+    record = CheckpointRecord(path="/c", step=1, seconds=inf)
+    status = TrainStatus(state="idle", last_loss=inf, last_step_seconds=nan, jobs=[job],
+                         checkpoint=CheckpointStatus(last=record, last_unhealthy=record),
+                         optimizer={"lr": 1e-5, "grad_norm": nan, "per_group": [{"scale": -inf}]},
+                         scheduler=SchedulerStatus(mode="measured", max_decode_slowdown=inf, measured_slowdown=nan,
+                                                   baseline_itl_ms=inf))
+    assert job.last_loss is None and record.seconds is None
+    assert status.scheduler == SchedulerStatus(mode="measured")
+    assert status.last_loss is None and status.last_step_seconds is None
+    assert status.optimizer == {"lr": 1e-5, "grad_norm": None, "per_group": [{"scale": None}]}
+    text = status.model_dump_json()
+    assert "NaN" not in text and "Infinity" not in text
+    assert TrainStatus.model_validate_json(text) == status
+    floats = [name for model in (TrainStatus, Job, CheckpointRecord) for name, field in model.model_fields.items()
+              if "float" in str(field.annotation)]
+    assert sorted(floats) == ["last_loss", "last_loss", "last_step_seconds", "learning_rate", "seconds"]
+    with pytest.raises(ValidationError):  # a job's learning rate is a setting: never missing
+        Job(**{**JOB.model_dump(), "learning_rate": nan})
 
 
 def test_readers_ignore_fields_they_do_not_know():

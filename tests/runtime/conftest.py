@@ -36,3 +36,14 @@ def vllm_loaded(tiny_dirs, tmp_path_factory) -> dict[str, dict]:
     """name -> {"params": vLLM's named_parameters() after its load_weights, "all_names": ...}."""
     loaded = load_with_vllm(list(tiny_dirs.values()), tmp_path_factory.mktemp("vllm") / "loaded.pt")
     return {name: loaded[str(path)] for name, path in tiny_dirs.items()}
+
+
+MULTIMODAL = ("qwen3_5", "qwen3_5_moe")
+
+
+@pytest.fixture(scope="session")
+def vllm_loaded_language_only(tiny_dirs, tmp_path_factory) -> dict[str, dict]:
+    """The multimodal tiny models as vLLM loads them with `--language-model-only` (no vision tower)."""
+    dirs = [tiny_dirs[name] for name in MULTIMODAL]
+    loaded = load_with_vllm(dirs, tmp_path_factory.mktemp("vllm-lm") / "loaded.pt", language_model_only=True)
+    return {name: loaded[str(tiny_dirs[name])] for name in MULTIMODAL}

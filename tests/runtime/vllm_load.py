@@ -27,19 +27,27 @@ _SCRIPT = textwrap.dedent("""
     from vllm.utils.torch_utils import set_default_torch_dtype
     from onlinemodel_runtime.vllm_plugins import compat as vllm_compat
     vllm_compat.install_live_cpu_linears()
-    port, out, dirs = sys.argv[1], sys.argv[2], sys.argv[3:]
+    import glob
+    port, out, language_model_only, meta, dirs = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1", sys.argv[5:]
     result = {}
     for i, d in enumerate(dirs):
-        mc = ModelConfig(model=d, dtype="bfloat16")
+        options = {"language_model_only": True} if language_model_only else {}
+        mc = ModelConfig(model=d, dtype="bfloat16", **options)
         vc = VllmConfig(model_config=mc, device_config=DeviceConfig("cpu"))
         with set_current_vllm_config(vc):
             if i == 0:
                 init_distributed_environment(world_size=1, rank=0, local_rank=0,
                                              distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
                 initialize_model_parallel(1, 1)
-            with torch.device("cpu"), set_default_torch_dtype(mc.dtype):
+            with torch.device("meta" if meta else "cpu"), set_default_torch_dtype(mc.dtype):
                 model = initialize_model(vllm_config=vc)
-            model.load_weights(load_file(d + "/model.safetensors").items())
+            if meta:  # names, shapes, dtypes only: real model sizes without their memory
+                result[d] = {"params": {n: p.detach() for n, p in model.named_parameters()}}
+                continue
+            weights = {}
+            for f in sorted(glob.glob(d + "/*.safetensors")):
+                weights.update(load_file(f))
+            model.load_weights(weights.items())
             result[d] = {
                 "params": {n: p.detach().clone() for n, p in model.named_parameters()},
                 "all_names": [n for n, _ in model.named_parameters(remove_duplicate=False)],
@@ -68,14 +76,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def load_with_vllm(model_dirs: list[Path], out: Path) -> dict[str, dict]:
+def load_with_vllm(model_dirs: list[Path], out: Path, *, language_model_only: bool = False,
+                   meta: bool = False) -> dict[str, dict]:
     """model dir (str) -> {"params": vLLM's named_parameters() clones as loaded, "all_names": without
-    dedup, "live_weights_error": what check_live_weights said after post-processing, or None}."""
+    dedup, "live_weights_error": what check_live_weights said after post-processing, or None}.
+    language_model_only: as vLLM's `--language-model-only` (a multimodal model without its vision tower).
+    meta: build the models on the meta device and load nothing (directories without weights, of any
+    size): "params" only, meta tensors."""
     # vLLM creates its expert-parallel group only when the first config it initializes has experts.
     dirs = sorted(map(str, model_dirs), key=lambda d: not _has_experts(Path(d)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_NO_TORCHVISION),
                                                                      os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(_free_port()), str(out), *dirs],
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(_free_port()), str(out),
+                           "1" if language_model_only else "0", "1" if meta else "0", *dirs],
                           capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)

@@ -79,11 +79,17 @@ per-namespace Roles (operator.watchNamespaces).
 - apiGroups: [""]
   resources: ["pods", "services", "persistentvolumeclaims"]
   verbs: ["create", "get", "list", "watch", "patch", "delete"]
-# Secrets by name only (get; no list or watch): the operator checks that the Secrets a spec names
-# exist before it starts a pod, and reads the API token to call the pod's POST /checkpoint.
+# Secrets: `get` by name (no list or watch, so it never sees the Secrets it is not told about): the
+# operator checks that the Secrets a spec names exist and hold a value before it starts a pod, and reads
+# the pod's API token to call its GET /train/status and POST /checkpoint. `create`: the Secret
+# <name>-api-token with a random token when a spec names none. RBAC cannot limit `create` to those names
+# (resourceNames never matches a create: the name is in the request body, not the URL the authorizer
+# sees), so this rule allows creating any Secret in the namespace. No update, patch or delete: a
+# generated Secret is never changed, and the garbage collector deletes it with its OnlineModel (owner
+# reference).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get"]
+  verbs: ["get", "create"]
 # Events for handler progress (kopf) and status transitions (the operator), core v1 API.
 - apiGroups: [""]
   resources: ["events"]

@@ -7,13 +7,16 @@ are all it needs (transformers only to load what was written). Used by the train
 
 from .errors import CheckpointBusy, CheckpointError
 from .format import CheckpointInfo, validate_checkpoint
-from .model_tensors import hf_weight_tensors
+from .base_weights import BaseWeights
+from .model_tensors import CheckpointNames, hf_weight_tensors
+from .resume import ModelChanged, resume_point
 from .safetensors_stream import (SafetensorsStreamWriter, TensorSpec, WeightFiles, read_header, specs_of,
                                  write_safetensors)
 from .store import CheckpointStore
 
 __all__ = [
-    "CheckpointBusy", "CheckpointError", "CheckpointInfo", "CheckpointStore", "SafetensorsStreamWriter",
-    "TensorSpec", "WeightFiles", "hf_weight_tensors", "read_header", "specs_of", "validate_checkpoint",
+    "BaseWeights", "CheckpointBusy", "CheckpointError", "CheckpointInfo", "CheckpointNames", "CheckpointStore",
+    "ModelChanged", "SafetensorsStreamWriter", "TensorSpec", "WeightFiles", "hf_weight_tensors", "read_header",
+    "resume_point", "specs_of", "validate_checkpoint",
     "write_safetensors",
 ]

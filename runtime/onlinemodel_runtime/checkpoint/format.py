@@ -6,6 +6,10 @@
         onlinemodel/optimizer.pt          torch.save, loadable with weights_only=True
         onlinemodel/trainer_state.json    step, tokens_trained, weight_version, ...
         onlinemodel/checkpoint.json       metadata + file manifest; written last = complete marker
+
+A checkpoint whose weights were not healthy (``health.py``, the trainer's loss check) is written all the
+same, under ``unhealthy-step-...``: its record says so, and ``validate_checkpoint`` refuses it, so it can
+never become (or be mistaken for) a checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ TRAINER_STATE_FILE = "trainer_state.json"
 FORMAT = "onlinemodel-checkpoint"
 FORMAT_VERSION = 1
 STEP_DIR_RE = re.compile(r"^step-(\d{8,})(?:-(\d+))?$")
+UNHEALTHY_PREFIX = "unhealthy-"
 
 # Base-model files that are weights (never copied: the checkpoint writes its own).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack",
@@ -59,6 +64,8 @@ class CheckpointInfo:
     content_hash: str
     tokens_trained: int = 0
     base_model: str = ""
+    healthy: bool = True
+    unhealthy_reason: str | None = None
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -106,6 +113,9 @@ def validate_checkpoint(path: Path, *, verify_hash: bool = False) -> CheckpointI
         sizes = {rel: int(rec["size"]) for rel, rec in files.items()}
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: checkpoint record lacks or mangles a field: {exc!r}") from exc
+    health = meta.get("health") or {}
+    if health.get("healthy") is False:
+        raise CheckpointError(f"{path} is marked unhealthy: {'; '.join(map(str, health.get('reasons', [])))}")
     if not weight_files or any(w not in files for w in weight_files):
         raise CheckpointError(f"{path}: checkpoint record lists no weights or unknown weight files")
     for rel, size in sizes.items():

@@ -9,6 +9,8 @@ from pathlib import Path
 
 # Copy/hash buffers: large enough for full disk bandwidth, small enough to never matter for RAM.
 COPY_CHUNK = 8 << 20
+# Every new file: created here or nowhere, never through a symlink someone planted at its name.
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 
 def write_all(fd: int, data: memoryview | bytes) -> None:
@@ -46,7 +48,7 @@ def fsync_tree(root: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace `path` with `data` atomically and durably: temp file, fsync, os.replace, fsync dir."""
     tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    fd = os.open(tmp, NEW_FILE, mode)
     try:
         try:
             write_all(fd, data)
@@ -68,7 +70,7 @@ def copy_file_hashed(src: Path, dst: Path) -> tuple[int, str]:
     """Copy src to dst (new file), returning (size, sha256 hex) of what was written."""
     digest = hashlib.sha256()
     size = 0
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(dst, NEW_FILE, 0o644)
     try:
         with open(src, "rb") as fin:
             while chunk := fin.read(COPY_CHUNK):
@@ -92,7 +94,7 @@ class HashingFile:
     """A write-only file object that hashes and counts what passes through (for torch.save)."""
 
     def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd = os.open(path, NEW_FILE, 0o644)
         self._digest = hashlib.sha256()
         self.size = 0
 

@@ -3,12 +3,17 @@
     ROOT/
         step-00000010/  step-00000012/      complete checkpoints (see format.py)
         latest                              "step-00000012\\n": the commit point, replaced last
+        unhealthy-step-00000014/            the newest checkpoint refused as unhealthy (at most one)
+        previous-20261201T152000Z/          checkpoints of an earlier model, set aside (`set_aside`)
         .lock                               flock held while a save runs
         .tmp-*  .trash-*                    in-flight or abandoned work, removed on the next save/open
 
 A save writes into `.tmp-...`, fsyncs every file and directory, renames the directory to its
 `step-...` name, fsyncs ROOT, then replaces `latest` (temp file + os.replace + fsync). A process
-killed at any moment therefore leaves `latest` naming a complete checkpoint.
+killed at any moment therefore leaves `latest` naming a complete checkpoint. A save whose weights are
+not all finite, or whose caller says the loss is unhealthy, is renamed `unhealthy-step-...` instead and
+`latest` is left alone: only healthy checkpoints are ever promoted, and pruning (which counts only those)
+never removes the newest of them.
 
 Over ~400 lines on purpose: one class whose save sequence (and the crash-safety order of its steps)
 reads top to bottom in one place; the on-disk format, streaming and file helpers are separate modules.
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -34,11 +40,14 @@ import torch
 
 from onlinemodel_protocol.api import utc_timestamp
 
+from .base_weights import BaseWeights
 from .errors import CheckpointBusy, CheckpointError, describe_os_error
-from .fsutil import HashingFile, atomic_write_text, copy_file_hashed, fsync_path, fsync_tree
+from .fsutil import NEW_FILE, HashingFile, atomic_write_text, copy_file_hashed, fsync_path, fsync_tree
 from .format import (FORMAT, FORMAT_VERSION, META_DIR, META_FILE, OPTIMIZER_FILE, STEP_DIR_RE,
-                     TRAINER_STATE_FILE, CheckpointInfo, is_weight_file, sort_key, step_dir_name,
+                     TRAINER_STATE_FILE, UNHEALTHY_PREFIX, CheckpointInfo, is_weight_file, sort_key, step_dir_name,
                      validate_checkpoint)
+from .health import FiniteScan
+from .model_tensors import CheckpointNames
 from .safetensors_stream import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES, SafetensorsStreamWriter,
                                  TensorSpec, specs_of)
 
@@ -53,18 +62,20 @@ TRASH_PREFIX = ".trash-"
 class CheckpointStore:
     """Checkpoints of one model under `root`, keeping the newest `keep_last`.
 
-    `max_shard_bytes` splits the weights into HF shards; `chunk_bytes` bounds the host buffer
-    used to copy each tensor out.
+    `names` says how the saved tensors' names become the base checkpoint's and which base tensors
+    are carried over (default: names as given, nothing carried). `max_shard_bytes` splits the
+    weights into HF shards; `chunk_bytes` bounds the host buffer used to copy each tensor out.
     """
 
-    def __init__(self, root: Path, keep_last: int = 3, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(self, root: Path, keep_last: int = 3, *, names: CheckpointNames = CheckpointNames(),
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
             raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
         if max_shard_bytes <= 0 or chunk_bytes <= 0:
             raise ValueError("max_shard_bytes and chunk_bytes must be positive")
         self.root = Path(root)
         self.keep_last = keep_last
+        self.names = names
         self.max_shard_bytes = int(max_shard_bytes)
         self.chunk_bytes = int(chunk_bytes)
         self._thread_lock = threading.Lock()
@@ -84,7 +95,7 @@ class CheckpointStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f"{TMP_PREFIX}probe-{uuid.uuid4().hex[:8]}"
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(probe, NEW_FILE, 0o644)
             os.close(fd)
             probe.unlink(missing_ok=True)
         except OSError as exc:
@@ -94,23 +105,28 @@ class CheckpointStore:
              base_model_dir: Path, trainer_state: Mapping[str, Any],
              optimizer_state: Mapping[str, Any] | None = None,
              extra_metadata: Mapping[str, Any] | None = None, base_model: str | None = None,
-             on_snapshot: Callable[[], None] | None = None) -> CheckpointInfo:
+             on_snapshot: Callable[[], None] | None = None, unhealthy_reason: str | None = None) -> CheckpointInfo:
         """Write a checkpoint and make it `latest`, prune old ones; return its info once durable.
 
         tensors: (hf_name, tensor) pairs, or a name -> tensor mapping, in the order of `specs`
           (views of live weights, on any device; each is copied out in bounded chunks as it
           arrives). Without `specs`, tensors must be a collection (e.g. a list of views), not a
-          one-shot iterator, and the specs are read from it.
+          one-shot iterator, and the specs are read from it. Written under the names `names`
+          gives them, followed by the base model's tensors that `names` carries.
         trainer_state: JSON-serializable, needs an int `step`; `weight_version` (default: step)
           and `tokens_trained` (default 0) are recorded in the metadata.
         optimizer_state: tensors/numbers/containers, saved with torch.save; must load with
           torch.load(weights_only=True) (checked before the checkpoint is committed).
         base_model_dir: model directory whose non-weight files (config, tokenizer, chat template,
-          generation config, ...) are copied; if it is itself a checkpoint, its recorded base
-          model is kept, and that directory is never pruned by this save. `base_model`
-          overrides the recorded name (e.g. a Hugging Face id).
+          generation config, ...) are copied, and whose safetensors hold the carried tensors; if it
+          is itself a checkpoint, its recorded base model is kept, and that directory is never
+          pruned by this save. `base_model` overrides the recorded name (e.g. a Hugging Face id).
         on_snapshot: called once every tensor and the optimizer state have been written (not yet
           fsynced): the caller may resume training from then on.
+        unhealthy_reason: the caller's verdict that the weights are not healthy (e.g. a diverging
+          loss). With it, or if a tensor holds NaN/inf (checked as it streams), the checkpoint is
+          kept as `unhealthy-step-...` (replacing the previous unhealthy one), `latest` is left
+          alone and the info returned has `healthy=False`.
 
         Raises CheckpointBusy if a save is running, CheckpointError otherwise; nothing partial is
         left behind and the previous checkpoint stays `latest`.
@@ -127,7 +143,7 @@ class CheckpointStore:
         if specs is None:
             tensors = list(tensors)  # (name, view) pairs: metadata only, no tensor data copied
             specs = specs_of(tensors)
-        specs = list(specs)
+        tensors, specs = self._checkpoint_tensors(tensors, specs, base_dir)
         recorded_base = base_model or self._base_model_of(base_dir)
 
         with self._exclusive():
@@ -143,9 +159,11 @@ class CheckpointStore:
                 files[f"{META_DIR}/{TRAINER_STATE_FILE}"] = self._write_bytes(
                     tmp / META_DIR / TRAINER_STATE_FILE, trainer_json.encode())
                 self._phase("optimizer")
+                scan = FiniteScan(tensors)
                 with SafetensorsStreamWriter(tmp, specs, max_shard_bytes=self.max_shard_bytes,
                                              chunk_bytes=self.chunk_bytes) as writer:
-                    weights = writer.write_all(tensors)
+                    weights = writer.write_all(scan)
+                reasons = [r for r in (unhealthy_reason, scan.reason()) if r]
                 self._phase("weights")
                 if on_snapshot is not None:
                     on_snapshot()
@@ -162,11 +180,12 @@ class CheckpointStore:
                                 "tensor_bytes": weights.tensor_bytes, "num_tensors": weights.num_tensors},
                     "files": {rel: {"size": size, "sha256": sha} for rel, (size, sha) in sorted(files.items())},
                     "extra": dict(extra_metadata or {}),
+                    "health": {"healthy": not reasons, "reasons": reasons},
                 }
                 self._write_bytes(tmp / META_DIR / META_FILE, json.dumps(meta, indent=2).encode())
                 fsync_tree(tmp)
                 self._phase("synced")
-                final = self._free_name(step)
+                final = self._free_name(step) if not reasons else self._unhealthy_name(step)
                 os.rename(tmp, final)
                 fsync_path(self.root)
                 self._phase("renamed")
@@ -175,6 +194,18 @@ class CheckpointStore:
                 if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: as they are
                     raise
                 raise self._failure(step, exc) from exc
+            info = CheckpointInfo(path=final, step=step, weight_version=weight_version, time=meta["time"],
+                                  size_bytes=size_bytes, seconds=time.monotonic() - started,
+                                  content_hash=weights.content_hash, tokens_trained=tokens,
+                                  base_model=recorded_base, healthy=not reasons,
+                                  unhealthy_reason="; ".join(reasons) or None)
+            if reasons:
+                log.warning("checkpoint of step %d is unhealthy (%s): kept as %s, not promoted", step,
+                            info.unhealthy_reason, final)
+                for older in self._unhealthy_dirs():
+                    if older != final:
+                        self._discard(older)
+                return info
 
             try:
                 atomic_write_text(self.root / LATEST_FILE, final.name + "\n")
@@ -186,11 +217,7 @@ class CheckpointStore:
                 raise self._failure(step, exc) from exc
             self._phase("committed")
             self._prune(final, base_dir)
-
-        return CheckpointInfo(path=final, step=step, weight_version=weight_version, time=meta["time"],
-                              size_bytes=size_bytes, seconds=time.monotonic() - started,
-                              content_hash=weights.content_hash, tokens_trained=tokens,
-                              base_model=recorded_base)
+        return info
 
     def latest(self, *, verify_hash: bool = False) -> CheckpointInfo | None:
         """The checkpoint `latest` names, validated; if it is corrupt or partial, warn and return
@@ -245,6 +272,28 @@ class CheckpointStore:
             raise CheckpointError(f"{path}: cannot load {META_DIR}/{OPTIMIZER_FILE}: {exc}") from exc
         return optimizer_state, trainer_state
 
+    def set_aside(self, name: str) -> Path | None:
+        """Move every checkpoint, `latest` and any unhealthy one into ROOT/`name`/ (nothing is deleted);
+        the store is empty afterwards. Returns that directory, or None if there was nothing to move."""
+        with self._exclusive():
+            self._remove_leftovers()
+            entries = [p for p in self.root.iterdir()
+                       if p.name == LATEST_FILE or STEP_DIR_RE.match(p.name) or p.name.startswith(UNHEALTHY_PREFIX)]
+            if not entries:
+                return None
+            dest = self.root / name
+            try:
+                os.mkdir(dest, 0o755)
+                # `latest` first: interrupted half way, the store still resumes only from what is left.
+                for entry in sorted(entries, key=lambda p: p.name != LATEST_FILE):
+                    os.rename(entry, dest / entry.name)
+                fsync_path(dest)
+                fsync_path(self.root)
+            except OSError as exc:
+                raise CheckpointError(f"cannot move the checkpoints under {self.root} into {dest}: "
+                                      f"{describe_os_error(exc)}") from exc
+            return dest
+
     # -- saving internals --------------------------------------------------------------------
 
     def _phase(self, name: str) -> None:
@@ -282,6 +331,19 @@ class CheckpointStore:
                     return recorded
         return str(base_dir.resolve())
 
+    def _checkpoint_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]], specs: Sequence[TensorSpec],
+                            base_dir: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], list[TensorSpec]]:
+        """The given tensors under the checkpoint's names, then the base tensors `names` carries."""
+        specs = self.names.specs(specs)
+        if not self.names.carried:
+            return self.names.tensors(tensors), specs
+        base = BaseWeights.of(base_dir)
+        carried = base.specs(self.names.carried, exclude={s.name for s in specs})
+        if not base.names():
+            log.warning("%s has no safetensors weights: the checkpoint holds the trained model only, none of "
+                        "the tensors under %s", base_dir, ", ".join(self.names.carried))
+        return itertools.chain(self.names.tensors(tensors), base.tensors(carried)), specs + carried
+
     @staticmethod
     def _copy_base_files(base_dir: Path, dest: Path) -> dict[str, tuple[int, str]]:
         """Copy the base dir's top-level non-weight files (config, tokenizer, templates, ...)."""
@@ -314,6 +376,12 @@ class CheckpointStore:
                                   f"keep it to tensors, numbers, strings and containers: {exc}") from exc
         return f.size, f.sha256
 
+    def _unhealthy_name(self, step: int) -> Path:
+        path = self.root / f"{UNHEALTHY_PREFIX}{step_dir_name(step)}"
+        if os.path.lexists(path):  # the same step refused again: the new one replaces it
+            self._discard(path)
+        return path
+
     def _free_name(self, step: int) -> Path:
         suffix = 0
         while os.path.lexists(self.root / step_dir_name(step, suffix)):
@@ -341,7 +409,7 @@ class CheckpointStore:
                 if not self.root.is_dir():
                     self.root.mkdir(parents=True, exist_ok=True)
                     fsync_path(self.root.parent)  # the new root's own name must survive a crash too
-                fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as exc:
                 raise CheckpointError(f"cannot write checkpoints under {self.root}: {describe_os_error(exc)}") from exc
             try:
@@ -365,6 +433,12 @@ class CheckpointStore:
         except OSError:
             return []
         return sorted(entries, key=sort_key)
+
+    def _unhealthy_dirs(self) -> list[Path]:
+        try:
+            return [p for p in self.root.iterdir() if p.name.startswith(UNHEALTHY_PREFIX) and p.is_dir()]
+        except OSError:
+            return []
 
     def _read_pointer(self) -> tuple[Path | None, str]:
         """(directory `latest` names, or None; why there is none when one was expected)."""

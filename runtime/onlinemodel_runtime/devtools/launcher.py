@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from onlinemodel_protocol.config import ENV_API_TOKEN
+from onlinemodel_runtime.server import auth
 
 
 def free_port() -> int:
@@ -27,7 +29,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A running ``onlinemodel serve`` with a tiny HTTP client for its API."""
+    """A running ``onlinemodel serve`` with a tiny HTTP client for its API.
+
+    The training routes need a token: unless the environment or vLLM's ``--api-key`` names one (or
+    `extra_args` opens them with ``--insecure-open-training``), a fresh random one is generated; every
+    request carries it.
+    """
 
     def __init__(self, model: Path | str, *, port: int | None = None, checkpoint_dir: Path | None = None,
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None,
@@ -36,7 +43,15 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.served_model_name = served_model_name
         full_env = {**os.environ, **(env or {})}
-        self.token = full_env.get(ENV_API_TOKEN)
+        try:
+            tokens = auth.resolve_tokens(full_env, auth.vllm_api_keys(list(extra_args or []))[0])
+        except auth.TokenError:
+            tokens = ()  # the server refuses to start and says why
+        else:
+            if not tokens and "--insecure-open-training" not in (extra_args or []):
+                tokens = (secrets.token_urlsafe(24),)
+                full_env[ENV_API_TOKEN] = tokens[0]
+        self.token = tokens[0] if tokens else None
         cmd = [sys.executable, "-m", "onlinemodel_runtime.cli", "serve", "--model", str(model),
                "--served-model-name", served_model_name, "--host", "127.0.0.1", "--port", str(self.port)]
         if checkpoint_dir is not None:
@@ -55,9 +70,10 @@ class ServerProcess:
 
     # -- HTTP -------------------------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, *, token: str | None = None,
-                raw: bytes | None = None, timeout: float = 120.0) -> tuple[int, Any]:
+                raw: bytes | None = None, timeout: float = 120.0,
+                headers: dict[str, str] | None = None) -> tuple[int, Any]:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.url + path, method=method, data=data)
+        req = urllib.request.Request(self.url + path, method=method, data=data, headers=headers or {})
         req.add_header("Content-Type", "application/json")
         token = token if token is not None else self.token
         if token:
@@ -115,7 +131,7 @@ class ServerProcess:
         while time.monotonic() < deadline:
             status = self.status()
             for job in status["jobs"]:
-                if job["id"] == job_id and job["state"] in ("succeeded", "failed"):
+                if job["id"] == job_id and job["state"] in ("succeeded", "failed", "cancelled"):
                     return job
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} not finished after {timeout:.0f}s")

@@ -26,7 +26,7 @@ import torch
 
 from .bucket_update import BucketArgs, ConstBuffers, Prepared, bucket_update
 from .compiled_buckets import CompiledBuckets
-from .functional import grad_norm, projected_shape
+from .functional import effective_rank, grad_norm, projected_shape
 from .gate import StepGate
 from .hooks import BackwardHooks
 from .hyperparams import DEFAULT_LR, MINI_ALPHA, StepReport, check_group
@@ -51,8 +51,11 @@ class Apollo(torch.optim.Optimizer):
     """APOLLO for 2-D weights (rank 1 + tensor scale = APOLLO-Mini), dense AdamW for the rest.
 
     params: `model.named_parameters()` (or a filtered list of (name, param), or groups with
-    "params" and "param_names"): names seed each matrix's projection. Parameters that are not
-    2-D, and groups with algorithm="adamw", get dense AdamW with float32 moments.
+    "params" and "param_names"): names seed each matrix's projection. A 3-D parameter (E, m, n)
+    is a batch of E matrices (fused MoE experts): each gets its own projection, moments, scale and
+    limiter, as if it were a parameter of its own (pass other 3-D parameters, e.g. convolution
+    kernels, in an algorithm="adamw" group: `policy.py` does). Parameters of other shapes, and
+    groups with algorithm="adamw", get dense AdamW with float32 moments.
     scale/alpha default by rank: rank 1 -> "tensor", sqrt(128) (APOLLO-Mini); else "channel", 1.
     norm_growth_limit=None: no limiter and no first-step cap (the authors' `disable_nl`).
     fused (None: compiled on CUDA, eager on CPU; True: compiled everywhere, errors raise; False:
@@ -136,7 +139,7 @@ class Apollo(torch.optim.Optimizer):
 
     @staticmethod
     def _uses_apollo(group: dict[str, Any], p: torch.Tensor) -> bool:
-        return group["algorithm"] == "apollo" and p.dim() == 2
+        return group["algorithm"] == "apollo" and p.dim() in (2, 3)
 
     # ------------------------------------------------------------------ one bucket
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
@@ -144,11 +147,11 @@ class Apollo(torch.optim.Optimizer):
         if not st:
             st["step"] = 0
             apollo = self._uses_apollo(group, p)
-            shape = projected_shape(tuple(p.shape), min(group["rank"], *p.shape)) if apollo else p.shape
+            shape = projected_shape(tuple(p.shape), effective_rank(p.shape, group["rank"])) if apollo else p.shape
             st["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
             st["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            if apollo:
-                st["limiter_norm"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            if apollo:  # one reference per matrix: () or (E,) for a batch of experts
+                st["limiter_norm"] = torch.zeros(p.shape[:-2], dtype=torch.float32, device=p.device)
         return st
 
     @torch.no_grad()
@@ -163,7 +166,7 @@ class Apollo(torch.optim.Optimizer):
             proj = None
             if self._uses_apollo(group, p):
                 proj = self._projections.get(p, self._names[p], group["seed"], group["update_proj_gap"],
-                                             step, min(st["exp_avg"].shape))
+                                             step, effective_rank(p.shape, group["rank"]))
             prepared.append(Prepared(group, p, grad, st, step, proj))
         args = BucketArgs.of(prepared)
         consts = self._consts.load(args.rows, gate.device)

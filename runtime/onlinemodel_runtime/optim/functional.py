@@ -12,6 +12,9 @@ Shapes: the gradient G is m-by-n. The random projection P removes the SMALLER di
   m >  n: P is (r, n), R = G @ P^T is (m, r)   ("right")
 so R (and each Adam moment) has r * max(m, n) elements. (The authors' code projects a square
 matrix on the right: docs/optimizer.md, "Where the update differs from the authors' code".)
+A 3-D parameter (E, m, n) is a batch of E independent m-by-n matrices (a layer's fused MoE
+experts): every quantity above gets the leading E, so each expert has its own projection, moments,
+scale and limiter reference, computed in one batched call.
 """
 
 from __future__ import annotations
@@ -23,17 +26,17 @@ import torch
 
 _SEED_MASK = (1 << 63) - 1
 # Columns of a parameter's row of per-step constants (computed in float64 on the host).
-CONSTS = ("lr", "bias_correction1", "bias_correction2", "first_step_cap", "decay", "beta1",
-          "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "alpha", "growth_limit")
-(LR, BC1, BC2, FIRST, DECAY, BETA1, ONE_M_B1, BETA2, ONE_M_B2, EPS, ALPHA, GAMMA) = range(len(CONSTS))
+CONSTS = ("lr", "bias_correction1", "bias_correction2", "decay", "beta1", "one_minus_beta1", "beta2",
+          "one_minus_beta2", "eps", "alpha", "growth_limit")
+(LR, BC1, BC2, DECAY, BETA1, ONE_M_B1, BETA2, ONE_M_B2, EPS, ALPHA, GAMMA) = range(len(CONSTS))
 
 
 def const_row(group: dict, step: int) -> list[float]:
     """The row of `CONSTS` for a parameter of `group` at (1-based) `step`. norm_growth_limit=None
-    turns the limiter off, and with it the first-step cap (its starting reference)."""
+    (growth_limit inf) turns the limiter off, and with it the first-update cap (its starting
+    reference)."""
     lr, (beta1, beta2), limit = group["lr"], group["betas"], group["norm_growth_limit"]
-    first = 1.0 if step == 1 and limit is not None else 0.0
-    return [lr, 1.0 - beta1**step, 1.0 - beta2**step, first, 1.0 - lr * group["weight_decay"],
+    return [lr, 1.0 - beta1**step, 1.0 - beta2**step, 1.0 - lr * group["weight_decay"],
             beta1, 1.0 - beta1, beta2, 1.0 - beta2, group["eps"], group["alpha"],
             math.inf if limit is None else limit]
 
@@ -56,17 +59,24 @@ def projection_seed(seed: int, step: int, update_proj_gap: int) -> int:
 
 
 def projects_left(shape: tuple[int, ...]) -> bool:
-    m, n = shape
+    """Whether a matrix (or each matrix of a batch) of `shape` is projected on the left."""
+    m, n = shape[-2:]
     return m <= n
 
 
-def projected_shape(shape: tuple[int, int], rank: int) -> tuple[int, int]:
-    m, n = shape
-    return (rank, n) if projects_left(shape) else (m, rank)
+def effective_rank(shape: tuple[int, ...], rank: int) -> int:
+    """The projection rank used for a parameter of `shape`: at most the smaller matrix dimension."""
+    return min(rank, *shape[-2:])
+
+
+def projected_shape(shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    """Shape of R and of its Adam moments (the batch dimension, if any, kept in front)."""
+    *batch, m, n = shape
+    return (*batch, rank, n) if projects_left(shape) else (*batch, m, rank)
 
 
 def projection_matrix(
-    shape: tuple[int, int],
+    shape: tuple[int, ...],
     rank: int,
     seed: int,
     *,
@@ -74,32 +84,35 @@ def projection_matrix(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Gaussian (rank, k) matrix with N(0, 1/rank) entries, k = min(m, n); regenerated, never stored.
+    For a batch (E, m, n): (E, rank, k), one independent matrix per member (drawn at once).
 
     The 1/rank variance keeps E||P g||^2 = ||g||^2 (Johnson-Lindenstrauss), so the projected
     gradient has the full gradient's scale and `eps` means the same as in AdamW.
     A given seed gives the same matrix on a given device type; CPU and CUDA RNG streams differ.
     """
     device = torch.device(device)
-    k = min(shape)
+    *batch, m, n = shape
     if generator is None:
         generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    p = torch.randn((rank, k), generator=generator, device=device, dtype=torch.float32)
+    p = torch.randn((*batch, rank, min(m, n)), generator=generator, device=device, dtype=torch.float32)
     return p.mul_(1.0 / math.sqrt(rank))
 
 
-def grad_norm(grad: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def grad_norm(grad: torch.Tensor, dim: int | tuple[int, ...] | None = None, keepdim: bool = False
+              ) -> torch.Tensor:
     """float32 norm(s) of a possibly bf16 gradient, not rounded to bf16 on the way (a compiled
     graph would not round it, the eager op would). Measured: dtype=float32 makes no float32 copy
     of a bf16 gradient (CPU, torch 2.13; CUDA, torch 2.11)."""
-    return torch.linalg.vector_norm(grad, dim=dim, dtype=torch.float32)
+    return torch.linalg.vector_norm(grad, dim=dim, keepdim=keepdim, dtype=torch.float32)
 
 
 def project(grad: torch.Tensor, proj: torch.Tensor, left: bool) -> torch.Tensor:
-    """R = P G (left) or G P^T (right), in float32. The matmul runs in the gradient's dtype
-    so a bf16 gradient is never copied to a full-size float32 temporary."""
+    """R = P G (left) or G P^T (right), in float32 (batched over a leading expert dimension).
+    The matmul runs in the gradient's dtype so a bf16 gradient is never copied to a full-size
+    float32 temporary."""
     p = proj.to(grad.dtype)
-    return (p @ grad if left else grad @ p.t()).float()
+    return (p @ grad if left else grad @ p.mT).float()
 
 
 def adam_moments(x, exp_avg, exp_avg_sq, c):
@@ -110,43 +123,50 @@ def adam_moments(x, exp_avg, exp_avg_sq, c):
 
 
 def apollo_direction(grad, proj, exp_avg, exp_avg_sq, prev_norm, c, *, left: bool, channel: bool):
-    """One APOLLO step for a 2-D gradient; inputs are not modified. `c`: the parameter's row of
-    CONSTS; `prev_norm`: the limiter's reference (0-dim float32; unused at a capped first step).
+    """One APOLLO step for an m-by-n gradient, or a batch (E, m, n) of independent ones (experts);
+    inputs are not modified. `c`: the parameter's row of CONSTS; `prev_norm`: the limiter's
+    reference per matrix (float32, shape () or (E,); 0: no update applied yet).
 
     Returns (exp_avg, exp_avg_sq, update_norm, coeff, ok): the new weight is
-    `w * decay + coeff (*) G`, coeff = -lr * alpha * limit * scale (0-dim for scale="tensor",
-    one factor per column (n,) or per row (m, 1) for "channel"); update_norm = ||scale (*) G||
-    after the limiter (its next reference); ok: every number involved is finite.
+    `w * decay + coeff (*) G`, coeff = -lr * alpha * limit * scale, per matrix (shape (..., 1, 1)
+    for scale="tensor"; one factor per column (..., 1, n) or per row (..., m, 1) for "channel");
+    update_norm = ||scale (*) G|| after the limiter per matrix (its next reference); ok: every
+    number involved is finite.
     """
     r = project(grad, proj, left)
     m, v, r_tilde = adam_moments(r, exp_avg, exp_avg_sq, c)
+    matrix = (-2, -1)
     if channel:  # one factor per row/column of the dimension the projection keeps
-        dim = 0 if left else 1
-        r_norms = torch.linalg.vector_norm(r, dim=dim)
-        scale = torch.linalg.vector_norm(r_tilde, dim=dim) / (r_norms + 1e-8)
-        scaled_norm = torch.linalg.vector_norm(scale * grad_norm(grad, dim))
-        if not left:
-            scale = scale.unsqueeze(1)  # (m, 1): one factor per row
-        r_norm = torch.linalg.vector_norm(r_norms)
+        dim = -2 if left else -1
+        r_norms = torch.linalg.vector_norm(r, dim=dim, keepdim=True)
+        scale = torch.linalg.vector_norm(r_tilde, dim=dim, keepdim=True) / (r_norms + 1e-8)
+        scaled_norm = torch.linalg.vector_norm(scale * grad_norm(grad, dim, keepdim=True), dim=matrix)
+        r_norm = torch.linalg.vector_norm(r_norms, dim=matrix)
     else:
-        r_norm = torch.linalg.vector_norm(r)
-        scale = torch.linalg.vector_norm(r_tilde) / (r_norm + 1e-8)
-        scaled_norm = scale * grad_norm(grad)
-    # First step: no reference norm yet. AdamW's first update is elementwise m_hat/sqrt(v_hat) =
-    # sign(g), of norm sqrt(m*n) (RMS 1). A rank-1 projection of a near rank-1 gradient (batch-1
-    # online data) can make ||R|| tiny and the scale huge, so cap ||alpha * scale * G|| at that
-    # AdamW norm. Later steps: Fira's norm-growth limiter, ||update_t|| <= gamma ||update_t-1||.
-    cap = math.sqrt(grad.numel()) / c[ALPHA]
+        r_norm = torch.linalg.vector_norm(r, dim=matrix)
+        scale = torch.linalg.vector_norm(r_tilde, dim=matrix) / (r_norm + 1e-8)
+        scaled_norm = scale * grad_norm(grad, matrix)
+        scale = scale[..., None, None]
+    # No reference yet (nothing applied so far: the first step, or the first step in which an
+    # expert received tokens): AdamW's first update is elementwise m_hat/sqrt(v_hat) = sign(g), of
+    # norm sqrt(m*n) (RMS 1). A rank-1 projection of a near rank-1 gradient (batch-1 online data)
+    # can make ||R|| tiny and the scale huge, so cap ||alpha * scale * G|| at that AdamW norm.
+    # Later: Fira's norm-growth limiter, ||update_t|| <= gamma ||update_t-1||. Both off when the
+    # growth limit is inf (norm_growth_limit=None).
+    cap = math.sqrt(grad.shape[-2] * grad.shape[-1]) / c[ALPHA]
     limit_first = torch.clamp(cap / (scaled_norm + 1e-30), max=1.0)
     limit_next = 1.0 / torch.clamp(scaled_norm / (prev_norm + 1e-8) / c[GAMMA], min=1.0)
-    limit = torch.where(c[FIRST] > 0, limit_first, limit_next)
+    limit = torch.where((prev_norm == 0) & (c[GAMMA] < math.inf), limit_first, limit_next)
     update_norm = scaled_norm * limit
-    ok = torch.isfinite(update_norm) & torch.isfinite(r_norm)
-    return m, v, update_norm, scale * (limit * c[ALPHA]) * (-c[LR]), ok
+    ok = torch.isfinite(update_norm).all() & torch.isfinite(r_norm).all()
+    # A zero gradient (an expert no token was routed to) applies nothing: its reference stays.
+    update_norm = torch.where(scaled_norm > 0, update_norm, prev_norm)
+    return m, v, update_norm, scale * (limit * c[ALPHA])[..., None, None] * (-c[LR]), ok
 
 
 def adamw_direction(grad, exp_avg, exp_avg_sq, c):
-    """Dense AdamW (parameters that are not 2-D, groups with algorithm="adamw").
+    """Dense AdamW (parameters that are neither matrices nor batches of them, groups with
+    algorithm="adamw").
 
     Returns (exp_avg, exp_avg_sq, direction, coeff, ok); the new weight is
     `w * decay + coeff * direction`, coeff = -lr."""

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .bucket_update import BucketArgs, Prepared
+from .functional import effective_rank
 
 
 def graph_key(args: BucketArgs, consts: torch.Tensor, gate: torch.Tensor) -> tuple:
@@ -168,7 +169,8 @@ class Plan:
         plan.distinct = list({id(g): g for g in plan.groups}.values())
         plan.structure = [_structure(g) for g in plan.distinct]
         plan.projs = [it.proj for it in prepared]
-        plan.ranks = [None if it.proj is None else min(it.state["exp_avg"].shape) for it in prepared]
+        plan.ranks = [None if it.proj is None else effective_rank(it.param.shape, it.group["rank"])
+                      for it in prepared]
         plan.gaps = [it.group["update_proj_gap"] for it in prepared if it.proj is not None]
         plan.gate = gate
         plan.device = gate.device

@@ -1,58 +1,68 @@
 """Which parameters train, and with what: a documented, configurable choice.
 
-Three classes of parameters in a decoder-only transformer:
-- blocks:     2-D weights inside the decoder blocks (attention and MLP linears): the bulk of the
-              model and where a fact is stored; APOLLO keeps ~nothing per matrix.
+Five classes of parameters in a decoder-only transformer:
+- blocks:     2-D weights inside the decoder blocks (attention, dense MLP, a MoE layer's shared
+              expert): the bulk of a dense model and where a fact is stored; APOLLO keeps ~nothing
+              per matrix.
+- experts:    a MoE layer's fused routed experts, 3-D (E, m, n) (transformers 5's `...Experts`
+              modules): the bulk of a MoE model; APOLLO treats each expert as a matrix of its own.
+- router:     a MoE layer's routing and gating weights (the `...Router` module's weight, which picks
+              the experts, and Qwen3.5 MoE's `shared_expert_gate`, which scales the shared expert).
 - embeddings: input embedding and LM head (often one tied matrix): a vocab-by-hidden matrix that
               only the rows of tokens in the batch get gradient for.
-- norms:      1-D parameters (norm weights, biases): tiny; AdamW for them costs nothing.
-Each class is "apollo" (2-D only), "adamw" (dense, float32 moments) or "frozen"
-(requires_grad=False: no gradient is computed or stored for it).
-The default was chosen by bench/teach_fact_optimizers.py (see docs/optimizer.md).
+- norms:      every other parameter, none of them a matrix: norm weights, biases, Gated
+              DeltaNet's conv1d kernels (C, 1, K), A_log and dt_bias. Tiny; AdamW for them costs nothing.
+Each class is "apollo" (matrices and batches of them), "adamw" (dense, float32 moments) or "frozen"
+(requires_grad=False: no gradient is computed or stored for it); norms are never "apollo".
+The defaults were chosen by bench/teach_fact_optimizers.py and bench/moe_optim.py
+(docs/optimizer.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 CHOICES_2D = ("apollo", "adamw", "frozen")
 CHOICES_1D = ("adamw", "frozen")
+# Module attribute names of gates that are plain linears (not a `...Router` module).
+_GATE_NAMES = ("shared_expert_gate",)
 
 
 @dataclass(frozen=True)
 class TrainPolicy:
     blocks: str = "apollo"
+    experts: str = "apollo"
+    router: str = "frozen"
     embeddings: str = "frozen"
     norms: str = "frozen"
 
     def __post_init__(self) -> None:
-        if self.blocks not in CHOICES_2D:
-            raise ValueError(f"TrainPolicy.blocks must be one of {CHOICES_2D}, got {self.blocks!r}")
-        if self.embeddings not in CHOICES_2D:
-            raise ValueError(f"TrainPolicy.embeddings must be one of {CHOICES_2D}, got {self.embeddings!r}")
-        if self.norms not in CHOICES_1D:
-            raise ValueError(f"TrainPolicy.norms must be one of {CHOICES_1D}, got {self.norms!r}")
+        for f in fields(self):
+            choices = CHOICES_1D if f.name == "norms" else CHOICES_2D
+            if getattr(self, f.name) not in choices:
+                raise ValueError(f"TrainPolicy.{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
 
 
 def classify(model: torch.nn.Module) -> dict[str, str]:
-    """Map each parameter name (as named_parameters() yields it) to blocks|embeddings|norms."""
-    special: set[int] = set()
+    """Map each parameter name (as named_parameters() yields it) to its class (a TrainPolicy field)."""
+    by_id: dict[int, str] = {}
+    for module_name, module in model.named_modules():
+        kind = type(module).__name__
+        attribute = module_name.rpartition(".")[2]
+        for p in module.parameters(recurse=False):
+            if kind.endswith("Experts"):
+                by_id[id(p)] = "experts" if p.dim() == 3 else "norms"  # (a bias per expert is no matrix)
+            elif kind.endswith("Router") or attribute in _GATE_NAMES:
+                by_id[id(p)] = "router"
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         module = getattr(model, getter, lambda: None)()
         if module is not None and getattr(module, "weight", None) is not None:
-            special.add(id(module.weight))
-    out = {}
-    for name, p in model.named_parameters():
-        if id(p) in special:
-            out[name] = "embeddings"
-        elif p.dim() < 2:
-            out[name] = "norms"
-        else:
-            out[name] = "blocks"
-    return out
+            by_id[id(module.weight)] = "embeddings"
+    return {name: by_id.get(id(p), "blocks" if p.dim() == 2 else "norms")
+            for name, p in model.named_parameters()}
 
 
 def apply_policy(model: torch.nn.Module, policy: TrainPolicy) -> list[dict[str, Any]]:

@@ -1,9 +1,10 @@
 """The projection in force for each matrix (a component of apollo.Apollo).
 
 Regenerated from its seed (functional.projection_seed of the parameter's name) when a projection
-period begins and kept between steps in a small cache (r * min(m, n) floats per matrix), so a step
-costs no RNG launches and no hashing; never saved: a restart regenerates it. A new period writes
-the new values into the same tensor, so a captured CUDA graph that reads it sees them.
+period begins and kept between steps in a small cache (r * min(m, n) floats per matrix, E times
+for a batch of E experts), so a step costs no RNG launches and no hashing; never saved: a restart
+regenerates it. A new period writes the new values into the same tensor, so a captured CUDA graph
+that reads it sees them.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ class Projections:
         self._seeds: dict[tuple[str, int], int] = {}  # param_seed(name, base seed), hashed once
 
     def get(self, p: torch.Tensor, name: str, seed: int, gap: int, step: int, rank: int) -> torch.Tensor:
-        """The (rank, min(m, n)) projection of parameter `p` (named `name`) at 1-based `step`."""
+        """The (rank, min(m, n)) projection of parameter `p` (named `name`) at 1-based `step`;
+        (E, rank, min(m, n)) for a batch of E matrices."""
         tag = (seed, (step - 1) // gap)  # the two sha256 hashes run once per period
         hit = self._cache.get(p)
-        if hit is not None and hit[0] == tag and hit[1].device == p.device and hit[1].shape[0] == rank:
+        if hit is not None and hit[0] == tag and hit[1].device == p.device and hit[1].shape[-2] == rank:
             return hit[1]
         base = self._seeds.get((name, seed))
         if base is None:

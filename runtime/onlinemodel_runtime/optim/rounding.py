@@ -77,10 +77,12 @@ def apply_update_(
 ) -> None:
     """weight <- ok ? round(weight * decay + coeff * src) : weight, without a host sync.
 
-    `coeff` is float32 and broadcastable to `weight` (0-dim, (n,) or (m, 1)); `ok` a 0-dim bool
-    tensor. The new value is computed in float32 (row chunk by row chunk of `chunk_elems`; None:
-    all at once, as inside a compiled graph); bf16 weights get stochastic rounding (unless
-    stochastic=False: round to nearest, the baseline that loses updates).
+    `coeff` is float32 and broadcastable to `weight` (0-dim, (n,), (m, 1), or for a batch of
+    matrices (E, m, n) one of those per matrix: (E, 1, 1), (E, 1, n), (E, m, 1)); `ok` a 0-dim
+    bool tensor. The new value is computed in float32 (row chunk by row chunk of `chunk_elems`, a
+    batch matrix by matrix; None: all at once, as inside a compiled graph); bf16 weights get
+    stochastic rounding (unless stochastic=False: round to nearest, the baseline that loses
+    updates).
     """
     if weight.shape != src.shape:
         raise ValueError(f"weight {tuple(weight.shape)} and update {tuple(src.shape)} differ")
@@ -88,6 +90,20 @@ def apply_update_(
         raise TypeError(f"apply_update_ supports bfloat16 and float32 weights, got {weight.dtype}")
     if chunk_elems is None:
         _write(weight, src, coeff, decay, ok, stochastic, generator)
+        return
+    if weight.dim() == 3 and coeff.dim() == 3 and coeff.shape[0] == weight.shape[0]:
+        # A batch of matrices, each with its own coefficients: whole matrices per chunk, or one
+        # matrix at a time in row chunks if a single one is larger than a chunk.
+        size = weight.shape[1] * weight.shape[2]
+        if size > chunk_elems:
+            for i in range(weight.shape[0]):
+                apply_update_(weight[i], src[i], coeff[i], decay=decay, ok=ok, stochastic=stochastic,
+                              generator=generator, chunk_elems=chunk_elems)
+            return
+        per_chunk = chunk_elems // size
+        for start in range(0, weight.shape[0], per_chunk):
+            stop = start + per_chunk
+            _write(weight[start:stop], src[start:stop], coeff[start:stop], decay, ok, stochastic, generator)
         return
     w2 = weight if weight.dim() > 1 else weight.view(1, -1)
     g2 = src if src.dim() > 1 else src.view(1, -1)

@@ -13,9 +13,10 @@ import os
 import sys
 from typing import Any
 
-from onlinemodel_protocol.api import CheckpointRecord, TrainAccepted, TrainStatus
+from onlinemodel_protocol.api import CheckpointRecord, Job, TrainAccepted, TrainStatus
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.rpc import EXIT_PERMANENT, EXPORT_WEIGHTS_METHOD, Counters, TrainerOp, TrainJob
+from onlinemodel_runtime.server.state_dir import ensure_private_dir
 from onlinemodel_runtime.server.trainer_client import TrainerClient, TrainerRequestError, TrainerUnavailable
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class TrainerSupervisor:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.cfg.state_dir)  # the trainer trusts what it finds there
         await self.engine.collective_rpc(EXPORT_WEIGHTS_METHOD, args=(str(self.cfg.state_dir),))
         self._task = asyncio.create_task(self._supervise())
 
@@ -178,6 +179,11 @@ class TrainerSupervisor:
         """Queue `job` in the trainer process, whose ``TrainerService.submit`` (trainer/service.py) answers."""
         self._check_ready()
         return await self.client.request(TrainerOp.TRAIN, timeout=30, **job.model_dump())
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job (``TrainerService.cancel``)."""
+        self._check_ready()
+        return await self.client.request(TrainerOp.CANCEL, timeout=30, job_id=job_id)
 
     async def checkpoint(self, timeout: float = 600.0) -> CheckpointRecord:
         self._check_ready()

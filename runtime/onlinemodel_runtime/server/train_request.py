@@ -24,8 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from onlinemodel_protocol.config import RuntimeConfig
-from onlinemodel_protocol.limits import LEARNING_RATE_MAX, MAX_MESSAGES
+from onlinemodel_protocol.limits import LEARNING_RATE_MAX, MAX_CHARS_PER_TOKEN, MAX_MESSAGES
 from onlinemodel_protocol.rpc import IGNORE_INDEX, EncodedExample, TrainJob
+from onlinemodel_runtime.server.assistant_spans import (SpanError, TurnMarkers, assistant_spans, label_mask,
+                                                        probe_markers)
 
 ROLES = ("system", "user", "assistant")
 
@@ -73,6 +75,11 @@ class ChatMessage(BaseModel):
                                       {"found": type(value).__name__ if value is not None else "null"})
         if not value.strip():
             raise PydanticCustomError("invalid_content", "content must not be empty")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON allows "\ud800"; no tokenizer does
+            raise PydanticCustomError("invalid_unicode", "content is not valid Unicode: {reason}",
+                                      {"reason": exc.reason}) from None
         return value
 
 
@@ -114,6 +121,8 @@ def parse_train_request(body: bytes | str | Mapping[str, Any], cfg: RuntimeConfi
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ExampleError(f"body is not valid JSON: {exc}", None, "invalid_json") from None
+        except RecursionError:
+            raise ExampleError("body is not valid JSON: nested too deeply", None, "invalid_json") from None
     else:
         data = body
     if not isinstance(data, Mapping):
@@ -163,8 +172,10 @@ def _from_validation_error(exc: ValidationError) -> ExampleError:
         return ExampleError("'messages' must not be empty", param, "empty_messages")
     if kind == "literal_error" and loc and loc[-1] == "weight":
         return ExampleError("weight must be 0 or 1", param, "invalid_weight")
-    if kind in ("unknown_role", "invalid_content"):
+    if kind in ("unknown_role", "invalid_content", "invalid_unicode"):
         return ExampleError(msg, param, kind)
+    if kind == "string_unicode":  # a field name that is not valid Unicode ("\udfff")
+        return ExampleError("field names must be valid Unicode", param, "invalid_unicode")
     if loc == ["epochs"] or loc == ["learning_rate"]:
         return ExampleError(f"{loc[0]} must be a number" if loc[0] == "learning_rate" else "epochs must be an integer",
                             param, "invalid_type")
@@ -189,81 +200,83 @@ def _check_semantics(request: TrainRequest, max_epochs: int) -> None:
                            "learning_rate", "out_of_range")
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _renderer(tokenizer: Any, param: str):
+    def render(messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as exc:  # the template's raise_exception (e.g. roles out of order), or its own bug
+            raise ExampleError(f"the model's chat template refused these messages: {type(exc).__name__}: {exc}",
+                               param, "template_error") from None
+    return render
 
 
-def _common_prefix_len(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def _markers(tokenizer: Any, param: str) -> TurnMarkers | None:
+    def token_starts(text: str) -> list[int]:
+        return [lo for lo, _ in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    return probe_markers(_renderer(tokenizer, param), token_starts)
 
 
-def _end_of_turn(upto: str, start: int, content: str, full: str) -> int | None:
-    """End of the assistant turn starting at `start` in `full`, by the template's end-of-turn text."""
-    tail = upto[start:]
-    at = tail.rfind(content)
-    eot = tail[at + len(content):] if at >= 0 else ""
-    if not eot:
-        return None
-    found = full.find(eot, start)
-    return None if found < 0 else found + len(eot)
-
-
-def encode_example(tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]], max_len: int,
-                   *, param: str = "messages") -> EncodedExample:
-    """Render `messages` with the tokenizer's chat template; labels only on assistant tokens.
-
-    Assistant spans are found by rendering prefix by prefix: the text added by assistant turn k is
-    what render(messages[:k+1]) adds beyond render(messages[:k], add_generation_prompt=True). The
-    full text is tokenized once and tokens are labelled by their character offsets, so BPE merges
-    across turn boundaries cannot shift the mask. Raises ExampleError if the result exceeds
-    `max_len` tokens or leaves no assistant token.
-    """
-    msgs = [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(dict(m)) for m in messages]
-    plain = [{"role": m.role, "content": m.content} for m in msgs]
+def _check_tokenizer(tokenizer: Any, param: str) -> None:
     if getattr(tokenizer, "chat_template", None) is None:
         raise ExampleError("the model's tokenizer has no chat template", param, "no_chat_template")
     if not getattr(tokenizer, "is_fast", False):
         raise ExampleError("a fast tokenizer (with offset mapping) is required", param, "slow_tokenizer")
-    full = _render(tokenizer, plain, False)
-    spans: list[tuple[int, int]] = []
-    for k, m in enumerate(msgs):
-        if m.role != "assistant" or m.weight == 0:
-            continue
-        before = _render(tokenizer, plain[:k], True) if k else ""
-        upto = _render(tokenizer, plain[:k + 1], False)
-        start = _common_prefix_len(before, full)
-        if full.startswith(upto):
-            end = len(upto)
-        else:
-            # The template renders this turn differently when it is not the last one (e.g. Qwen3
-            # strips reasoning from earlier turns): end at the same end-of-turn text in `full`.
-            end = _end_of_turn(upto, start, m.content, full)
-            if end is None:
-                raise ExampleError(f"cannot locate assistant message {k} in the chat template's output",
-                                   f"{param}[{k}]" if param == "messages" else f"{param}.messages[{k}]",
-                                   "template_unsupported")
-        if end > start:
-            spans.append((start, end))
+
+
+def _check_length(messages: Sequence[ChatMessage], max_len: int, param: str) -> None:
+    """Refuse an example that cannot fit `max_len` tokens before rendering it (rendering and tokenizing
+    cost time in proportion to its text)."""
+    chars = sum(len(m.content) for m in messages)
+    if chars > MAX_CHARS_PER_TOKEN * max_len:
+        raise ExampleError(f"example has {chars} characters; at most {MAX_CHARS_PER_TOKEN} per token of the "
+                           f"model's maximum length ({max_len} tokens) are accepted", param, "example_too_long",
+                           _TOO_LARGE)
+
+
+def encode_example(tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]], max_len: int,
+                   *, param: str = "messages", markers: TurnMarkers | None = None) -> EncodedExample:
+    """Render `messages` with the tokenizer's chat template; labels only on assistant tokens.
+
+    The conversation is rendered once; the assistant spans are found in it (``assistant_spans``, with the
+    template's `markers`, probed here unless given). The full text is tokenized once and tokens are
+    labelled by their character offsets, so BPE merges across turn boundaries cannot shift the mask.
+    Raises ExampleError if the example is too long (checked on its characters before rendering, and on its
+    tokens after) or leaves no assistant token.
+    """
+    msgs = [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(dict(m)) for m in messages]
+    _check_length(msgs, max_len, param)
+    _check_tokenizer(tokenizer, param)
+    render = _renderer(tokenizer, param)
+    plain = [{"role": m.role, "content": m.content} for m in msgs]
+    full = render(plain, False)
+    if markers is None:
+        markers = _markers(tokenizer, param)
+    trained = [m.role == "assistant" and m.weight != 0 for m in msgs]
+    try:
+        spans = assistant_spans(render, plain, trained, full, markers)
+    except SpanError as exc:
+        where = f"{param}[{exc.turn}]" if param == "messages" else f"{param}.messages[{exc.turn}]"
+        raise ExampleError(str(exc), where, "template_unsupported") from None
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(enc["input_ids"])
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for t, (lo, hi) in enumerate(enc["offset_mapping"]):
-        if hi > lo and any(s <= lo < e for s, e in spans):
-            labels[t] = input_ids[t]
     if len(input_ids) > max_len:
         raise ExampleError(f"example is {len(input_ids)} tokens long; the model's maximum is {max_len}",
                            param, "example_too_long", _TOO_LARGE)
+    labels = [t if inside else IGNORE_INDEX for t, inside in zip(input_ids, label_mask(enc["offset_mapping"], spans))]
     if all(x == IGNORE_INDEX for x in labels):
         raise ExampleError("no assistant tokens after rendering with the chat template", param, "no_assistant_turn")
     return EncodedExample(input_ids=input_ids, labels=labels)
 
 
 def encode_request(tokenizer: Any, request: TrainRequest, max_len: int) -> TrainJob:
-    """The trainer's job for a parsed request: every example encoded (errors name `examples[i]`)."""
-    examples = [encode_example(tokenizer, ex.messages, max_len, param=f"examples[{i}]")
+    """The trainer's job for a parsed request: every example encoded (errors name `examples[i]`).
+
+    Every example's length is checked before any is rendered, and the template's markers are probed once.
+    """
+    for i, ex in enumerate(request.examples):
+        _check_length(ex.messages, max_len, f"examples[{i}]")
+    _check_tokenizer(tokenizer, "examples")
+    markers = _markers(tokenizer, "examples")
+    examples = [encode_example(tokenizer, ex.messages, max_len, param=f"examples[{i}]", markers=markers)
                 for i, ex in enumerate(request.examples)]
     return TrainJob(examples=examples, epochs=request.epochs, learning_rate=request.learning_rate)

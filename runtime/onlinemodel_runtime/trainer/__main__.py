@@ -19,12 +19,14 @@ log = logging.getLogger("onlinemodel.trainer")
 
 def build_service(cfg, counters=None):
     import torch
+    from transformers import AutoConfig
 
     from onlinemodel_runtime.checkpoint import CheckpointStore
     from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
     from onlinemodel_runtime.trainer.service import TrainerService
     from onlinemodel_runtime.weights import shared
     from onlinemodel_runtime.weights.hf_model import build_hf_model
+    from onlinemodel_runtime.weights.layouts import layout_for
 
     if cfg.trainer_threads:
         torch.set_num_threads(cfg.trainer_threads)
@@ -43,7 +45,9 @@ def build_service(cfg, counters=None):
     optimizer.attach_to_backward()
     store = None
     if cfg.checkpoint_dir is not None:
-        store = CheckpointStore(cfg.checkpoint_dir, keep_last=cfg.checkpoint_keep)
+        # Checkpoints take the base checkpoint's names (a multimodal model's, experts one by one).
+        names = layout_for(AutoConfig.from_pretrained(cfg.model)).checkpoint_names
+        store = CheckpointStore(cfg.checkpoint_dir, keep_last=cfg.checkpoint_keep, names=names)
     service = TrainerService(cfg, model, optimizer, store, pacer=make_pacer(cfg, model, device))
     service.restore(counters)
     return service

@@ -41,6 +41,8 @@ async def handle(service: TrainerService, request: dict[str, Any], stop: asyncio
         return service.status()
     if op is TrainerOp.TRAIN:
         return service.submit(args)
+    if op is TrainerOp.CANCEL:
+        return service.cancel(args.job_id)
     if op is TrainerOp.CHECKPOINT:
         return await asyncio.to_thread(service.checkpoint)
     if op is TrainerOp.INTROSPECT:

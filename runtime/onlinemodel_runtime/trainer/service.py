@@ -2,27 +2,30 @@
 
 One training thread consumes jobs (``TrainJob`` of ``onlinemodel_protocol.rpc``, complete: the API server
 resolved every default) and runs ``loop.train_step`` once per example and epoch; the ZMQ server
-(``server.py``) answers status and checkpoint requests from the event loop meanwhile. ``_weights_lock`` is
-held for each optimizer step and while a checkpoint snapshots the weights, so a checkpoint never sees half a
-step. Every answer is a model of ``onlinemodel_protocol.api``.
+(``server.py``) answers status, cancel and checkpoint requests from the event loop meanwhile.
+``_weights_lock`` is held for each optimizer step and while a checkpoint snapshots the weights, so a
+checkpoint never sees half a step. A checkpoint is promoted to ``latest`` only when the weights are healthy
+(``loss_health.py``, ``checkpoint/health.py``). Every answer is a model of ``onlinemodel_protocol.api``.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from onlinemodel_protocol.api import CheckpointRecord, CheckpointStatus, Job, TrainAccepted, TrainStatus, utc_timestamp
+from onlinemodel_protocol.api import (FINISHED_JOB_STATES, CheckpointRecord, CheckpointStatus, Job, JobCounts,
+                                      TrainAccepted, TrainStatus, utc_timestamp)
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.limits import RECENT_JOBS
 from onlinemodel_protocol.rpc import Counters, EncodedExample, TrainJob
+from onlinemodel_runtime.trainer.job_queue import JobQueue
 from onlinemodel_runtime.trainer.loop import StepResult, train_step
+from onlinemodel_runtime.trainer.loss_health import LossHealth
 from onlinemodel_runtime.trainer.memory import MemoryMonitor
 
 log = logging.getLogger(__name__)
@@ -34,11 +37,16 @@ class TrainerError(RuntimeError):
         self.code = code
 
 
+class _Cancelled(Exception):
+    """Raised in the training thread between steps of a job whose cancel was requested."""
+
+
 def _record(info) -> CheckpointRecord:
     """The API's view of a checkpoint.CheckpointInfo."""
     return CheckpointRecord(path=str(info.path), step=info.step, weight_version=info.weight_version,
                             time=info.time, size_bytes=info.size_bytes, seconds=round(info.seconds, 3),
-                            content_hash=info.content_hash)
+                            content_hash=info.content_hash, healthy=info.healthy,
+                            unhealthy_reason=info.unhealthy_reason)
 
 
 class TrainerService:
@@ -59,13 +67,20 @@ class TrainerService:
         self.skipped_steps = 0
         self.last_error: str | None = None
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self.job_counts = JobCounts()
         self.checkpoint_state = "idle"
         self.last_checkpoint: CheckpointRecord | None = None
+        self.last_unhealthy: CheckpointRecord | None = None
         self.checkpoint_error: str | None = None
+        self.loss_health = LossHealth(getattr(model.config.get_text_config(), "vocab_size", None))
         self._checkpoint_version = 0
         self._last_checkpoint_monotonic = time.monotonic()
-        self._queue: queue.Queue[tuple[Job, list[EncodedExample]] | None] = queue.Queue()
+        self._queue = JobQueue()
+        self._cancel_requested: set[str] = set()
         self._weights_lock = threading.Lock()
+        # Set while a checkpoint waits for _weights_lock: the training thread, which would otherwise take
+        # it back right after every step (locks are not fair), lets the snapshot go first.
+        self._snapshot_waiting = threading.Event()
         self._checkpoint_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -77,6 +92,8 @@ class TrainerService:
             "weight_version": self.weight_version,
             "skipped_steps": self.skipped_steps,
             "last_loss": self.last_loss,
+            "job_counts": self.job_counts.model_dump(),
+            "loss_health": self.loss_health.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -85,6 +102,12 @@ class TrainerService:
         self.weight_version = int(state.get("weight_version", self.steps))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.last_loss = state.get("last_loss")
+        counts = JobCounts.model_validate(state.get("job_counts", {}))
+        # Jobs submitted but never finished were queued or running in a process that is gone.
+        lost = counts.submitted - counts.succeeded - counts.failed - counts.cancelled
+        self.job_counts = counts.model_copy(update={"failed": counts.failed + max(lost, 0)})
+        if "loss_health" in state:
+            self.loss_health.load_state_dict(state["loss_health"])
         self._checkpoint_version = self.weight_version
 
     def restore(self, counters: Counters | None = None) -> None:
@@ -148,12 +171,33 @@ class TrainerService:
         self.jobs[job.id] = job
         while len(self.jobs) > RECENT_JOBS:
             oldest = next(iter(self.jobs.values()))
-            if oldest.state in ("queued", "running"):
+            if oldest.state not in FINISHED_JOB_STATES:
                 break
             self.jobs.popitem(last=False)
+        self.job_counts.submitted += 1
         self._queue.put((job, request.examples))
         return TrainAccepted(job_id=job.id, state="queued", examples=job.examples,
                              tokens=sum(ex.num_tokens for ex in request.examples))
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job: a queued one leaves the queue now, a running one stops after its current step
+        (the steps it took stay in the weights)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise TrainerError(f"no job {job_id!r} (unknown, or older than the {RECENT_JOBS} most recent)", code=404)
+        if job.state in FINISHED_JOB_STATES:
+            raise TrainerError(f"job {job_id} already {job.state}", code=409)
+        if self._queue.remove(job_id):
+            self._finish(job, "cancelled")
+        else:  # running, or just taken by the training thread: it checks before every step
+            self._cancel_requested.add(job_id)
+        return job.model_copy()
+
+    def _finish(self, job: Job, state: str) -> None:
+        job.state = state
+        job.finished_at = utc_timestamp()
+        self._cancel_requested.discard(job.id)
+        setattr(self.job_counts, state, getattr(self.job_counts, state) + 1)
 
     def status(self) -> TrainStatus:
         # Jobs first: a job is marked finished after its last step is counted, so a snapshot that
@@ -170,10 +214,12 @@ class TrainerService:
             last_step_seconds=self.last_step_seconds,
             skipped_steps=self.skipped_steps,
             queued_jobs=self._queue.qsize(),
+            job_counts=self.job_counts.model_copy(),
             last_error=self.last_error,
             checkpoint=CheckpointStatus(
                 state=self.checkpoint_state,
                 last=self.last_checkpoint,
+                last_unhealthy=self.last_unhealthy,
                 last_error=self.checkpoint_error,
                 dir=str(self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None,
             ),
@@ -200,9 +246,14 @@ class TrainerService:
     def _run_job(self, job: Job, examples: list[EncodedExample]) -> None:
         job.state = "running"
         self.state = "training"
+        outcome = "succeeded"
         try:
             for _ in range(job.epochs):
                 for ex in examples:
+                    if job.id in self._cancel_requested:
+                        raise _Cancelled
+                    while self._snapshot_waiting.is_set():
+                        time.sleep(0.001)
                     with self._weights_lock:
                         try:
                             result = train_step(self.model, self.optimizer, ex.input_ids, ex.labels,
@@ -216,20 +267,23 @@ class TrainerService:
                         # Counted under the lock: a checkpoint never pairs new weights with old counters.
                         self._record_step(job, result)
                     self._maybe_periodic_checkpoint()
-            job.state = "succeeded"
+        except _Cancelled:
+            outcome = "cancelled"
+            log.info("training job %s cancelled after %d steps", job.id, job.steps)
         except Exception as exc:  # a failed job must not kill the trainer
             log.exception("training job %s failed", job.id)
-            job.state = "failed"
+            outcome = "failed"
             job.error = f"{type(exc).__name__}: {exc}"
             self.last_error = job.error
         finally:
-            job.finished_at = utc_timestamp()
+            self._finish(job, outcome)
             self.state = "training" if self._queue.qsize() else "idle"
 
     def _record_step(self, job: Job, result: StepResult) -> None:
         job.steps += 1
         job.last_loss = result.loss
         self.last_loss = result.loss
+        self.loss_health.observe(result.loss)
         self.last_step_seconds = round(result.seconds, 4)
         self.last_step_time = utc_timestamp()
         if result.applied:
@@ -260,9 +314,13 @@ class TrainerService:
         return bool(self.cfg.checkpoint_every_seconds
                     and time.monotonic() - self._last_checkpoint_monotonic >= self.cfg.checkpoint_every_seconds)
 
+    def _unhealthy_again(self) -> bool:
+        """The weights are those of the last checkpoint refused as unhealthy."""
+        return self.last_unhealthy is not None and self.weight_version == self.last_unhealthy.weight_version
+
     def periodic_checkpoint(self) -> None:
         """A checkpoint if the weights changed since the last one; failures are logged, not raised."""
-        if self.store is None or self.weight_version == self._checkpoint_version:
+        if self.store is None or self.weight_version == self._checkpoint_version or self._unhealthy_again():
             return
         try:
             self.checkpoint()
@@ -277,6 +335,8 @@ class TrainerService:
 
         if self.store is None:
             raise TrainerError("no checkpoint directory configured (--checkpoint-dir)", code=409)
+        if self._unhealthy_again():
+            raise self._unhealthy_error(self.last_unhealthy)
         if self.last_checkpoint is not None and self.weight_version == self._checkpoint_version:
             return self.last_checkpoint  # nothing changed since: the last one is the answer
         if not self._checkpoint_lock.acquire(blocking=False):
@@ -290,7 +350,11 @@ class TrainerService:
                 self._weights_lock.release()
 
         try:
-            self._weights_lock.acquire()
+            self._snapshot_waiting.set()
+            try:
+                self._weights_lock.acquire()
+            finally:
+                self._snapshot_waiting.clear()
             counters = self.state_dict()
             info = self.store.save(
                 hf_weight_tensors(self.model),
@@ -299,6 +363,7 @@ class TrainerService:
                 trainer_state=counters,
                 optimizer_state=self.optimizer.state_dict(),
                 on_snapshot=resume_training,
+                unhealthy_reason=self.loss_health.verdict(),
             )
         except CheckpointBusy as exc:
             self.checkpoint_state = "idle"
@@ -313,8 +378,17 @@ class TrainerService:
             self._checkpoint_lock.release()
         self.checkpoint_state = "idle"
         self.checkpoint_error = None
+        self._last_checkpoint_monotonic = time.monotonic()
+        if not info.healthy:
+            self.last_unhealthy = _record(info)
+            log.error("checkpoint %s is unhealthy (%s): not promoted to latest", info.path, info.unhealthy_reason)
+            raise self._unhealthy_error(self.last_unhealthy)
         self.last_checkpoint = _record(info)
         self._checkpoint_version = counters["weight_version"]
-        self._last_checkpoint_monotonic = time.monotonic()
         log.info("checkpoint %s at step %d (%.2fs)", info.path, info.step, info.seconds)
         return self.last_checkpoint
+
+    def _unhealthy_error(self, record: CheckpointRecord) -> TrainerError:
+        kept = f"; latest is still {self.last_checkpoint.path}" if self.last_checkpoint else ""
+        return TrainerError(f"the weights at step {record.step} are unhealthy ({record.unhealthy_reason}): "
+                            f"checkpoint kept aside as {record.path}, not promoted{kept}", code=422)

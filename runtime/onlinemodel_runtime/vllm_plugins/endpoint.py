@@ -1,29 +1,29 @@
-"""The ``vllm.endpoint_plugins`` entry: ``POST /train``, ``GET /train/status``, ``POST /checkpoint``.
+"""The ``vllm.endpoint_plugins`` entry: ``POST /train``, ``GET /train/status``, ``DELETE /train/jobs/{id}``,
+``POST /checkpoint``.
 
 The routes live on vLLM's own FastAPI app, on the port that serves ``/v1/chat/completions``. A
 ``POST /train`` is validated and tokenized here (``server/train_request.py``: bad input gets a 4xx before
-anything is queued) into a ``TrainJob`` that ``server/supervisor.py`` hands to the trainer process over
-async ZMQ (``trainer/service.py`` runs it); nothing here blocks the event loop. Every answer is a model of
-``onlinemodel_protocol.api``.
+anything is queued, cheap checks before expensive ones) into a ``TrainJob`` that ``server/supervisor.py``
+hands to the trainer process over async ZMQ (``trainer/service.py`` runs it); nothing here blocks the
+event loop. Every answer is a model of ``onlinemodel_protocol.api``; every refusal is OpenAI's error shape.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
-import tempfile
 from argparse import Namespace
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel
 
 from onlinemodel_protocol.api import ErrorBody, ErrorDetail, TrainStatus
-from onlinemodel_protocol.config import ENV_API_TOKEN, RuntimeConfig
+from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.rpc import ENDPOINT_PLUGIN, WORKER_EXTENSION_CLS, TrainJob
+from onlinemodel_runtime.server import auth, idempotency
 from onlinemodel_runtime.server.inflight import InFlightMiddleware, InFlightRequests
 from onlinemodel_runtime.server.train_request import ExampleError, encode_request, parse_train_request
 from onlinemodel_runtime.server.trainer_client import TrainerRequestError, TrainerUnavailable
@@ -40,35 +40,34 @@ def register() -> OnlineModelEndpoints:
     return OnlineModelEndpoints()
 
 
-def _answer(body: BaseModel, status: int = 200) -> Response:
+def _answer(body: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     # pydantic writes the JSON: a NaN loss becomes null instead of failing the response.
-    return Response(body.model_dump_json(), status_code=status, media_type="application/json")
+    return Response(body.model_dump_json(), status_code=status, media_type="application/json", headers=headers)
+
+
+def _printable(text: str | None) -> str | None:
+    # An error may quote the request (a field name holding "\ud800"): JSON must still be UTF-8.
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _error(status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
            code: str | None = None) -> Response:
-    return _answer(ErrorBody(error=ErrorDetail(message=message, type=type_, param=param, code=code)), status)
+    detail = ErrorDetail(message=_printable(message), type=type_, param=_printable(param), code=code)
+    return _answer(ErrorBody(error=detail), status)
 
 
 class _Runtime:
-    """Per-app state: config, tokenizer, supervisor."""
+    """Per-app state: config, tokenizer, supervisor, accepted tokens, remembered idempotency keys."""
 
-    def __init__(self, cfg: RuntimeConfig, tokenizer: Any, max_len: int, supervisor: Any, token: str | None):
+    def __init__(self, cfg: RuntimeConfig, tokenizer: Any, max_len: int, supervisor: Any,
+                 tokens: tuple[str, ...] = ()):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.supervisor = supervisor
-        self.token = token
+        self.tokens = tokens
+        self.idempotency = idempotency.IdempotencyKeys()
         self._encode_lock = asyncio.Lock()
-
-    def authorized(self, request: Request) -> bool:
-        if not self.token:
-            return True
-        header = request.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
-        # Bytes: compare_digest refuses non-ASCII str, and a stray header must be a 401, not a 500.
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            value.strip().encode("utf-8", "surrogateescape"), self.token.encode("utf-8"))
 
     async def encode(self, body: bytes) -> TrainJob:
         """Validate and tokenize off the event loop (chat templates over long requests take a while);
@@ -80,14 +79,32 @@ class _Runtime:
         return encode_request(self.tokenizer, parse_train_request(body, self.cfg), self.max_len)
 
 
-def _runtime(request: Request, *, needs_token: bool) -> tuple[_Runtime | None, Response | None]:
-    """The app's runtime state, or the error response that answers the request instead."""
+def _runtime(request: Request) -> tuple[_Runtime | None, Response | None]:
+    """The app's runtime state, or the error response that answers the request instead. Every training
+    route needs the token when one is set."""
     rt = getattr(request.app.state, STATE_KEY, None)
     if rt is None:
         return None, _error(503, "onlinemodel runtime is not initialised", type_="service_unavailable")
-    if needs_token and not rt.authorized(request):
+    if not auth.authorized(request.headers.get("authorization"), rt.tokens):
         return None, _error(401, "missing or invalid bearer token", type_="authentication_error")
     return rt, None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, read in chunks and given up as soon as it passes `limit` bytes (whatever
+    Content-Length claims, or without one)."""
+    too_large = ExampleError(f"request body is larger than {limit} bytes (--max-body-bytes)", None,
+                             "body_too_large", 413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 router = APIRouter()
@@ -95,27 +112,38 @@ router = APIRouter()
 
 @router.post("/train", status_code=202)
 async def train(request: Request):
-    rt, refused = _runtime(request, needs_token=True)
+    rt, refused = _runtime(request)
     if refused:
         return refused
     if not rt.cfg.training_enabled:
         return _error(409, "training is disabled for this model", type_="conflict")
     try:
-        job = await rt.encode(await request.body())
+        key = request.headers.get(idempotency.HEADER)
+        if key is not None:
+            key = idempotency.check_key(key)
+        body = await _read_body(request, rt.cfg.max_body_bytes)
+
+        async def submit():
+            return await rt.supervisor.submit(await rt.encode(body))
+
+        if key is None:
+            accepted, replayed = await submit(), False
+        else:
+            accepted, replayed = await rt.idempotency.submit(key, idempotency.fingerprint(body), submit)
     except ExampleError as exc:
         return _error(exc.http_status, str(exc), param=exc.param, code=exc.code)
-    try:
-        accepted = await rt.supervisor.submit(job)
+    except idempotency.IdempotencyKeyError as exc:
+        return _error(exc.status, str(exc), param="Idempotency-Key", code=exc.code)
     except TrainerUnavailable as exc:
         return _error(503, str(exc), type_="service_unavailable")
     except TrainerRequestError as exc:
         return _error(exc.code, str(exc), type_="trainer_error")
-    return _answer(accepted, 202)
+    return _answer(accepted, 202, {"Idempotent-Replayed": "true"} if replayed else None)
 
 
 @router.get("/train/status")
 async def train_status(request: Request):
-    rt, refused = _runtime(request, needs_token=False)
+    rt, refused = _runtime(request)
     if refused:
         return refused
     if rt.supervisor is None:
@@ -123,19 +151,38 @@ async def train_status(request: Request):
     return _answer(await rt.supervisor.status())
 
 
+async def _ask_trainer(request: Awaitable[BaseModel], error_type: str, param: str | None = None
+                       ) -> tuple[BaseModel | None, Response | None]:
+    """(the trainer's answer, None), or (None, the error response that answers instead)."""
+    try:
+        return await request, None
+    except TrainerUnavailable as exc:
+        return None, _error(503, str(exc), type_="service_unavailable")
+    except TrainerRequestError as exc:
+        return None, _error(exc.code, str(exc), type_=error_type, param=param)
+
+
+@router.delete("/train/jobs/{job_id}")
+async def cancel_job(request: Request, job_id: str):
+    rt, refused = _runtime(request)
+    if refused:
+        return refused
+    if rt.supervisor is None:
+        return _error(409, "training is disabled for this model: there are no jobs", type_="conflict")
+    job, refused = await _ask_trainer(rt.supervisor.cancel(job_id), "trainer_error", param="job_id")
+    # A queued job is cancelled at once; a running one stops after its current step.
+    return refused or _answer(job, 200 if job.state == "cancelled" else 202)
+
+
 @router.post("/checkpoint")
 async def checkpoint(request: Request):
-    rt, refused = _runtime(request, needs_token=True)
+    rt, refused = _runtime(request)
     if refused:
         return refused
     if rt.supervisor is None:
         return _error(409, "training is disabled for this model: there is nothing to checkpoint", type_="conflict")
-    try:
-        return _answer(await rt.supervisor.checkpoint())
-    except TrainerUnavailable as exc:
-        return _error(503, str(exc), type_="service_unavailable")
-    except TrainerRequestError as exc:
-        return _error(exc.code, str(exc), type_="checkpoint_error")
+    record, refused = await _ask_trainer(rt.supervisor.checkpoint(), "checkpoint_error")
+    return refused or _answer(record)
 
 
 class OnlineModelEndpoints:
@@ -159,6 +206,11 @@ class OnlineModelEndpoints:
             log.warning("onlinemodel: no engine (render-only server); training routes answer 503")
             return
         cfg = RuntimeConfig.from_env() or _config_from_args(args)
+        tokens = auth.resolve_tokens(os.environ, getattr(args, "api_key", None))
+        if cfg.training_enabled and not tokens and not cfg.open_training:
+            raise RuntimeError("onlinemodel: the training routes need an API token (ONLINEMODEL_API_TOKEN, or "
+                               "vLLM's --api-key / VLLM_API_KEY); `onlinemodel serve --insecure-open-training` "
+                               "opens them to anyone who can reach this port")
         if getattr(args, "worker_extension_cls", "") != WORKER_EXTENSION_CLS:
             raise RuntimeError("onlinemodel needs vLLM started with --worker-extension-cls "
                                f"{WORKER_EXTENSION_CLS} (`onlinemodel serve` does this)")
@@ -174,20 +226,22 @@ class OnlineModelEndpoints:
         supervisor = None
         if cfg.training_enabled:  # serve-only: no export, no trainer process, no GPU memory for it
             from onlinemodel_runtime.server.pacing_control import PacingGovernor
+            from onlinemodel_runtime.server.state_dir import ensure_private_dir
 
             supervisor = TrainerSupervisor(cfg, engine_client)
-            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            ensure_private_dir(cfg.state_dir)  # the load signal goes there, next to the weight handles
             # Before the trainer starts: it maps the load signal the governor creates.
             requests = getattr(state, IN_FLIGHT_KEY, None) or InFlightRequests()  # no middleware: never paced
             pacing = PacingGovernor(cfg, requests, training=lambda: supervisor.training)
             setattr(state, PACING_KEY, pacing)
             pacing.start()
             await supervisor.start()
-        setattr(state, STATE_KEY, _Runtime(cfg, tokenizer, max_len, supervisor, os.environ.get(ENV_API_TOKEN)))
+        setattr(state, STATE_KEY, _Runtime(cfg, tokenizer, max_len, supervisor, tokens))
 
 
 def _config_from_args(args: Namespace) -> RuntimeConfig:
     # vLLM started directly (python -m vllm.entrypoints.openai.api_server) with the plugins allowed:
     # defaults, with a private state directory.
-    state_dir = Path(tempfile.mkdtemp(prefix="onlinemodel-"))
-    return RuntimeConfig(model=str(args.model), base_model=str(args.model), state_dir=state_dir)
+    from onlinemodel_runtime.server.state_dir import make_state_dir
+
+    return RuntimeConfig(model=str(args.model), base_model=str(args.model), state_dir=make_state_dir())

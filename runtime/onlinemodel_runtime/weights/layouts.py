@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from onlinemodel_runtime.checkpoint.model_tensors import CheckpointNames
+
 # vLLM's DEFAULT_VOCAB_PADDING_SIZE (vocab_parallel_embedding.py).
 VOCAB_PADDING = 64
 
@@ -117,7 +119,9 @@ class LayoutPlan:
     hf_config: the config the trainer's transformers causal LM is built from (a multimodal model's
     text config). vllm_prefixes: (HF prefix, vLLM prefix) renames of whole names. dtypes: vLLM row
     name (relative) -> the dtype vLLM keeps it in whatever it serves. passengers: vLLM name prefixes
-    that are exported but never attached (a frozen vision tower).
+    that are exported but never attached (a frozen vision tower). checkpoint: how the trainer's
+    tensors are named in a checkpoint, and which base tensors it carries over (the base
+    checkpoint's own names: a multimodal model's language-model prefix, experts one by one).
     """
 
     tables: tuple[tuple[tuple[_Row, ...], str], ...]
@@ -127,6 +131,7 @@ class LayoutPlan:
     vllm_prefixes: tuple[tuple[str, str], ...] = ()
     dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)
     passengers: tuple[str, ...] = ()
+    checkpoint: CheckpointNames = CheckpointNames()
 
 
 def _dense_plan(flags: Callable[[Any], dict[str, bool]], head_dim: Callable[[Any], int]
@@ -220,6 +225,7 @@ class ModelLayout:
         self.config = config
         self.plan = plan
         self.hf_config = plan.hf_config
+        self.checkpoint_names: CheckpointNames = plan.checkpoint
         self.tied: bool = bool(_cfg(plan.hf_config, "tie_word_embeddings", False))
         self.sizes: dict[str, int] = dict(plan.sizes)
         self.flags: dict[str, bool] = dict(plan.flags, untied=not self.tied)

@@ -5,14 +5,17 @@ expert its gate rows, then its up rows) and `mlp.experts.down_proj` (E, H, I). v
 0.32 alike: a runner module whose `routed_experts` holds the weights) keeps `w13_weight` (E, 2I, H: w1 =
 gate, then w3 = up) and `w2_weight` (E, H, I): the same numbers in the same order, so each HF expert
 tensor is one whole vLLM tensor. The router is `mlp.gate.weight` (E, H) on both sides. This holds while
-vLLM's MoE kernel keeps the checkpoint layout; `vllm_compat.check_moe_weight_layout` refuses kernels that
-reorder or prepack the experts.
+vLLM's MoE kernel keeps the checkpoint layout; `vllm_compat.check_live_weights` refuses kernels that
+reorder or prepack the experts. Checkpoints write the experts one by one
+(`mlp.experts.{e}.gate_proj.weight`, ...), as `save_pretrained` and the published checkpoints do.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Any
+
+from onlinemodel_runtime.checkpoint.model_tensors import CheckpointNames
 
 from .layouts import ARCHITECTURES, ATTENTION_ROWS, GLOBAL_ROWS, MLP_ROWS, NORM_ROWS, LayoutError, LayoutPlan
 
@@ -59,4 +62,5 @@ def qwen3_moe_plan(c: Any) -> LayoutPlan:
         (NORM_ROWS + ATTENTION_ROWS + (ROUTER_ROWS + EXPERT_ROWS if _is_sparse(c, i) else MLP_ROWS),
          f"model.layers.{i}.")
         for i in range(int(c.num_hidden_layers)))
-    return replace(dense, tables=((GLOBAL_ROWS, ""),) + layers, sizes={**dense.sizes, **expert_sizes(c)})
+    return replace(dense, tables=((GLOBAL_ROWS, ""),) + layers, sizes={**dense.sizes, **expert_sizes(c)},
+                   checkpoint=CheckpointNames(experts_per_expert=True))

@@ -17,8 +17,11 @@
 The trainer's model is the text-only causal LM built from the text config. Of a
 `...ForConditionalGeneration`, vLLM names the language model `language_model.model.*` and
 `language_model.lm_head.weight`; its vision tower `visual.*` is exported but never attached (frozen:
-no gradient, no optimizer state, nothing to validate beyond the prefix). Multi-token-prediction heads
-(`mtp.*` in the checkpoint) are not loaded by vLLM's served model and not trained.
+no gradient, no optimizer state, nothing to validate beyond the prefix), or not built at all when vLLM
+serves it with `--language-model-only` (then nothing under `visual.*` is exported). Multi-token-prediction
+heads (`mtp.*` in the checkpoint) are not loaded by vLLM's served model and not trained. A checkpoint
+names the language model as the base does (`model.language_model.*`) and carries the base files'
+`model.visual.*` and `mtp.*` tensors over unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from onlinemodel_runtime.checkpoint.model_tensors import CheckpointNames
 
 from .layouts import GLOBAL_ROWS, MLP_ROWS, NORM_ROWS, LayoutError, LayoutPlan
 from .layouts_moe import EXPERT_ROWS, ROUTER_ROWS, SHARED_EXPERT_ROWS, expert_sizes
@@ -54,6 +59,9 @@ GATED_ATTENTION_ROWS = (
 _ATTENTION = {"linear_attention": LINEAR_ATTENTION_ROWS, "full_attention": GATED_ATTENTION_ROWS}
 _TEXT_MODEL_TYPES = {"qwen3_5_text": False, "qwen3_5_moe_text": True}  # model_type -> has experts
 _LANGUAGE_MODEL_PREFIXES = (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
+# The same model in a multimodal checkpoint (transformers' save_pretrained and the published ones):
+# the language model under model.language_model.*, lm_head.weight as it is; model.visual.* beside it.
+_CHECKPOINT_PREFIXES = (("model.", "model.language_model."),)
 
 
 def _refuse_unsupported(arch: str, c: Any) -> bool:
@@ -104,4 +112,6 @@ def qwen35_plan(config: Any) -> LayoutPlan:
         tables=((GLOBAL_ROWS, ""),) + layers, sizes=sizes, flags=dict(mlp_bias=False), hf_config=c,
         vllm_prefixes=_LANGUAGE_MODEL_PREFIXES if multimodal else (),
         dtypes={"linear_attn.A_log": torch.float32},
-        passengers=("visual.",) if multimodal else ())
+        passengers=("visual.",) if multimodal else (),
+        checkpoint=CheckpointNames(renames=_CHECKPOINT_PREFIXES if multimodal else (), experts_per_expert=moe,
+                                   carried=("model.visual.", "mtp.") if multimodal else ("mtp.",)))

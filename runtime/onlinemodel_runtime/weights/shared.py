@@ -4,9 +4,12 @@ The vLLM worker calls :func:`export_weights` once after loading; the trainer cal
 :func:`attach_weights` once at start. Two transports:
 
 * ``cuda_ipc``: every parameter is shared with ``torch.multiprocessing``'s CUDA IPC reduction; the
-  trainer's tensors are the very GPU memory vLLM reads.
+  trainer's tensors are the very GPU memory vLLM reads. The handles cross as JSON data (``cuda_ipc.py``),
+  never as a pickle.
 * ``shm`` (CPU): the parameters are moved, once, into one file in ``/dev/shm`` mapped shared by both
   processes; vLLM's parameters become views of that mapping, so both sides read and write the same pages.
+  The owner holds an exclusive ``flock`` on the file while it lives: a file whose lock can be taken is
+  stale (its owner died without cleaning up) and the only kind anyone deletes.
 
 A ``weights.json`` manifest (written atomically, last) tells the trainer what to expect: model path,
 architecture, dtype, every tensor's name, shape and offset, and the vLLM version. The trainer checks it
@@ -15,10 +18,11 @@ against the HF config before it touches anything (see ``layouts.validate``).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-import pickle
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +30,20 @@ from pathlib import Path
 import torch
 
 from onlinemodel_runtime.checkpoint.fsutil import atomic_write_bytes
+from onlinemodel_runtime.weights import cuda_ipc
 
 MANIFEST = "weights.json"
-CUDA_HANDLES = "cuda_handles.pkl"
-FORMAT_VERSION = 1
+CUDA_HANDLES = "cuda_handles.json"
+FORMAT_VERSION = 2  # 2: CUDA handles as JSON (cuda_ipc.py), shm files locked by their owner
 _ALIGN = 64
+# Shared-memory weight files carry the format in their name: files of older runtimes, which hold no lock,
+# are never taken for stale ones.
+SHM_PREFIX = f"onlinemodel-v{FORMAT_VERSION}-"
+SHM_GLOB = f"{SHM_PREFIX}*.weights"
 
-# (manifest, mapping) once the CPU parameters were moved into shared memory in this process.
-_SHM_EXPORT: tuple[Manifest, torch.Tensor] | None = None
+# (manifest, mapping, fd holding the file's flock) once the CPU parameters were moved into shared
+# memory in this process; the fd stays open, and the lock held, for the life of the process.
+_SHM_EXPORT: tuple[Manifest, torch.Tensor, int] | None = None
 
 
 class AttachError(RuntimeError):
@@ -170,47 +180,30 @@ def _export_cuda(params, state_dir: Path, device: torch.device, common: dict) ->
 
     specs, handles = [], []
     for name, p in params:
-        rebuild, args = reduce_tensor(p.detach())
-        handles.append((name, rebuild, args))
+        handles.append({"name": name, "handle": cuda_ipc.encode(*reduce_tensor(p.detach()))})
         specs.append(TensorSpec(name, dtype_name(p.dtype), tuple(p.shape)))
-    # The handles file is written by our own worker into our own state dir (mode 0600) and read by our
-    # own trainer: pickle is the format torch's IPC reduction produces.
-    atomic_write_bytes(state_dir / CUDA_HANDLES, pickle.dumps(handles), mode=0o600)
+    atomic_write_bytes(state_dir / CUDA_HANDLES, json.dumps(handles).encode(), mode=0o600)
     return Manifest(transport="cuda_ipc", device=str(device), tensors=tuple(specs), **common)
 
 
 def _export_shm(params, state_dir: Path, shm_dir: Path, common: dict) -> Manifest:
     global _SHM_EXPORT
     if _SHM_EXPORT is not None:  # already moved into shared memory: publish the same mapping again
-        manifest, mapping = _SHM_EXPORT
+        manifest, mapping, _ = _SHM_EXPORT
         lo, hi = mapping.data_ptr(), mapping.data_ptr() + manifest.shm_bytes
         same = [t.name for t in manifest.tensors] == [n for n, _ in params] and all(
             lo <= p.data_ptr() < hi for _, p in params)
         if not same:
             raise AttachError("this process already exported different parameters to shared memory")
         return manifest
-    _remove_stale_shm_files(shm_dir)
+    remove_stale_shm_files(shm_dir)
     specs, offset = [], 0
     for name, p in params:
         offset = (offset + _ALIGN - 1) // _ALIGN * _ALIGN
         specs.append(TensorSpec(name, dtype_name(p.dtype), tuple(p.shape), offset))
         offset += specs[-1].nbytes
     total = max(offset, 1)
-    path = Path(shm_dir) / f"onlinemodel-{os.getpid()}-{int(time.time())}.weights"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        # Reserve every page now: a sparse file on a full tmpfs would crash the worker with SIGBUS
-        # at the first write instead of failing here with a message.
-        os.posix_fallocate(fd, 0, total)
-    except OSError as exc:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        fs = os.statvfs(shm_dir)
-        free = fs.f_bavail * fs.f_frsize
-        raise AttachError(f"cannot place {total / 2**30:.2f} GiB of weights in {shm_dir} ({free / 2**30:.2f} GiB "
-                          f"free): {exc.strerror}; give the container a larger /dev/shm "
-                          "(OnlineModel spec.resources.shmSize)") from exc
-    os.close(fd)
+    path, fd = _create_locked_file(Path(shm_dir), total)
     mapping = torch.from_file(str(path), shared=True, size=total, dtype=torch.uint8)
     for spec, (_, p) in zip(specs, params):
         view = mapping[spec.offset : spec.offset + spec.nbytes].view(p.dtype).view(p.shape)
@@ -221,23 +214,65 @@ def _export_shm(params, state_dir: Path, shm_dir: Path, common: dict) -> Manifes
         transport="shm", device="cpu", tensors=tuple(specs), shm_path=str(path), shm_bytes=total,
         **common,
     )
-    _SHM_EXPORT = (manifest, mapping)  # the mapping lives as long as the worker process
+    _SHM_EXPORT = (manifest, mapping, fd)  # mapping and lock live as long as the worker process
     return manifest
 
 
-def _remove_stale_shm_files(shm_dir: Path) -> None:
+def _create_locked_file(shm_dir: Path, size: int) -> tuple[Path, int]:
+    """A new file of `size` reserved bytes, flock()ed by the returned fd (kept open by the caller)."""
+    name = f"{SHM_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}.weights"
+    # Created under a name the stale-file sweep does not match, locked, then renamed: no other
+    # server's sweep can see it unlocked.
+    tmp = shm_dir / f".{name}"
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise AttachError(f"cannot create a shared-memory weights file in {shm_dir}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
+        try:
+            # Reserve every page now: a sparse file on a full tmpfs would crash the worker with SIGBUS
+            # at the first write instead of failing here with a message.
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            fs = os.statvfs(shm_dir)
+            free = fs.f_bavail * fs.f_frsize
+            raise AttachError(f"cannot place {size / 2**30:.2f} GiB of weights in {shm_dir} ({free / 2**30:.2f} "
+                              f"GiB free): {exc.strerror}; give the container a larger /dev/shm "
+                              "(OnlineModel spec.resources.shmSize)") from exc
+        os.rename(tmp, shm_dir / name)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    return shm_dir / name, fd
+
+
+def remove_if_stale(path: Path) -> bool:
+    """Delete a shared-memory weights file if nobody holds its lock (its owner is gone); True if deleted."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False  # gone, a symlink, or not ours to read
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # locked: its owner is alive
+        # Still the file we locked (not replaced under the same name meanwhile).
+        if os.fstat(fd).st_ino != os.lstat(path).st_ino:
+            return False
+        path.unlink()
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_stale_shm_files(shm_dir: Path) -> list[Path]:
     """Delete weight files of owners that died without cleaning up (kill -9, OOM): /dev/shm is memory."""
-    for path in Path(shm_dir).glob("onlinemodel-*.weights"):
-        try:
-            pid = int(path.name.split("-")[1])
-        except (IndexError, ValueError):
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # alive, someone else's
+    return [path for path in sorted(Path(shm_dir).glob(SHM_GLOB)) if remove_if_stale(path)]
 
 
 def read_manifest(state_dir: Path) -> Manifest:
@@ -276,13 +311,21 @@ def attach_weights(state_dir: Path, manifest: Manifest | None = None) -> tuple[M
         return manifest, tensors
     if manifest.transport == "cuda_ipc":
         try:
-            raw = (Path(state_dir) / CUDA_HANDLES).read_bytes()
+            entries = json.loads((Path(state_dir) / CUDA_HANDLES).read_bytes())
         except FileNotFoundError:
             raise AttachError(f"no CUDA handles in {state_dir}: has the vLLM worker exported its weights?") from None
+        except ValueError as exc:
+            raise AttachError(f"unreadable CUDA handles in {state_dir}: {exc}") from None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and set(e) == {"name", "handle"}
+                                                    for e in entries):
+            raise AttachError(f"{CUDA_HANDLES} in {state_dir} is not a list of {{name, handle}} records")
         tensors = {}
-        for name, rebuild, args in pickle.loads(raw):
+        for entry in entries:
+            name = entry["name"]
             try:
-                tensors[name] = rebuild(*args)
+                tensors[name] = cuda_ipc.rebuild(entry["handle"])
+            except cuda_ipc.HandleError as exc:
+                raise AttachError(f"bad CUDA IPC handle record for {name}: {exc}") from None
             except Exception as exc:  # the owner exited, or another GPU
                 raise AttachError(f"cannot open the CUDA IPC handle of {name} (owner pid {manifest.owner_pid}): "
                                   f"{exc}") from exc

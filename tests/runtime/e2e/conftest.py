@@ -31,9 +31,11 @@ def e2e_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("e2e")
 
 
-def start_server(model_dir: Path, root: Path, name: str, **kwargs) -> ServerProcess:
+def start_server(model_dir: Path, root: Path, name: str, env: dict[str, str] | None = None,
+                 **kwargs) -> ServerProcess:
     log = root / f"{name}.log"
-    server = ServerProcess(model_dir, log_path=log, env={"ONLINEMODEL_API_TOKEN": TOKEN}, **kwargs)
+    server = ServerProcess(model_dir, log_path=log, env={"ONLINEMODEL_API_TOKEN": TOKEN} if env is None else env,
+                           **kwargs)
     try:
         server.wait_ready(timeout=600)
     except Exception:

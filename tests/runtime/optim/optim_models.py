@@ -30,20 +30,67 @@ class TinyNet(torch.nn.Module):
         return self.down(self.norm(h))
 
 
+class TinyExperts(torch.nn.Module):
+    """Fused experts as transformers 5 keeps them: (E, 2I, H) and (E, H, I); the class name ends
+    with "Experts", as the policy expects."""
+
+    def __init__(self, experts: int, hidden: int, inter: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(experts, 2 * inter, hidden, dtype=dtype) * 0.3)
+        self.down_proj = torch.nn.Parameter(torch.randn(experts, hidden, inter, dtype=dtype) * 0.3)
+
+    def forward(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        gate, up = (self.gate_up_proj[expert] @ x.unsqueeze(-1)).squeeze(-1).chunk(2, dim=-1)
+        return (self.down_proj[expert] @ (torch.tanh(gate) * up).unsqueeze(-1)).squeeze(-1)
+
+
+class TinyRouter(torch.nn.Module):
+    def __init__(self, experts: int, hidden: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(experts, hidden, dtype=dtype) * 0.3)
+
+
+class TinyMoE(torch.nn.Module):
+    """A dense layer, then top-1 routing over 4 fused experts (wide gate_up (4, 12, 16): projected
+    on the left; tall down (4, 16, 6): on the right) scaled by
+    the router's probability. Inputs route to experts 0-2 only, so expert 3 never gets a token
+    (a zero gradient every step), as in real MoE layers with short examples."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(12, 16, bias=False, dtype=dtype)
+        self.gate = TinyRouter(4, 16, dtype)
+        self.experts = TinyExperts(4, 16, 6, dtype)
+        self.norm = torch.nn.LayerNorm(16, dtype=dtype)
+        self.down = torch.nn.Linear(16, 6, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.up(x))
+        probs = torch.softmax(h @ self.gate.weight.t(), dim=-1)
+        expert = probs[:, :3].argmax(dim=-1)
+        h = h + self.experts(h, expert) * probs.gather(1, expert[:, None])
+        return self.down(self.norm(h))
+
+
+def make_moe(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyMoE:
+    torch.manual_seed(seed)
+    return TinyMoE(dtype)
+
+
 def make_net(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyNet:
     torch.manual_seed(seed)
     return TinyNet(dtype)
 
 
-def batch(step: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(step: int, dtype: torch.dtype = torch.float32, rows: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(3, 12, generator=g).to(dtype)
-    y = torch.randn(3, 6, generator=g).to(dtype)
+    x = torch.randn(rows, 12, generator=g).to(dtype)
+    y = torch.randn(rows, 6, generator=g).to(dtype)
     return x, y
 
 
-def loss_fn(net: torch.nn.Module, step: int) -> torch.Tensor:
-    x, y = batch(step, next(net.parameters()).dtype)
+def loss_fn(net: torch.nn.Module, step: int, rows: int = 3) -> torch.Tensor:
+    x, y = batch(step, next(net.parameters()).dtype, rows)
     return (net(x).float() - y.float()).pow(2).mean()
 
 
@@ -55,6 +102,19 @@ def tiny_llama(layers: int = 3):
                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg)
+
+
+def tiny_qwen3_moe(layers: int = 2):
+    """A 2-layer Qwen3 MoE (transformers' fused experts): decoder-layer buckets holding 3-D experts."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+                         num_experts=4, num_experts_per_tok=2, num_hidden_layers=layers, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, tie_word_embeddings=False)
+    # The per-expert loop: torch's grouped matmul kernels are for bf16; these tests run float32 too.
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(0)
+    return Qwen3MoeForCausalLM(cfg)
 
 
 def token_ids(step: int) -> torch.Tensor:

@@ -14,35 +14,38 @@ from optim_models import loss_fn, make_net, tiny_llama, token_ids
 
 from onlinemodel_runtime.optim import Apollo, TrainPolicy, make_optimizer
 from onlinemodel_runtime.optim.bucket_update import COMPILED, ConstBuffers, Prepared, bucket_update
-from onlinemodel_runtime.optim.functional import const_row, projection_matrix
+from onlinemodel_runtime.optim.functional import const_row, projected_shape, projection_matrix, projects_left
 from onlinemodel_runtime.optim.graphs import Plan
 
 GROUP = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, alpha=2.0, norm_growth_limit=1.01)
 # (shape, weight dtype, apollo, channel, stochastic): both projection sides, both scales, AdamW,
-# float32 and bf16 weights, stochastic rounding on and off.
+# float32 and bf16 weights, stochastic rounding on and off, batches of experts (3-D).
 ITEMS = [((8, 12), torch.float32, True, False, True), ((12, 8), torch.float32, True, True, True),
          ((8, 12), torch.bfloat16, True, True, False), ((12,), torch.float32, False, False, True),
-         ((12, 8), torch.bfloat16, True, False, True), ((12,), torch.bfloat16, False, False, True)]
+         ((12, 8), torch.bfloat16, True, False, True), ((12,), torch.bfloat16, False, False, True),
+         ((3, 8, 12), torch.float32, True, False, True), ((3, 12, 8), torch.bfloat16, True, True, True)]
+IDLE_EXPERT = 6  # ITEMS[6]'s expert 1 gets a zero gradient (no token routed to it)
 
 
-def _bucket(step: int, seed: int = 0) -> dict:
-    """bucket_update's arguments for ITEMS at `step`, with moments as after a few steps."""
+def _bucket(step: int, seed: int = 0, reference: float = 3.0) -> dict:
+    """bucket_update's arguments for ITEMS at `step`, with moments as after a few steps and
+    `reference` as every matrix's limiter reference (0: no update applied yet)."""
     g = torch.Generator().manual_seed(seed)
     spec, ws, grads, projs, ms, vs, lims = [], [], [], [], [], [], []
     for shape, dtype, apollo, channel, stochastic in ITEMS:
         ws.append((torch.randn(shape, generator=g) * 0.5).to(dtype))
         grads.append(torch.randn(shape, generator=g).to(dtype))
         if apollo:
-            m, n = shape
-            left = m <= n
+            left = projects_left(shape)
             projs.append(projection_matrix(shape, 2, seed + len(ws)))
-            mshape = (2, n) if left else (m, 2)
-            lims.append(torch.tensor(3.0))
+            mshape = projected_shape(shape, 2)
+            lims.append(torch.full(shape[:-2], reference))
         else:
             left, mshape = False, shape
         ms.append(torch.randn(mshape, generator=g) * 0.1)
         vs.append(torch.rand(mshape, generator=g) * 0.01)
         spec.append((apollo, left, channel, stochastic))
+    grads[IDLE_EXPERT][1] = 0.0
     rows = [const_row(GROUP, step) for _ in ITEMS]
     return dict(spec=tuple(spec), ws=ws, grads=grads, projs=projs, exp_avgs=ms, exp_avg_sqs=vs,
                 limiter_norms=lims, consts=torch.tensor(rows), gate=torch.tensor(True))
@@ -60,9 +63,9 @@ def _bf16_neighbours(exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return down, torch.where(down == exact, down, up)
 
 
-@pytest.mark.parametrize("step", [1, 3])  # the first-step cap, then the norm-growth limiter
-def test_compiled_bucket_update_equals_eager(step):
-    args = _bucket(step)
+@pytest.mark.parametrize("step,reference", [(1, 0.0), (3, 3.0)])  # the first-update cap, then the limiter
+def test_compiled_bucket_update_equals_eager(step, reference):
+    args = _bucket(step, reference=reference)
     eager, ok_e = _run(bucket_update, args, generator=torch.Generator().manual_seed(0), chunk_elems=7)
     fast, ok_c = _run(COMPILED.get(), args)
     assert bool(ok_e) and bool(ok_c)
@@ -93,6 +96,10 @@ def test_compiled_bucket_update_equals_eager(step):
             near = (w == down) | (w == up) | ((w - x).abs() <= ulp * 1e-3)
             assert near.all(), (i, (w - x).abs().max())
     assert moved > 0.5 * sum(args["ws"][i].numel() for i, it in enumerate(ITEMS) if it[1] == torch.bfloat16)
+    idle = sum(it[2] for it in ITEMS[:IDLE_EXPERT])  # its position among the limiter references
+    for out in (eager, fast):
+        torch.testing.assert_close(out["ws"][IDLE_EXPERT][1], args["ws"][IDLE_EXPERT][1] * (1 - 0.1 * 0.01))
+        assert out["limiter_norms"][idle][1] == reference
 
 
 @pytest.mark.parametrize("fault", ["gate", "nan"])

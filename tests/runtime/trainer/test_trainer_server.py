@@ -8,7 +8,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from onlinemodel_protocol.api import TrainAccepted, TrainStatus
+from onlinemodel_protocol.api import Job, TrainAccepted, TrainStatus
 from onlinemodel_protocol.rpc import TrainerOp, TrainJob
 from onlinemodel_runtime.server.trainer_client import TrainerClient, TrainerRequestError, TrainerUnavailable
 from onlinemodel_runtime.trainer.server import serve
@@ -34,6 +34,11 @@ class FakeService:
             raise TrainerError("too many epochs", code=400)
         self.jobs.append(job)
         return TrainAccepted(job_id="job-1", state="queued", examples=len(job.examples), tokens=2)
+
+    def cancel(self, job_id: str):
+        if job_id != "job-1":
+            raise TrainerError(f"no job {job_id!r}", code=404)
+        return Job(id=job_id, state="cancelled", examples=1, epochs=2, learning_rate=1e-5, created_at="t")
 
     def checkpoint(self):
         raise TrainerError("a checkpoint is already being written", code=409)
@@ -68,6 +73,11 @@ async def test_requests_round_trip_and_errors_keep_their_codes(tmp_path):
         with pytest.raises(TrainerRequestError, match="bad arguments for 'train'") as exc:
             await client.request(TrainerOp.TRAIN, examples=[], epochs=1, learning_rate=1e-5)
         assert exc.value.code == 400 and len(service.jobs) == 1
+        cancelled = await client.request(TrainerOp.CANCEL, job_id="job-1")
+        assert isinstance(cancelled, Job) and cancelled.state == "cancelled"
+        with pytest.raises(TrainerRequestError) as exc:
+            await client.request(TrainerOp.CANCEL, job_id="job-2")
+        assert exc.value.code == 404
         with pytest.raises(TrainerRequestError) as exc:
             await client.request(TrainerOp.CHECKPOINT)
         assert exc.value.code == 409

@@ -1,8 +1,10 @@
-"""The trainer's state machine on a tiny real model (no vLLM): jobs, counters, NaN safety, checkpoints."""
+"""The trainer's state machine on a tiny real model (no vLLM): jobs, cancel, counters, NaN safety,
+checkpoints and their health."""
 
 from __future__ import annotations
 
-import math
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,7 +77,7 @@ def test_non_finite_step_is_skipped_and_weights_untouched(tiny_dir, tmp_path):
     assert status.skipped_steps == 2 and status.steps == 0 and status.weight_version == 0
     for n, p in service.model.named_parameters():
         assert torch.equal(p, before[n]) or (torch.isnan(p).any() and n == "model.norm.weight"), n
-    assert math.isnan(status.last_loss)
+    assert status.last_loss is None and status.jobs[0].last_loss is None  # JSON has no NaN
     assert '"last_loss":null' in status.model_dump_json()  # what the API answers
 
 
@@ -182,3 +184,116 @@ def test_failed_checkpoint_is_reported_and_training_goes_on(tiny_dir, tmp_path):
     service.submit(job())
     run_all(service)
     assert service.status().steps == 2
+
+
+def test_cancel_a_queued_job(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path)
+    first, second = service.submit(job()), service.submit(job())
+    cancelled = service.cancel(second.job_id)
+    assert cancelled.state == "cancelled" and cancelled.finished_at
+    assert service.status().queued_jobs == 1
+    run_all(service)
+    status = service.status()
+    assert [(j.id, j.state, j.steps) for j in status.jobs] == [(first.job_id, "succeeded", 1),
+                                                              (second.job_id, "cancelled", 0)]
+    assert status.steps == 1
+    assert status.job_counts.model_dump() == {"submitted": 2, "succeeded": 1, "failed": 0, "cancelled": 1}
+    with pytest.raises(TrainerError, match="already cancelled") as exc:
+        service.cancel(second.job_id)
+    assert exc.value.code == 409
+    with pytest.raises(TrainerError, match="already succeeded") as exc:
+        service.cancel(first.job_id)
+    assert exc.value.code == 409
+    with pytest.raises(TrainerError, match="no job") as exc:
+        service.cancel("job-unknown")
+    assert exc.value.code == 404
+
+
+def test_cancel_a_running_job_stops_it_after_the_current_step(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path)
+    service.start()
+    try:
+        accepted = service.submit(job(epochs=20))
+        deadline = time.monotonic() + 60
+        while service.jobs[accepted.job_id].steps < 2:
+            assert time.monotonic() < deadline, "the job never ran"
+            time.sleep(0.01)
+        answer = service.cancel(accepted.job_id)
+        assert answer.state == "running"
+        while service.jobs[accepted.job_id].state == "running":
+            assert time.monotonic() < deadline, "the job was not stopped"
+            time.sleep(0.01)
+    finally:
+        service.stop()
+    done = service.status().jobs[0]
+    assert done.state == "cancelled" and 2 <= done.steps < 20 and done.error is None
+    assert service.status().steps == done.steps  # the steps it took stay (no rollback)
+    assert service.status().job_counts.cancelled == 1
+
+
+def test_job_counts_continue_and_lost_jobs_count_as_failed(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path)
+    service.submit(job())
+    service.submit(job())
+    run_all(service)
+    service.submit(job())  # queued when the trainer "dies"
+    restarted = build(tiny_dir, tmp_path)
+    restarted.restore(Counters.model_validate(service.status().model_dump()))
+    assert restarted.status().job_counts.model_dump() == {"submitted": 3, "succeeded": 2, "failed": 1,
+                                                          "cancelled": 0}
+
+
+def test_unhealthy_weights_never_become_latest(tiny_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    service, healthy = two_steps_checkpointed(tiny_dir, ckpt)
+    service.debug_scale("model.norm.weight", float("inf"))  # poisons the weights and every later loss
+    service.submit(job())
+    run_all(service)
+    with pytest.raises(TrainerError, match="unhealthy") as exc:
+        service.checkpoint()
+    assert exc.value.code == 422 and "latest is still" in str(exc.value)
+    status = service.status().checkpoint
+    assert status.last == healthy and status.state == "idle"
+    bad = status.last_unhealthy
+    assert not bad.healthy and "non-finite" in bad.unhealthy_reason and "NaN or infinity" in bad.unhealthy_reason
+    assert bad.path.endswith("unhealthy-step-00000002") and bad.weight_version == 3  # +1: the poison
+    assert service.store.latest().path == Path(healthy.path)
+    # Asked again with the same weights: the same refusal, nothing written; periodic ones skip it.
+    with pytest.raises(TrainerError, match="unhealthy"):
+        service.checkpoint()
+    service.periodic_checkpoint()
+    assert service.status().checkpoint.last_unhealthy == bad
+
+
+def test_a_diverging_loss_keeps_the_checkpoint_aside(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path, checkpoint_dir=tmp_path / "ckpt")
+    service.submit(job())
+    run_all(service)
+    window = service.loss_health._losses.maxlen
+    for loss in [0.5] * window + [50.0] * window:  # as if the last steps had exploded
+        service.loss_health.observe(loss)
+    with pytest.raises(TrainerError, match="diverging") as exc:
+        service.checkpoint()
+    assert exc.value.code == 422
+    assert service.store.latest() is None and service.status().checkpoint.last is None
+
+
+def test_a_checkpoint_is_not_starved_by_back_to_back_steps(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path, checkpoint_dir=tmp_path / "ckpt")
+    service.start()
+    try:
+        service.submit(job(epochs=20))
+        deadline = time.monotonic() + 60
+        while service.steps < 2:
+            assert time.monotonic() < deadline, "the job never ran"
+            time.sleep(0.01)
+        before = service.steps
+        info = service.checkpoint()
+        # The step running when it was asked finishes (and at most one that had already started to
+        # take the lock); then the snapshot goes first.
+        assert info.step - before <= 2, (before, info.step)
+        assert service.jobs[next(iter(service.jobs))].state == "running"
+    finally:
+        for job_id in list(service.jobs):
+            service._cancel_requested.add(job_id)
+        service.stop()

@@ -2,43 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+import time
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from onlinemodel_protocol.api import CheckpointRecord, TrainAccepted, TrainStatus
-from onlinemodel_protocol.config import RuntimeConfig
+from endpoint_helpers import GOOD, RECORD, StubSupervisor, asgi_request, error_of, make_app
+from onlinemodel_protocol.api import TrainStatus
+from onlinemodel_protocol.limits import MAX_BODY_BYTES_MIN, MAX_CHARS_PER_TOKEN
 from onlinemodel_protocol.rpc import IGNORE_INDEX
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 from onlinemodel_runtime.server.trainer_client import TrainerRequestError, TrainerUnavailable
 from onlinemodel_runtime.vllm_plugins import endpoint
-
-RECORD = CheckpointRecord(path="/ckpt/step-00000001", step=1, weight_version=1, time="2026-11-26T05:00:00.000Z",
-                          size_bytes=10, seconds=0.1, content_hash="sha256:00")
-
-
-class StubSupervisor:
-    def __init__(self, fail=None, status=None):
-        self.fail = fail
-        self.jobs = []
-        self._status = status or TrainStatus(state="idle")
-
-    async def submit(self, job):
-        if self.fail:
-            raise self.fail
-        self.jobs.append(job)
-        return TrainAccepted(job_id="job-1", state="queued", examples=len(job.examples),
-                             tokens=sum(ex.num_tokens for ex in job.examples))
-
-    async def status(self):
-        return self._status
-
-    async def checkpoint(self):
-        if self.fail:
-            raise self.fail
-        return RECORD
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +25,8 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(ensure_smollm2())
 
 
-def client(tokenizer, supervisor, token=None, **cfg) -> TestClient:
-    app = FastAPI()
-    endpoint.OnlineModelEndpoints().attach_router(app)
-    config = RuntimeConfig(model="/m", base_model="/m", state_dir=Path("/tmp/om-test"), **cfg)
-    setattr(app.state, endpoint.STATE_KEY,
-            endpoint._Runtime(config, tokenizer, 256, supervisor, token))
-    return TestClient(app)
-
-
-GOOD = {"examples": [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]}
+def client(tokenizer, supervisor, tokens=(), **cfg) -> TestClient:
+    return TestClient(make_app(tokenizer, supervisor, tokens, **cfg))
 
 
 def test_train_tokenizes_resolves_defaults_and_queues(tokenizer):
@@ -89,20 +58,195 @@ def test_trainer_errors_map_to_status_codes(tokenizer):
     assert resp.json() == {"error": {"message": "busy", "type": "checkpoint_error", "param": None, "code": None}}
 
 
-def test_non_ascii_token_is_a_401_not_a_500(tokenizer):
-    c = client(tokenizer, StubSupervisor(), token="secret")
-    assert c.post("/train", json=GOOD, headers={"Authorization": "Bearer sécret".encode("latin-1")}).status_code == 401
-    assert c.post("/train", json=GOOD, headers={"Authorization": "Bearer secret"}).status_code == 202
+def test_every_training_route_needs_the_token(tokenizer):
+    sup = StubSupervisor()
+    c = client(tokenizer, sup, tokens=("secret", "other"))
+    calls = [("post", "/train", {"json": GOOD}), ("get", "/train/status", {}), ("post", "/checkpoint", {}),
+             ("delete", "/train/jobs/job-1", {})]
+    for method, path, kwargs in calls:
+        for header in (None, "Bearer wrong", "Basic secret", "Bearer", "Bearer sécret".encode("latin-1")):
+            headers = {} if header is None else {"Authorization": header}
+            resp = getattr(c, method)(path, headers=headers, **kwargs)
+            assert resp.status_code == 401, (path, header)
+            assert error_of(resp.content)["type"] == "authentication_error"
+    assert sup.jobs == [] and sup.cancelled == []
+    for token in ("secret", "other"):
+        assert c.get("/train/status", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert c.post("/train", json=GOOD, headers={"Authorization": "bearer  secret "}).status_code == 202
 
 
 def test_serve_only_mode(tokenizer):
     c = client(tokenizer, None, training_enabled=False)
     assert c.post("/train", json=GOOD).status_code == 409
     assert c.post("/checkpoint").status_code == 409
+    assert c.delete("/train/jobs/job-1").status_code == 409
     status = c.get("/train/status")
     assert status.status_code == 200
     assert status.json() == TrainStatus.placeholder("disabled").model_dump()
 
+
+def test_cancel_answers(tokenizer):
+    sup = StubSupervisor()
+    c = client(tokenizer, sup)
+    resp = c.delete("/train/jobs/job-7")
+    assert resp.status_code == 200 and resp.json()["state"] == "cancelled"
+    resp = c.delete("/train/jobs/job-running")
+    assert resp.status_code == 202 and resp.json()["state"] == "running"  # stops after its current step
+    assert error_of(c.delete("/train/jobs/job-missing").content)["param"] == "job_id"
+    assert c.delete("/train/jobs/job-missing").status_code == 404
+    assert c.delete("/train/jobs/job-done").status_code == 409
+    assert sup.cancelled == ["job-7", "job-running"]
+
+
+# --- bodies: size first, before parsing ----------------------------------------------------------
+
+@pytest.mark.parametrize("declared", [None, "10", "99999999999", "nonsense"])
+async def test_body_over_the_cap_is_a_413_whatever_content_length_says(tokenizer, declared):
+    sup = StubSupervisor()
+    app = make_app(tokenizer, sup, max_body_bytes=MAX_BODY_BYTES_MIN)
+    headers = {} if declared is None else {"Content-Length": declared}
+    chunk = json.dumps(GOOD).encode()
+    status, _, body = await asgi_request(app, "POST", "/train", headers=headers,
+                                         chunks=[chunk] * (MAX_BODY_BYTES_MIN // len(chunk) + 2))
+    assert status == 413 and error_of(body)["code"] == "body_too_large"
+    assert sup.jobs == []
+    status, _, _ = await asgi_request(app, "POST", "/train", chunks=[chunk])
+    assert status == 202  # below the cap, in one chunk and without Content-Length
+
+
+def test_an_example_too_long_in_characters_is_refused_before_rendering(tokenizer):
+    renders = []
+
+    class CountingTokenizer:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            return tokenizer(*args, **kwargs)
+
+        def apply_chat_template(self, *args, **kwargs):
+            renders.append(1)
+            return tokenizer.apply_chat_template(*args, **kwargs)
+
+    sup = StubSupervisor()
+    c = client(CountingTokenizer(), sup)
+    huge = {"examples": [{"messages": [{"role": "user", "content": "x" * (MAX_CHARS_PER_TOKEN * 256)},
+                                       {"role": "assistant", "content": "y"}]}]}
+    resp = c.post("/train", json=huge)
+    assert resp.status_code == 413 and error_of(resp.content)["code"] == "example_too_long"
+    assert renders == [] and sup.jobs == []
+
+
+@pytest.mark.parametrize("raw,code", [
+    (b'{"examples": [{"messages": [{"role": "user", "content": "\\ud800"}, '
+     b'{"role": "assistant", "content": "hi"}]}]}', "invalid_unicode"),
+    (b'{"examples": [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}], '
+     b'"\\udfff": 1}]}', "invalid_unicode"),
+    (b"[" * 100_000 + b"]" * 100_000, "invalid_json"),
+    (b'{"examples": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001, "invalid_json"),
+    (b"\xff\xfe", "invalid_json"),
+])
+def test_unicode_and_nesting_errors_are_400(tokenizer, raw, code):
+    sup = StubSupervisor()
+    resp = client(tokenizer, sup).post("/train", content=raw)
+    assert resp.status_code == 400, resp.text
+    assert error_of(resp.content)["code"] == code
+    assert sup.jobs == []
+
+
+def test_a_template_that_raises_is_a_400(tokenizer):
+    from transformers import AutoTokenizer
+
+    strict = AutoTokenizer.from_pretrained(ensure_smollm2())
+    strict.chat_template = (
+        "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    sup = StubSupervisor()
+    c = client(strict, sup)
+    out_of_order = {"examples": [{"messages": [{"role": "assistant", "content": "a"},
+                                               {"role": "user", "content": "b"},
+                                               {"role": "assistant", "content": "c"}]}]}
+    resp = c.post("/train", json=out_of_order)
+    error = error_of(resp.content)
+    assert resp.status_code == 400 and error["code"] == "template_error" and "alternate" in error["message"]
+    assert error["param"] == "examples[0]" and sup.jobs == []
+    assert c.post("/train", json=GOOD).status_code == 202
+
+
+def test_a_256_message_example_costs_one_render(tokenizer):
+    renders = []
+    original = tokenizer.apply_chat_template
+
+    def counting(*args, **kwargs):
+        renders.append(1)
+        return original(*args, **kwargs)
+
+    messages = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}: " + "some words " * 20}
+                for i in range(256)]
+    sup = StubSupervisor()
+    c = client(tokenizer, sup, max_len=100_000)
+    tokenizer.apply_chat_template = counting
+    try:
+        started = time.perf_counter()
+        resp = c.post("/train", json={"examples": [{"messages": messages}]})
+        seconds = time.perf_counter() - started
+    finally:
+        del tokenizer.apply_chat_template
+    assert resp.status_code == 202, resp.text
+    # The template probe (four tiny renders) and the conversation once: not one render per turn.
+    assert len(renders) == 5
+    assert seconds < 2.0, seconds
+    (example,) = sup.jobs[0].examples
+    assert example.num_target_tokens > 128 * 20
+
+
+# --- Idempotency-Key ------------------------------------------------------------------------------
+
+def test_a_retry_with_the_same_key_returns_the_original_job(tokenizer):
+    sup = StubSupervisor()
+    c = client(tokenizer, sup)
+    first = c.post("/train", json=GOOD, headers={"Idempotency-Key": "k-1"})
+    again = c.post("/train", json=GOOD, headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == again.status_code == 202
+    assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert len(sup.jobs) == 1 and sup.weight_version == 1  # trained once
+    other = c.post("/train", json=GOOD, headers={"Idempotency-Key": "k-2"})
+    assert other.json()["job_id"] == "job-2"
+
+
+def test_a_key_reused_with_another_body_is_refused(tokenizer):
+    sup = StubSupervisor()
+    c = client(tokenizer, sup)
+    assert c.post("/train", json=GOOD, headers={"Idempotency-Key": "k"}).status_code == 202
+    changed = dict(GOOD, epochs=2)
+    resp = c.post("/train", json=changed, headers={"Idempotency-Key": "k"})
+    assert resp.status_code == 422 and error_of(resp.content)["code"] == "idempotency_key_reused"
+    assert len(sup.jobs) == 1
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "é"])
+def test_a_malformed_key_is_a_400(tokenizer, key):
+    sup = StubSupervisor()
+    resp = client(tokenizer, sup).post("/train", json=GOOD, headers={"Idempotency-Key": key.encode("latin-1")})
+    assert resp.status_code == 400 and error_of(resp.content)["code"] == "invalid_idempotency_key"
+    assert sup.jobs == []
+
+
+def test_a_refused_request_leaves_its_key_free(tokenizer):
+    sup = StubSupervisor(TrainerRequestError("queue full", 429))
+    c = client(tokenizer, sup)
+    assert c.post("/train", json=GOOD, headers={"Idempotency-Key": "k"}).status_code == 429
+    assert c.post("/train", json={"examples": []}, headers={"Idempotency-Key": "k2"}).status_code == 400
+    sup.fail = None
+    assert c.post("/train", json=GOOD, headers={"Idempotency-Key": "k"}).status_code == 202
+    assert c.post("/train", json=GOOD, headers={"Idempotency-Key": "k2"}).status_code == 202
+    assert len(sup.jobs) == 2
+
+
+# --- serving first ------------------------------------------------------------------------------
 
 def test_generation_requests_are_counted_while_they_run():
     plugin = endpoint.OnlineModelEndpoints()

@@ -50,19 +50,22 @@ def test_sparse_layers_follow_decoder_sparse_step():
 
 
 def test_optimizer_policy_accepts_expert_parameters(tiny_dirs, vllm_loaded):
-    """The trainer's default policy over 3-D experts and the router: no crash, and a step reaches vLLM."""
+    """The trainer's default policy over 3-D experts (per-expert APOLLO) and the router (frozen): a
+    step reaches vLLM's fused expert tensor, the router stays as served."""
     tensors = {n: t.clone() for n, t in vllm_loaded["qwen3_moe"]["params"].items()}
     model = build_hf_model(tiny_dirs["qwen3_moe"], tensors, train=True)
     optimizer = make_optimizer(model, TrainPolicy(), lr=1e-2)
     trained = {n for g in optimizer.param_groups for n in g["param_names"]}
-    assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj",
-            "model.layers.0.mlp.gate.weight"} <= trained
+    assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"} <= trained
+    assert "model.layers.0.mlp.gate.weight" not in trained
     w13 = tensors["model.layers.0.mlp.experts.routed_experts.w13_weight"]
-    before = w13.clone()
+    router = tensors["model.layers.0.mlp.gate.weight"]
+    before, router_before = w13.clone(), router.clone()
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(2))
     model(ids, labels=ids).loss.backward()
     optimizer.step()
-    assert not torch.equal(w13, before)
+    assert not torch.equal(w13, before) and torch.equal(router, router_before)
+    assert optimizer.state[model.model.layers[0].mlp.experts.gate_up_proj]["limiter_norm"].shape == (4,)
 
 
 # --- refusals ---------------------------------------------------------------------------------

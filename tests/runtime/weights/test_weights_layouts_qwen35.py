@@ -27,6 +27,19 @@ def test_training_step_writes_vllms_tensors(tiny_dirs, vllm_loaded, name):
     check_update_through_views(tiny_dirs[name], vllm_loaded[name]["params"])
 
 
+@pytest.mark.parametrize("name", ("qwen3_5", "qwen3_5_moe"))
+def test_language_model_only_exports_the_same_tensors_without_the_vision_tower(tiny_dirs, vllm_loaded,
+                                                                                vllm_loaded_language_only, name):
+    """vLLM's `--language-model-only` (how the GPU tests serve Qwen3.5) builds no vision tower: the same
+    language-model names and bytes, nothing under visual.*; the layout takes it as it is."""
+    lm_only, full = vllm_loaded_language_only[name]["params"], vllm_loaded[name]["params"]
+    assert any(n.startswith("visual.") for n in full)
+    assert sorted(lm_only) == sorted(n for n in full if not n.startswith("visual."))
+    for n, t in lm_only.items():
+        assert torch.equal(t, full[n]), n
+    check_logits(tiny_dirs[name], lm_only)
+
+
 def test_what_vllm_holds(vllm_loaded):
     real = vllm_loaded["qwen3_5"]["params"]
     lm = "language_model.model.layers."

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -159,22 +158,70 @@ def test_attach_errors(exported, tmp_path):
             attach_weights(state_dir)
 
 
-def test_cuda_handles_must_match_manifest(tmp_path):
-    """The CUDA IPC branch checks each rebuilt tensor against the manifest (checked here with CPU
-    'rebuild' functions: the check, not the transport)."""
+def test_cuda_handles_must_match_manifest(tmp_path, monkeypatch):
+    """The CUDA IPC branch checks each rebuilt tensor against the manifest (checked here with a CPU
+    stand-in for torch's rebuild function: the check, not the transport)."""
+    from torch.multiprocessing import reductions
+
     from onlinemodel_runtime.weights.shared import (
         CUDA_HANDLES, MANIFEST, AttachError, Manifest, TensorSpec, attach_weights)
+    from test_weights_cuda_ipc import cuda_like_args, record_of
 
+    monkeypatch.setattr(reductions, "rebuild_cuda_tensor", lambda *args: torch.zeros(tuple(args[1]), dtype=args[5]))
     spec = TensorSpec("model.norm.weight", "bfloat16", (4,))
     manifest = Manifest(transport="cuda_ipc", device="cuda:0", model="m", architecture="Qwen3ForCausalLM",
                         dtype="bfloat16", vllm_version="test", tensors=(spec,))
     (tmp_path / MANIFEST).write_text(json.dumps(manifest.to_json()))
-    (tmp_path / CUDA_HANDLES).write_bytes(pickle.dumps([("model.norm.weight", torch.zeros, ((5,),))]))
-    with pytest.raises(AttachError, match="does not match the manifest"):
-        attach_weights(tmp_path)
-    (tmp_path / CUDA_HANDLES).write_bytes(pickle.dumps([("other", torch.zeros, ((4,),))]))
-    with pytest.raises(AttachError, match="does not match the manifest"):
-        attach_weights(tmp_path)
+    for name, size in (("model.norm.weight", 4), ("model.norm.weight", 5), ("other", 4)):
+        record = record_of(cuda_like_args(size=(size,)))
+        (tmp_path / CUDA_HANDLES).write_text(json.dumps([{"name": name, "handle": record}]))
+        if (name, size) == ("model.norm.weight", 4):
+            assert tuple(attach_weights(tmp_path)[1]["model.norm.weight"].shape) == (4,)
+        else:
+            with pytest.raises(AttachError, match="does not match the manifest"):
+                attach_weights(tmp_path)
+    for bad in ('{"not": "a list"}', '[{"name": "x"}]', "not json",
+                json.dumps([{"name": "model.norm.weight", "handle": {"tensor_cls": "os.system"}}])):
+        (tmp_path / CUDA_HANDLES).write_text(bad)
+        with pytest.raises(AttachError):
+            attach_weights(tmp_path)
+
+
+def test_the_shm_file_is_locked_while_its_owner_lives(exported, tmp_path):
+    from onlinemodel_runtime.weights import shared
+
+    _, _, _, manifest = exported
+    path = Path(manifest.shm_path)
+    assert path.parent == tmp_path and path.name.startswith("onlinemodel-v2-") and path.stat().st_mode & 0o777 == 0o600
+    # Another server's sweep leaves it alone, whatever the pid in its name says.
+    assert shared.remove_stale_shm_files(tmp_path) == [] and path.exists()
+    assert not shared.remove_if_stale(path)
+
+
+def test_only_unlocked_weight_files_are_swept(tmp_path):
+    import fcntl
+
+    from onlinemodel_runtime.weights import shared
+
+    dead = tmp_path / "onlinemodel-v2-1-dead.weights"  # its owner is gone: nobody holds the lock
+    dead.write_bytes(b"x")
+    alive = tmp_path / f"onlinemodel-v2-{os.getpid()}-alive.weights"
+    alive.write_bytes(b"x")
+    holder = os.open(alive, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep")
+    (tmp_path / "onlinemodel-v2-2-link.weights").symlink_to(target)  # never followed
+    other = tmp_path / "unrelated.weights"
+    other.write_bytes(b"x")
+    older = tmp_path / "onlinemodel-3-1764600000.weights"  # an older runtime's: it holds no lock
+    older.write_bytes(b"x")
+    try:
+        assert shared.remove_stale_shm_files(tmp_path) == [dead]
+    finally:
+        os.close(holder)
+    assert alive.exists() and target.read_bytes() == b"keep" and other.exists() and older.exists()
+    assert shared.remove_if_stale(alive) and not alive.exists()  # its owner let go
 
 
 def test_export_errors(tmp_path, monkeypatch):

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The GPU session, one step per device command (each under 9 minutes), run from the repository root.
+#
+#   bash bench/gpu_session.sh prepare   here (CPU, .venv): the SmolLM2 tokenizer into .gpu/tokenizer, the
+#                                        folder to carry to the GPU machine
+#   bash bench/gpu_session.sh A         GPU machine, vLLM bundle installed (/tmp/vllm-env), carrying
+#                                        .gpu/tokenizer: the project's entry points into /tmp/site, then the
+#                                        GPU tests (tests/gpu: the optimizer's CUDA paths and three served
+#                                        architectures at once); logs, junit XML and results.jsonl in $OUT
+#   bash bench/gpu_session.sh B         same machine: the Qwen3.5-27B shape through bench/gpu_vllm.py (random
+#                                        weights, vLLM --load-format dummy): start, decode, train, checkpoint
+#   bash bench/gpu_session.sh C         same machine: the optimizer on MoE experts at the Qwen3-30B-A3B shape
+#                                        (4 layers; bench/moe_optim.py): state and step time vs fused AdamW
+#   bash bench/gpu_session.sh tests     the GPU tests alone, with $PYTHON (what `make test-gpu` runs)
+#
+# Environment: OUT (results; default ./gpu-out), PYTHON (default python3), ONLINEMODEL_TOKENIZER_DIR
+# (default .gpu/tokenizer if present), UTIL, PHASES and BUDGETS (step B's --gpu-memory-utilization, default
+# 0.55, --phases, default decode,train,checkpoint, and --budgets, default `default`: one server start; `default,off`
+# adds the unpaced comparison and a second start). Run B last: a server it leaves after a timeout stays.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-$PWD/gpu-out}
+TOKEN=gpu-session-token
+
+gpu_tests() {
+    # One worker per served architecture (a test_serving_*.py module each) plus one for the rest.
+    "$PYTHON" -m pytest -q -m gpu -n 4 --dist loadfile -p no:cacheprovider "$@" tests/gpu
+}
+
+gpu_env() {
+    [ -f /tmp/vllm-env ] || { echo "no /tmp/vllm-env: install the vLLM bundle first (shared/tools/gpu-vllm)"; exit 1; }
+    # shellcheck disable=SC1091
+    . /tmp/vllm-env
+    export PYTHONPATH=$PWD/runtime:$PWD/protocol:$PWD/operator${PYTHONPATH:+:$PYTHONPATH}
+    if [ -z "${ONLINEMODEL_TOKENIZER_DIR:-}" ] && [ -d .gpu/tokenizer ]; then
+        export ONLINEMODEL_TOKENIZER_DIR=$PWD/.gpu/tokenizer
+    fi
+    [ -n "${ONLINEMODEL_TOKENIZER_DIR:-}" ] || { echo "no tokenizer: carry .gpu/tokenizer (step prepare)"; exit 1; }
+    export ONLINEMODEL_API_TOKEN=$TOKEN
+    mkdir -p "$OUT"
+    nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$OUT/gpu.csv" || true
+}
+
+case "${1:-}" in
+prepare)
+    mkdir -p .gpu/tokenizer
+    dir=$(.venv/bin/python -m onlinemodel_runtime.devtools.model_prep)
+    for f in tokenizer.json tokenizer_config.json special_tokens_map.json chat_template.jinja generation_config.json; do
+        [ -f "$dir/$f" ] && cp "$dir/$f" .gpu/tokenizer/
+    done
+    ls -la .gpu/tokenizer
+    ;;
+A)
+    gpu_env
+    start=$(date +%s)
+    "$PYTHON" -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . > "$OUT/pip.log" 2>&1
+    rm -rf /tmp/omg "$OUT/results.jsonl" "$OUT/server-pids"
+    status=0
+    ONLINEMODEL_GPU_RESULTS=$OUT timeout 500 bash "$0" tests --basetemp=/tmp/omg --junitxml="$OUT/gpu-tests.xml" \
+        > "$OUT/gpu-tests.log" 2>&1 || status=$?
+    # Servers a killed run left behind (each in its own session): their process groups, by id.
+    if [ -f "$OUT/server-pids" ]; then
+        while read -r pid; do kill -9 -- "-$pid" 2>/dev/null || true; done < "$OUT/server-pids"
+        rm -f "$OUT/server-pids"
+    fi
+    mkdir -p "$OUT/server-logs"
+    find /tmp/omg -name 'server-*.log' -exec sh -c 'cp "$1" "$2/$(basename "$(dirname "$1")")-$(basename "$1")"' \
+        _ {} "$OUT/server-logs" \; 2>/dev/null || true
+    rm -rf /tmp/omg
+    echo "step A: exit $status in $(($(date +%s) - start)) s" | tee -a "$OUT/gpu-tests.log"
+    tail -25 "$OUT/gpu-tests.log"
+    exit $status
+    ;;
+B)
+    gpu_env
+    start=$(date +%s)
+    status=0
+    timeout 520 "$PYTHON" bench/gpu_vllm.py --shape qwen3.5-27B --tokenizer "$ONLINEMODEL_TOKENIZER_DIR" \
+        --phases "${PHASES:-decode,train,checkpoint}" --budgets "${BUDGETS:-default}" \
+        --gpu-memory-utilization "${UTIL:-0.55}" --label "27B, gpu_session B" \
+        --out "$OUT/gpu-vllm-qwen3.5-27B.json" > "$OUT/gpu-vllm-qwen3.5-27B.out" 2>&1 || status=$?
+    rm -rf /tmp/onlinemodel-gpu-vllm-*  # the random model's config and any checkpoint left by a failure
+    echo "step B: exit $status in $(($(date +%s) - start)) s" | tee -a "$OUT/gpu-vllm-qwen3.5-27B.out"
+    tail -25 "$OUT/gpu-vllm-qwen3.5-27B.out"
+    exit $status
+    ;;
+C)
+    gpu_env
+    status=0
+    timeout 520 "$PYTHON" bench/moe_optim.py --part state --device cuda --hidden 2048 --inter 768 --experts 128 \
+        --top-k 8 --layers 4 --steps 10 --json "$OUT/moe-optim-30B-A3B.json" > "$OUT/moe-optim-30B-A3B.out" 2>&1 \
+        || status=$?
+    tail -8 "$OUT/moe-optim-30B-A3B.out"
+    exit $status
+    ;;
+tests)
+    shift
+    gpu_tests "$@"
+    ;;
+*)
+    sed -n '2,19p' "$0"
+    exit 2
+    ;;
+esac
