@@ -36,7 +36,7 @@ def trainer_main(conn, state_dir: str, shape: str, seq: int, lr: float, seed: in
 def _run(conn, state_dir: str, shape: str, seq: int, lr: float, seed: int) -> None:
     from gpu_packed_forward import make_config
     from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
-    from onlinemodel_runtime.trainer.service import train_step
+    from onlinemodel_runtime.trainer.loop import train_step
     from onlinemodel_runtime.weights.hf_model import assert_views_of, build_hf_model
     from onlinemodel_runtime.weights.shared import attach_weights
 

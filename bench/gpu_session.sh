@@ -14,8 +14,9 @@
 #   bash bench/gpu_session.sh tests     the GPU tests alone, with $PYTHON (what `make test-gpu` runs)
 #
 # Environment: OUT (results; default ./gpu-out), PYTHON (default python3), ONLINEMODEL_TOKENIZER_DIR
-# (default .gpu/tokenizer if present), UTIL and PHASES (step B's --gpu-memory-utilization, default 0.55,
-# and --phases, default decode,train,checkpoint). Run B last: a server it leaves after a timeout stays.
+# (default .gpu/tokenizer if present), UTIL, PHASES and BUDGETS (step B's --gpu-memory-utilization, default
+# 0.55, --phases, default decode,train,checkpoint, and --budgets, default `default`: one server start; `default,off`
+# adds the unpaced comparison and a second start). Run B last: a server it leaves after a timeout stays.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -76,7 +77,8 @@ B)
     start=$(date +%s)
     status=0
     timeout 520 "$PYTHON" bench/gpu_vllm.py --shape qwen3.5-27B --tokenizer "$ONLINEMODEL_TOKENIZER_DIR" \
-        --phases "${PHASES:-decode,train,checkpoint}" --gpu-memory-utilization "${UTIL:-0.55}" --label "27B, gpu_session B" \
+        --phases "${PHASES:-decode,train,checkpoint}" --budgets "${BUDGETS:-default}" \
+        --gpu-memory-utilization "${UTIL:-0.55}" --label "27B, gpu_session B" \
         --out "$OUT/gpu-vllm-qwen3.5-27B.json" > "$OUT/gpu-vllm-qwen3.5-27B.out" 2>&1 || status=$?
     rm -rf /tmp/onlinemodel-gpu-vllm-*  # the random model's config and any checkpoint left by a failure
     echo "step B: exit $status in $(($(date +%s) - start)) s" | tee -a "$OUT/gpu-vllm-qwen3.5-27B.out"
@@ -97,7 +99,7 @@ tests)
     gpu_tests "$@"
     ;;
 *)
-    sed -n '2,18p' "$0"
+    sed -n '2,19p' "$0"
     exit 2
     ;;
 esac

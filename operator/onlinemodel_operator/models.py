@@ -140,6 +140,9 @@ class ServingSpec(_Model):
 class TrainingSpec(_Model):
     """Online training settings. Defaults and bounds are the runtime's own (onlinemodel_protocol.limits)."""
 
+    CEL = (cel("!has(self.maxDecodeSlowdown) || double(self.maxDecodeSlowdown) == 0.0 "
+               "|| double(self.maxDecodeSlowdown) >= 1.0",
+               "training.maxDecodeSlowdown: a factor of at least 1, or 0 (off)"),)
     enabled: bool = Field(True, description="Run the trainer next to vLLM (false: serve only).")
     learning_rate: float = Field(limits.LEARNING_RATE_DEFAULT, gt=0, le=limits.LEARNING_RATE_MAX,
                                  description="Learning rate of the optimizer (a request may ask for another).")
@@ -156,6 +159,16 @@ class TrainingSpec(_Model):
         None, description="Secret key holding the bearer token that POST /train, POST /checkpoint and GET "
                           "/train/status require. Absent: the operator creates the Secret <name>-api-token with a "
                           "random token (key token) and names it in status.apiTokenSecret.")
+    max_decode_slowdown: float = Field(
+        limits.MAX_DECODE_SLOWDOWN_DEFAULT, ge=limits.DECODE_SLOWDOWN_OFF, le=limits.MAX_DECODE_SLOWDOWN_MAX,
+        description="Serving first: how much slower (p99 per token) decode may get while training runs "
+                    "(a factor of at least 1; 0: training is not paced).")
+
+    @model_validator(mode="after")
+    def _slowdown_factor(self) -> "TrainingSpec":
+        if 0 < self.max_decode_slowdown < 1:
+            raise ValueError(self.CEL[0]["message"])
+        return self
 
 
 class CheckpointVolumeSpec(_Model):

@@ -168,7 +168,9 @@ def serve_args(owner: Owner, spec: OnlineModelSpec) -> list[str]:
         args += ["--learning-rate", _num(training.learning_rate),
                  "--optimizer-rank", str(training.optimizer_rank),
                  "--max-examples", str(training.max_examples_per_request),
-                 "--default-epochs", str(training.default_epochs)]
+                 "--default-epochs", str(training.default_epochs),
+                 "--max-decode-slowdown", _num(training.max_decode_slowdown) if training.max_decode_slowdown
+                 else "off"]
         if training.max_body_bytes is not None:
             args += ["--max-body-bytes", str(training.max_body_bytes)]
     if spec.serving.max_model_len is not None:

@@ -21,6 +21,10 @@ TrainerState = Literal["starting", "idle", "training", "error", "disabled"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINISHED_JOB_STATES = ("succeeded", "failed", "cancelled")
 CheckpointState = Literal["idle", "running", "failed"]
+# How the trainer is paced while requests wait for tokens (docs/serving-first.md): "measured": its duty cycle
+# follows vLLM's measured inter-token latency; "fixed": vLLM's latency histogram is not available, the duty
+# cycle is derived from the budget; "off": not paced.
+SchedulerMode = Literal["off", "measured", "fixed"]
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -113,6 +117,39 @@ class JobCounts(_Body):
     cancelled: int = Field(0, ge=0)
 
 
+class SchedulerStatus(_Body):
+    """``scheduler`` of ``GET /train/status``: serving first, training takes what is left."""
+
+    mode: SchedulerMode
+    max_decode_slowdown: FiniteOrNone = None  # the budget; null when off
+    in_flight_requests: int = Field(0, ge=0)  # generation requests vLLM's API server is answering now
+    duty_cycle: float = Field(1.0, ge=0, le=1)  # share of the time the trainer computes while requests wait
+    measured_slowdown: FiniteOrNone = None  # mean inter-token latency while training / without, last window
+    baseline_itl_ms: FiniteOrNone = None  # mean inter-token latency without training
+    paced_seconds: float = Field(0.0, ge=0)  # time the trainer has waited for serving since it started
+    note: str | None = None  # why the mode is what it is, when that is not the normal case
+
+
+class MemoryStatus(_Body):
+    """``memory`` of ``GET /train/status``: the trainer process's memory beyond the weights it shares.
+
+    On a GPU, from torch's allocator (the shared weights belong to vLLM's process and are not counted):
+    allocated now, the peak since the trainer started and the peak of the last step, plus the device's
+    free and total memory. On CPU, the process's resident memory (it includes the pages of the shared
+    weights file the trainer has touched).
+    """
+
+    device: str
+    allocated_bytes: int | None = Field(None, ge=0)
+    reserved_bytes: int | None = Field(None, ge=0)
+    peak_allocated_bytes: int | None = Field(None, ge=0)
+    last_step_peak_bytes: int | None = Field(None, ge=0)
+    device_free_bytes: int | None = Field(None, ge=0)
+    device_total_bytes: int | None = Field(None, ge=0)
+    rss_bytes: int | None = Field(None, ge=0)
+    peak_rss_bytes: int | None = Field(None, ge=0)
+
+
 class TrainStatus(_Body):
     """``GET /train/status``. A non-finite ``last_loss`` is written as ``null``."""
 
@@ -132,6 +169,8 @@ class TrainStatus(_Body):
     # The optimizer's own summary(), free-form: its non-finite floats become null too.
     optimizer: Annotated[dict[str, Any] | None, AfterValidator(finite_json)] = None
     trainer_restarts: int = Field(0, ge=0)
+    scheduler: SchedulerStatus | None = None
+    memory: MemoryStatus | None = None
 
     @classmethod
     def placeholder(cls, state: TrainerState, last: TrainStatus | None = None, last_error: str | None = None,

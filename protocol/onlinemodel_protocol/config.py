@@ -21,6 +21,8 @@ ENV_API_TOKEN = "ONLINEMODEL_API_TOKEN"
 # vLLM's own key for /v1/*; the training routes take it as their token when ENV_API_TOKEN is unset.
 ENV_VLLM_API_KEY = "VLLM_API_KEY"
 TRAINER_SOCKET = "trainer.sock"  # in state_dir
+# The load signal the API server writes and the trainer maps read-only (in state_dir; docs/serving-first.md).
+LOAD_SIGNAL_FILE = "load-signal"
 
 
 class RuntimeConfig(BaseModel):
@@ -51,11 +53,19 @@ class RuntimeConfig(BaseModel):
     trainer_start_timeout: float = Field(limits.TRAINER_START_TIMEOUT_DEFAULT, gt=0)
     trainer_threads: int | None = Field(None, ge=1)
     trainer_restart_limit: int = Field(limits.TRAINER_RESTART_LIMIT_DEFAULT, ge=0)
+    # Serving first: the p99 decode slowdown training may cause; DECODE_SLOWDOWN_OFF: no pacing.
+    max_decode_slowdown: float = Field(limits.MAX_DECODE_SLOWDOWN_DEFAULT, ge=limits.DECODE_SLOWDOWN_OFF,
+                                       le=limits.MAX_DECODE_SLOWDOWN_MAX)
+    # Recompute each decoder layer's activations in backward instead of keeping them; None: on a GPU only.
+    activation_recompute: bool | None = None
     # Lets the trainer's local socket accept in-place test writes (never reachable over HTTP).
     debug_ops: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> RuntimeConfig:
+        if self.max_decode_slowdown != limits.DECODE_SLOWDOWN_OFF and self.max_decode_slowdown < 1:
+            raise ValueError(f"max_decode_slowdown {self.max_decode_slowdown} is below 1: a budget is a factor "
+                             f"of at least 1, or {limits.DECODE_SLOWDOWN_OFF:g} (off)")
         if self.default_epochs > self.max_epochs:
             raise ValueError(f"default_epochs {self.default_epochs} exceeds max_epochs {self.max_epochs}")
         # Unix socket paths are limited to 107 bytes; ZMQ's own error for a longer one is obscure.
@@ -67,6 +77,14 @@ class RuntimeConfig(BaseModel):
     @property
     def trainer_endpoint(self) -> str:
         return f"ipc://{self.state_dir / TRAINER_SOCKET}"
+
+    @property
+    def load_signal_path(self) -> Path:
+        return self.state_dir / LOAD_SIGNAL_FILE
+
+    @property
+    def pacing_enabled(self) -> bool:
+        return self.max_decode_slowdown != limits.DECODE_SLOWDOWN_OFF
 
     @classmethod
     def from_env(cls) -> RuntimeConfig | None:

@@ -58,5 +58,9 @@ IDEMPOTENCY_KEYS_REMEMBERED = 1024
 HEALTH_LOSS_WINDOW = 8
 HEALTH_DIVERGENCE_FACTOR = 4.0
 
-# Serving first: decode may get at most this much slower (p99 time per token) while training runs.
+# Serving first: decode may get at most this much slower (p99 time per token) while training runs
+# (docs/serving-first.md). A budget is at least 1 (no slowdown at all: training only waits) and at most
+# MAX_DECODE_SLOWDOWN_MAX; DECODE_SLOWDOWN_OFF (`--max-decode-slowdown off`) turns pacing off.
 MAX_DECODE_SLOWDOWN_DEFAULT = 1.25
+MAX_DECODE_SLOWDOWN_MAX = 100.0
+DECODE_SLOWDOWN_OFF = 0.0

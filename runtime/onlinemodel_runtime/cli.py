@@ -67,8 +67,23 @@ def _serve_parser(sub) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--state-dir", type=Path, default=None,
                    help="where weight handles live, private to this user (default: a new temp dir)")
+    p.add_argument("--max-decode-slowdown", type=_slowdown, default=limits.MAX_DECODE_SLOWDOWN_DEFAULT,
+                   metavar="FACTOR|off",
+                   help="serving first: how much slower decode may get while training runs "
+                        f"(default {limits.MAX_DECODE_SLOWDOWN_DEFAULT}; off: training is not paced)")
+    p.add_argument("--activation-recompute", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each decoder layer's activations in backward (default: on a GPU only)")
     # Lets tests write through the trainer's views over its local socket; never for production.
     p.add_argument("--debug-ops", action="store_true", help=argparse.SUPPRESS)
+
+
+def _slowdown(text: str) -> float:
+    if text.strip().lower() == "off":
+        return limits.DECODE_SLOWDOWN_OFF
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'off'") from None
 
 
 def build_config(args: argparse.Namespace, state_dir: Path) -> RuntimeConfig:
@@ -98,6 +113,8 @@ def build_config(args: argparse.Namespace, state_dir: Path) -> RuntimeConfig:
         optimizer_rank=args.optimizer_rank,
         max_examples=args.max_examples,
         default_epochs=args.default_epochs,
+        max_decode_slowdown=args.max_decode_slowdown,
+        activation_recompute=args.activation_recompute,
         debug_ops=args.debug_ops,
     )
 

@@ -181,6 +181,9 @@ BAD_SPECS = {
     "keepLast 0": with_(checkpoint={"keepLast": 0}),
     "no image": {"model": GOOD["model"]},
     "short startup": with_(serving={"startupTimeoutSeconds": 10}),
+    "slowdown below 1": with_(training={"maxDecodeSlowdown": 0.5}),
+    "negative slowdown": with_(training={"maxDecodeSlowdown": -1}),
+    "slowdown too large": with_(training={"maxDecodeSlowdown": 1000}),
 }
 
 
@@ -212,13 +215,15 @@ def test_good_specs_pass_both() -> None:
                                   "extraArgs": ["--enforce-eager", "--portable"]},
                          training={"learningRate": limits.LEARNING_RATE_MAX, "optimizerRank": 1,
                                    "maxExamplesPerRequest": 64, "defaultEpochs": limits.MAX_EPOCHS_DEFAULT,
-                                   "maxBodyBytes": 1024, "apiTokenSecretRef": {"name": "tok"}},
+                                   "maxBodyBytes": 1024, "apiTokenSecretRef": {"name": "tok"},
+                                   "maxDecodeSlowdown": 1.5},
                          checkpoint={"everySteps": 0, "everySeconds": 0, "keepLast": 5, "startOver": True,
                                      "volume": {"size": "100Gi", "storageClassName": "fast",
                                                 "deleteWithModel": True}},
                          suspend=True,
                          pod={"env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                               "tolerations": [{"operator": "Exists"}], "labels": {"team": "ml"}})]
+    specs += [with_(training={"maxDecodeSlowdown": 0}), with_(training={"maxDecodeSlowdown": 1})]
     for spec in specs:
         assert api_server_refuses(spec) == []
         assert not operator_refuses(spec)
@@ -240,6 +245,9 @@ LIMITS = {
     "checkpoint.keepLast": (limits.CHECKPOINT_KEEP_DEFAULT, 1, limits.CHECKPOINT_KEEP_MAX),
     "checkpoint.everySteps": (limits.CHECKPOINT_EVERY_STEPS_DEFAULT, 0, None),
     "checkpoint.everySeconds": (limits.CHECKPOINT_EVERY_SECONDS_DEFAULT, 0, None),
+    # 0 is off; (0, 1) is refused by a CEL rule ("slowdown below 1" in BAD_SPECS)
+    "training.maxDecodeSlowdown": (limits.MAX_DECODE_SLOWDOWN_DEFAULT, limits.DECODE_SLOWDOWN_OFF,
+                                   limits.MAX_DECODE_SLOWDOWN_MAX),
 }
 
 
@@ -268,7 +276,8 @@ def test_the_highest_values_are_accepted_by_the_runtime_config() -> None:
                         **{name: LIMITS[path][2] for name, path in (
                             ("learning_rate", "training.learningRate"), ("optimizer_rank", "training.optimizerRank"),
                             ("max_examples", "training.maxExamplesPerRequest"),
-                            ("default_epochs", "training.defaultEpochs"), ("checkpoint_keep", "checkpoint.keepLast"))})
+                            ("default_epochs", "training.defaultEpochs"), ("checkpoint_keep", "checkpoint.keepLast"),
+                            ("max_decode_slowdown", "training.maxDecodeSlowdown"))})
     assert cfg.learning_rate == limits.LEARNING_RATE_MAX
 
 

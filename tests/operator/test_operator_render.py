@@ -6,6 +6,8 @@ from typing import Any
 
 import base64
 
+import pytest
+
 from onlinemodel_operator import MANAGED_BY_LABEL, NAME_LABEL, SPEC_HASH_ANNOTATION
 from onlinemodel_operator.models import parse_spec
 from onlinemodel_operator.render import (
@@ -68,12 +70,13 @@ def test_serve_args_default_and_full() -> None:
         "--checkpoint-every-seconds", str(int(limits.CHECKPOINT_EVERY_SECONDS_DEFAULT)),
         "--final-checkpoint-timeout", "90",
         "--learning-rate", repr(limits.LEARNING_RATE_DEFAULT), "--optimizer-rank", str(limits.OPTIMIZER_RANK_DEFAULT),
-        "--max-examples", str(limits.MAX_EXAMPLES_DEFAULT), "--default-epochs", str(limits.EPOCHS_DEFAULT)]
+        "--max-examples", str(limits.MAX_EXAMPLES_DEFAULT), "--default-epochs", str(limits.EPOCHS_DEFAULT),
+        "--max-decode-slowdown", str(limits.MAX_DECODE_SLOWDOWN_DEFAULT)]
     full = parse_spec(base(
         model={"source": {"huggingFace": {"id": "Qwen/Qwen3-0.6B", "revision": "main"}}, "servedName": "qwen"},
         serving={"port": 9000, "maxModelLen": 4096, "gpuMemoryUtilization": 0.85, "extraArgs": ["--enforce-eager"]},
         training={"learningRate": 1e-5, "optimizerRank": 4, "maxExamplesPerRequest": 16, "defaultEpochs": 2,
-                  "maxBodyBytes": 1048576},
+                  "maxBodyBytes": 1048576, "maxDecodeSlowdown": 0},
         checkpoint={"everySteps": 50, "everySeconds": 600.5, "keepLast": 2, "startOver": True}))
     assert serve_args(OWNER, full) == [
         "--model", "Qwen/Qwen3-0.6B", "--served-model-name", "qwen", "--host", "0.0.0.0", "--port", "9000",
@@ -81,7 +84,7 @@ def test_serve_args_default_and_full() -> None:
         "--checkpoint-every-steps", "50", "--checkpoint-every-seconds", "600.5", "--final-checkpoint-timeout", "90",
         "--start-over",
         "--learning-rate", "1e-05", "--optimizer-rank", "4", "--max-examples", "16", "--default-epochs", "2",
-        "--max-body-bytes", "1048576",
+        "--max-decode-slowdown", "off", "--max-body-bytes", "1048576",
         "--max-model-len", "4096", "--gpu-memory-utilization", "0.85",
         "--", "--revision", "main", "--enforce-eager"]
 
@@ -90,6 +93,14 @@ def test_periodic_checkpoints_can_be_turned_off() -> None:
     args = serve_args(OWNER, parse_spec(base(checkpoint={"everySteps": 0, "everySeconds": 0})))
     assert args[args.index("--checkpoint-every-steps") + 1] == "0"
     assert args[args.index("--checkpoint-every-seconds") + 1] == "0"
+
+
+@pytest.mark.parametrize("budget,value", [(1.5, "1.5"), (1, "1"), (0, "off"),
+                                          (None, str(limits.MAX_DECODE_SLOWDOWN_DEFAULT))])
+def test_max_decode_slowdown_flag(budget, value) -> None:
+    training = {} if budget is None else {"maxDecodeSlowdown": budget}
+    args = serve_args(OWNER, parse_spec(base(training=training)))
+    assert args[args.index("--max-decode-slowdown") + 1] == value
 
 
 def test_no_training_flag() -> None:

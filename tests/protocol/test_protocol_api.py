@@ -7,7 +7,8 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from onlinemodel_protocol.api import CheckpointRecord, CheckpointStatus, Job, TrainStatus, utc_timestamp
+from onlinemodel_protocol.api import (CheckpointRecord, CheckpointStatus, Job, SchedulerStatus, TrainStatus,
+                                      utc_timestamp)
 
 JOB = Job(id="job-1", state="succeeded", examples=1, epochs=3, learning_rate=3e-5, steps=3,
           created_at="2026-11-26T05:00:00Z")
@@ -25,7 +26,8 @@ def test_placeholder_keeps_the_last_counters_and_queues_nothing():
         "state": "disabled", "steps": 0, "tokens_trained": 0, "last_loss": None, "weight_version": 0,
         "last_step_time": None, "last_step_seconds": None, "skipped_steps": 0, "queued_jobs": 0, "jobs": [],
         "job_counts": {"submitted": 0, "succeeded": 0, "failed": 0, "cancelled": 0},
-        "last_error": None, "checkpoint": None, "optimizer": None, "trainer_restarts": 0}
+        "last_error": None, "checkpoint": None, "optimizer": None, "trainer_restarts": 0, "scheduler": None,
+        "memory": None}
 
 
 def test_no_float_field_is_ever_non_finite():
@@ -37,8 +39,11 @@ def test_no_float_field_is_ever_non_finite():
     record = CheckpointRecord(path="/c", step=1, seconds=inf)
     status = TrainStatus(state="idle", last_loss=inf, last_step_seconds=nan, jobs=[job],
                          checkpoint=CheckpointStatus(last=record, last_unhealthy=record),
-                         optimizer={"lr": 1e-5, "grad_norm": nan, "per_group": [{"scale": -inf}]})
+                         optimizer={"lr": 1e-5, "grad_norm": nan, "per_group": [{"scale": -inf}]},
+                         scheduler=SchedulerStatus(mode="measured", max_decode_slowdown=inf, measured_slowdown=nan,
+                                                   baseline_itl_ms=inf))
     assert job.last_loss is None and record.seconds is None
+    assert status.scheduler == SchedulerStatus(mode="measured")
     assert status.last_loss is None and status.last_step_seconds is None
     assert status.optimizer == {"lr": 1e-5, "grad_norm": None, "per_group": [{"scale": None}]}
     text = status.model_dump_json()

@@ -37,7 +37,10 @@ def test_upper_bounds_are_inclusive(field, highest):
 @pytest.mark.parametrize("settings,message", [
     (dict(learning_rate=0.0), "learning_rate"), (dict(learning_rate=float("nan")), "learning_rate"),
     (dict(default_epochs=6, max_epochs=5), "exceeds max_epochs"),
-    (dict(state_dir=Path("/tmp/" + "x" * 100)), "too long"), (dict(unknown=1), "unknown")])
+    (dict(state_dir=Path("/tmp/" + "x" * 100)), "too long"), (dict(unknown=1), "unknown"),
+    (dict(max_decode_slowdown=0.5), "below 1"), (dict(max_decode_slowdown=-1.0), "max_decode_slowdown"),
+    (dict(max_decode_slowdown=limits.MAX_DECODE_SLOWDOWN_MAX * 2), "max_decode_slowdown"),
+    (dict(max_decode_slowdown=float("nan")), "max_decode_slowdown")])
 def test_refused(settings, message):
     with pytest.raises(ValidationError, match=message):
         RuntimeConfig(**{"model": "/m", "base_model": "/m", "state_dir": Path("/tmp/om"), **settings})
@@ -50,3 +53,12 @@ def test_trainer_endpoint_and_environment(monkeypatch, tmp_path):
     assert RuntimeConfig.from_env() is None
     monkeypatch.setenv("ONLINEMODEL_RUNTIME_CONFIG", cfg.model_dump_json())
     assert RuntimeConfig.from_env() == cfg
+
+
+@pytest.mark.parametrize("budget,enabled", [
+    (limits.MAX_DECODE_SLOWDOWN_DEFAULT, True), (1.0, True), (limits.MAX_DECODE_SLOWDOWN_MAX, True),
+    (limits.DECODE_SLOWDOWN_OFF, False)])
+def test_decode_slowdown_budget(budget, enabled, tmp_path):
+    cfg = RuntimeConfig(model="/m", base_model="/m", state_dir=tmp_path, max_decode_slowdown=budget)
+    assert cfg.pacing_enabled is enabled and cfg.load_signal_path == tmp_path / "load-signal"
+    assert config().max_decode_slowdown == limits.MAX_DECODE_SLOWDOWN_DEFAULT

@@ -27,6 +27,7 @@ FLAG_DEFAULTS = {
     "checkpoint_every_seconds": limits.CHECKPOINT_EVERY_SECONDS_DEFAULT,
     "final_checkpoint_timeout": limits.FINAL_CHECKPOINT_TIMEOUT_DEFAULT,
     "max_body_bytes": limits.MAX_BODY_BYTES_DEFAULT,
+    "max_decode_slowdown": limits.MAX_DECODE_SLOWDOWN_DEFAULT,
 }
 # RuntimeConfig field -> (lowest accepted, highest accepted) per limits
 BOUNDS = {
@@ -37,6 +38,8 @@ BOUNDS = {
     "max_body_bytes": (limits.MAX_BODY_BYTES_MIN, limits.MAX_BODY_BYTES_CEILING),
     "checkpoint_every_steps": (0, None),
     "checkpoint_every_seconds": (0.0, None),
+    # off, or a factor in [1, max]: the gap between is RuntimeConfig's own check (test_protocol_config)
+    "max_decode_slowdown": (limits.DECODE_SLOWDOWN_OFF, limits.MAX_DECODE_SLOWDOWN_MAX),
 }
 
 

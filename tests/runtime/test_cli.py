@@ -16,6 +16,7 @@ import torch
 
 from onlinemodel_protocol.api import CheckpointRecord
 from onlinemodel_protocol.config import ENV_API_TOKEN, ENV_CONFIG, ENV_VLLM_API_KEY, RuntimeConfig
+from onlinemodel_protocol.limits import MAX_DECODE_SLOWDOWN_DEFAULT
 from onlinemodel_protocol.rpc import ENDPOINT_PLUGIN, EXIT_MODEL_CHANGED, EXIT_USAGE, GENERAL_PLUGIN, WORKER_EXTENSION_CLS
 from onlinemodel_runtime import cli
 from onlinemodel_runtime.checkpoint import CheckpointStore
@@ -64,7 +65,8 @@ def test_existing_plugins_stay_allowed(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flag,value", [("--learning-rate", "-1"), ("--learning-rate", "1.5"),
                                         ("--optimizer-rank", "0"), ("--max-examples", "0"),
-                                        ("--max-body-bytes", "10"), ("--checkpoint-every-steps", "-1")])
+                                        ("--max-body-bytes", "10"), ("--checkpoint-every-steps", "-1"),
+                                        ("--max-decode-slowdown", "1000")])
 def test_bad_settings_are_refused(tmp_path, monkeypatch, flag, value):
     with pytest.raises(cli.Refused, match=flag) as refused:
         prepare([flag, value], tmp_path, monkeypatch)
@@ -156,6 +158,30 @@ def test_checkpoint_commands_send_the_stripped_token(tmp_path, monkeypatch, caps
     finally:
         server.shutdown()
     assert _CheckpointHandler.seen == ["Bearer tok", "Bearer key", "Bearer final"]
+
+
+@pytest.mark.parametrize("value,budget", [(None, MAX_DECODE_SLOWDOWN_DEFAULT), ("1.5", 1.5), ("off", 0.0),
+                                          ("OFF", 0.0), ("0", 0.0)])
+def test_max_decode_slowdown(tmp_path, value, budget):
+    flag = ["--max-decode-slowdown", value] if value is not None else []
+    args, _ = parse(["serve", "--model", "/m", "--state-dir", str(tmp_path), *flag])
+    assert cli.build_config(args, tmp_path).max_decode_slowdown == budget
+
+
+def test_max_decode_slowdown_refuses_nonsense(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        parse(["serve", "--model", "/m", "--max-decode-slowdown", "fast"])
+    assert "neither a number nor 'off'" in capsys.readouterr().err
+    with pytest.raises(cli.Refused, match="max_decode_slowdown 0.5 is below 1") as refused:
+        prepare(["--max-decode-slowdown", "0.5"], tmp_path, monkeypatch)
+    assert refused.value.code == EXIT_USAGE
+
+
+@pytest.mark.parametrize("flag,value", [([], None), (["--activation-recompute"], True),
+                                        (["--no-activation-recompute"], False)])
+def test_activation_recompute_flag(tmp_path, flag, value):
+    args, _ = parse(["serve", "--model", "/m", "--state-dir", str(tmp_path), *flag])
+    assert cli.build_config(args, tmp_path).activation_recompute is value
 
 
 def test_checkpoint_command_reports_unreachable_server(capsys):

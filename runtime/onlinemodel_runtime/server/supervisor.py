@@ -145,6 +145,11 @@ class TrainerSupervisor:
             except RuntimeError as exc:  # e.g. requests waiting on remote KV: retry next poll
                 log.warning("onlinemodel: could not reset vLLM's prefix cache: %s", exc)
 
+    @property
+    def training(self) -> bool:
+        """Whether the trainer said it was training when last asked (every POLL_SECONDS)."""
+        return self._ready and self._last_status is not None and self._last_status.state == "training"
+
     # -- requests from the HTTP routes -----------------------------------------------------------
     def _check_ready(self) -> None:
         if self.state == "error":

@@ -36,6 +36,11 @@ def build_service(cfg, counters=None):
              manifest.model)
     model = build_hf_model(cfg.model, tensors, expected_dtype=shared.dtype_from_name(manifest.dtype), train=True)
     model.config.use_cache = False
+    device = next(model.parameters()).device
+    if activation_recompute(cfg, device):
+        # Non-reentrant: each layer is recomputed in backward before any of its gradients exist, so the
+        # optimizer's per-layer updates never reach a weight its recomputation still reads.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(model, TrainPolicy(), lr=cfg.learning_rate, rank=cfg.optimizer_rank)
     optimizer.attach_to_backward()
     store = None
@@ -43,9 +48,30 @@ def build_service(cfg, counters=None):
         # Checkpoints take the base checkpoint's names (a multimodal model's, experts one by one).
         names = layout_for(AutoConfig.from_pretrained(cfg.model)).checkpoint_names
         store = CheckpointStore(cfg.checkpoint_dir, keep_last=cfg.checkpoint_keep, names=names)
-    service = TrainerService(cfg, model, optimizer, store)
+    service = TrainerService(cfg, model, optimizer, store, pacer=make_pacer(cfg, model, device))
     service.restore(counters)
     return service
+
+
+def activation_recompute(cfg, device) -> bool:
+    """Per-layer recomputation: as configured, else on a GPU (where activations are what limits an
+    example's length) and not on CPU (where memory is plentiful and compute is not)."""
+    return cfg.activation_recompute if cfg.activation_recompute is not None else device.type == "cuda"
+
+
+def make_pacer(cfg, model, device):
+    """The pacer on the API server's load signal, its hooks installed; None without a signal."""
+    from onlinemodel_runtime.server.load_signal import LoadSignalError, LoadSignalReader
+    from onlinemodel_runtime.trainer.pacing import Pacer
+
+    try:
+        signal = LoadSignalReader(cfg.load_signal_path)
+    except LoadSignalError as exc:
+        log.warning("no load signal (%s): training is not paced by serving", exc)
+        return None
+    pacer = Pacer.for_device(device, signal, enabled=cfg.pacing_enabled)
+    pacer.install(model)
+    return pacer
 
 
 def main(argv: list[str] | None = None) -> int:

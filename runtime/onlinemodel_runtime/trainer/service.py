@@ -1,11 +1,11 @@
-"""The trainer's state machine: a job queue, the training step, counters, and consistent checkpoints.
+"""The trainer's state machine: a job queue, counters, and consistent checkpoints.
 
 One training thread consumes jobs (``TrainJob`` of ``onlinemodel_protocol.rpc``, complete: the API server
-resolved every default); the ZMQ server (``server.py``) answers status, cancel and checkpoint requests from
-the event loop meanwhile. ``_weights_lock`` is held for each optimizer step and while a checkpoint snapshots
-the weights, so a checkpoint never sees half a step. A checkpoint is promoted to ``latest`` only when the
-weights are healthy (``loss_health.py``, ``checkpoint/health.py``). Every answer is a model of
-``onlinemodel_protocol.api``.
+resolved every default) and runs ``loop.train_step`` once per example and epoch; the ZMQ server
+(``server.py``) answers status, cancel and checkpoint requests from the event loop meanwhile.
+``_weights_lock`` is held for each optimizer step and while a checkpoint snapshots the weights, so a
+checkpoint never sees half a step. A checkpoint is promoted to ``latest`` only when the weights are healthy
+(``loss_health.py``, ``checkpoint/health.py``). Every answer is a model of ``onlinemodel_protocol.api``.
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from onlinemodel_protocol.api import (FINISHED_JOB_STATES, CheckpointRecord, CheckpointStatus, Job, JobCounts,
                                       TrainAccepted, TrainStatus, utc_timestamp)
@@ -27,7 +24,9 @@ from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.limits import RECENT_JOBS
 from onlinemodel_protocol.rpc import Counters, EncodedExample, TrainJob
 from onlinemodel_runtime.trainer.job_queue import JobQueue
+from onlinemodel_runtime.trainer.loop import StepResult, train_step
 from onlinemodel_runtime.trainer.loss_health import LossHealth
+from onlinemodel_runtime.trainer.memory import MemoryMonitor
 
 log = logging.getLogger(__name__)
 
@@ -42,44 +41,6 @@ class _Cancelled(Exception):
     """Raised in the training thread between steps of a job whose cancel was requested."""
 
 
-@dataclass(frozen=True)
-class StepResult:
-    loss: float
-    tokens: int
-    applied: bool
-    # Parameters written in place by this step, even when it was skipped part way (hook mode): the
-    # served weights changed whenever this is above zero.
-    params_updated: int
-    skipped_reason: str | None
-    seconds: float
-
-
-def train_step(model: torch.nn.Module, optimizer, input_ids: list[int], labels: list[int],
-               *, learning_rate: float | None = None) -> StepResult:
-    """One example, one optimizer step: forward, then backward with the optimizer's per-parameter hooks.
-
-    The optimizer writes each parameter's update as soon as its gradient is ready (HOGWILD: vLLM keeps
-    serving from the same memory meanwhile), so there is never a full-model gradient buffer.
-    """
-    started = time.perf_counter()
-    if learning_rate is not None:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
-    device = next(p.device for p in model.parameters())
-    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
-    target = torch.tensor([labels], dtype=torch.long, device=device)
-    out = model(input_ids=ids, labels=target, use_cache=False)
-    report = optimizer.backward_step(out.loss)
-    return StepResult(
-        loss=float(out.loss.detach()),
-        tokens=len(input_ids),
-        applied=report.applied,
-        params_updated=report.params_updated,
-        skipped_reason=report.reason if report.skipped else None,
-        seconds=time.perf_counter() - started,
-    )
-
-
 def _record(info) -> CheckpointRecord:
     """The API's view of a checkpoint.CheckpointInfo."""
     return CheckpointRecord(path=str(info.path), step=info.step, weight_version=info.weight_version,
@@ -89,11 +50,13 @@ def _record(info) -> CheckpointRecord:
 
 
 class TrainerService:
-    def __init__(self, cfg: RuntimeConfig, model, optimizer, store=None):
+    def __init__(self, cfg: RuntimeConfig, model, optimizer, store=None, pacer=None):
         self.cfg = cfg
         self.model = model
         self.optimizer = optimizer
         self.store = store
+        self.pacer = pacer  # trainer/pacing.py, or None when there is no load signal
+        self.memory = MemoryMonitor(next(model.parameters()).device)
         self.state = "idle"
         self.steps = 0
         self.tokens_trained = 0
@@ -261,6 +224,8 @@ class TrainerService:
                 dir=str(self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None,
             ),
             optimizer=self.optimizer.summary(),
+            scheduler=self.pacer.status() if self.pacer is not None else None,
+            memory=self.memory.status(),
         )
 
     # -- training thread ---------------------------------------------------------------------
@@ -292,7 +257,8 @@ class TrainerService:
                     with self._weights_lock:
                         try:
                             result = train_step(self.model, self.optimizer, ex.input_ids, ex.labels,
-                                                learning_rate=job.learning_rate)
+                                                learning_rate=job.learning_rate, pacer=self.pacer,
+                                                memory=self.memory)
                         except Exception:
                             # Backward may have written some parameters before it failed (e.g. out of
                             # memory): treat the weights as changed so caches and checkpoints follow.

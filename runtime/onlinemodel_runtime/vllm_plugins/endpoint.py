@@ -24,12 +24,15 @@ from onlinemodel_protocol.api import ErrorBody, ErrorDetail, TrainStatus
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.rpc import ENDPOINT_PLUGIN, WORKER_EXTENSION_CLS, TrainJob
 from onlinemodel_runtime.server import auth, idempotency
+from onlinemodel_runtime.server.inflight import InFlightMiddleware, InFlightRequests
 from onlinemodel_runtime.server.train_request import ExampleError, encode_request, parse_train_request
 from onlinemodel_runtime.server.trainer_client import TrainerRequestError, TrainerUnavailable
 
 log = logging.getLogger(__name__)
 
 STATE_KEY = "onlinemodel"
+IN_FLIGHT_KEY = "onlinemodel_in_flight"
+PACING_KEY = "onlinemodel_pacing"
 
 
 def register() -> OnlineModelEndpoints:
@@ -188,6 +191,11 @@ class OnlineModelEndpoints:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        # Serving first (docs/serving-first.md): generation requests in flight, counted for the trainer's pacer.
+        # Kept on the app's state, which init_state receives too.
+        requests = InFlightRequests()
+        setattr(app.state, IN_FLIGHT_KEY, requests)
+        app.add_middleware(InFlightMiddleware, requests=requests)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         from transformers import AutoTokenizer
@@ -217,7 +225,16 @@ class OnlineModelEndpoints:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         supervisor = None
         if cfg.training_enabled:  # serve-only: no export, no trainer process, no GPU memory for it
+            from onlinemodel_runtime.server.pacing_control import PacingGovernor
+            from onlinemodel_runtime.server.state_dir import ensure_private_dir
+
             supervisor = TrainerSupervisor(cfg, engine_client)
+            ensure_private_dir(cfg.state_dir)  # the load signal goes there, next to the weight handles
+            # Before the trainer starts: it maps the load signal the governor creates.
+            requests = getattr(state, IN_FLIGHT_KEY, None) or InFlightRequests()  # no middleware: never paced
+            pacing = PacingGovernor(cfg, requests, training=lambda: supervisor.training)
+            setattr(state, PACING_KEY, pacing)
+            pacing.start()
             await supervisor.start()
         setattr(state, STATE_KEY, _Runtime(cfg, tokenizer, max_len, supervisor, tokens))
 

@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from endpoint_helpers import GOOD, RECORD, StubSupervisor, asgi_request, error_of, make_app
@@ -14,6 +15,7 @@ from onlinemodel_protocol.limits import MAX_BODY_BYTES_MIN, MAX_CHARS_PER_TOKEN
 from onlinemodel_protocol.rpc import IGNORE_INDEX
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 from onlinemodel_runtime.server.trainer_client import TrainerRequestError, TrainerUnavailable
+from onlinemodel_runtime.vllm_plugins import endpoint
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +244,20 @@ def test_a_refused_request_leaves_its_key_free(tokenizer):
     assert c.post("/train", json=GOOD, headers={"Idempotency-Key": "k"}).status_code == 202
     assert c.post("/train", json=GOOD, headers={"Idempotency-Key": "k2"}).status_code == 202
     assert len(sup.jobs) == 2
+
+
+# --- serving first ------------------------------------------------------------------------------
+
+def test_generation_requests_are_counted_while_they_run():
+    plugin = endpoint.OnlineModelEndpoints()
+    app = FastAPI()
+    seen = []
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        seen.append(getattr(app.state, endpoint.IN_FLIGHT_KEY).count)
+        return {}
+
+    plugin.attach_router(app)
+    assert TestClient(app).post("/v1/chat/completions").status_code == 200
+    assert seen == [1] and getattr(app.state, endpoint.IN_FLIGHT_KEY).count == 0

@@ -243,7 +243,7 @@ def test_export_errors(tmp_path, monkeypatch):
 def _child(state_dir: str) -> None:
     """Trainer side: attach, build the HF model on the views, train, write a marker, report."""
     from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
-    from onlinemodel_runtime.trainer.service import train_step
+    from onlinemodel_runtime.trainer.loop import train_step
     from onlinemodel_runtime.weights.hf_model import assert_views_of, build_hf_model
     from onlinemodel_runtime.weights.shared import attach_weights
 
