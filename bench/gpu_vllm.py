@@ -395,6 +395,9 @@ def main() -> int:
         extra += ["--load-format", "dummy"]
         if SHAPES[args.shape][0].endswith("ForConditionalGeneration"):
             extra += ["--language-model-only"]
+        if "qwen3.5" in args.shape:
+            # Gated DeltaNet's prefill: the slim GPU bundle has no FlashInfer, so vLLM's Triton kernel.
+            extra += ["--additional-config", '{"gdn_prefill_backend": "triton"}']
     else:
         model = Path(args.model)
     if args.gpu_memory_utilization:
