@@ -398,6 +398,9 @@ def main() -> int:
         if "qwen3.5" in args.shape:
             # Gated DeltaNet's prefill: the slim GPU bundle has no FlashInfer, so vLLM's Triton kernel.
             extra += ["--additional-config", '{"gdn_prefill_backend": "triton"}']
+            # One Mamba-state block per decode sequence: vLLM's default of 1024 sequences does not fit
+            # beside 54 GB of weights at the utilizations the trainer needs (901 blocks at 0.55).
+            extra += ["--max-num-seqs", "256"]
     else:
         model = Path(args.model)
     if args.gpu_memory_utilization:
