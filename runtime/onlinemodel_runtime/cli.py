@@ -19,14 +19,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from onlinemodel_protocol import limits
 from onlinemodel_protocol.api import CheckpointRecord
+from onlinemodel_protocol.client import ApiError, Client, ClientError
 from onlinemodel_protocol.config import ENV_API_TOKEN, ENV_CONFIG, ENV_VLLM_API_KEY, RuntimeConfig
 from onlinemodel_protocol.rpc import (ENDPOINT_PLUGIN, EXIT_MODEL_CHANGED, EXIT_USAGE, GENERAL_PLUGIN,
                                       WORKER_EXTENSION_CLS)
@@ -150,11 +149,9 @@ def vllm_env(cfg: RuntimeConfig) -> dict[str, str]:
 
 
 def post_checkpoint(url: str, token: str | None, timeout: float) -> CheckpointRecord:
-    req = urllib.request.Request(url.rstrip("/") + "/checkpoint", method="POST", data=b"")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return CheckpointRecord.model_validate_json(resp.read())
+    # trust_env=False: a proxy from the environment must not sit between us and our own server.
+    with Client(url, token, timeout=timeout, trust_env=False) as client:
+        return client.checkpoint(timeout)
 
 
 class Refused(Exception):
@@ -265,11 +262,11 @@ def final_checkpoint(cfg: RuntimeConfig, port: int, tokens: tuple[str, ...]) -> 
             info = post_checkpoint(url, tokens[0] if tokens else None, timeout=max(left, 1.0))
             log.info("final checkpoint %s at step %s", info.path, info.step)
             return
-        except urllib.error.HTTPError as exc:
-            if exc.code == 409 and left > 1.0:  # another checkpoint (preStop, periodic) is running
+        except ApiError as exc:
+            if exc.status_code == 409 and left > 1.0:  # another checkpoint (preStop, periodic) is running
                 time.sleep(0.5)
                 continue
-            log.error("final checkpoint failed: HTTP %s %s", exc.code, exc.read()[:500])
+            log.error("final checkpoint failed: %s", exc)
         except Exception as exc:
             log.error("final checkpoint failed: %s", exc)
         return
@@ -299,10 +296,7 @@ def checkpoint_cmd(args: argparse.Namespace) -> int:
     token = tokens[0] if tokens else None
     try:
         info = post_checkpoint(args.url, token, timeout=args.timeout)
-    except urllib.error.HTTPError as exc:
-        print(f"checkpoint failed: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, TimeoutError, ValidationError) as exc:
+    except ClientError as exc:
         print(f"checkpoint failed: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(info.model_dump(), indent=1))
