@@ -1,4 +1,4 @@
-"""The ``onlinemodel`` command: ``serve``, ``checkpoint``, ``prepare-model``.
+"""The ``onlinemodel`` command: ``serve``, ``train`` (``train_cmd.py``), ``checkpoint``, ``prepare-model``.
 
 ``serve`` is the container's entry point. Before it starts vLLM it refuses what would be unsafe to run:
 training routes without an API token (unless ``--insecure-open-training``), a state directory others can
@@ -29,6 +29,7 @@ from onlinemodel_protocol.client import ApiError, Client, ClientError
 from onlinemodel_protocol.config import ENV_API_TOKEN, ENV_CONFIG, ENV_VLLM_API_KEY, RuntimeConfig
 from onlinemodel_protocol.rpc import (ENDPOINT_PLUGIN, EXIT_MODEL_CHANGED, EXIT_USAGE, GENERAL_PLUGIN,
                                       WORKER_EXTENSION_CLS)
+from onlinemodel_runtime import train_cmd
 from onlinemodel_runtime.server import auth
 from onlinemodel_runtime.server.state_dir import StateDirError, ensure_private_dir, make_state_dir
 
@@ -323,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"bearer token (default: ${ENV_API_TOKEN}, else ${ENV_VLLM_API_KEY})")
     c.add_argument("--timeout", type=float, default=600.0)
     sub.add_parser("prepare-model", help="convert the bundled SmolLM2-135M-Instruct GGUF to an HF directory")
+    train_cmd.add_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
@@ -335,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "checkpoint":
         return checkpoint_cmd(args)
+    if args.command == "train":
+        return train_cmd.run(args)
     if args.command == "prepare-model":
         return prepare_model_cmd()
     return 2
