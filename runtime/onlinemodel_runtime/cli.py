@@ -29,7 +29,7 @@ from onlinemodel_protocol.client import ApiError, Client, ClientError
 from onlinemodel_protocol.config import ENV_API_TOKEN, ENV_CONFIG, ENV_VLLM_API_KEY, RuntimeConfig
 from onlinemodel_protocol.rpc import (ENDPOINT_PLUGIN, EXIT_MODEL_CHANGED, EXIT_USAGE, GENERAL_PLUGIN,
                                       WORKER_EXTENSION_CLS)
-from onlinemodel_runtime import train_cmd
+from onlinemodel_runtime import cpu_kv_cache, train_cmd
 from onlinemodel_runtime.server import auth
 from onlinemodel_runtime.server.state_dir import StateDirError, ensure_private_dir, make_state_dir
 
@@ -233,7 +233,9 @@ def serve(args: argparse.Namespace, extra: list[str]) -> int:
     # final checkpoint happens before vLLM and the trainer stop.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    child = subprocess.Popen(vllm_command(cfg, args, extra), env=vllm_env(cfg), start_new_session=True)
+    command = vllm_command(cfg, args, extra)
+    command += cpu_kv_cache.kv_cache_args(cfg.model, command, cfg.training_enabled)  # a CPU needs a size
+    child = subprocess.Popen(command, env=vllm_env(cfg), start_new_session=True)
     try:
         while child.poll() is None and stopping["signal"] is None:
             time.sleep(0.2)
