@@ -164,13 +164,19 @@ async def train_limits(request: Request):
     return refused or _answer(rt.cfg.train_limits(rt.max_len))
 
 
+def _trainer(request: Request, nothing: str) -> tuple[_Runtime | None, Response | None]:
+    """Like `_runtime`, for the routes that need a trainer: 409 when training is disabled (there is `nothing`)."""
+    rt, refused = _runtime(request)
+    if refused is None and rt.supervisor is None:
+        refused = _error(409, f"training is disabled for this model: {nothing}", type_="conflict")
+    return rt, refused
+
+
 @router.get("/train/jobs/{job_id}")
 async def get_job(request: Request, job_id: str):
-    rt, refused = _runtime(request)
+    rt, refused = _trainer(request, "there are no jobs")
     if refused:
         return refused
-    if rt.supervisor is None:
-        return _error(409, "training is disabled for this model: there are no jobs", type_="conflict")
     if not rt.supervisor.answering:
         return _error(503, "trainer is not answering (starting or restarting)", type_="service_unavailable")
     job = next((j for j in (await rt.supervisor.status()).jobs if j.id == job_id), None)
@@ -193,11 +199,9 @@ async def _ask_trainer(request: Awaitable[BaseModel], error_type: str, param: st
 
 @router.delete("/train/jobs/{job_id}")
 async def cancel_job(request: Request, job_id: str):
-    rt, refused = _runtime(request)
+    rt, refused = _trainer(request, "there are no jobs")
     if refused:
         return refused
-    if rt.supervisor is None:
-        return _error(409, "training is disabled for this model: there are no jobs", type_="conflict")
     job, refused = await _ask_trainer(rt.supervisor.cancel(job_id), "trainer_error", param="job_id")
     # A queued job is cancelled at once; a running one stops after its current step.
     return refused or _answer(job, 200 if job.state == "cancelled" else 202)
@@ -205,11 +209,9 @@ async def cancel_job(request: Request, job_id: str):
 
 @router.post("/checkpoint")
 async def checkpoint(request: Request):
-    rt, refused = _runtime(request)
+    rt, refused = _trainer(request, "there is nothing to checkpoint")
     if refused:
         return refused
-    if rt.supervisor is None:
-        return _error(409, "training is disabled for this model: there is nothing to checkpoint", type_="conflict")
     record, refused = await _ask_trainer(rt.supervisor.checkpoint(), "checkpoint_error")
     return refused or _answer(record)
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+from typing import Any
 import urllib.request
 
 import pytest
@@ -66,15 +67,15 @@ OTHER_FACT = {"examples": [{"messages": [{"role": "user", "content": "What is Se
               "epochs": 1}
 
 
-def _post_train(srv: ServerProcess) -> tuple[int, dict, dict[str, str]]:
+def _post_train(srv: ServerProcess) -> tuple[int, dict, Any]:
     """POST /train with OTHER_FACT: (status, body, headers)."""
     req = urllib.request.Request(srv.url + "/train", method="POST", data=json.dumps(OTHER_FACT).encode(),
                                  headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read()), dict(resp.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read()), dict(exc.headers)
+            return resp.status, json.loads(resp.read()), resp.headers
+    except urllib.error.HTTPError as exc:  # headers: case-insensitive, as HTTP's
+        return exc.code, json.loads(exc.read()), exc.headers
 
 
 def train_cli(server: ServerProcess, path, *args: str) -> subprocess.CompletedProcess:
@@ -90,7 +91,7 @@ def test_serve_with_no_flags_sized_its_kv_cache(plain_server):
 def test_a_train_sent_while_the_trainer_starts_says_when_to_retry(plain_server):
     code, body, headers = plain_server.first_train
     if code == 503:  # the trainer was still attaching when /health turned green
-        assert headers["Retry-After"] == str(RETRY_AFTER_STARTING_SECONDS), headers
+        assert headers.get("Retry-After") == str(RETRY_AFTER_STARTING_SECONDS), dict(headers)
         assert "starting" in body["error"]["message"]
     else:
         assert code == 202, body
