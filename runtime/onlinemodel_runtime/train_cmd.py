@@ -156,6 +156,7 @@ def _submit(client: Client, run: _Run, display: _Display) -> bool:
             raise ClientError(f"line {request.lines[int(index)]}: {field + ': ' if field else ''}{message}") from exc
         raise
     run.order.append(accepted.job_id)
+    # What the answer tells of the job, until the next poll brings the trainer's view of it.
     run.jobs[accepted.job_id] = Job(id=accepted.job_id, state=accepted.state, examples=accepted.examples,
                                     epochs=request.body["epochs"], learning_rate=0.0, steps_total=request.steps,
                                     created_at="")

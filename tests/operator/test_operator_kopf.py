@@ -154,6 +154,7 @@ async def test_bad_spec_is_refused_and_running_pod_untouched(cluster: Cluster, k
     assert "Secret" in condition(om, "Ready")["message"] and "nope" in condition(om, "Ready")["message"]
     assert condition(om, "Degraded")["reason"] == "InvalidSpec"
     assert condition(om, "Serving")["status"] == "True"  # the old pod still serves
+    await cluster.wait_for(lambda: event_reasons(cluster, "m7"), lambda r: "InvalidSpec" in r, what="InvalidSpec event")
     pod = await cluster.get(PODS, "m7")
     assert pod["metadata"]["uid"] == old["metadata"]["uid"] and not pod["metadata"].get("deletionTimestamp")
     assert runtime.checkpoint_calls == []
