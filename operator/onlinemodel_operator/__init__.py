@@ -3,7 +3,7 @@
 Pure parts (no I/O): `models` (the resource, spec and status, as pydantic models), `crd` (the CRD
 generated from them), `render` (spec -> Pod/Service/PVC/API-token Secret), `pod` (reading a live pod
 back), `decide` (what was observed -> the one action of a pass), `status` (pod + runtime answer ->
-OnlineModelStatus), `clock` (UTC, RFC 3339). I/O parts: `kube` (Kubernetes API), `runtime_client` (the pod's HTTP API),
+OnlineModelStatus), `events` (old and new status -> the Events worth posting), `clock` (UTC, RFC 3339). I/O parts: `kube` (Kubernetes API), `runtime_client` (the pod's HTTP API),
 `reconcile` (one idempotent pass that executes `decide`'s action), `handlers` (thin kopf handlers),
 `config` and `main` (the `onlinemodel-operator` entry point).
 """

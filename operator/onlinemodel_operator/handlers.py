@@ -22,7 +22,7 @@ from onlinemodel_operator import (
 from onlinemodel_operator.config import OperatorConfig
 from onlinemodel_operator.kube import KubeApi, connection_info, load_configuration
 from onlinemodel_operator.reconcile import Outcome, Reconciler
-from onlinemodel_operator.status import Transition
+from onlinemodel_operator.events import Transition
 
 
 KOPF_PREFIX = f"kopf.{GROUP}"

@@ -313,6 +313,17 @@ class Condition(_StatusModel):
     last_transition_time: str = Field(json_schema_extra=DATE_TIME)
 
 
+class JobStatus(_StatusModel):
+    """One training job of the runtime's recent jobs (what its Events were posted from)."""
+
+    id: str
+    state: str = Field(description="queued, running, succeeded, failed or cancelled.")
+    steps_done: int = Field(0, ge=0)
+    steps_total: Optional[int] = Field(None, ge=0)
+    last_loss: Optional[float] = None
+    error: Optional[str] = None
+
+
 class TrainingStatus(_StatusModel):
     """The trainer as last seen by GET /train/status."""
 
@@ -322,6 +333,9 @@ class TrainingStatus(_StatusModel):
     last_loss: Optional[float] = None
     weight_version: Optional[int] = Field(None, ge=0)
     last_step_time: Optional[str] = Field(None, json_schema_extra=DATE_TIME)
+    trainer_restarts: Optional[int] = Field(None, ge=0, description="Restarts of the trainer process in this pod.")
+    rollbacks: Optional[int] = Field(None, ge=0, description="Times the runtime's guard rolled the weights back.")
+    jobs: list[JobStatus] = Field(default_factory=list, description="The runtime's recent jobs, newest last.")
 
 
 class CheckpointStatus(_StatusModel):

@@ -43,14 +43,13 @@ from onlinemodel_operator.models import (
 from onlinemodel_operator.pod import analyze_pod, api_token_ref, pod_failure, runtime_url
 from onlinemodel_operator.render import Desired, Owner, made_for, render_all, render_token_secret
 from onlinemodel_operator.runtime_client import CheckpointBusy, RuntimeClient, RuntimeClientError
+from onlinemodel_operator.events import Transition, transitions
 from onlinemodel_operator.status import (
     RuntimeUnavailable,
     RuntimeView,
-    Transition,
     compute_status,
     merge_patch,
     previous_status,
-    transitions,
     with_saved_checkpoint,
 )
 

@@ -1,18 +1,17 @@
-"""Async client of the runtime's HTTP API in the pod: GET /train/status and POST /checkpoint, both with the
-pod's bearer token.
+"""The operator's view of the runtime's HTTP API in the pod: GET /train/status and POST /checkpoint, with the
+pod's bearer token, through the project's one client (``onlinemodel_protocol.client``).
 
-Answers are parsed into the runtime's own models (``onlinemodel_protocol.api``): ``TrainStatus`` and
-``CheckpointRecord``. An answer those models refuse is a RuntimeClientError.
+This module only names the outcomes the reconciler acts on: the runtime did not answer usefully
+(``RuntimeUnreachable``), a checkpoint is already running (``CheckpointBusy``), or it refused or failed
+the checkpoint (``CheckpointFailed``).
 """
 
 from __future__ import annotations
 
-from typing import Optional, TypeVar
+from typing import Any, Optional
 
-import httpx
-from pydantic import BaseModel, ValidationError
-
-from onlinemodel_protocol.api import CheckpointRecord, ErrorBody, TrainStatus
+from onlinemodel_protocol.api import CheckpointRecord, TrainStatus
+from onlinemodel_protocol.client import ApiError, AsyncClient, Unreachable, UnexpectedAnswer
 
 
 class RuntimeClientError(Exception):
@@ -20,7 +19,7 @@ class RuntimeClientError(Exception):
 
 
 class RuntimeUnreachable(RuntimeClientError):
-    """Connection refused, timed out, or an unparseable answer."""
+    """Connection refused, timed out, an error status, or an unparseable answer."""
 
 
 class CheckpointBusy(RuntimeClientError):
@@ -35,79 +34,35 @@ class CheckpointFailed(RuntimeClientError):
         self.status_code = status_code
 
 
-def _error_message(response: httpx.Response) -> str:
-    try:
-        return ErrorBody.model_validate_json(response.content).error.message
-    except ValidationError:
-        pass
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:500] or response.reason_phrase
-    # Not the runtime's own error shape: a proxy's, or FastAPI's {"detail": ...}.
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, str):
-            return err
-        if body.get("detail"):
-            return str(body["detail"])
-    return str(body)[:500]
-
-
-Body = TypeVar("Body", bound=BaseModel)
-
-
-def _parse(model: type[Body], response: httpx.Response) -> Body:
-    """The body as `model`; ValueError if it is not JSON or not that shape."""
-    try:
-        return model.model_validate_json(response.content)
-    except ValidationError as exc:
-        raise ValueError(f"unexpected answer {response.text[:200]!r}: {exc.error_count()} problem(s), first: "
-                         f"{exc.errors(include_url=False)[0]['msg']}") from None
-
-
 class RuntimeClient:
     """One runtime (pod) at `base_url`, e.g. http://10.1.2.3:8000."""
 
     def __init__(self, base_url: str, token: Optional[str] = None, *, timeout: float = 5.0,
-                 transport: Optional[httpx.AsyncBaseTransport] = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        # Stripped as the runtime strips it: a Secret made with --from-file ends with a newline.
-        self.token = (token or "").strip() or None
-        self.timeout = timeout
-        self._transport = transport
-
-    def _client(self, timeout: float) -> httpx.AsyncClient:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+                 transport: Any = None) -> None:
         # trust_env=False: a proxy from the operator's environment must not sit between it and its pods.
-        return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout,
-                                 transport=self._transport, trust_env=False)
+        self._options = {"token": token, "timeout": timeout, "trust_env": False, "transport": transport}
+        self.base_url = base_url
+
+    def _client(self) -> AsyncClient:
+        return AsyncClient(self.base_url, **self._options)
 
     async def train_status(self) -> TrainStatus:
         try:
-            async with self._client(self.timeout) as client:
-                response = await client.get("/train/status")
-        except httpx.HTTPError as exc:
-            raise RuntimeUnreachable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
-        if response.status_code != 200:
-            raise RuntimeUnreachable(f"HTTP {response.status_code}: {_error_message(response)}")
-        try:
-            return _parse(TrainStatus, response)
-        except ValueError as exc:
-            raise RuntimeUnreachable(str(exc)) from None
+            async with self._client() as client:
+                return await client.status()
+        except (Unreachable, ApiError) as exc:
+            raise RuntimeUnreachable(str(exc)) from exc
 
     async def checkpoint(self, timeout: float = 600.0) -> CheckpointRecord:
         """POST /checkpoint and wait for it."""
         try:
-            async with self._client(timeout) as client:
-                response = await client.post("/checkpoint")
-        except httpx.HTTPError as exc:
-            raise RuntimeUnreachable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
-        if response.status_code == 409:
-            raise CheckpointBusy(_error_message(response))
-        if response.status_code != 200:
-            raise CheckpointFailed(response.status_code, _error_message(response))
-        try:
-            return _parse(CheckpointRecord, response)
-        except ValueError as exc:
-            raise CheckpointFailed(response.status_code, str(exc)) from None
+            async with self._client() as client:
+                return await client.checkpoint(timeout)
+        except UnexpectedAnswer as exc:
+            raise CheckpointFailed(exc.status_code, str(exc)) from exc
+        except Unreachable as exc:
+            raise RuntimeUnreachable(str(exc)) from exc
+        except ApiError as exc:
+            if exc.status_code == 409:
+                raise CheckpointBusy(exc.message) from exc
+            raise CheckpointFailed(exc.status_code, exc.message) from exc

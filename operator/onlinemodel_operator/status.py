@@ -20,13 +20,13 @@ from onlinemodel_operator.models import (
     CheckpointStatus,
     Condition,
     FailureStatus,
+    JobStatus,
     ModelChangedStatus,
     OnlineModelStatus,
     SecretKeyStatus,
     TrainingStatus,
 )
 from onlinemodel_operator.pod import (
-    FAILING_POD_REASONS,
     PodView,
     analyze_pod,
     model_changed_message,
@@ -67,10 +67,23 @@ def previous_status(body: Mapping[str, Any]) -> OnlineModelStatus:
 
 # --- the runtime's words -> the status's ---------------------------------------------------------------
 
+def rollbacks_of(answer: TrainStatus) -> Optional[int]:
+    """How often the runtime's guard rolled the weights back: its `guard.rollbacks`, a count or a list of
+    rollbacks, or None from a runtime without a guard (then the field is not in the answer at all)."""
+    guard = getattr(answer, "guard", None)
+    value = guard.get("rollbacks") if isinstance(guard, Mapping) else getattr(guard, "rollbacks", None)
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def training_from_runtime(answer: TrainStatus) -> TrainingStatus:
+    jobs = [JobStatus(id=job.id, state=job.state, steps_done=job.steps, steps_total=job.steps_total,
+                      last_loss=job.last_loss, error=job.error) for job in answer.jobs]
     return TrainingStatus(state=answer.state, steps=answer.steps, tokens_trained=answer.tokens_trained,
                           last_loss=answer.last_loss, weight_version=answer.weight_version,
-                          last_step_time=answer.last_step_time)
+                          last_step_time=answer.last_step_time, trainer_restarts=answer.trainer_restarts,
+                          rollbacks=rollbacks_of(answer), jobs=jobs)
 
 
 def with_saved_checkpoint(checkpoint: Optional[CheckpointStatus], saved: Optional[CheckpointRecord],
@@ -250,35 +263,6 @@ def compute_status(
         api_token_secret=api_token_secret or previous.api_token_secret,
         model_changed=held,
     )
-
-
-@dataclass(frozen=True)
-class Transition:
-    """A change worth a Kubernetes Event."""
-
-    type: str  # "Normal" or "Warning"
-    reason: str
-    message: str
-
-
-WARNING_REASONS = FAILING_POD_REASONS | {"TrainerError", "CheckpointFailed", "InvalidSpec", "RuntimeUnreachable"}
-
-
-def transitions(old: OnlineModelStatus, new: OnlineModelStatus) -> list[Transition]:
-    """Events for conditions whose status or reason changed, and for a new checkpoint."""
-    out: list[Transition] = []
-    before = {c.type: (c.status, c.reason) for c in old.conditions}
-    for cond in new.conditions:
-        if before.get(cond.type) == (cond.status, cond.reason):
-            continue
-        bad = (cond.type == "Degraded" and cond.status == "True") or cond.reason in WARNING_REASONS
-        out.append(Transition("Warning" if bad else "Normal", cond.reason,
-                              f"{cond.type}={cond.status}: {cond.message}"))
-    old_step = old.checkpoint.step if old.checkpoint else None
-    new_ck = new.checkpoint
-    if new_ck is not None and new_ck.step is not None and new_ck.step != old_step:
-        out.append(Transition("Normal", "CheckpointSaved", f"checkpoint of step {new_ck.step} at {new_ck.path}"))
-    return out
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:

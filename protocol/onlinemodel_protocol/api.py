@@ -1,9 +1,9 @@
-"""The HTTP bodies of ``POST /train``, ``GET /train/status``, ``DELETE /train/jobs/{id}`` and
-``POST /checkpoint`` (docs/api.md).
+"""The HTTP bodies of ``POST /train``, ``GET /train/status``, ``GET /train/limits``, ``GET`` and ``DELETE
+/train/jobs/{id}`` and ``POST /checkpoint`` (docs/api.md).
 
 The runtime builds every one of these answers from the models below: the trainer its status, jobs and
 checkpoints, the API server the placeholder status it answers while no trainer does, so both are one
-shape. Clients (the operator's ``runtime_client``) validate what they read with the same models; readers
+shape. Clients (``onlinemodel_protocol.client``, which the CLI and the operator use) validate what they read with the same models; readers
 ignore fields they do not know, so a newer runtime may add some. Times are RFC 3339 UTC, ``...Z``.
 Every float field is finite or ``null``: JSON has no NaN, so a non-finite value becomes ``None`` when a
 model is built, whoever builds it.
@@ -15,7 +15,7 @@ import math
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field
 
 TrainerState = Literal["starting", "idle", "training", "error", "disabled"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -65,7 +65,12 @@ class TrainAccepted(_Body):
 
 
 class Job(_Body):
-    """One training job as ``GET /train/status`` lists it; the trainer updates it while it runs."""
+    """One training job as ``GET /train/status`` lists it; the trainer updates it while it runs.
+
+    Progress: ``steps`` (also written as ``steps_done``) of ``steps_total`` (examples x epochs: the job
+    ends sooner if cancelled or failed); ``eta_seconds`` is the time the remaining steps take at the
+    job's mean step time so far (null before its first step and once it finished).
+    """
 
     id: str
     state: JobState
@@ -73,10 +78,25 @@ class Job(_Body):
     epochs: int = Field(ge=1)
     learning_rate: float = Field(allow_inf_nan=False)
     steps: int = Field(0, ge=0)
+    steps_total: int | None = Field(None, ge=0)  # None only from a runtime older than this field
     last_loss: FiniteOrNone = None
     error: str | None = None
     created_at: str
+    started_at: str | None = None
     finished_at: str | None = None
+    eta_seconds: FiniteOrNone = None
+
+    @computed_field
+    @property
+    def steps_done(self) -> int:
+        return self.steps
+
+
+def job_eta_seconds(job: Job, elapsed_seconds: float) -> float | None:
+    """Seconds the rest of a running `job` takes at its mean step time after `elapsed_seconds` running."""
+    if job.state != "running" or not job.steps or job.steps_total is None:
+        return None
+    return round(max(job.steps_total - job.steps, 0) * elapsed_seconds / job.steps, 1)
 
 
 class CheckpointRecord(_Body):
@@ -179,6 +199,22 @@ class TrainStatus(_Body):
         counters seen, nothing queued."""
         return (last or cls(state=state)).model_copy(
             update={"state": state, "queued_jobs": 0, "last_error": last_error, "trainer_restarts": restarts})
+
+
+class TrainLimits(_Body):
+    """``GET /train/limits``: what one ``POST /train`` may hold and the defaults it gets, so a client splits
+    and checks its examples as this server will (``onlinemodel train`` does)."""
+
+    max_examples: int = Field(ge=1)  # examples per request (--max-examples)
+    max_messages: int = Field(ge=1)  # messages per example
+    max_body_bytes: int = Field(ge=1)  # request body (--max-body-bytes)
+    max_model_len: int | None = Field(None, ge=1)  # tokens per example (vLLM's --max-model-len)
+    max_chars_per_token: int = Field(ge=1)  # characters per token of max_model_len, checked before rendering
+    default_epochs: int = Field(ge=1)
+    max_epochs: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)  # the default
+    learning_rate_max: float = Field(gt=0)
+    max_queued_jobs: int = Field(ge=1)  # more queued jobs than this are refused with 429
 
 
 class ErrorDetail(_Body):

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from onlinemodel_protocol import limits
+from onlinemodel_protocol.api import TrainLimits
 
 ENV_CONFIG = "ONLINEMODEL_RUNTIME_CONFIG"
 # The bearer token of the training routes. Never part of RuntimeConfig: the config travels on the
@@ -73,6 +74,14 @@ class RuntimeConfig(BaseModel):
             raise ValueError(f"state_dir {self.state_dir} is too long for the trainer's socket path "
                              "(at most ~88 characters)")
         return self
+
+    def train_limits(self, max_model_len: int | None) -> TrainLimits:
+        """``GET /train/limits`` of a server with this config and vLLM's `max_model_len`."""
+        return TrainLimits(max_examples=self.max_examples, max_messages=limits.MAX_MESSAGES,
+                           max_body_bytes=self.max_body_bytes, max_model_len=max_model_len,
+                           max_chars_per_token=limits.MAX_CHARS_PER_TOKEN, default_epochs=self.default_epochs,
+                           max_epochs=self.max_epochs, learning_rate=self.learning_rate,
+                           learning_rate_max=limits.LEARNING_RATE_MAX, max_queued_jobs=self.max_queued_jobs)
 
     @property
     def trainer_endpoint(self) -> str:

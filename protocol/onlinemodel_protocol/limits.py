@@ -64,3 +64,8 @@ HEALTH_DIVERGENCE_FACTOR = 4.0
 MAX_DECODE_SLOWDOWN_DEFAULT = 1.25
 MAX_DECODE_SLOWDOWN_MAX = 100.0
 DECODE_SLOWDOWN_OFF = 0.0
+
+# Retry-After (seconds) on the training routes' 503 (the trainer is starting or restarting) and 429 (the
+# queue is full): a client that waits this long and retries succeeds once the trainer is up or a job ended.
+RETRY_AFTER_STARTING_SECONDS = 5
+RETRY_AFTER_QUEUE_FULL_SECONDS = 10

@@ -1,4 +1,4 @@
-"""The ``onlinemodel`` command: ``serve``, ``checkpoint``, ``prepare-model``.
+"""The ``onlinemodel`` command: ``serve``, ``train`` (``train_cmd.py``), ``checkpoint``, ``prepare-model``.
 
 ``serve`` is the container's entry point. Before it starts vLLM it refuses what would be unsafe to run:
 training routes without an API token (unless ``--insecure-open-training``), a state directory others can
@@ -19,17 +19,17 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from onlinemodel_protocol import limits
 from onlinemodel_protocol.api import CheckpointRecord
+from onlinemodel_protocol.client import ApiError, Client, ClientError
 from onlinemodel_protocol.config import ENV_API_TOKEN, ENV_CONFIG, ENV_VLLM_API_KEY, RuntimeConfig
 from onlinemodel_protocol.rpc import (ENDPOINT_PLUGIN, EXIT_MODEL_CHANGED, EXIT_USAGE, GENERAL_PLUGIN,
                                       WORKER_EXTENSION_CLS)
+from onlinemodel_runtime import cpu_kv_cache, train_cmd
 from onlinemodel_runtime.server import auth
 from onlinemodel_runtime.server.state_dir import StateDirError, ensure_private_dir, make_state_dir
 
@@ -150,11 +150,9 @@ def vllm_env(cfg: RuntimeConfig) -> dict[str, str]:
 
 
 def post_checkpoint(url: str, token: str | None, timeout: float) -> CheckpointRecord:
-    req = urllib.request.Request(url.rstrip("/") + "/checkpoint", method="POST", data=b"")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return CheckpointRecord.model_validate_json(resp.read())
+    # trust_env=False: a proxy from the environment must not sit between us and our own server.
+    with Client(url, token, timeout=timeout, trust_env=False) as client:
+        return client.checkpoint(timeout)
 
 
 class Refused(Exception):
@@ -235,7 +233,9 @@ def serve(args: argparse.Namespace, extra: list[str]) -> int:
     # final checkpoint happens before vLLM and the trainer stop.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    child = subprocess.Popen(vllm_command(cfg, args, extra), env=vllm_env(cfg), start_new_session=True)
+    command = vllm_command(cfg, args, extra)
+    command += cpu_kv_cache.kv_cache_args(cfg.model, command, cfg.training_enabled)  # a CPU needs a size
+    child = subprocess.Popen(command, env=vllm_env(cfg), start_new_session=True)
     try:
         while child.poll() is None and stopping["signal"] is None:
             time.sleep(0.2)
@@ -265,11 +265,11 @@ def final_checkpoint(cfg: RuntimeConfig, port: int, tokens: tuple[str, ...]) -> 
             info = post_checkpoint(url, tokens[0] if tokens else None, timeout=max(left, 1.0))
             log.info("final checkpoint %s at step %s", info.path, info.step)
             return
-        except urllib.error.HTTPError as exc:
-            if exc.code == 409 and left > 1.0:  # another checkpoint (preStop, periodic) is running
+        except ApiError as exc:
+            if exc.status_code == 409 and left > 1.0:  # another checkpoint (preStop, periodic) is running
                 time.sleep(0.5)
                 continue
-            log.error("final checkpoint failed: HTTP %s %s", exc.code, exc.read()[:500])
+            log.error("final checkpoint failed: %s", exc)
         except Exception as exc:
             log.error("final checkpoint failed: %s", exc)
         return
@@ -299,10 +299,7 @@ def checkpoint_cmd(args: argparse.Namespace) -> int:
     token = tokens[0] if tokens else None
     try:
         info = post_checkpoint(args.url, token, timeout=args.timeout)
-    except urllib.error.HTTPError as exc:
-        print(f"checkpoint failed: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, TimeoutError, ValidationError) as exc:
+    except ClientError as exc:
         print(f"checkpoint failed: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(info.model_dump(), indent=1))
@@ -329,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"bearer token (default: ${ENV_API_TOKEN}, else ${ENV_VLLM_API_KEY})")
     c.add_argument("--timeout", type=float, default=600.0)
     sub.add_parser("prepare-model", help="convert the bundled SmolLM2-135M-Instruct GGUF to an HF directory")
+    train_cmd.add_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
@@ -341,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "checkpoint":
         return checkpoint_cmd(args)
+    if args.command == "train":
+        return train_cmd.run(args)
     if args.command == "prepare-model":
         return prepare_model_cmd()
     return 2

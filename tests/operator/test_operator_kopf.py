@@ -154,6 +154,7 @@ async def test_bad_spec_is_refused_and_running_pod_untouched(cluster: Cluster, k
     assert "Secret" in condition(om, "Ready")["message"] and "nope" in condition(om, "Ready")["message"]
     assert condition(om, "Degraded")["reason"] == "InvalidSpec"
     assert condition(om, "Serving")["status"] == "True"  # the old pod still serves
+    await cluster.wait_for(lambda: event_reasons(cluster, "m7"), lambda r: "InvalidSpec" in r, what="InvalidSpec event")
     pod = await cluster.get(PODS, "m7")
     assert pod["metadata"]["uid"] == old["metadata"]["uid"] and not pod["metadata"].get("deletionTimestamp")
     assert runtime.checkpoint_calls == []
@@ -397,3 +398,30 @@ async def test_status_says_updating_during_a_slow_checkpoint_and_a_failed_one_do
     await cluster.wait_condition("m13", "Ready", "True")
     await cluster.wait_for(lambda: event_reasons(cluster, "m13"), lambda r: "CheckpointBeforeStopFailed" in r,
                            what="a warning event")
+
+
+async def test_training_events_are_posted_once_each(cluster: Cluster, kubelet: FakeKubelet, runtime: FakeRuntime,
+                                                    operator: Any) -> None:
+    if not cluster.emulated:
+        pytest.skip("reads the Events kopf posts to the emulator")
+    await cluster.create_onlinemodel("m20", spec(runtime.port))
+    await cluster.wait_condition("m20", "Ready", "True")
+    job = {"id": "job-1", "examples": 1, "epochs": 2, "learning_rate": 1e-5, "steps_total": 2,
+           "created_at": "2026-12-01T10:00:00Z"}
+    runtime.train_status = {"state": "training", "jobs": [{**job, "state": "running", "steps": 1}],
+                            "checkpoint": {"state": "idle"}}
+    await cluster.wait_for(lambda: event_reasons(cluster, "m20"), lambda r: "TrainingStarted" in r, what="started")
+    runtime.train_status = {"state": "idle", "steps": 2, "trainer_restarts": 1,
+                            "jobs": [{**job, "state": "succeeded", "steps": 2}],
+                            "checkpoint": {"state": "failed", "last_error": "disk full",
+                                           "last": {"path": "/ck/step-00000002", "step": 2}}}
+    wanted = {"TrainingSucceeded", "TrainerRestarted", "CheckpointSaved", "CheckpointFailed"}
+    await cluster.wait_for(lambda: event_reasons(cluster, "m20"), lambda r: wanted <= r, what="events")
+    await asyncio.sleep(1.5)  # several more polls of the same answer
+    events = [e for e in cluster.api.live("v1/events", cluster.namespace)
+              if e.get("involvedObject", {}).get("name") == "m20"]
+    # Each posted once however often the same answer was polled (a failed checkpoint is the reason of two
+    # conditions, Checkpointed and Degraded: one Event each).
+    once = {"TrainingStarted", "TrainingSucceeded", "TrainerRestarted", "CheckpointSaved"}
+    counts = {reason: sum(e.get("reason") == reason for e in events) for reason in once | {"CheckpointFailed"}}
+    assert counts == {**dict.fromkeys(once, 1), "CheckpointFailed": 2}, counts

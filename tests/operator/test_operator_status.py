@@ -26,7 +26,6 @@ from onlinemodel_operator.status import (
     compute_status,
     merge_patch,
     previous_status,
-    transitions,
     with_saved_checkpoint,
 )
 
@@ -90,7 +89,8 @@ def test_ready_when_serving_and_trainer_idle() -> None:
                                "Degraded": ("False", "Healthy")}
     assert status["phase"] == "Ready"
     assert status["training"] == {"state": "idle", "steps": 12, "tokensTrained": 636, "lastLoss": 0.02,
-                                  "weightVersion": 12, "lastStepTime": "2026-11-26T04:59:00Z"}
+                                  "weightVersion": 12, "lastStepTime": "2026-11-26T04:59:00Z", "trainerRestarts": 0,
+                                  "jobs": []}
     assert status["endpoint"] == "http://m.ns.svc:8000" and status["podName"] == "m"
     assert status["podSpecHash"] == HASH
 
@@ -253,19 +253,6 @@ def test_last_transition_time_kept_while_status_unchanged() -> None:
     third = compute(om(generation=2, status=second), pod(ready=False), None, LATER, desired_hash=HASH)
     assert cond(third, "Ready")["lastTransitionTime"] == "2026-11-26T05:05:00Z"
     assert cond(third, "Degraded")["lastTransitionTime"] == "2026-11-26T05:00:00Z"
-
-
-def test_transitions_become_events() -> None:
-    first = compute_status(om(), None, None, NOW)
-    second = compute_status(om(status=first.to_dict()), pod(phase="Pending", ready=False,
-                                                            state={"waiting": {"reason": "ImagePullBackOff"}}), None, LATER)
-    events = transitions(first, second)
-    assert {e.reason for e in events} == {"ImagePullBackOff"}
-    assert all(e.type == "Warning" for e in events)
-    assert transitions(second, second) == []
-    with_ck = second.model_copy(update={"checkpoint": CheckpointStatus(step=4, path="/ck/4")})
-    assert [e.reason for e in transitions(second, with_ck)] == ["CheckpointSaved"]
-    assert [e.reason for e in transitions(OnlineModelStatus(), first)] == [c.reason for c in first.conditions]
 
 
 def test_merge_patch_removes_vanished_keys() -> None:

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from onlinemodel_protocol.api import (CheckpointRecord, CheckpointStatus, Job, SchedulerStatus, TrainStatus,
-                                      utc_timestamp)
+                                      job_eta_seconds, utc_timestamp)
 
 JOB = Job(id="job-1", state="succeeded", examples=1, epochs=3, learning_rate=3e-5, steps=3,
           created_at="2026-11-26T05:00:00Z")
@@ -36,13 +36,14 @@ def test_no_float_field_is_ever_non_finite():
     nan, inf = float("nan"), float("inf")
     job = JOB.model_copy()
     job.last_loss = nan  # how the trainer updates a running job
+    job.eta_seconds = inf
     record = CheckpointRecord(path="/c", step=1, seconds=inf)
     status = TrainStatus(state="idle", last_loss=inf, last_step_seconds=nan, jobs=[job],
                          checkpoint=CheckpointStatus(last=record, last_unhealthy=record),
                          optimizer={"lr": 1e-5, "grad_norm": nan, "per_group": [{"scale": -inf}]},
                          scheduler=SchedulerStatus(mode="measured", max_decode_slowdown=inf, measured_slowdown=nan,
                                                    baseline_itl_ms=inf))
-    assert job.last_loss is None and record.seconds is None
+    assert job.last_loss is None and job.eta_seconds is None and record.seconds is None
     assert status.scheduler == SchedulerStatus(mode="measured")
     assert status.last_loss is None and status.last_step_seconds is None
     assert status.optimizer == {"lr": 1e-5, "grad_norm": None, "per_group": [{"scale": None}]}
@@ -51,7 +52,8 @@ def test_no_float_field_is_ever_non_finite():
     assert TrainStatus.model_validate_json(text) == status
     floats = [name for model in (TrainStatus, Job, CheckpointRecord) for name, field in model.model_fields.items()
               if "float" in str(field.annotation)]
-    assert sorted(floats) == ["last_loss", "last_loss", "last_step_seconds", "learning_rate", "seconds"]
+    assert sorted(floats) == ["eta_seconds", "last_loss", "last_loss", "last_step_seconds", "learning_rate",
+                             "seconds"]
     with pytest.raises(ValidationError):  # a job's learning rate is a setting: never missing
         Job(**{**JOB.model_dump(), "learning_rate": nan})
 
@@ -64,3 +66,11 @@ def test_readers_ignore_fields_they_do_not_know():
 def test_timestamps_are_utc_with_z():
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", utc_timestamp())
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", utc_timestamp("milliseconds"))
+
+
+def test_job_eta_is_the_rest_at_the_mean_step_time():
+    running = JOB.model_copy(update={"state": "running", "steps": 4, "steps_total": 10})
+    assert job_eta_seconds(running, 8.0) == 12.0  # 6 steps left at 2 s each
+    assert job_eta_seconds(running.model_copy(update={"steps": 0}), 8.0) is None  # no step yet: unknown
+    assert job_eta_seconds(running.model_copy(update={"state": "succeeded"}), 8.0) is None
+    assert running.model_dump()["steps_done"] == 4

@@ -8,7 +8,7 @@ import sys
 
 def test_imports_no_torch_no_vllm_no_runtime():
     code = ("import sys, onlinemodel_protocol.api, onlinemodel_protocol.config, onlinemodel_protocol.limits, "
-            "onlinemodel_protocol.rpc; "
+            "onlinemodel_protocol.rpc, onlinemodel_protocol.client; "
             "print(sorted(m for m in ('torch', 'vllm', 'transformers', 'zmq', 'onlinemodel_runtime') "
             "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -38,10 +38,12 @@ class ServerProcess:
 
     def __init__(self, model: Path | str, *, port: int | None = None, checkpoint_dir: Path | None = None,
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 log_path: Path | None = None, served_model_name: str = "model"):
+                 log_path: Path | None = None, served_model_name: str | None = "model",
+                 auto_kv_cache: bool = False):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.served_model_name = served_model_name
+        # None: no --served-model-name, clients name the model by its path (vLLM's default).
+        self.served_model_name = served_model_name or str(model)
         full_env = {**os.environ, **(env or {})}
         try:
             tokens = auth.resolve_tokens(full_env, auth.vllm_api_keys(list(extra_args or []))[0])
@@ -53,12 +55,16 @@ class ServerProcess:
                 full_env[ENV_API_TOKEN] = tokens[0]
         self.token = tokens[0] if tokens else None
         cmd = [sys.executable, "-m", "onlinemodel_runtime.cli", "serve", "--model", str(model),
-               "--served-model-name", served_model_name, "--host", "127.0.0.1", "--port", str(self.port)]
+               "--host", "127.0.0.1", "--port", str(self.port)]
+        if served_model_name:
+            cmd += ["--served-model-name", served_model_name]
         if checkpoint_dir is not None:
             cmd += ["--checkpoint-dir", str(checkpoint_dir)]
         cmd += list(extra_args or [])
-        # Small KV cache: the CI machine has 24 GiB shared by vLLM, the trainer and the tests.
-        full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if auto_kv_cache:  # what a user gets: `serve` sizes the KV cache from the free memory
+            full_env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        else:  # small KV cache: the CI machine has 24 GiB shared by vLLM, the trainer and the tests
+            full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.log_path = log_path
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:

@@ -29,8 +29,9 @@ class _GiveUp(Exception):
 
 
 class TrainerSupervisor:
-    def __init__(self, cfg: RuntimeConfig, engine_client: Any):
+    def __init__(self, cfg: RuntimeConfig, engine_client: Any, metrics: Any = None):
         self.cfg = cfg
+        self.metrics = metrics  # server/metrics.py's TrainingMetrics, fed with every status read
         self.engine = engine_client
         self.client = TrainerClient(cfg.trainer_endpoint)
         self.state = "starting"
@@ -105,9 +106,11 @@ class TrainerSupervisor:
             if code == EXIT_PERMANENT or self.restarts >= self.cfg.trainer_restart_limit:
                 self.state = "error"
                 log.error("onlinemodel: %s; not restarting", self.last_error)
+                self._observe_down()
                 raise _GiveUp
             self.restarts += 1
             self.state = "starting"
+            self._observe_down()
             log.warning("onlinemodel: %s; restarting in %.0fs", self.last_error, backoff)
             await asyncio.sleep(backoff)
             await self._spawn()
@@ -120,7 +123,7 @@ class TrainerSupervisor:
             self._ready = True
             self.state = "running"
             log.info("onlinemodel: trainer ready")
-        self._last_status = status
+        self._remember(status)
         await self._sync_prefix_cache(status)
         return 1.0
 
@@ -144,6 +147,21 @@ class TrainerSupervisor:
                 self._cache_version = version
             except RuntimeError as exc:  # e.g. requests waiting on remote KV: retry next poll
                 log.warning("onlinemodel: could not reset vLLM's prefix cache: %s", exc)
+
+    def _remember(self, status: TrainStatus) -> None:
+        self._last_status = status
+        if self.metrics is not None:
+            self.metrics.observe(status, self.restarts)
+
+    def _observe_down(self) -> None:
+        """Metrics while no trainer answers: its last counters, the restarts, the state."""
+        if self.metrics is not None:
+            self.metrics.observe(self._placeholder_status(), self.restarts)
+
+    @property
+    def answering(self) -> bool:
+        """Whether the trainer answers requests now (not starting, restarting or failed)."""
+        return self._ready and self.state != "error"
 
     @property
     def training(self) -> bool:
@@ -169,7 +187,7 @@ class TrainerSupervisor:
             status = await self.client.request(TrainerOp.STATUS, timeout=10)
         except (TrainerUnavailable, TrainerRequestError):
             return self._placeholder_status()
-        self._last_status = status
+        self._remember(status)
         # Jobs reported finished here must already be served from fresh KV.
         await self._sync_prefix_cache(status)
         return status.model_copy(update={"trainer_restarts": self.restarts,

@@ -23,6 +23,7 @@ from typing import Any, Literal, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from onlinemodel_protocol.api import TrainLimits
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.limits import LEARNING_RATE_MAX, MAX_CHARS_PER_TOKEN, MAX_MESSAGES
 from onlinemodel_protocol.rpc import IGNORE_INDEX, EncodedExample, TrainJob
@@ -113,9 +114,10 @@ def _param_path(loc: Sequence[Any]) -> str:
 _TOO_LARGE = 413
 
 
-def parse_train_request(body: bytes | str | Mapping[str, Any], cfg: RuntimeConfig) -> TrainRequest:
+def parse_train_request(body: bytes | str | Mapping[str, Any], cfg: RuntimeConfig | TrainLimits) -> TrainRequest:
     """Parse and validate a request body (JSON text or decoded object) against `cfg`'s limits, and fill
-    in `cfg`'s defaults; raise ExampleError."""
+    in `cfg`'s defaults; raise ExampleError. `cfg` is the server's config, or the ``GET /train/limits``
+    a client read from it (``onlinemodel train`` checks a file with this function before sending it)."""
     if isinstance(body, (bytes, bytearray, str)):
         try:
             data = json.loads(body)
@@ -223,7 +225,7 @@ def _check_tokenizer(tokenizer: Any, param: str) -> None:
         raise ExampleError("a fast tokenizer (with offset mapping) is required", param, "slow_tokenizer")
 
 
-def _check_length(messages: Sequence[ChatMessage], max_len: int, param: str) -> None:
+def check_length(messages: Sequence[ChatMessage], max_len: int, param: str) -> None:
     """Refuse an example that cannot fit `max_len` tokens before rendering it (rendering and tokenizing
     cost time in proportion to its text)."""
     chars = sum(len(m.content) for m in messages)
@@ -244,7 +246,7 @@ def encode_example(tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str,
     tokens after) or leaves no assistant token.
     """
     msgs = [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(dict(m)) for m in messages]
-    _check_length(msgs, max_len, param)
+    check_length(msgs, max_len, param)
     _check_tokenizer(tokenizer, param)
     render = _renderer(tokenizer, param)
     plain = [{"role": m.role, "content": m.content} for m in msgs]
@@ -274,7 +276,7 @@ def encode_request(tokenizer: Any, request: TrainRequest, max_len: int) -> Train
     Every example's length is checked before any is rendered, and the template's markers are probed once.
     """
     for i, ex in enumerate(request.examples):
-        _check_length(ex.messages, max_len, f"examples[{i}]")
+        check_length(ex.messages, max_len, f"examples[{i}]")
     _check_tokenizer(tokenizer, "examples")
     markers = _markers(tokenizer, "examples")
     examples = [encode_example(tokenizer, ex.messages, max_len, param=f"examples[{i}]", markers=markers)

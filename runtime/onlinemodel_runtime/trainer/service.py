@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from onlinemodel_protocol.api import (FINISHED_JOB_STATES, CheckpointRecord, CheckpointStatus, Job, JobCounts,
-                                      TrainAccepted, TrainStatus, utc_timestamp)
+                                      TrainAccepted, TrainStatus, job_eta_seconds, utc_timestamp)
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.limits import RECENT_JOBS
 from onlinemodel_protocol.rpc import Counters, EncodedExample, TrainJob
@@ -77,6 +77,7 @@ class TrainerService:
         self._last_checkpoint_monotonic = time.monotonic()
         self._queue = JobQueue()
         self._cancel_requested: set[str] = set()
+        self._job_started: dict[str, float] = {}  # running job id -> time.monotonic() at its start (ETA)
         self._weights_lock = threading.Lock()
         # Set while a checkpoint waits for _weights_lock: the training thread, which would otherwise take
         # it back right after every step (locks are not fair), lets the snapshot go first.
@@ -167,7 +168,8 @@ class TrainerService:
             raise TrainerError(f"{self._queue.qsize()} jobs are already queued (limit {self.cfg.max_queued_jobs}); "
                                "retry when some have finished", code=429)
         job = Job(id=f"job-{uuid.uuid4().hex[:12]}", state="queued", examples=len(request.examples),
-                  epochs=request.epochs, learning_rate=request.learning_rate, created_at=utc_timestamp())
+                  epochs=request.epochs, learning_rate=request.learning_rate, created_at=utc_timestamp(),
+                  steps_total=len(request.examples) * request.epochs)
         self.jobs[job.id] = job
         while len(self.jobs) > RECENT_JOBS:
             oldest = next(iter(self.jobs.values()))
@@ -197,12 +199,15 @@ class TrainerService:
         job.state = state
         job.finished_at = utc_timestamp()
         self._cancel_requested.discard(job.id)
+        self._job_started.pop(job.id, None)
         setattr(self.job_counts, state, getattr(self.job_counts, state) + 1)
 
     def status(self) -> TrainStatus:
         # Jobs first: a job is marked finished after its last step is counted, so a snapshot that
         # shows it finished also shows the weight version it produced.
-        jobs = [job.model_copy() for job in list(self.jobs.values())]
+        now = time.monotonic()
+        jobs = [job.model_copy(update={"eta_seconds": job_eta_seconds(job, now - self._job_started.get(job.id, now))})
+                for job in list(self.jobs.values())]
         return TrainStatus(
             jobs=jobs,
             state=self.state,
@@ -245,6 +250,8 @@ class TrainerService:
 
     def _run_job(self, job: Job, examples: list[EncodedExample]) -> None:
         job.state = "running"
+        job.started_at = utc_timestamp()
+        self._job_started[job.id] = time.monotonic()
         self.state = "training"
         outcome = "succeeded"
         try:

@@ -1,11 +1,12 @@
-"""The ``vllm.endpoint_plugins`` entry: ``POST /train``, ``GET /train/status``, ``DELETE /train/jobs/{id}``,
-``POST /checkpoint``.
+"""The ``vllm.endpoint_plugins`` entry: ``POST /train``, ``GET /train/status``, ``GET /train/limits``,
+``GET`` and ``DELETE /train/jobs/{id}``, ``POST /checkpoint``; and the training metrics on vLLM's ``/metrics``.
 
 The routes live on vLLM's own FastAPI app, on the port that serves ``/v1/chat/completions``. A
 ``POST /train`` is validated and tokenized here (``server/train_request.py``: bad input gets a 4xx before
 anything is queued, cheap checks before expensive ones) into a ``TrainJob`` that ``server/supervisor.py``
 hands to the trainer process over async ZMQ (``trainer/service.py`` runs it); nothing here blocks the
-event loop. Every answer is a model of ``onlinemodel_protocol.api``; every refusal is OpenAI's error shape.
+event loop. Every answer is a model of ``onlinemodel_protocol.api``; every refusal is OpenAI's error shape,
+and every 503 and 429 says when to retry (``Retry-After``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel
 
 from onlinemodel_protocol.api import ErrorBody, ErrorDetail, TrainStatus
+from onlinemodel_protocol.limits import RECENT_JOBS, RETRY_AFTER_QUEUE_FULL_SECONDS, RETRY_AFTER_STARTING_SECONDS
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.rpc import ENDPOINT_PLUGIN, WORKER_EXTENSION_CLS, TrainJob
 from onlinemodel_runtime.server import auth, idempotency
@@ -50,10 +52,15 @@ def _printable(text: str | None) -> str | None:
     return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+# Retry-After of the statuses that mean "not now": the trainer is (re)starting, or the queue is full.
+RETRY_AFTER = {503: RETRY_AFTER_STARTING_SECONDS, 429: RETRY_AFTER_QUEUE_FULL_SECONDS}
+
+
 def _error(status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
            code: str | None = None) -> Response:
     detail = ErrorDetail(message=_printable(message), type=type_, param=_printable(param), code=code)
-    return _answer(ErrorBody(error=detail), status)
+    retry = RETRY_AFTER.get(status)
+    return _answer(ErrorBody(error=detail), status, None if retry is None else {"Retry-After": str(retry)})
 
 
 class _Runtime:
@@ -151,6 +158,34 @@ async def train_status(request: Request):
     return _answer(await rt.supervisor.status())
 
 
+@router.get("/train/limits")
+async def train_limits(request: Request):
+    rt, refused = _runtime(request)
+    return refused or _answer(rt.cfg.train_limits(rt.max_len))
+
+
+def _trainer(request: Request, nothing: str) -> tuple[_Runtime | None, Response | None]:
+    """Like `_runtime`, for the routes that need a trainer: 409 when training is disabled (there is `nothing`)."""
+    rt, refused = _runtime(request)
+    if refused is None and rt.supervisor is None:
+        refused = _error(409, f"training is disabled for this model: {nothing}", type_="conflict")
+    return rt, refused
+
+
+@router.get("/train/jobs/{job_id}")
+async def get_job(request: Request, job_id: str):
+    rt, refused = _trainer(request, "there are no jobs")
+    if refused:
+        return refused
+    if not rt.supervisor.answering:
+        return _error(503, "trainer is not answering (starting or restarting)", type_="service_unavailable")
+    job = next((j for j in (await rt.supervisor.status()).jobs if j.id == job_id), None)
+    if job is None:
+        return _error(404, f"no job {job_id!r} (unknown, or older than the {RECENT_JOBS} most recent)",
+                      type_="not_found_error", param="job_id")
+    return _answer(job)
+
+
 async def _ask_trainer(request: Awaitable[BaseModel], error_type: str, param: str | None = None
                        ) -> tuple[BaseModel | None, Response | None]:
     """(the trainer's answer, None), or (None, the error response that answers instead)."""
@@ -164,11 +199,9 @@ async def _ask_trainer(request: Awaitable[BaseModel], error_type: str, param: st
 
 @router.delete("/train/jobs/{job_id}")
 async def cancel_job(request: Request, job_id: str):
-    rt, refused = _runtime(request)
+    rt, refused = _trainer(request, "there are no jobs")
     if refused:
         return refused
-    if rt.supervisor is None:
-        return _error(409, "training is disabled for this model: there are no jobs", type_="conflict")
     job, refused = await _ask_trainer(rt.supervisor.cancel(job_id), "trainer_error", param="job_id")
     # A queued job is cancelled at once; a running one stops after its current step.
     return refused or _answer(job, 200 if job.state == "cancelled" else 202)
@@ -176,11 +209,9 @@ async def cancel_job(request: Request, job_id: str):
 
 @router.post("/checkpoint")
 async def checkpoint(request: Request):
-    rt, refused = _runtime(request)
+    rt, refused = _trainer(request, "there is nothing to checkpoint")
     if refused:
         return refused
-    if rt.supervisor is None:
-        return _error(409, "training is disabled for this model: there is nothing to checkpoint", type_="conflict")
     record, refused = await _ask_trainer(rt.supervisor.checkpoint(), "checkpoint_error")
     return refused or _answer(record)
 
@@ -228,7 +259,7 @@ class OnlineModelEndpoints:
             from onlinemodel_runtime.server.pacing_control import PacingGovernor
             from onlinemodel_runtime.server.state_dir import ensure_private_dir
 
-            supervisor = TrainerSupervisor(cfg, engine_client)
+            supervisor = TrainerSupervisor(cfg, engine_client, _training_metrics())
             ensure_private_dir(cfg.state_dir)  # the load signal goes there, next to the weight handles
             # Before the trainer starts: it maps the load signal the governor creates.
             requests = getattr(state, IN_FLIGHT_KEY, None) or InFlightRequests()  # no middleware: never paced
@@ -237,6 +268,19 @@ class OnlineModelEndpoints:
             pacing.start()
             await supervisor.start()
         setattr(state, STATE_KEY, _Runtime(cfg, tokenizer, max_len, supervisor, tokens))
+
+
+_METRICS: Any = None
+
+
+def _training_metrics() -> Any:
+    """The process's one TrainingMetrics (a metric name can be registered once per registry)."""
+    global _METRICS
+    if _METRICS is None:
+        from onlinemodel_runtime.server.metrics import TrainingMetrics
+
+        _METRICS = TrainingMetrics()
+    return _METRICS
 
 
 def _config_from_args(args: Namespace) -> RuntimeConfig:

@@ -59,7 +59,8 @@ def test_job_updates_counters_and_weight_version(tiny_dir, tmp_path):
     (done,) = status.jobs
     assert (done.id, done.state, done.steps, done.epochs, done.learning_rate) == (
         accepted.job_id, "succeeded", 3, 3, 1e-3)
-    assert done.created_at.endswith("Z") and done.finished_at.endswith("Z")
+    assert done.created_at.endswith("Z") and done.finished_at.endswith("Z") and done.started_at.endswith("Z")
+    assert (done.steps_done, done.steps_total, done.eta_seconds) == (3, 3, None)
     assert status.state == "idle" and status.optimizer["steps_applied"] == 3
     changed = [n for n, p in service.model.named_parameters() if not torch.equal(p, before[n])]
     assert changed, "training changed no weight"
@@ -218,6 +219,10 @@ def test_cancel_a_running_job_stops_it_after_the_current_step(tiny_dir, tmp_path
         while service.jobs[accepted.job_id].steps < 2:
             assert time.monotonic() < deadline, "the job never ran"
             time.sleep(0.01)
+        running = next(j for j in service.status().jobs if j.id == accepted.job_id)
+        # Progress while it runs: steps of examples x epochs, when it started, how long the rest takes.
+        assert (running.steps_total, running.started_at is not None) == (20, True)
+        assert running.steps_done == running.steps >= 2 and running.eta_seconds > 0
         answer = service.cancel(accepted.job_id)
         assert answer.state == "running"
         while service.jobs[accepted.job_id].state == "running":

@@ -33,6 +33,7 @@ class StubSupervisor:
         self.weight_version = 0
         self._status = status or TrainStatus(state="idle")
         self.cancelled: list[str] = []
+        self.answering = True
 
     async def submit(self, job):
         if self.fail:

@@ -10,8 +10,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from endpoint_helpers import GOOD, RECORD, StubSupervisor, asgi_request, error_of, make_app
-from onlinemodel_protocol.api import TrainStatus
-from onlinemodel_protocol.limits import MAX_BODY_BYTES_MIN, MAX_CHARS_PER_TOKEN
+from onlinemodel_protocol.api import Job, TrainLimits, TrainStatus
+from onlinemodel_protocol.limits import (MAX_BODY_BYTES_MIN, MAX_CHARS_PER_TOKEN, MAX_MESSAGES,
+                                         RETRY_AFTER_QUEUE_FULL_SECONDS, RETRY_AFTER_STARTING_SECONDS)
 from onlinemodel_protocol.rpc import IGNORE_INDEX
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 from onlinemodel_runtime.server.trainer_client import TrainerRequestError, TrainerUnavailable
@@ -51,8 +52,11 @@ def test_status_and_checkpoint_answer_the_protocol_models(tokenizer):
 def test_trainer_errors_map_to_status_codes(tokenizer):
     resp = client(tokenizer, StubSupervisor(TrainerUnavailable("trainer is starting"))).post("/train", json=GOOD)
     assert resp.status_code == 503 and "starting" in resp.json()["error"]["message"]
+    assert resp.headers["retry-after"] == str(RETRY_AFTER_STARTING_SECONDS)
     resp = client(tokenizer, StubSupervisor(TrainerRequestError("queue full", 429))).post("/train", json=GOOD)
-    assert resp.status_code == 429
+    assert resp.status_code == 429 and resp.headers["retry-after"] == str(RETRY_AFTER_QUEUE_FULL_SECONDS)
+    resp = client(tokenizer, StubSupervisor(TrainerUnavailable("trainer is starting"))).post("/checkpoint")
+    assert resp.status_code == 503 and resp.headers["retry-after"] == str(RETRY_AFTER_STARTING_SECONDS)
     resp = client(tokenizer, StubSupervisor(TrainerRequestError("busy", 409))).post("/checkpoint")
     assert resp.status_code == 409
     assert resp.json() == {"error": {"message": "busy", "type": "checkpoint_error", "param": None, "code": None}}
@@ -62,7 +66,7 @@ def test_every_training_route_needs_the_token(tokenizer):
     sup = StubSupervisor()
     c = client(tokenizer, sup, tokens=("secret", "other"))
     calls = [("post", "/train", {"json": GOOD}), ("get", "/train/status", {}), ("post", "/checkpoint", {}),
-             ("delete", "/train/jobs/job-1", {})]
+             ("delete", "/train/jobs/job-1", {}), ("get", "/train/jobs/job-1", {}), ("get", "/train/limits", {})]
     for method, path, kwargs in calls:
         for header in (None, "Bearer wrong", "Basic secret", "Bearer", "Bearer sécret".encode("latin-1")):
             headers = {} if header is None else {"Authorization": header}
@@ -261,3 +265,29 @@ def test_generation_requests_are_counted_while_they_run():
     plugin.attach_router(app)
     assert TestClient(app).post("/v1/chat/completions").status_code == 200
     assert seen == [1] and getattr(app.state, endpoint.IN_FLIGHT_KEY).count == 0
+
+
+def test_limits_are_the_servers_own(tokenizer):
+    limits = TrainLimits.model_validate(
+        client(tokenizer, StubSupervisor(), max_examples=7, max_body_bytes=4096, default_epochs=2,
+               learning_rate=2e-5).get("/train/limits").json())
+    assert (limits.max_examples, limits.max_body_bytes, limits.default_epochs, limits.learning_rate) == \
+        (7, 4096, 2, 2e-5)
+    assert (limits.max_model_len, limits.max_messages, limits.max_chars_per_token) == \
+        (256, MAX_MESSAGES, MAX_CHARS_PER_TOKEN)
+
+
+def test_get_job_answers_its_progress(tokenizer):
+    job = Job(id="job-a", state="running", examples=2, epochs=3, learning_rate=1e-5, steps=2, steps_total=6,
+              created_at="2026-11-26T05:00:00Z", started_at="2026-11-26T05:00:01Z", eta_seconds=8.0)
+    sup = StubSupervisor(status=TrainStatus(state="training", jobs=[job]))
+    c = client(tokenizer, sup)
+    body = c.get("/train/jobs/job-a").json()
+    assert Job.model_validate(body) == job
+    assert (body["steps_done"], body["steps_total"], body["eta_seconds"]) == (2, 6, 8.0)
+    missing = c.get("/train/jobs/job-b")
+    assert missing.status_code == 404 and error_of(missing.content)["param"] == "job_id"
+    sup.answering = False
+    starting = c.get("/train/jobs/job-a")
+    assert starting.status_code == 503 and starting.headers["retry-after"] == str(RETRY_AFTER_STARTING_SECONDS)
+    assert client(tokenizer, None, training_enabled=False).get("/train/jobs/job-a").status_code == 409
