@@ -10,8 +10,9 @@ The GPU tests (tests/gpu/serving, real vLLM with CUDA graphs) and their CPU vari
   in +-1e-3 and near-uniform logits; these make a logit comparison mean something.
 - `prompt_logprobs` / `reference_logprobs` / `logprob_difference`: vLLM's log-probabilities of a prompt's
   tokens (`prompt_logprobs` of /v1/completions) against the model's on the same weights.
-- `rolled_query_heads`: every attention layer computing with its query heads in the wrong order (a copy
-  of its weight; vLLM's memory is untouched): the mistake the comparison's tolerance must catch.
+- `rolled_query_heads`: every attention and Gated DeltaNet layer computing with its query heads in the
+  wrong order (a copy of its weight; vLLM's memory is untouched): the mistake the comparison's tolerance
+  must catch.
 - `compare_served_logprobs`: all of the above for one prompt, the attached weights released before
   it returns (a caller that kept the model alive would keep the server's GPU memory mapped).
 - `teach`: POST /train rounds until the chat answer is a sentence verbatim.
@@ -116,26 +117,42 @@ def logprob_difference(served: list[dict[int, float]], reference: torch.Tensor) 
             "reference_spread": float(reference.std(dim=-1).mean())}
 
 
+def _rolled_rows(weight: torch.Tensor, heads: int, rows: int | None = None) -> torch.Tensor:
+    """A copy of `weight` whose first `rows` rows (all by default), read as `heads` blocks, are rolled by one."""
+    rows = weight.shape[0] if rows is None else rows
+    out = weight.detach().clone()
+    out[:rows] = weight.detach()[:rows].view(heads, rows // heads, -1).roll(1, dims=0).reshape(rows, -1)
+    return out
+
+
 @contextlib.contextmanager
 def rolled_query_heads(model: torch.nn.Module) -> Iterator[int]:
-    """Within the block, every attention layer's q_proj computes with its heads rolled by one (a
-    rolled copy replaces the view; the view is put back on exit). Yields the number of layers."""
+    """Within the block, every token mixer computes with its query heads in the wrong order: an attention
+    layer's q_proj, and a Gated DeltaNet layer's query rows of its fused in_proj_qkv (query, key, value
+    rows in that order), rolled by one head. A rolled copy replaces the view; the view is put back on exit.
+    Yields the number of layers changed. Rolling Gated DeltaNet's heads too matters for a hybrid model with
+    few layers: a 4-layer Qwen3.5 has one attention layer, whose rolled heads alone moved vLLM's
+    log-probabilities 0.12 nats on the GPU, too little to show the tolerance would catch it."""
     heads = model.config.num_attention_heads
     swapped = []
     for module in model.modules():
         q = getattr(module, "q_proj", None)
+        qkv = getattr(module, "in_proj_qkv", None)
         if isinstance(q, torch.nn.Linear):
-            rows = q.weight.shape[0] // heads
-            rolled = q.weight.detach().view(heads, rows, -1).roll(1, dims=0).reshape(q.weight.shape).clone()
-            swapped.append((q, q.weight))
-            q.weight = torch.nn.Parameter(rolled, requires_grad=False)
+            linear, rolled = q, _rolled_rows(q.weight, heads)
+        elif isinstance(qkv, torch.nn.Linear) and hasattr(module, "num_k_heads"):
+            linear, rolled = qkv, _rolled_rows(qkv.weight, module.num_k_heads, module.key_dim)
+        else:
+            continue
+        swapped.append((linear, linear.weight))
+        linear.weight = torch.nn.Parameter(rolled, requires_grad=False)
     if not swapped:
-        raise ValueError(f"{type(model).__name__} has no q_proj to roll")
+        raise ValueError(f"{type(model).__name__} has no q_proj or in_proj_qkv to roll")
     try:
         yield len(swapped)
     finally:
-        for q, original in swapped:
-            q.weight = original
+        for linear, original in swapped:
+            linear.weight = original
 
 
 def randomize_served(state_dir: Path, model_dir: Path) -> None:
