@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from onlinemodel_protocol.api import CheckpointRecord, Job, TrainAccepted, TrainStatus
+from onlinemodel_protocol.api import CheckpointRecord, Job, RollbackRecord, TrainAccepted, TrainStatus
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.rpc import EXIT_PERMANENT, EXPORT_WEIGHTS_METHOD, Counters, TrainerOp, TrainJob
 from onlinemodel_runtime.server.state_dir import ensure_private_dir
@@ -188,3 +188,11 @@ class TrainerSupervisor:
     async def checkpoint(self, timeout: float = 600.0) -> CheckpointRecord:
         self._check_ready()
         return await self.client.request(TrainerOp.CHECKPOINT, timeout=timeout)
+
+    async def rollback(self, to: int | str, timeout: float = 600.0) -> RollbackRecord:
+        """Restore a checkpoint in place (``TrainerService.rollback_to``); answered once vLLM's prefix cache
+        holds nothing computed with the weights it replaced."""
+        self._check_ready()
+        record = await self.client.request(TrainerOp.ROLLBACK, timeout=timeout, to=to)
+        await self.status()
+        return record

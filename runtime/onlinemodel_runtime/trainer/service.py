@@ -5,7 +5,10 @@ resolved every default) and runs ``loop.train_step`` once per example and epoch;
 (``server.py``) answers status, cancel and checkpoint requests from the event loop meanwhile.
 ``_weights_lock`` is held for each optimizer step and while a checkpoint snapshots the weights, so a
 checkpoint never sees half a step. A checkpoint is promoted to ``latest`` only when the weights are healthy
-(``loss_health.py``, ``checkpoint/health.py``). Every answer is a model of ``onlinemodel_protocol.api``.
+(``loss_health.py``, ``checkpoint/health.py``). With a guard file, every job is checked and undone if it
+made a probe regress (``guard.py``); ``rollback_to`` restores a checkpoint in place. ``_job_lock`` is held
+for a whole job, so a rollback never lands in the middle of one. Every answer is a model of
+``onlinemodel_protocol.api``.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from onlinemodel_protocol.api import (FINISHED_JOB_STATES, CheckpointRecord, CheckpointStatus, Job, JobCounts,
-                                      TrainAccepted, TrainStatus, utc_timestamp)
+                                      RollbackRecord, TrainAccepted, TrainStatus, utc_timestamp)
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.limits import RECENT_JOBS
 from onlinemodel_protocol.rpc import Counters, EncodedExample, TrainJob
+from onlinemodel_runtime.trainer.guard import Guard, ProbeSet
 from onlinemodel_runtime.trainer.job_queue import JobQueue
 from onlinemodel_runtime.trainer.loop import StepResult, train_step
 from onlinemodel_runtime.trainer.loss_health import LossHealth
@@ -41,6 +45,10 @@ class _Cancelled(Exception):
     """Raised in the training thread between steps of a job whose cancel was requested."""
 
 
+class _RolledBack(Exception):
+    """Raised in the training thread once the guard has undone the running job."""
+
+
 def _record(info) -> CheckpointRecord:
     """The API's view of a checkpoint.CheckpointInfo."""
     return CheckpointRecord(path=str(info.path), step=info.step, weight_version=info.weight_version,
@@ -50,7 +58,7 @@ def _record(info) -> CheckpointRecord:
 
 
 class TrainerService:
-    def __init__(self, cfg: RuntimeConfig, model, optimizer, store=None, pacer=None):
+    def __init__(self, cfg: RuntimeConfig, model, optimizer, store=None, pacer=None, probes: ProbeSet | None = None):
         self.cfg = cfg
         self.model = model
         self.optimizer = optimizer
@@ -73,11 +81,13 @@ class TrainerService:
         self.last_unhealthy: CheckpointRecord | None = None
         self.checkpoint_error: str | None = None
         self.loss_health = LossHealth(getattr(model.config.get_text_config(), "vocab_size", None))
+        self.guard = Guard(probes, model, optimizer)
         self._checkpoint_version = 0
         self._last_checkpoint_monotonic = time.monotonic()
         self._queue = JobQueue()
         self._cancel_requested: set[str] = set()
         self._weights_lock = threading.Lock()
+        self._job_lock = threading.Lock()
         # Set while a checkpoint waits for _weights_lock: the training thread, which would otherwise take
         # it back right after every step (locks are not fair), lets the snapshot go first.
         self._snapshot_waiting = threading.Event()
@@ -94,6 +104,7 @@ class TrainerService:
             "last_loss": self.last_loss,
             "job_counts": self.job_counts.model_dump(),
             "loss_health": self.loss_health.state_dict(),
+            "guard": self.guard.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -104,10 +115,11 @@ class TrainerService:
         self.last_loss = state.get("last_loss")
         counts = JobCounts.model_validate(state.get("job_counts", {}))
         # Jobs submitted but never finished were queued or running in a process that is gone.
-        lost = counts.submitted - counts.succeeded - counts.failed - counts.cancelled
+        lost = counts.submitted - counts.succeeded - counts.failed - counts.cancelled - counts.rolled_back
         self.job_counts = counts.model_copy(update={"failed": counts.failed + max(lost, 0)})
         if "loss_health" in state:
             self.loss_health.load_state_dict(state["loss_health"])
+        self.guard.load_state_dict(state.get("guard", {}))
         self._checkpoint_version = self.weight_version
 
     def restore(self, counters: Counters | None = None) -> None:
@@ -147,12 +159,10 @@ class TrainerService:
         except CheckpointError as exc:
             log.warning("cannot read training state of %s (%s): starting with fresh optimizer state", info.path, exc)
             return
-        saved_rank = (optimizer_state or {}).get("param_groups", [{}])[0].get("rank")
-        if optimizer_state is not None and saved_rank not in (None, self.cfg.optimizer_rank):
-            log.warning("checkpoint optimizer state has rank %s, configured rank is %s: starting it fresh",
-                        saved_rank, self.cfg.optimizer_rank)
-            optimizer_state = None
-        if optimizer_state is not None:
+        problem = self._optimizer_misfit(optimizer_state)
+        if problem:
+            log.warning("%s: starting the optimizer state fresh", problem)
+        elif optimizer_state is not None:
             try:
                 self.optimizer.load_state_dict(optimizer_state)
             except (ValueError, KeyError, RuntimeError) as exc:
@@ -161,13 +171,23 @@ class TrainerService:
         self.last_checkpoint = _record(info)
         log.info("resumed from %s: step %d, weight version %d", info.path, self.steps, self.weight_version)
 
+    def _optimizer_misfit(self, optimizer_state: dict[str, Any] | None) -> str | None:
+        saved_rank = (optimizer_state or {}).get("param_groups", [{}])[0].get("rank")
+        if optimizer_state is not None and saved_rank not in (None, self.cfg.optimizer_rank):
+            return f"the checkpoint's optimizer state has rank {saved_rank}, the configured rank is {self.cfg.optimizer_rank}"
+        return None
+
     # -- requests ----------------------------------------------------------------------------
     def submit(self, request: TrainJob) -> TrainAccepted:
         if self._queue.qsize() >= self.cfg.max_queued_jobs:
             raise TrainerError(f"{self._queue.qsize()} jobs are already queued (limit {self.cfg.max_queued_jobs}); "
                                "retry when some have finished", code=429)
+        if not request.guard and self.guard.enabled and not self.guard.probes.guard.allow_job_opt_out:
+            raise TrainerError("this server's guard does not let a job opt out of it (allow_job_opt_out is false)",
+                               code=403)
         job = Job(id=f"job-{uuid.uuid4().hex[:12]}", state="queued", examples=len(request.examples),
-                  epochs=request.epochs, learning_rate=request.learning_rate, created_at=utc_timestamp())
+                  epochs=request.epochs, learning_rate=request.learning_rate, created_at=utc_timestamp(),
+                  guarded=self.guard.enabled and request.guard)
         self.jobs[job.id] = job
         while len(self.jobs) > RECENT_JOBS:
             oldest = next(iter(self.jobs.values()))
@@ -226,6 +246,7 @@ class TrainerService:
             optimizer=self.optimizer.summary(),
             scheduler=self.pacer.status() if self.pacer is not None else None,
             memory=self.memory.status(),
+            guard=self.guard.status(),
         )
 
     # -- training thread ---------------------------------------------------------------------
@@ -244,10 +265,19 @@ class TrainerService:
             self._run_job(*item)
 
     def _run_job(self, job: Job, examples: list[EncodedExample]) -> None:
+        with self._job_lock:
+            self._run_job_locked(job, examples)
+
+    def _run_job_locked(self, job: Job, examples: list[EncodedExample]) -> None:
         job.state = "running"
         self.state = "training"
         outcome = "succeeded"
+        health_before = self.loss_health.state_dict()
+        checkpoint_before = self._checkpoint_version
         try:
+            if job.guarded:
+                with self._weights_lock:
+                    self.guard.before_job(self.weight_version)
             for _ in range(job.epochs):
                 for ex in examples:
                     if job.id in self._cancel_requested:
@@ -266,10 +296,21 @@ class TrainerService:
                             raise
                         # Counted under the lock: a checkpoint never pairs new weights with old counters.
                         self._record_step(job, result)
+                    if job.guarded and self.guard.every_steps and job.steps % self.guard.every_steps == 0:
+                        self._guard_check(job, health_before, checkpoint_before)
                     self._maybe_periodic_checkpoint()
+            if job.guarded:
+                self._guard_check(job, health_before, checkpoint_before)
+        except _RolledBack:
+            outcome = "rolled_back"
         except _Cancelled:
             outcome = "cancelled"
             log.info("training job %s cancelled after %d steps", job.id, job.steps)
+            if job.guarded:  # the steps it took are served: they must not have regressed either
+                try:
+                    self._guard_check(job, health_before, checkpoint_before)
+                except _RolledBack:
+                    outcome = "rolled_back"
         except Exception as exc:  # a failed job must not kill the trainer
             log.exception("training job %s failed", job.id)
             outcome = "failed"
@@ -278,6 +319,80 @@ class TrainerService:
         finally:
             self._finish(job, outcome)
             self.state = "training" if self._queue.qsize() else "idle"
+
+    def _guard_check(self, job: Job, health_before: dict[str, Any], checkpoint_before: int) -> None:
+        """Evaluate the guard on the weights now; if the job made anything regress, undo it and raise
+        _RolledBack. The restored weights are a new weight_version (vLLM's prefix cache follows)."""
+        with self._weights_lock:
+            verdict = self.guard.check(self.weight_version)
+            job.guard = verdict
+            if verdict.passed:
+                return
+            seconds = self.guard.undo(self.weight_version + 1)
+            self.weight_version += 1
+            self.loss_health.load_state_dict(health_before)
+            reason = f"the guard found regressions after {job.steps} steps: {', '.join(verdict.regressed)}"
+            self.guard.record(RollbackRecord(time=utc_timestamp(), source="guard", weight_version=self.weight_version,
+                                             job_id=job.id, regressed=verdict.regressed, reason=reason,
+                                             seconds=round(seconds, 4)))
+            job.error = reason
+        log.warning("job %s rolled back: %s", job.id, reason)
+        if self._checkpoint_version != checkpoint_before:
+            # A checkpoint taken during the job holds what was undone: a restart must not resume from it.
+            self.periodic_checkpoint()
+        raise _RolledBack
+
+    def rollback_to(self, to: int | str) -> RollbackRecord:
+        """Restore a checkpoint's weights and optimizer state into the live model (``POST /rollback``), then
+        checkpoint them so that a restart resumes from them. 409 while a job runs."""
+        from onlinemodel_runtime.checkpoint import (CheckpointError, CheckpointNotFound, CheckpointUnusable,
+                                                    find_checkpoint, load_weights_into)
+
+        if self.store is None:
+            raise TrainerError("no checkpoint directory configured (--checkpoint-dir): nothing to roll back to",
+                               code=409)
+        try:
+            info = find_checkpoint(self.store, to)
+        except CheckpointNotFound as exc:
+            raise TrainerError(str(exc), code=404) from None
+        except CheckpointError as exc:  # CheckpointUnusable, or unreadable
+            raise TrainerError(str(exc), code=422) from None
+        device = next(self.model.parameters()).device
+        try:
+            optimizer_state, trainer_state = self.store.load_training_state(info, map_location=device)
+        except CheckpointError as exc:
+            raise TrainerError(str(exc), code=422) from None
+        problem = self._optimizer_misfit(optimizer_state)
+        if problem:
+            raise TrainerError(f"cannot restore {info.path.name}: {problem}", code=422)
+        if not self._job_lock.acquire(blocking=False):
+            raise TrainerError("a training job is running: cancel it (DELETE /train/jobs/{id}) and retry", code=409)
+        try:
+            with self._weights_lock:
+                started = time.perf_counter()
+                try:
+                    load_weights_into(self.model, info.path, self.store.names)
+                except CheckpointUnusable as exc:
+                    raise TrainerError(str(exc), code=422) from None
+                except CheckpointError as exc:  # names and shapes are checked before anything is written
+                    raise TrainerError(f"{info.path.name} does not fit the served model: {exc}", code=422) from None
+                except Exception:
+                    self.weight_version += 1  # part of it may be written: caches and checkpoints must follow
+                    raise
+                self.weight_version += 1
+                if optimizer_state is not None:
+                    self.optimizer.load_state_dict(optimizer_state)
+                self.loss_health.load_state_dict(trainer_state.get("loss_health", {}))
+                record = RollbackRecord(time=utc_timestamp(), source="request", weight_version=self.weight_version,
+                                        checkpoint=info.path.name, step=info.step,
+                                        reason=f"POST /rollback to {to!r}",
+                                        seconds=round(time.perf_counter() - started, 4))
+                self.guard.record(record)
+        finally:
+            self._job_lock.release()
+        log.warning("rolled back to checkpoint %s (step %d) in %.2fs", info.path, info.step, record.seconds)
+        self.periodic_checkpoint()
+        return record
 
     def _record_step(self, job: Job, result: StepResult) -> None:
         job.steps += 1

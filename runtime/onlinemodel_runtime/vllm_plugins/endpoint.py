@@ -1,5 +1,5 @@
 """The ``vllm.endpoint_plugins`` entry: ``POST /train``, ``GET /train/status``, ``DELETE /train/jobs/{id}``,
-``POST /checkpoint``.
+``POST /checkpoint``, ``POST /rollback``.
 
 The routes live on vLLM's own FastAPI app, on the port that serves ``/v1/chat/completions``. A
 ``POST /train`` is validated and tokenized here (``server/train_request.py``: bad input gets a 4xx before
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Awaitable
 
 from fastapi import APIRouter, FastAPI, Request, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from onlinemodel_protocol.api import ErrorBody, ErrorDetail, TrainStatus
+from onlinemodel_protocol.api import ErrorBody, ErrorDetail, RollbackRequest, TrainStatus
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.rpc import ENDPOINT_PLUGIN, WORKER_EXTENSION_CLS, TrainJob
 from onlinemodel_runtime.server import auth, idempotency
@@ -182,6 +182,25 @@ async def checkpoint(request: Request):
     if rt.supervisor is None:
         return _error(409, "training is disabled for this model: there is nothing to checkpoint", type_="conflict")
     record, refused = await _ask_trainer(rt.supervisor.checkpoint(), "checkpoint_error")
+    return refused or _answer(record)
+
+
+@router.post("/rollback")
+async def rollback(request: Request):
+    rt, refused = _runtime(request)
+    if refused:
+        return refused
+    if rt.supervisor is None:
+        return _error(409, "training is disabled for this model: there is nothing to roll back", type_="conflict")
+    try:
+        body = RollbackRequest.model_validate_json(await _read_body(request, rt.cfg.max_body_bytes))
+    except ExampleError as exc:
+        return _error(exc.http_status, str(exc), code=exc.code)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        return _error(400, f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}", param="to",
+                      code="invalid_request")
+    record, refused = await _ask_trainer(rt.supervisor.rollback(body.to), "rollback_error", param="to")
     return refused or _answer(record)
 
 
