@@ -20,6 +20,7 @@ from onlinemodel_operator.models import (
     CheckpointStatus,
     Condition,
     FailureStatus,
+    GuardStatus,
     ModelChangedStatus,
     OnlineModelStatus,
     SecretKeyStatus,
@@ -70,7 +71,20 @@ def previous_status(body: Mapping[str, Any]) -> OnlineModelStatus:
 def training_from_runtime(answer: TrainStatus) -> TrainingStatus:
     return TrainingStatus(state=answer.state, steps=answer.steps, tokens_trained=answer.tokens_trained,
                           last_loss=answer.last_loss, weight_version=answer.weight_version,
-                          last_step_time=answer.last_step_time)
+                          last_step_time=answer.last_step_time, guard=guard_from_runtime(answer))
+
+
+def guard_from_runtime(answer: TrainStatus) -> Optional[GuardStatus]:
+    guard = answer.guard
+    if guard is None:  # a runtime without the guard section
+        return None
+    last = guard.last_rollback
+    return GuardStatus(enabled=guard.enabled, rollbacks=guard.rollbacks,
+                       last_rollback_time=last.time if last else None,
+                       last_rollback_source=last.source if last else None,
+                       last_rollback_job=last.job_id if last else None,
+                       last_rollback_checkpoint=last.checkpoint if last else None,
+                       last_rollback_reason=last.reason if last else None)
 
 
 def with_saved_checkpoint(checkpoint: Optional[CheckpointStatus], saved: Optional[CheckpointRecord],
@@ -264,8 +278,23 @@ class Transition:
 WARNING_REASONS = FAILING_POD_REASONS | {"TrainerError", "CheckpointFailed", "InvalidSpec", "RuntimeUnreachable"}
 
 
+def _rollback_transition(old: OnlineModelStatus, new: OnlineModelStatus) -> Optional[Transition]:
+    """An Event for a rollback newer than the one the status held (each is seen once: its time is kept)."""
+    before = old.training.guard if old.training and old.training.guard else GuardStatus()
+    after = new.training.guard if new.training and new.training.guard else None
+    if after is None or after.last_rollback_time is None or after.last_rollback_time == before.last_rollback_time:
+        return None
+    missed = (after.rollbacks or 0) - (before.rollbacks or 0) - 1
+    more = f" ({missed} more since the last poll)" if missed > 0 else ""
+    if after.last_rollback_source == "guard":
+        return Transition("Warning", "RolledBack", f"job {after.last_rollback_job} was rolled back: "
+                                                    f"{after.last_rollback_reason}{more}")
+    return Transition("Normal", "RolledBack", f"weights rolled back to checkpoint {after.last_rollback_checkpoint} "
+                                              f"on request{more}")
+
+
 def transitions(old: OnlineModelStatus, new: OnlineModelStatus) -> list[Transition]:
-    """Events for conditions whose status or reason changed, and for a new checkpoint."""
+    """Events for conditions whose status or reason changed, a new checkpoint, and a new rollback."""
     out: list[Transition] = []
     before = {c.type: (c.status, c.reason) for c in old.conditions}
     for cond in new.conditions:
@@ -278,6 +307,9 @@ def transitions(old: OnlineModelStatus, new: OnlineModelStatus) -> list[Transiti
     new_ck = new.checkpoint
     if new_ck is not None and new_ck.step is not None and new_ck.step != old_step:
         out.append(Transition("Normal", "CheckpointSaved", f"checkpoint of step {new_ck.step} at {new_ck.path}"))
+    rollback = _rollback_transition(old, new)
+    if rollback is not None:
+        out.append(rollback)
     return out
 
 
