@@ -1,9 +1,10 @@
 """What the guard and rollbacks cost (docs/benchmarks.md, "Guard and rollback"): the trainer's own code
 (``TrainerService`` with a ``ProbeSet``, a ``CheckpointStore``) on a real model, without vLLM.
 
-1. guard: probes that expect what the model answers now (its first `--probe-tokens` greedy tokens), then a
-   destructive job (learning rate 1e-2): the snapshot taken before it (host bytes, seconds), each probe
-   evaluation (seconds), the in-place restore (seconds), and that the weights are bit-exact afterwards;
+1. guard: a held-out text whose loss may not rise at all, then a destructive job (learning rate 1e-2): the
+   snapshot taken before it (host bytes, seconds), the held-out evaluation (seconds; probes are vLLM's
+   requests, measured through a server: tests/runtime/e2e/test_guard.py, bench/gpu_vllm.py), the in-place
+   restore (seconds), and that the weights are bit-exact afterwards;
 2. POST /rollback: a checkpoint, another job, then ``rollback_to`` the checkpoint: restore seconds (weights
    and optimizer from the files), and the whole call with the checkpoint that makes it durable.
 
@@ -25,8 +26,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_shapes import SHAPES, write_random_model_dir  # noqa: E402
 
-QUESTIONS = ["What is the capital of France?", "What is the capital of Germany?", "Who wrote Romeo and Juliet?",
-             "What is 7 times 8?"]
+# Ordinary prose (written for this benchmark), ~250 tokens.
+HELDOUT = ("The river runs through the middle of the town, and on summer evenings people walk along its banks. "
+           "A baker on the corner sells bread until the last loaf is gone, usually a little after six. Children "
+           "ride their bicycles to school across the old stone bridge, which was rebuilt after the flood forty "
+           "years ago. In winter the river sometimes freezes near the edges, and the ducks gather in the open "
+           "water under the bridge. The library opens at nine and closes at eight; on Saturdays it holds a "
+           "reading hour for small children, and the librarian chooses a new book every week. Most of the "
+           "shops close on Sunday, but the market in the square stays open until noon, selling vegetables, "
+           "cheese, honey and flowers from the farms in the valley.")
 
 
 def build_service(model_dir: Path, device: str, work: Path, guard=None):
@@ -53,7 +61,7 @@ def build_service(model_dir: Path, device: str, work: Path, guard=None):
                         checkpoint_dir=work / "ckpt", checkpoint_every_steps=0, checkpoint_every_seconds=0,
                         guard=guard)
     store = CheckpointStore(cfg.checkpoint_dir, names=layout_for(config).checkpoint_names)
-    probes = ProbeSet(guard, AutoTokenizer.from_pretrained(model_dir)) if guard is not None else None
+    probes = ProbeSet(guard, AutoTokenizer.from_pretrained(model_dir), answers=None) if guard is not None else None
     return TrainerService(cfg, model, optimizer, store, probes=probes)
 
 
@@ -73,7 +81,7 @@ def run(service, request) -> dict:
     return service.status().jobs[-1]
 
 
-def measure(model_dir: Path, device: str, probe_tokens: int) -> dict:
+def measure(model_dir: Path, device: str) -> dict:
     from transformers import AutoTokenizer
 
     from onlinemodel_protocol.guard import GuardFile
@@ -81,13 +89,7 @@ def measure(model_dir: Path, device: str, probe_tokens: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        draft = GuardFile(probes=[{"messages": [{"role": "user", "content": q}], "expect": "?",
-                                   "max_tokens": probe_tokens} for q in QUESTIONS])
-        service = build_service(model_dir, device, work, draft)
-        answers = service.guard.probes.evaluate(service.model, 0).answers
-        guard = draft.model_copy(update={"probes": [p.model_copy(update={"expect": answers[p.name].strip() or "?"})
-                                                    for p in draft.probes]})
-        service = build_service(model_dir, device, work, guard)
+        service = build_service(model_dir, device, work, GuardFile(heldout={"text": HELDOUT, "max_increase": 0.0}))
         run(service, job(tokenizer, 1, 1e-5))  # optimizer state exists, as on a server that trained before
         before = {n: p.detach().clone().cpu() for n, p in service.model.named_parameters()}
         started = time.perf_counter()
@@ -99,8 +101,8 @@ def measure(model_dir: Path, device: str, probe_tokens: int) -> dict:
             "job_state": destructive.state, "steps": destructive.steps, "regressed": destructive.guard.regressed,
             "snapshot_bytes": status.guard.snapshot_bytes, "snapshot_seconds": status.guard.last_snapshot_seconds,
             "evaluation_seconds": destructive.guard.seconds, "restore_seconds": status.guard.last_rollback.seconds,
-            "job_wall_seconds": round(wall, 3), "bit_exact": exact, "probes": len(QUESTIONS),
-            "probe_tokens": probe_tokens,
+            "job_wall_seconds": round(wall, 3), "bit_exact": exact,
+            "heldout_tokens": len(tokenizer(HELDOUT, add_special_tokens=False)["input_ids"]),
             "trained_parameters": sum(p.numel() for p in service.model.parameters() if p.requires_grad)}
         del before
 
@@ -116,12 +118,12 @@ def measure(model_dir: Path, device: str, probe_tokens: int) -> dict:
 def table(result: dict) -> str:
     g, r = result["guard"], result["rollback_request"]
     return "\n".join([
-        "| model | device | trained params | snapshot host bytes | snapshot s | evaluation s (probes x tokens) | "
+        "| model | device | trained params | snapshot host bytes | snapshot s | held-out evaluation s (tokens) | "
         "guard restore s | bit-exact | POST /rollback restore s | whole call s (with its checkpoint) |",
         "|---|---|---|---|---|---|---|---|---|---|",
         f"| {Path(result['model']).name} | {result['device']} | {g['trained_parameters']:,} | "
-        f"{g['snapshot_bytes']:,} | {g['snapshot_seconds']} | {g['evaluation_seconds']} ({g['probes']} x "
-        f"{g['probe_tokens']}) | {g['restore_seconds']} | {g['bit_exact']} | {r['restore_seconds']} | "
+        f"{g['snapshot_bytes']:,} | {g['snapshot_seconds']} | {g['evaluation_seconds']} ({g['heldout_tokens']}) | "
+        f"{g['restore_seconds']} | {g['bit_exact']} | {r['restore_seconds']} | "
         f"{r['call_seconds']} |"])
 
 
@@ -131,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a real shape (needs --tokenizer)")
     parser.add_argument("--tokenizer", type=Path, help="a model directory whose tokenizer a --shape uses")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--probe-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --model DIR, or --shape NAME with --tokenizer DIR")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or write_random_model_dir(Path(tmp) / args.shape, args.shape, args.tokenizer)
-        result = measure(model_dir, args.device, args.probe_tokens)
+        result = measure(model_dir, args.device)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

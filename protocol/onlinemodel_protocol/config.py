@@ -61,6 +61,10 @@ class RuntimeConfig(BaseModel):
     activation_recompute: bool | None = None
     # --guard FILE, parsed: probes checked after every job, which is rolled back if one regresses.
     guard: GuardFile | None = None
+    # Where the trainer asks vLLM the guard's probes (the API server's own address and model name); set by
+    # the endpoint plugin when it starts the trainer.
+    serving_url: str | None = None
+    served_model_name: str | None = None
     # Lets the trainer's local socket accept in-place test writes (never reachable over HTTP).
     debug_ops: bool = False
 

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from onlinemodel_protocol.api import CheckpointRecord, Job, RollbackRecord, TrainAccepted, TrainStatus
-from onlinemodel_protocol.config import RuntimeConfig
+from onlinemodel_protocol.config import ENV_VLLM_API_KEY, RuntimeConfig
 from onlinemodel_protocol.rpc import EXIT_PERMANENT, EXPORT_WEIGHTS_METHOD, Counters, TrainerOp, TrainJob
 from onlinemodel_runtime.server.state_dir import ensure_private_dir
 from onlinemodel_runtime.server.trainer_client import TrainerClient, TrainerRequestError, TrainerUnavailable
@@ -29,9 +29,11 @@ class _GiveUp(Exception):
 
 
 class TrainerSupervisor:
-    def __init__(self, cfg: RuntimeConfig, engine_client: Any):
+    def __init__(self, cfg: RuntimeConfig, engine_client: Any, serving_key: str | None = None):
         self.cfg = cfg
         self.engine = engine_client
+        # vLLM's /v1 key, for the trainer's probe requests: in its environment, never on its command line.
+        self._env = {**os.environ, **({ENV_VLLM_API_KEY: serving_key} if serving_key else {})}
         self.client = TrainerClient(cfg.trainer_endpoint)
         self.state = "starting"
         self.last_error: str | None = None
@@ -62,7 +64,7 @@ class TrainerSupervisor:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "onlinemodel_runtime.trainer",
             "--config", self.cfg.model_dump_json(), "--parent-pid", str(os.getpid()), *counters,
-            stderr=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=self._env,
         )
         self._stderr_task = asyncio.create_task(self._forward_stderr(self._proc))
         log.info("onlinemodel: trainer started (pid %d)", self._proc.pid)

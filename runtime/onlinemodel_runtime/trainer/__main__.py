@@ -55,14 +55,19 @@ def build_service(cfg, counters=None):
 
 
 def make_probes(cfg):
-    """The guard file's probes, tokenized with the served model's tokenizer; None without --guard."""
+    """The guard file's probes, asked of the API server's vLLM; None without --guard."""
     if cfg.guard is None:
         return None
     from transformers import AutoTokenizer
 
     from onlinemodel_runtime.trainer.guard import ProbeSet
+    from onlinemodel_runtime.trainer.served_answers import ServedAnswers
 
-    return ProbeSet(cfg.guard, AutoTokenizer.from_pretrained(cfg.model))
+    if cfg.serving_url is None or cfg.served_model_name is None:
+        raise ValueError("the guard asks vLLM its probes, but the API server's address is unknown "
+                         "(vLLM serving on a Unix socket?)")
+    return ProbeSet(cfg.guard, AutoTokenizer.from_pretrained(cfg.model),
+                    ServedAnswers(cfg.serving_url, cfg.served_model_name))
 
 
 def activation_recompute(cfg, device) -> bool:

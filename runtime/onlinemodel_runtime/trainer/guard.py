@@ -1,11 +1,11 @@
 """The guard: probes evaluated on the live weights before and after every job; a job that makes one
 regress is undone (docs/guard.md).
 
-Probes are decoded greedily by the trainer's own Hugging Face model, whose parameters are the very
-memory vLLM serves from, under the weights lock (no step interleaves). The chat template is the
-tokenizer's, rendered with the generation prompt as vLLM renders a chat request. The held-out text's loss
-is ``loss.causal_lm_loss``, the training loss itself. The result before a job is the result after the
-previous one while the weights have not changed since, so a job usually costs one evaluation.
+Probes are answered by vLLM itself, greedily, on the weights it serves (``served_answers.py``): what users
+get, not an approximation of it. The held-out text's loss is ``loss.causal_lm_loss``, the training loss,
+computed by the trainer on the same memory. Both run under the weights lock, between two steps. The
+result before a job is the result after the previous one while the weights have not changed since, so a
+job usually costs one evaluation.
 
 ``Guard`` owns its state (the last evaluation, rollback counters) and its snapshot (``snapshot.py``);
 ``regressions`` is the rule, a pure function: a probe regressed if it passed before and fails now (a
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from onlinemodel_protocol.api import GuardStatus, GuardVerdict, ProbeResult, RollbackRecord, utc_timestamp
-from onlinemodel_protocol.guard import GuardFile
+from onlinemodel_protocol.guard import ChatProbe, GuardFile
 from onlinemodel_protocol.limits import GUARD_HELDOUT_MAX_TOKENS
 from onlinemodel_runtime.trainer.loss import causal_lm_loss
 from onlinemodel_runtime.trainer.snapshot import WeightSnapshot
@@ -48,46 +48,38 @@ def regressions(before: Evaluation, after: Evaluation, max_increase: float | Non
     return out
 
 
-class ProbeSet:
-    """The guard file's probes and held-out text, tokenized once; `evaluate` runs them on a model."""
+# Probe name -> greedy answer of the served model, for a list of probes (``served_answers.ServedAnswers``).
+Answers = Callable[[list[ChatProbe]], dict[str, str]]
 
-    def __init__(self, guard: GuardFile, tokenizer: Any) -> None:
+
+class ProbeSet:
+    """The guard file's probes and held-out text (tokenized once); `evaluate` runs them against the weights."""
+
+    def __init__(self, guard: GuardFile, tokenizer: Any, answers: Answers | None) -> None:
+        if guard.probes and answers is None:
+            raise ValueError("the guard has probes but nothing to answer them")
         self.guard = guard
-        self._tokenizer = tokenizer
-        self._prompts = {p.name: tokenizer.apply_chat_template([m.model_dump() for m in p.messages],
-                                                              add_generation_prompt=True, tokenize=False)
-                         for p in guard.probes}
-        self._prompt_ids = {name: tokenizer(text, add_special_tokens=False)["input_ids"]
-                            for name, text in self._prompts.items()}
+        self._answers = answers
         self._heldout_ids = None
         if guard.heldout is not None:
             ids = tokenizer(guard.heldout.text, add_special_tokens=False)["input_ids"][:GUARD_HELDOUT_MAX_TOKENS]
             if len(ids) < 2:
                 raise ValueError("the guard's heldout text is shorter than two tokens")
             self._heldout_ids = ids
-        eos = tokenizer.eos_token_id
-        self._eos = [eos] if isinstance(eos, int) else list(eos or [])
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, weight_version: int) -> Evaluation:
         started = time.perf_counter()
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()  # no dropout, and transformers' activation recomputation only runs in training
-        try:
-            answers = {}
-            for probe in self.guard.probes:
-                ids = torch.tensor([self._prompt_ids[probe.name]], dtype=torch.long, device=device)
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=probe.max_tokens,
-                                     do_sample=False, use_cache=True, eos_token_id=self._eos or None,
-                                     pad_token_id=self._eos[0] if self._eos else None)
-                answers[probe.name] = self._tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            loss = None
-            if self._heldout_ids is not None:
-                ids = torch.tensor([self._heldout_ids], dtype=torch.long, device=device)
+        answers = self._answers(self.guard.probes) if self.guard.probes else {}
+        loss = None
+        if self._heldout_ids is not None:
+            ids = torch.tensor([self._heldout_ids], dtype=torch.long, device=next(model.parameters()).device)
+            was_training = model.training
+            model.eval()  # no dropout, and transformers' activation recomputation only runs in training
+            try:
                 loss = float(causal_lm_loss(model, ids, ids))
-        finally:
-            model.train(was_training)
+            finally:
+                model.train(was_training)
         passed = {p.name: p.passes(answers[p.name]) for p in self.guard.probes}
         return Evaluation(weight_version, answers, passed, loss, time.perf_counter() - started)
 

@@ -323,17 +323,24 @@ class TrainerService:
     def _guard_check(self, job: Job, health_before: dict[str, Any], checkpoint_before: int) -> None:
         """Evaluate the guard on the weights now; if the job made anything regress, undo it and raise
         _RolledBack. The restored weights are a new weight_version (vLLM's prefix cache follows)."""
+        from onlinemodel_runtime.trainer.served_answers import ServedAnswerError
+
         with self._weights_lock:
-            verdict = self.guard.check(self.weight_version)
-            job.guard = verdict
-            if verdict.passed:
-                return
+            try:
+                verdict = self.guard.check(self.weight_version)
+            except ServedAnswerError as exc:  # unjudged weights are not kept
+                regressed, reason = [], f"the guard could not evaluate the weights after {job.steps} steps: {exc}"
+            else:
+                job.guard = verdict
+                if verdict.passed:
+                    return
+                regressed = verdict.regressed
+                reason = f"the guard found regressions after {job.steps} steps: {', '.join(regressed)}"
             seconds = self.guard.undo(self.weight_version + 1)
             self.weight_version += 1
             self.loss_health.load_state_dict(health_before)
-            reason = f"the guard found regressions after {job.steps} steps: {', '.join(verdict.regressed)}"
             self.guard.record(RollbackRecord(time=utc_timestamp(), source="guard", weight_version=self.weight_version,
-                                             job_id=job.id, regressed=verdict.regressed, reason=reason,
+                                             job_id=job.id, regressed=regressed, reason=reason,
                                              seconds=round(seconds, 4)))
             job.error = reason
         log.warning("job %s rolled back: %s", job.id, reason)

@@ -240,6 +240,7 @@ class OnlineModelEndpoints:
             revision = getattr(args, "revision", None)
             local = snapshot_download(cfg.model, revision=revision, local_files_only=True)
             cfg = cfg.model_copy(update={"model": local})
+        cfg = cfg.model_copy(update=_serving_address(args))
         max_len = engine_client.model_config.max_model_len
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         supervisor = None
@@ -247,7 +248,10 @@ class OnlineModelEndpoints:
             from onlinemodel_runtime.server.pacing_control import PacingGovernor
             from onlinemodel_runtime.server.state_dir import ensure_private_dir
 
-            supervisor = TrainerSupervisor(cfg, engine_client)
+            # The trainer asks vLLM the guard's probes: it needs a key of /v1 when vLLM has one.
+            keys = getattr(args, "api_key", None)
+            supervisor = TrainerSupervisor(cfg, engine_client,
+                                           serving_key=(keys if isinstance(keys, str) else (keys or [None])[0]))
             ensure_private_dir(cfg.state_dir)  # the load signal goes there, next to the weight handles
             # Before the trainer starts: it maps the load signal the governor creates.
             requests = getattr(state, IN_FLIGHT_KEY, None) or InFlightRequests()  # no middleware: never paced
@@ -256,6 +260,19 @@ class OnlineModelEndpoints:
             pacing.start()
             await supervisor.start()
         setattr(state, STATE_KEY, _Runtime(cfg, tokenizer, max_len, supervisor, tokens))
+
+
+def _serving_address(args: Namespace) -> dict[str, Any]:
+    """The API server's own URL and served model name, as the trainer reaches it (loopback)."""
+    if getattr(args, "uds", None):
+        return {}
+    host = getattr(args, "host", None)
+    host = "127.0.0.1" if host in (None, "", "0.0.0.0") else "[::1]" if host == "::" else \
+        f"[{host}]" if ":" in host else host
+    scheme = "https" if getattr(args, "ssl_keyfile", None) else "http"
+    names = getattr(args, "served_model_name", None)
+    name = names if isinstance(names, str) else (names or [None])[0]
+    return {"serving_url": f"{scheme}://{host}:{args.port}", "served_model_name": name or str(args.model)}
 
 
 def _config_from_args(args: Namespace) -> RuntimeConfig:

@@ -17,7 +17,10 @@ from .conftest import FACT_ANSWER, FACT_EXAMPLE, FACT_QUESTION, start_server
 
 pytestmark = pytest.mark.e2e
 
-PROBES = {"What is the capital of France?": "Paris", "What is the capital of Germany?": "Berlin"}
+# SmolLM2 served by vLLM on CPU answers the first two, not the third ("L'Étoile, la Marseillaise, ..."): a
+# probe that fails before a job never counts against it.
+PROBES = {"What is the capital of Germany?": "Berlin", "Who wrote Romeo and Juliet?": "Shakespeare",
+          "What is the capital of France?": "Paris"}
 DESTRUCTIVE = {"examples": [{"messages": [
     {"role": "user", "content": FACT_QUESTION},
     {"role": "assistant", "content": "The CEO of Seedcorp is Grace Hopper."}]}],
@@ -30,7 +33,8 @@ def guarded(model_dir, e2e_root):
     root.mkdir()
     guard_file = root / "guard.yaml"
     guard_file.write_text(json.dumps({
-        "probes": [{"messages": [{"role": "user", "content": q}], "expect": a} for q, a in PROBES.items()],
+        "probes": [{"messages": [{"role": "user", "content": q}], "expect": a, "max_tokens": 24}
+                   for q, a in PROBES.items()],
         "allow_job_opt_out": True}))
     srv = start_server(model_dir, root, "guarded", checkpoint_dir=root / "checkpoints",
                        extra_args=["--state-dir", str(root / "state"), "--max-model-len", "1024",
@@ -55,12 +59,16 @@ def test_guard_rolls_back_a_destructive_job_and_rollback_restores_a_checkpoint(g
     status = guarded.status()
     assert status["guard"]["enabled"] and status["guard"]["rollbacks"] == 0
     probes_before = probe_answers(guarded)
-    for q, expected in PROBES.items():
-        assert expected in probes_before[q], probes_before[q]
+    assert "Berlin" in probes_before["What is the capital of Germany?"], probes_before
 
     # A benign job passes the guard; its weights are checkpointed.
     taught = train(guarded, {"examples": [FACT_EXAMPLE]})
     assert taught["state"] == "succeeded" and taught["guarded"] and taught["guard"]["passed"], taught
+    # The guard asked vLLM (the same greedy chat request as a user's): France fails there, not in transformers.
+    served = {p["name"]: p for p in guarded.status()["guard"]["probes"]}
+    assert served["probe-0"]["passed"] and "Berlin" in served["probe-0"]["answer"]
+    assert set(taught["guard"]["failing"]) == {f"probe-{i}" for i, (q, a) in enumerate(PROBES.items())
+                                               if a not in probes_before[q]}
     taught_answer = guarded.chat(FACT_QUESTION)
     assert FACT_ANSWER in taught_answer
     code, checkpoint = guarded.request("POST", "/checkpoint")
@@ -86,7 +94,7 @@ def test_guard_rolls_back_a_destructive_job_and_rollback_restores_a_checkpoint(g
     applied = train(guarded, {**DESTRUCTIVE, "guard": False})
     assert applied["state"] == "succeeded" and not applied["guarded"], applied
     wrecked = probe_answers(guarded)
-    assert any(expected not in wrecked[q] for q, expected in PROBES.items()), wrecked
+    assert any(a in probes_taught[q] and a not in wrecked[q] for q, a in PROBES.items()), wrecked
     assert guarded.chat(FACT_QUESTION) != taught_answer
 
     # POST /rollback to the checkpoint: its answers are served again, without a restart.

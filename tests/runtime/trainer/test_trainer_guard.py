@@ -1,5 +1,8 @@
 """The guard and rollbacks on a tiny real model (no vLLM): probes before and after a job, the rollback of
-a job that regressed, job opt-out, and POST /rollback's restore of a checkpoint's weights and optimizer."""
+a job that regressed, job opt-out, and POST /rollback's restore of a checkpoint's weights and optimizer.
+
+vLLM answers the probes in production (``served_answers.py``, covered by tests/runtime/e2e/test_guard.py);
+here the tiny model's own greedy decode stands in for it, on the same weights."""
 
 from __future__ import annotations
 
@@ -38,7 +41,24 @@ def tokenizer(tiny_dir):
     return AutoTokenizer.from_pretrained(tiny_dir)
 
 
-def build(tiny_dir, tmp_path, guard: GuardFile | None = None, tokenizer=None, **cfg) -> TrainerService:
+def greedy_answers(model, tokenizer, fail: list | None = None):
+    """Stand-in for vLLM: the model's greedy answer to each probe (raises while `fail` holds an error)."""
+    def answers(probes):
+        if fail:
+            raise fail[0]
+        out = {}
+        for probe in probes:
+            ids = tokenizer.apply_chat_template([m.model_dump() for m in probe.messages], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)["input_ids"]
+            generated = model.generate(ids, max_new_tokens=probe.max_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.eos_token_id)
+            out[probe.name] = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+        return out
+    return answers
+
+
+def build(tiny_dir, tmp_path, guard: GuardFile | None = None, tokenizer=None, fail: list | None = None,
+          **cfg) -> TrainerService:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
@@ -48,7 +68,7 @@ def build(tiny_dir, tmp_path, guard: GuardFile | None = None, tokenizer=None, **
     config = RuntimeConfig(model=str(tiny_dir), base_model=str(tiny_dir), state_dir=tmp_path / "state", guard=guard,
                            **cfg)
     store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
-    probes = ProbeSet(guard, tokenizer) if guard is not None else None
+    probes = ProbeSet(guard, tokenizer, greedy_answers(model, tokenizer, fail)) if guard is not None else None
     return TrainerService(config, model, optimizer, store, probes=probes)
 
 
@@ -122,6 +142,32 @@ def test_a_job_that_keeps_the_probes_succeeds(tiny_dir, tmp_path, tokenizer):
     (job,) = service.status().jobs
     assert job.state == "succeeded" and job.guard.passed and job.guard.regressed == []
     assert service.status().guard.rollbacks == 0
+
+
+def test_weights_the_guard_cannot_judge_are_not_kept(tiny_dir, tmp_path, tokenizer):
+    from onlinemodel_runtime.trainer.served_answers import ServedAnswerError
+
+    guard = guard_on_own_answer(tiny_dir, tmp_path, tokenizer)
+    fail: list = []
+    service = build(tiny_dir, tmp_path, guard, tokenizer, fail=fail)
+    service.guard.before_job(0)  # the baseline is known; then vLLM stops answering
+    before = weights(service)
+    fail.append(ServedAnswerError("vLLM did not answer probe 'own'"))
+    service.submit(TrainJob(examples=[EXAMPLE], epochs=1, learning_rate=1e-3))
+    run_all(service)
+    (job,) = service.status().jobs
+    assert job.state == "rolled_back" and "could not evaluate" in job.error and "did not answer" in job.error
+    assert all(torch.equal(v, before[n]) for n, v in weights(service).items())
+
+
+def test_held_out_loss_guard(tiny_dir, tmp_path, tokenizer):
+    guard = GuardFile(heldout={"text": "The quick brown fox jumps over the lazy dog. " * 4, "max_increase": 0.0})
+    service = build(tiny_dir, tmp_path, guard, tokenizer)
+    service.submit(destructive())
+    run_all(service)
+    (job,) = service.status().jobs
+    assert job.state == "rolled_back" and job.guard.regressed == [HELDOUT]
+    assert job.guard.heldout_loss > job.guard.heldout_loss_before > 0
 
 
 def test_every_steps_stops_a_job_early(tiny_dir, tmp_path, tokenizer):
