@@ -11,6 +11,8 @@
 #                                        weights, vLLM --load-format dummy): start, decode, train, checkpoint
 #   bash bench/gpu_session.sh C         same machine: the optimizer on MoE experts at the Qwen3-30B-A3B shape
 #                                        (4 layers; bench/moe_optim.py): state and step time vs fused AdamW
+#   bash bench/gpu_session.sh G         same machine (vLLM not needed), carrying .gpu/tokenizer: the guard's
+#                                        snapshot/restore and POST /rollback at the 1.7B and 8B shapes
 #   bash bench/gpu_session.sh tests     the GPU tests alone, with $PYTHON (what `make test-gpu` runs)
 #
 # Environment: OUT (results; default ./gpu-out), PYTHON (default python3), ONLINEMODEL_TOKENIZER_DIR
@@ -94,12 +96,27 @@ C)
     tail -8 "$OUT/moe-optim-30B-A3B.out"
     exit $status
     ;;
+G)
+    # The guard's snapshot and restore, and POST /rollback's restore, at the 1.7B and 8B shapes: the trainer's
+    # own code on random weights (bench/guard_rollback.py); no vLLM needed, transformers and torch are.
+    export PYTHONPATH=$PWD/runtime:$PWD/protocol${PYTHONPATH:+:$PYTHONPATH}
+    tokenizer=${ONLINEMODEL_TOKENIZER_DIR:-$PWD/.gpu/tokenizer}
+    mkdir -p "$OUT"
+    status=0
+    for shape in 1.7B 8B; do
+        limit=$([ "$shape" = 8B ] && echo 380 || echo 200)
+        timeout "$limit" "$PYTHON" bench/guard_rollback.py --shape "$shape" --tokenizer "$tokenizer" --device cuda \
+            --out "$OUT/guard-rollback-$shape.json" > "$OUT/guard-rollback-$shape.out" 2>&1 || status=$?
+        tail -3 "$OUT/guard-rollback-$shape.out"
+    done
+    exit $status
+    ;;
 tests)
     shift
     gpu_tests "$@"
     ;;
 *)
-    sed -n '2,19p' "$0"
+    sed -n '2,21p' "$0"
     exit 2
     ;;
 esac

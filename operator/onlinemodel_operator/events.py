@@ -2,7 +2,8 @@
 
 Both statuses are what the API holds (the old one read back from the OnlineModel), so an Event is posted
 once per change, whichever operator process or poll sees it: a job is reported when its state in
-``status.training.jobs`` changes, a trainer restart or a rollback when its counter grows, a checkpoint
+``status.training.jobs`` changes, a trainer restart when its counter grows, a rollback when
+``status.training.guard``'s last rollback changes, a checkpoint
 when its step changes, a condition when its status or reason changes.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from onlinemodel_operator.models import JobStatus, OnlineModelStatus
+from onlinemodel_operator.models import GuardStatus, JobStatus, OnlineModelStatus
 from onlinemodel_operator.pod import FAILING_POD_REASONS
 
 WARNING_REASONS = FAILING_POD_REASONS | {"TrainerError", "CheckpointFailed", "InvalidSpec", "RuntimeUnreachable"}
@@ -76,16 +77,28 @@ def _counters(old: OnlineModelStatus, new: OnlineModelStatus) -> list[Transition
     if restarts:
         out.append(Transition("Warning", "TrainerRestarted",
                               f"the trainer process was restarted ({now.trainer_restarts} restarts in this pod)"))
-    if _grown(was.rollbacks if was else None, now.rollbacks):
-        out.append(Transition("Warning", "RolledBack",
-                              f"the runtime's guard rolled the weights back ({now.rollbacks} rollbacks in total)"))
     return out
+
+
+def _rollback(old: OnlineModelStatus, new: OnlineModelStatus) -> list[Transition]:
+    """One Event for a rollback newer than the one the status held (each is seen once: its time is kept)."""
+    before = old.training.guard if old.training and old.training.guard else GuardStatus()
+    after = new.training.guard if new.training and new.training.guard else None
+    if after is None or after.last_rollback_time is None or after.last_rollback_time == before.last_rollback_time:
+        return []
+    missed = (after.rollbacks or 0) - (before.rollbacks or 0) - 1
+    more = f" ({missed} more since the last poll)" if missed > 0 else ""
+    if after.last_rollback_source == "guard":
+        return [Transition("Warning", "RolledBack",
+                           f"job {after.last_rollback_job} was rolled back: {after.last_rollback_reason}{more}")]
+    return [Transition("Normal", "RolledBack",
+                       f"weights rolled back to checkpoint {after.last_rollback_checkpoint} on request{more}")]
 
 
 def transitions(old: OnlineModelStatus, new: OnlineModelStatus) -> list[Transition]:
     """Events for conditions whose status or reason changed, jobs that started or ended, trainer restarts,
     rollbacks, and a new checkpoint."""
-    out = _conditions(old, new) + _jobs(old, new) + _counters(old, new)
+    out = _conditions(old, new) + _jobs(old, new) + _counters(old, new) + _rollback(old, new)
     old_step = old.checkpoint.step if old.checkpoint else None
     new_ck = new.checkpoint
     if new_ck is not None and new_ck.step is not None and new_ck.step != old_step:

@@ -48,8 +48,10 @@ PODS = Kind("/api/v1", "pods")
 SERVICES = Kind("/api/v1", "services")
 CLAIMS = Kind("/api/v1", "persistentvolumeclaims")
 SECRETS = Kind("/api/v1", "secrets")
+CONFIGMAPS = Kind("/api/v1", "configmaps")
 ONLINEMODELS = Kind(f"/apis/{GROUP}/{VERSION}", PLURAL)
-KINDS = {"Pod": PODS, "Service": SERVICES, "PersistentVolumeClaim": CLAIMS, "Secret": SECRETS}
+KINDS = {"Pod": PODS, "Service": SERVICES, "PersistentVolumeClaim": CLAIMS, "Secret": SECRETS,
+         "ConfigMap": CONFIGMAPS}
 
 
 def load_configuration() -> Any:

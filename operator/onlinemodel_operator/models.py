@@ -25,6 +25,7 @@ MANAGED_FLAGS_RE = r"^--(model|served-model-name|host|port)(=.*)?$"
 API_TOKEN_ENV = ENV_API_TOKEN  # the runtime reads its bearer token from it
 MAX_NAME_LENGTH = 63
 RESOURCE_NAME_RE = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+GUARD_KEY_DEFAULT = "guard.yaml"
 
 # Field-level schema extras the generator copies into the CRD verbatim.
 # (controller-gen writes resource.Quantity the same way)
@@ -137,6 +138,21 @@ class ServingSpec(_Model):
         return self
 
 
+class ConfigMapKeyRef(_Model):
+    """A key of a ConfigMap in the OnlineModel's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the ConfigMap.")
+    key: str = Field(GUARD_KEY_DEFAULT, min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
+                     description="Key in the ConfigMap holding the guard file.")
+
+
+class GuardSpec(_Model):
+    """The guard (docs/guard.md): probes checked after every training job; a job that makes one regress is
+    rolled back. The ConfigMap is validated before the pod starts and read by the runtime at start."""
+
+    config_map_ref: ConfigMapKeyRef = Field(description="ConfigMap key holding the guard file (YAML or JSON).")
+
+
 class TrainingSpec(_Model):
     """Online training settings. Defaults and bounds are the runtime's own (onlinemodel_protocol.limits)."""
 
@@ -159,6 +175,7 @@ class TrainingSpec(_Model):
         None, description="Secret key holding the bearer token that POST /train, POST /checkpoint and GET "
                           "/train/status require. Absent: the operator creates the Secret <name>-api-token with a "
                           "random token (key token) and names it in status.apiTokenSecret.")
+    guard: Optional[GuardSpec] = Field(None, description="Probes that every training job must keep passing.")
     max_decode_slowdown: float = Field(
         limits.MAX_DECODE_SLOWDOWN_DEFAULT, ge=limits.DECODE_SLOWDOWN_OFF, le=limits.MAX_DECODE_SLOWDOWN_MAX,
         description="Serving first: how much slower (p99 per token) decode may get while training runs "
@@ -324,6 +341,18 @@ class JobStatus(_StatusModel):
     error: Optional[str] = None
 
 
+class GuardStatus(_StatusModel):
+    """The guard and rollbacks, as last seen by GET /train/status (its `guard` section)."""
+
+    enabled: Optional[bool] = Field(None, description="A guard file is set.")
+    rollbacks: Optional[int] = Field(None, ge=0, description="Rollbacks so far (by the guard or POST /rollback).")
+    last_rollback_time: Optional[str] = Field(None, json_schema_extra=DATE_TIME)
+    last_rollback_source: Optional[Literal["guard", "request"]] = None
+    last_rollback_job: Optional[str] = Field(None, description="The job the guard rolled back.")
+    last_rollback_checkpoint: Optional[str] = Field(None, description="The checkpoint POST /rollback restored.")
+    last_rollback_reason: Optional[str] = None
+
+
 class TrainingStatus(_StatusModel):
     """The trainer as last seen by GET /train/status."""
 
@@ -334,8 +363,8 @@ class TrainingStatus(_StatusModel):
     weight_version: Optional[int] = Field(None, ge=0)
     last_step_time: Optional[str] = Field(None, json_schema_extra=DATE_TIME)
     trainer_restarts: Optional[int] = Field(None, ge=0, description="Restarts of the trainer process in this pod.")
-    rollbacks: Optional[int] = Field(None, ge=0, description="Times the runtime's guard rolled the weights back.")
     jobs: list[JobStatus] = Field(default_factory=list, description="The runtime's recent jobs, newest last.")
+    guard: Optional[GuardStatus] = None
 
 
 class CheckpointStatus(_StatusModel):

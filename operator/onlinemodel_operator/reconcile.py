@@ -29,8 +29,10 @@ from onlinemodel_operator.decide import (
     decide_checkpoint_request,
     name_taken,
 )
-from onlinemodel_operator.kube import CLAIMS, ONLINEMODELS, PODS, SECRETS, SERVICES, Conflict, KubeApi, KubeError
+from onlinemodel_operator.kube import (CLAIMS, CONFIGMAPS, ONLINEMODELS, PODS, SECRETS, SERVICES, Conflict, KubeApi,
+                                       KubeError)
 from onlinemodel_operator.models import (
+    ConfigMapKeyRef,
     FailureStatus,
     ModelChangedStatus,
     OnlineModelSpec,
@@ -52,8 +54,22 @@ from onlinemodel_operator.status import (
     previous_status,
     with_saved_checkpoint,
 )
+from onlinemodel_protocol.guard import GuardFileError, parse_guard_file
 
 EventSink = Callable[[Mapping[str, Any], Transition], None]
+
+
+def guard_error(config_map: Optional[Mapping[str, Any]], namespace: str, ref: ConfigMapKeyRef) -> Optional[str]:
+    """Why the guard ConfigMap `ref` (read: `config_map`, None if missing) cannot be used, or None."""
+    where = f"spec.training.guard.configMapRef: ConfigMap {namespace}/{ref.name}"
+    text = (config_map or {}).get("data", {}).get(ref.key)
+    if text is None:
+        return f"{where} does not exist or has no key {ref.key!r}"
+    try:
+        parse_guard_file(text, source=f"{where} key {ref.key!r}")
+    except GuardFileError as exc:
+        return str(exc)
+    return None
 
 
 @dataclass(frozen=True)
@@ -216,6 +232,11 @@ class Reconciler:
         for path, claim in claims:
             if await self.kube.get(CLAIMS, ns, claim) is None:
                 return None, f"{path}: PersistentVolumeClaim {ns}/{claim} does not exist"
+        if spec.training.enabled and spec.training.guard is not None:
+            error = guard_error(await self.kube.get(CONFIGMAPS, ns, spec.training.guard.config_map_ref.name),
+                                ns, spec.training.guard.config_map_ref)
+            if error:
+                return None, error
         return spec, None
 
     # --- children -------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ CONTAINER_NAME = "runtime"
 PORT_NAME = "http"
 CHECKPOINT_DIR = "/var/lib/onlinemodel/checkpoints"
 MODEL_VOLUME_DIR = "/var/lib/onlinemodel/model"
+# The guard ConfigMap's key, mounted read-only (spec.training.guard).
+GUARD_DIR = "/etc/onlinemodel/guard"
+GUARD_FILE = "guard.yaml"
 DEFAULT_CHECKPOINT_SIZE = "20Gi"
 STARTUP_PROBE_PERIOD = 10
 HEALTH_PATH = "/health"
@@ -173,6 +176,8 @@ def serve_args(owner: Owner, spec: OnlineModelSpec) -> list[str]:
                  else "off"]
         if training.max_body_bytes is not None:
             args += ["--max-body-bytes", str(training.max_body_bytes)]
+        if training.guard is not None:
+            args += ["--guard", f"{GUARD_DIR}/{GUARD_FILE}"]
     if spec.serving.max_model_len is not None:
         args += ["--max-model-len", str(spec.serving.max_model_len)]
     if spec.serving.gpu_memory_utilization is not None:
@@ -259,6 +264,11 @@ def render_pod(owner: Owner, spec: OnlineModelSpec) -> dict[str, Any]:
         mounts.append({"name": "model", "mountPath": MODEL_VOLUME_DIR, "readOnly": True})
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": source.volume.claim_name,
                                                                     "readOnly": True}})
+    guard = spec.training.guard if spec.training.enabled else None
+    if guard is not None:
+        mounts.append({"name": "guard", "mountPath": GUARD_DIR, "readOnly": True})
+        volumes.append({"name": "guard", "configMap": {"name": guard.config_map_ref.name, "items": [
+            {"key": guard.config_map_ref.key, "path": GUARD_FILE}]}})
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": spec.image,

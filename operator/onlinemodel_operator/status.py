@@ -20,6 +20,7 @@ from onlinemodel_operator.models import (
     CheckpointStatus,
     Condition,
     FailureStatus,
+    GuardStatus,
     JobStatus,
     ModelChangedStatus,
     OnlineModelStatus,
@@ -67,23 +68,26 @@ def previous_status(body: Mapping[str, Any]) -> OnlineModelStatus:
 
 # --- the runtime's words -> the status's ---------------------------------------------------------------
 
-def rollbacks_of(answer: TrainStatus) -> Optional[int]:
-    """How often the runtime's guard rolled the weights back: its `guard.rollbacks`, a count or a list of
-    rollbacks, or None from a runtime without a guard (then the field is not in the answer at all)."""
-    guard = getattr(answer, "guard", None)
-    value = guard.get("rollbacks") if isinstance(guard, Mapping) else getattr(guard, "rollbacks", None)
-    if isinstance(value, (list, tuple)):
-        return len(value)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
 def training_from_runtime(answer: TrainStatus) -> TrainingStatus:
     jobs = [JobStatus(id=job.id, state=job.state, steps_done=job.steps, steps_total=job.steps_total,
                       last_loss=job.last_loss, error=job.error) for job in answer.jobs]
     return TrainingStatus(state=answer.state, steps=answer.steps, tokens_trained=answer.tokens_trained,
                           last_loss=answer.last_loss, weight_version=answer.weight_version,
                           last_step_time=answer.last_step_time, trainer_restarts=answer.trainer_restarts,
-                          rollbacks=rollbacks_of(answer), jobs=jobs)
+                          jobs=jobs, guard=guard_from_runtime(answer))
+
+
+def guard_from_runtime(answer: TrainStatus) -> Optional[GuardStatus]:
+    guard = answer.guard
+    if guard is None:  # a runtime without the guard section
+        return None
+    last = guard.last_rollback
+    return GuardStatus(enabled=guard.enabled, rollbacks=guard.rollbacks,
+                       last_rollback_time=last.time if last else None,
+                       last_rollback_source=last.source if last else None,
+                       last_rollback_job=last.job_id if last else None,
+                       last_rollback_checkpoint=last.checkpoint if last else None,
+                       last_rollback_reason=last.reason if last else None)
 
 
 def with_saved_checkpoint(checkpoint: Optional[CheckpointStatus], saved: Optional[CheckpointRecord],

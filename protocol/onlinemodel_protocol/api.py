@@ -1,5 +1,5 @@
 """The HTTP bodies of ``POST /train``, ``GET /train/status``, ``GET /train/limits``, ``GET`` and ``DELETE
-/train/jobs/{id}`` and ``POST /checkpoint`` (docs/api.md).
+/train/jobs/{id}``, ``POST /checkpoint`` and ``POST /rollback`` (docs/api.md).
 
 The runtime builds every one of these answers from the models below: the trainer its status, jobs and
 checkpoints, the API server the placeholder status it answers while no trainer does, so both are one
@@ -15,11 +15,12 @@ import math
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field, field_validator
 
 TrainerState = Literal["starting", "idle", "training", "error", "disabled"]
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-FINISHED_JOB_STATES = ("succeeded", "failed", "cancelled")
+# rolled_back: the guard found a regression and restored the weights of before the job (docs/guard.md).
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "rolled_back"]
+FINISHED_JOB_STATES = ("succeeded", "failed", "cancelled", "rolled_back")
 CheckpointState = Literal["idle", "running", "failed"]
 # How the trainer is paced while requests wait for tokens (docs/serving-first.md): "measured": its duty cycle
 # follows vLLM's measured inter-token latency; "fixed": vLLM's latency histogram is not available, the duty
@@ -64,6 +65,19 @@ class TrainAccepted(_Body):
     tokens: int = Field(ge=0)
 
 
+class GuardVerdict(_Body):
+    """One evaluation of the guard's probes after (part of) a job, compared with before it."""
+
+    time: str
+    weight_version: int = Field(ge=0)  # the weights evaluated
+    passed: bool  # nothing regressed
+    regressed: list[str] = Field(default_factory=list)  # probe names, and "heldout" for the held-out loss
+    failing: list[str] = Field(default_factory=list)  # probes failing now (those failing before included)
+    heldout_loss_before: FiniteOrNone = None
+    heldout_loss: FiniteOrNone = None
+    seconds: FiniteOrNone = None
+
+
 class Job(_Body):
     """One training job as ``GET /train/status`` lists it; the trainer updates it while it runs.
 
@@ -80,11 +94,13 @@ class Job(_Body):
     steps: int = Field(0, ge=0)
     steps_total: int | None = Field(None, ge=0)  # None only from a runtime older than this field
     last_loss: FiniteOrNone = None
-    error: str | None = None
+    error: str | None = None  # why it failed, or why it was rolled back
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
     eta_seconds: FiniteOrNone = None
+    guarded: bool = False  # the guard checks this job
+    guard: GuardVerdict | None = None  # the guard's last verdict on this job
 
     @computed_field
     @property
@@ -135,6 +151,59 @@ class JobCounts(_Body):
     succeeded: int = Field(0, ge=0)
     failed: int = Field(0, ge=0)
     cancelled: int = Field(0, ge=0)
+    rolled_back: int = Field(0, ge=0)
+
+
+class RollbackRequest(_Body):
+    """``POST /rollback``: a checkpoint's step, its directory name (``step-00000012``), or "latest"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    to: int | str
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _step_or_name(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError('"to" is a checkpoint step (an integer), a checkpoint name, or "latest"')
+        if isinstance(value, int) and value < 0:
+            raise ValueError('"to" must not be negative')
+        return value
+
+
+class RollbackRecord(_Body):
+    """One rollback: the answer of ``POST /rollback`` and ``guard.last_rollback`` of the status."""
+
+    time: str
+    source: Literal["guard", "request"]
+    weight_version: int = Field(ge=0)  # the version serving the restored weights (always a new one)
+    job_id: str | None = None  # the job the guard rolled back
+    checkpoint: str | None = None  # the checkpoint restored (source "request")
+    step: int | None = Field(None, ge=0)  # that checkpoint's step
+    regressed: list[str] = Field(default_factory=list)
+    reason: str = ""
+    seconds: FiniteOrNone = None
+
+
+class ProbeResult(_Body):
+    name: str
+    passed: bool
+    answer: str
+
+
+class GuardStatus(_Body):
+    """``guard`` of ``GET /train/status``. Rollbacks are counted with or without a guard file (``POST
+    /rollback`` works without one)."""
+
+    enabled: bool = False  # a guard file is set
+    probes: list[ProbeResult] = Field(default_factory=list)  # the last evaluation, probe by probe
+    heldout_loss: FiniteOrNone = None  # of the last evaluation
+    every_steps: int = Field(0, ge=0)
+    last_evaluation: GuardVerdict | None = None
+    rollbacks: int = Field(0, ge=0)  # since the checkpoint directory's first trainer started
+    last_rollback: RollbackRecord | None = None
+    snapshot_bytes: int = Field(0, ge=0)  # host memory holding the weights of before the running job
+    last_snapshot_seconds: FiniteOrNone = None
 
 
 class SchedulerStatus(_Body):
@@ -191,6 +260,7 @@ class TrainStatus(_Body):
     trainer_restarts: int = Field(0, ge=0)
     scheduler: SchedulerStatus | None = None
     memory: MemoryStatus | None = None
+    guard: GuardStatus | None = None
 
     @classmethod
     def placeholder(cls, state: TrainerState, last: TrainStatus | None = None, last_error: str | None = None,

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from onlinemodel_protocol import limits
 from onlinemodel_protocol.api import TrainLimits
+from onlinemodel_protocol.guard import GuardFile
 
 ENV_CONFIG = "ONLINEMODEL_RUNTIME_CONFIG"
 # The bearer token of the training routes. Never part of RuntimeConfig: the config travels on the
@@ -59,6 +60,12 @@ class RuntimeConfig(BaseModel):
                                        le=limits.MAX_DECODE_SLOWDOWN_MAX)
     # Recompute each decoder layer's activations in backward instead of keeping them; None: on a GPU only.
     activation_recompute: bool | None = None
+    # --guard FILE, parsed: probes checked after every job, which is rolled back if one regresses.
+    guard: GuardFile | None = None
+    # Where the trainer asks vLLM the guard's probes (the API server's own address and model name); set by
+    # the endpoint plugin when it starts the trainer.
+    serving_url: str | None = None
+    served_model_name: str | None = None
     # Lets the trainer's local socket accept in-place test writes (never reachable over HTTP).
     debug_ops: bool = False
 

@@ -69,3 +69,10 @@ DECODE_SLOWDOWN_OFF = 0.0
 # queue is full): a client that waits this long and retries succeeds once the trainer is up or a job ended.
 RETRY_AFTER_STARTING_SECONDS = 5
 RETRY_AFTER_QUEUE_FULL_SECONDS = 10
+# The guard (docs/guard.md): probes evaluated after every job on the live weights.
+GUARD_MAX_PROBES = 64  # probes per guard file: each is decoded after every job
+GUARD_PROBE_MAX_TOKENS_DEFAULT = 32  # tokens decoded per probe (greedy)
+GUARD_PROBE_MAX_TOKENS_MAX = 512
+GUARD_HELDOUT_MAX_TOKENS = 4096  # a longer held-out text is cut here
+GUARD_HELDOUT_MAX_INCREASE_DEFAULT = 0.05  # relative: the held-out loss may rise by 5% per job
+GUARD_FILE_MAX_BYTES = 1024 * 1024  # a ConfigMap holds at most 1 MiB

@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from onlinemodel_protocol.api import CheckpointRecord, Job, JobCounts, TrainAccepted, TrainStatus
+from onlinemodel_protocol.api import (CheckpointRecord, Job, JobCounts, RollbackRecord, RollbackRequest, TrainAccepted,
+                                      TrainStatus)
 from onlinemodel_protocol.limits import LEARNING_RATE_MAX
 
 # Entry-point names in pyproject.toml.
@@ -45,6 +46,7 @@ class TrainerOp(str, Enum):
     TRAIN = "train"  # TrainerService.submit
     CANCEL = "cancel"  # TrainerService.cancel
     CHECKPOINT = "checkpoint"  # TrainerService.checkpoint
+    ROLLBACK = "rollback"  # TrainerService.rollback_to
     INTROSPECT = "introspect"  # where the parameters live (tests)
     DEBUG_SCALE = "debug_scale"  # scale one parameter in place (tests, behind debug_ops)
     SHUTDOWN = "shutdown"
@@ -81,6 +83,7 @@ class TrainJob(_Message):
     examples: list[EncodedExample] = Field(min_length=1)
     epochs: int = Field(ge=1)
     learning_rate: float = Field(gt=0, le=LEARNING_RATE_MAX)
+    guard: bool = True  # False: the job asked to skip the guard (refused unless the guard file allows it)
 
 
 class CancelJob(_Message):
@@ -116,6 +119,7 @@ OPS: dict[TrainerOp, OpSpec] = {
     TrainerOp.TRAIN: OpSpec(args=TrainJob, result=TrainAccepted),
     TrainerOp.CANCEL: OpSpec(args=CancelJob, result=Job),
     TrainerOp.CHECKPOINT: OpSpec(result=CheckpointRecord),
+    TrainerOp.ROLLBACK: OpSpec(args=RollbackRequest, result=RollbackRecord),
     TrainerOp.INTROSPECT: OpSpec(),
     TrainerOp.DEBUG_SCALE: OpSpec(args=DebugScale),
     TrainerOp.SHUTDOWN: OpSpec(),

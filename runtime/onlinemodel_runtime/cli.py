@@ -27,6 +27,7 @@ from onlinemodel_protocol import limits
 from onlinemodel_protocol.api import CheckpointRecord
 from onlinemodel_protocol.client import ApiError, Client, ClientError
 from onlinemodel_protocol.config import ENV_API_TOKEN, ENV_CONFIG, ENV_VLLM_API_KEY, RuntimeConfig
+from onlinemodel_protocol.guard import GuardFile, GuardFileError, parse_guard_file
 from onlinemodel_protocol.rpc import (ENDPOINT_PLUGIN, EXIT_MODEL_CHANGED, EXIT_USAGE, GENERAL_PLUGIN,
                                       WORKER_EXTENSION_CLS)
 from onlinemodel_runtime import cpu_kv_cache, train_cmd
@@ -73,6 +74,9 @@ def _serve_parser(sub) -> None:
                         f"(default {limits.MAX_DECODE_SLOWDOWN_DEFAULT}; off: training is not paced)")
     p.add_argument("--activation-recompute", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each decoder layer's activations in backward (default: on a GPU only)")
+    p.add_argument("--guard", type=Path, default=None, metavar="FILE",
+                   help="probes (YAML/JSON, docs/guard.md) checked after every training job; a job that makes "
+                        "one regress is rolled back")
     # Lets tests write through the trainer's views over its local socket; never for production.
     p.add_argument("--debug-ops", action="store_true", help=argparse.SUPPRESS)
 
@@ -115,8 +119,21 @@ def build_config(args: argparse.Namespace, state_dir: Path) -> RuntimeConfig:
         default_epochs=args.default_epochs,
         max_decode_slowdown=args.max_decode_slowdown,
         activation_recompute=args.activation_recompute,
+        guard=read_guard(args.guard),
         debug_ops=args.debug_ops,
     )
+
+
+def read_guard(path: Path | None) -> GuardFile | None:
+    """The --guard file, validated; Refused if it is unreadable or invalid."""
+    if path is None:
+        return None
+    try:
+        return parse_guard_file(path.read_bytes(), source=f"--guard {path}")
+    except OSError as exc:
+        raise Refused(f"--guard {path}: cannot read it: {exc.strerror or exc}") from None
+    except GuardFileError as exc:
+        raise Refused(str(exc)) from None
 
 
 def vllm_command(cfg: RuntimeConfig, args: argparse.Namespace, extra: list[str]) -> list[str]:
@@ -212,6 +229,8 @@ def prepare(args: argparse.Namespace, extra: list[str]) -> tuple[RuntimeConfig, 
         message, code = problems, EXIT_USAGE
     except ModelChanged as exc:
         message, code = str(exc), EXIT_MODEL_CHANGED
+    except Refused as exc:  # an unusable --guard file
+        message, code = str(exc), exc.code
     if args.state_dir is None:
         shutil.rmtree(state_dir, ignore_errors=True)
     raise Refused(message, code)

@@ -131,6 +131,7 @@ NAMESPACED_NEEDS = {
     ("", "services"): {"create", "get", "list", "watch", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"create", "get", "list", "watch", "patch", "delete"},
     ("", "secrets"): {"get", "create"},
+    ("", "configmaps"): {"get"},
     ("", "events"): {"create"},
 }
 CLUSTER_NEEDS = {
@@ -143,7 +144,8 @@ def _assert_least_privilege(role):
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
     rules = _rules(role)
-    assert not {resource for _, resource in rules} & {"pods/exec", "pods/attach", "pods/portforward", "configmaps"}
+    assert not {resource for _, resource in rules} & {"pods/exec", "pods/attach", "pods/portforward"}
+    assert rules[("", "configmaps")] == {"get"}  # the guard ConfigMap a spec names, by name
     # Secrets by name only: list or watch would hand the operator every Secret of the namespace; it creates
     # the generated API-token Secrets and never changes or deletes one (the garbage collector does).
     assert rules[("", "secrets")] == {"get", "create"}

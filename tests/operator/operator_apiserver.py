@@ -56,6 +56,7 @@ class ApiServer(kmock.KubernetesEmulator):
             "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim", singular="persistentvolumeclaim",
                                               namespaced=True),
             "v1/secrets": dict(kind="Secret", singular="secret", namespaced=True),
+            "v1/configmaps": dict(kind="ConfigMap", singular="configmap", namespaced=True),
             "v1/events": dict(kind="Event", singular="event", namespaced=True),
             "v1/namespaces": dict(kind="Namespace", singular="namespace", namespaced=False),
             "apiextensions.k8s.io/v1/customresourcedefinitions": dict(

@@ -76,21 +76,6 @@ def test_trainer_restarts_are_posted_when_the_count_grows() -> None:
     assert [("Warning", "TrainerRestarted") in poll for poll in events] == [False, True, False, False, True]
 
 
-class GuardedStatus(TrainStatus):
-    """A runtime answer with the guard's section (another helper adds it to the protocol)."""
-
-    guard: Any = None
-
-
-@pytest.mark.parametrize("guard", [{"rollbacks": 0}, {"rollbacks": []}])
-def test_rollbacks_are_posted_from_a_count_or_a_list(guard) -> None:
-    grown = {"rollbacks": 1} if isinstance(guard["rollbacks"], int) else {"rollbacks": [{"step": 7}]}
-    base = runtime().model_dump()
-    events = polls(GuardedStatus(**base, guard=guard), GuardedStatus(**base, guard=grown),
-                   GuardedStatus(**base, guard=grown), runtime())
-    assert [("Warning", "RolledBack") in poll for poll in events] == [False, True, False, False]
-
-
 def test_invalid_spec_is_a_warning() -> None:
     (first,) = polls(runtime(), spec_error="spec.image: field required")
     assert ("Warning", "InvalidSpec") in first

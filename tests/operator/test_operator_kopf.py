@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from onlinemodel_operator.kube import CLAIMS, ONLINEMODELS, PODS, SECRETS, SERVICES
+from onlinemodel_operator.kube import CLAIMS, CONFIGMAPS, ONLINEMODELS, PODS, SECRETS, SERVICES
 from onlinemodel_protocol import limits
 from onlinemodel_protocol.rpc import EXIT_MODEL_CHANGED
 from onlinemodel_runtime.devtools.launcher import free_port
@@ -425,3 +425,36 @@ async def test_training_events_are_posted_once_each(cluster: Cluster, kubelet: F
     once = {"TrainingStarted", "TrainingSucceeded", "TrainerRestarted", "CheckpointSaved"}
     counts = {reason: sum(e.get("reason") == reason for e in events) for reason in once | {"CheckpointFailed"}}
     assert counts == {**dict.fromkeys(once, 1), "CheckpointFailed": 2}, counts
+
+
+async def test_guard_configmap_is_checked_mounted_and_rollbacks_become_events(
+        cluster: Cluster, kubelet: FakeKubelet, runtime: FakeRuntime, operator: Any) -> None:
+    await cluster.create_onlinemodel("m21", spec(runtime.port, training={"guard": {"configMapRef": {"name": "g"}}}))
+    om = await cluster.wait_condition("m21", "Ready", "False", "InvalidSpec")
+    assert "ConfigMap" in condition(om, "Ready")["message"] and await cluster.get(PODS, "m21") is None
+    # An invalid guard file: refused with the runtime's own words, before any pod starts.
+    await cluster.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "g"},
+                          "data": {"guard.yaml": "probes: []"}})
+    om = await cluster.wait_for(lambda: cluster.onlinemodel("m21"),
+                                lambda o: "at least one probe" in condition(o, "Ready")["message"], what="bad guard")
+    assert await cluster.get(PODS, "m21") is None
+    await cluster.patch(CONFIGMAPS, "g", {"data": {"guard.yaml": json.dumps({"probes": [
+        {"messages": [{"role": "user", "content": "What is the capital of France?"}], "expect": "Paris"}]})}})
+    await cluster.wait_condition("m21", "Ready", "True")
+    pod = await cluster.get(PODS, "m21")
+    assert arg(pod, "--guard") == "/etc/onlinemodel/guard/guard.yaml"
+    assert {"name": "guard", "configMap": {"name": "g", "items": [{"key": "guard.yaml", "path": "guard.yaml"}]}} \
+        in pod["spec"]["volumes"]
+
+    # A rollback in the runtime: the status says so, and one Event tells it, however often it is polled.
+    runtime.train_status["guard"] = {"enabled": True, "rollbacks": 1, "last_rollback": {
+        "time": "2026-12-01T10:00:00Z", "source": "guard", "weight_version": 21, "job_id": "job-abc",
+        "regressed": ["probe-0"], "reason": "the guard found regressions after 20 steps: probe-0"}}
+    om = await cluster.wait_for(lambda: cluster.onlinemodel("m21"),
+                                lambda o: ((o.get("status", {}).get("training") or {}).get("guard") or {})
+                                .get("rollbacks") == 1, what="a rollback in the status")
+    assert om["status"]["training"]["guard"]["lastRollbackJob"] == "job-abc"
+    await asyncio.sleep(2)  # several more polls
+    rolled = [e for e in cluster.api.live("v1/events", cluster.namespace)
+              if e.get("reason") == "RolledBack" and e.get("involvedObject", {}).get("name") == "m21"]
+    assert len(rolled) == 1 and "job-abc" in rolled[0]["message"] and rolled[0]["type"] == "Warning"

@@ -245,3 +245,20 @@ def test_user_env_wins_over_the_cache_defaults() -> None:
     pod = render_pod(OWNER, parse_spec(base(pod={"env": [{"name": "HF_HOME", "value": "/models/hf"}]})))
     hf_home = [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "HF_HOME"]
     assert hf_home == [{"name": "HF_HOME", "value": "/models/hf"}]
+
+
+def test_guard_configmap_is_mounted_read_only_and_passed() -> None:
+    spec = parse_spec(base(training={"guard": {"configMapRef": {"name": "probes", "key": "g.yaml"}}}))
+    pod = render_pod(OWNER, spec)
+    (container,) = pod["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--guard") + 1] == "/etc/onlinemodel/guard/guard.yaml"
+    assert {"name": "guard", "mountPath": "/etc/onlinemodel/guard", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "guard", "configMap": {"name": "probes", "items": [{"key": "g.yaml", "path": "guard.yaml"}]}} \
+        in pod["spec"]["volumes"]
+    default_key = parse_spec(base(training={"guard": {"configMapRef": {"name": "probes"}}}))
+    assert default_key.training.guard.config_map_ref.key == "guard.yaml"
+    off = parse_spec(base(training={"enabled": False, "guard": {"configMapRef": {"name": "probes"}}}))
+    assert "--guard" not in serve_args(OWNER, off)
+    assert all(v["name"] != "guard" for v in render_pod(OWNER, off)["spec"]["volumes"])
+    assert "--guard" not in serve_args(OWNER, parse_spec(base()))

@@ -20,6 +20,7 @@ from onlinemodel_operator.models import (
 )
 from onlinemodel_protocol.api import CheckpointRecord, TrainStatus
 from onlinemodel_protocol.rpc import EXIT_MODEL_CHANGED
+from onlinemodel_operator.events import transitions
 from onlinemodel_operator.status import (
     PHASE_OF_REASON,
     RuntimeUnavailable,
@@ -347,3 +348,31 @@ def test_api_token_secret_is_named_and_kept() -> None:
     status = compute(om(), pod(), runtime(), NOW, desired_hash=HASH, api_token_secret=ref)
     assert status["apiTokenSecret"] == {"name": "m-api-token", "key": "token"}
     assert compute(om(status=status), None, None, LATER, spec_error="bad")["apiTokenSecret"] == status["apiTokenSecret"]
+
+
+def rollback(rollbacks: int, time: str, source: str = "guard") -> dict[str, Any]:
+    last = {"time": time, "source": source, "weight_version": 30 + rollbacks, "reason": "the guard found regressions",
+            "regressed": ["capital"], "job_id": "job-1" if source == "guard" else None,
+            "checkpoint": "step-00000012" if source == "request" else None}
+    return {"guard": {"enabled": True, "rollbacks": rollbacks, "last_rollback": last}}
+
+
+def test_rollbacks_reach_the_status_and_one_event_each() -> None:
+    first = compute_status(om(), pod(), runtime(guard={"enabled": True}), NOW)
+    assert first.training.guard.rollbacks == 0 and first.training.guard.last_rollback_time is None
+    one = compute_status(om(status=first.to_dict()), pod(), runtime(**rollback(1, "2026-11-26T05:00:00Z")), LATER)
+    assert one.training.guard.model_dump(exclude_none=True) == {
+        "enabled": True, "rollbacks": 1, "last_rollback_time": "2026-11-26T05:00:00Z", "last_rollback_source": "guard",
+        "last_rollback_job": "job-1", "last_rollback_reason": "the guard found regressions"}
+    (event,) = [e for e in transitions(first, one) if e.reason == "RolledBack"]
+    assert event.type == "Warning" and "job-1" in event.message
+    assert [e for e in transitions(one, one) if e.reason == "RolledBack"] == []  # the next poll: no duplicate
+    three = compute_status(om(status=one.to_dict()), pod(),
+                           runtime(**rollback(3, "2026-11-26T05:01:00Z", source="request")), LATER)
+    (event,) = [e for e in transitions(one, three) if e.reason == "RolledBack"]
+    assert event.type == "Normal" and "step-00000012" in event.message and "1 more" in event.message
+
+
+def test_a_runtime_without_a_guard_section_has_no_guard_status() -> None:
+    status = compute_status(om(), pod(), runtime(), NOW)
+    assert status.training.guard is None and "guard" not in status.to_dict()["training"]

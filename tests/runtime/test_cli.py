@@ -277,3 +277,18 @@ def test_start_over_moves_the_old_checkpoints_aside(tmp_path, monkeypatch, base_
     cfg, _, _ = prepare(["--model", "Qwen/Qwen3-1.7B", "--checkpoint-dir", str(tmp_path / "ckpt"), "--start-over"],
                         tmp_path, monkeypatch)
     assert cfg.model == str(new.path)
+
+
+def test_guard_file_is_read_validated_and_passed_in_the_config(tmp_path, monkeypatch):
+    guard = tmp_path / "guard.yaml"
+    guard.write_text("probes:\n  - messages: [{role: user, content: hi}]\n    expect: hello\n")
+    cfg, _, _ = prepare(["--guard", str(guard)], tmp_path, monkeypatch)
+    assert cfg.guard.probes[0].expect == "hello"
+    assert type(cfg).model_validate_json(cfg.model_dump_json()) == cfg  # what the plugin and trainer read
+    assert prepare([], tmp_path, monkeypatch)[0].guard is None
+    guard.write_text("probes: []\n")
+    with pytest.raises(cli.Refused, match=f"--guard {guard}: guard: a guard needs at least one probe") as refused:
+        prepare(["--guard", str(guard)], tmp_path, monkeypatch)
+    assert refused.value.code == EXIT_USAGE
+    with pytest.raises(cli.Refused, match="cannot read it"):
+        prepare(["--guard", str(tmp_path / "missing.yaml")], tmp_path, monkeypatch)

@@ -90,6 +90,11 @@ per-namespace Roles (operator.watchNamespaces).
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "create"]
+# ConfigMaps: `get` by name only: the operator validates the guard file a spec names
+# (spec.training.guard.configMapRef) before it starts a pod; the pod mounts it.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get"]
 # Events for handler progress (kopf) and status transitions (the operator), core v1 API.
 - apiGroups: [""]
   resources: ["events"]

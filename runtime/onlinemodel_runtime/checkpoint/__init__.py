@@ -5,7 +5,7 @@ are all it needs (transformers only to load what was written). Used by the train
 ``onlinemodel serve`` (which serves the latest checkpoint).
 """
 
-from .errors import CheckpointBusy, CheckpointError
+from .errors import CheckpointBusy, CheckpointError, CheckpointNotFound, CheckpointUnusable
 from .format import CheckpointInfo, validate_checkpoint
 from .base_weights import BaseWeights
 from .model_tensors import CheckpointNames, hf_weight_tensors
@@ -13,10 +13,12 @@ from .resume import ModelChanged, resume_point
 from .safetensors_stream import (SafetensorsStreamWriter, TensorSpec, WeightFiles, read_header, specs_of,
                                  write_safetensors)
 from .store import CheckpointStore
+from .restore import LATEST, find_checkpoint, load_weights_into
 
 __all__ = [
-    "BaseWeights", "CheckpointBusy", "CheckpointError", "CheckpointInfo", "CheckpointNames", "CheckpointStore",
-    "ModelChanged", "SafetensorsStreamWriter", "TensorSpec", "WeightFiles", "hf_weight_tensors", "read_header",
+    "LATEST", "BaseWeights", "CheckpointBusy", "CheckpointError", "CheckpointInfo", "CheckpointNames",
+    "CheckpointNotFound", "CheckpointStore", "CheckpointUnusable", "ModelChanged", "find_checkpoint",
+    "load_weights_into", "SafetensorsStreamWriter", "TensorSpec", "WeightFiles", "hf_weight_tensors", "read_header",
     "resume_point", "specs_of", "validate_checkpoint",
     "write_safetensors",
 ]

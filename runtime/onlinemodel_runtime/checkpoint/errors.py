@@ -16,6 +16,14 @@ class CheckpointBusy(CheckpointError):
     """Another save into the same checkpoint directory is running (this process or another)."""
 
 
+class CheckpointNotFound(CheckpointError):
+    """No checkpoint of the store answers to the name or step asked for."""
+
+
+class CheckpointUnusable(CheckpointError):
+    """The checkpoint asked for exists but must not be used (unhealthy, incomplete, corrupt)."""
+
+
 _SPACE_ERRNOS = {_errno.ENOSPC, _errno.EDQUOT, _errno.EFBIG}
 _ACCESS_ERRNOS = {_errno.EACCES, _errno.EPERM, _errno.EROFS, _errno.ENOTDIR}
 

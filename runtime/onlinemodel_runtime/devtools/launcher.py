@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from onlinemodel_protocol.api import FINISHED_JOB_STATES
 from onlinemodel_protocol.config import ENV_API_TOKEN
 from onlinemodel_runtime.server import auth
 
@@ -137,7 +138,7 @@ class ServerProcess:
         while time.monotonic() < deadline:
             status = self.status()
             for job in status["jobs"]:
-                if job["id"] == job_id and job["state"] in ("succeeded", "failed", "cancelled"):
+                if job["id"] == job_id and job["state"] in FINISHED_JOB_STATES:
                     return job
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} not finished after {timeout:.0f}s")

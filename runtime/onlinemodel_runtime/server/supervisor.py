@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Any
 
-from onlinemodel_protocol.api import CheckpointRecord, Job, TrainAccepted, TrainStatus
-from onlinemodel_protocol.config import RuntimeConfig
+from onlinemodel_protocol.api import CheckpointRecord, Job, RollbackRecord, TrainAccepted, TrainStatus
+from onlinemodel_protocol.config import ENV_VLLM_API_KEY, RuntimeConfig
 from onlinemodel_protocol.rpc import EXIT_PERMANENT, EXPORT_WEIGHTS_METHOD, Counters, TrainerOp, TrainJob
 from onlinemodel_runtime.server.state_dir import ensure_private_dir
 from onlinemodel_runtime.server.trainer_client import TrainerClient, TrainerRequestError, TrainerUnavailable
@@ -29,10 +29,12 @@ class _GiveUp(Exception):
 
 
 class TrainerSupervisor:
-    def __init__(self, cfg: RuntimeConfig, engine_client: Any, metrics: Any = None):
+    def __init__(self, cfg: RuntimeConfig, engine_client: Any, metrics: Any = None, serving_key: str | None = None):
         self.cfg = cfg
         self.metrics = metrics  # server/metrics.py's TrainingMetrics, fed with every status read
         self.engine = engine_client
+        # vLLM's /v1 key, for the trainer's probe requests: in its environment, never on its command line.
+        self._env = {**os.environ, **({ENV_VLLM_API_KEY: serving_key} if serving_key else {})}
         self.client = TrainerClient(cfg.trainer_endpoint)
         self.state = "starting"
         self.last_error: str | None = None
@@ -63,7 +65,7 @@ class TrainerSupervisor:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "onlinemodel_runtime.trainer",
             "--config", self.cfg.model_dump_json(), "--parent-pid", str(os.getpid()), *counters,
-            stderr=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=self._env,
         )
         self._stderr_task = asyncio.create_task(self._forward_stderr(self._proc))
         log.info("onlinemodel: trainer started (pid %d)", self._proc.pid)
@@ -206,3 +208,11 @@ class TrainerSupervisor:
     async def checkpoint(self, timeout: float = 600.0) -> CheckpointRecord:
         self._check_ready()
         return await self.client.request(TrainerOp.CHECKPOINT, timeout=timeout)
+
+    async def rollback(self, to: int | str, timeout: float = 600.0) -> RollbackRecord:
+        """Restore a checkpoint in place (``TrainerService.rollback_to``); answered once vLLM's prefix cache
+        holds nothing computed with the weights it replaced."""
+        self._check_ready()
+        record = await self.client.request(TrainerOp.ROLLBACK, timeout=timeout, to=to)
+        await self.status()
+        return record

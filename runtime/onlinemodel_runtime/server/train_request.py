@@ -2,7 +2,7 @@
 
 Format: OpenAI's chat fine-tuning format,
     {"examples": [{"messages": [{"role": "system|user|assistant", "content": "..."}]}],
-     "epochs": N?, "learning_rate": x?}
+     "epochs": N?, "learning_rate": x?, "guard": false?}
 Policy on extra keys (documented in docs/api.md by the HTTP layer):
   - an assistant message may carry OpenAI's `"weight": 0 | 1` (0 = context only, no loss on it);
   - every other unknown key (`tools`, `tool_calls`, `name`, `functions`, top-level `model`, ...)
@@ -99,6 +99,7 @@ class TrainRequest(BaseModel):
     examples: list[TrainingExample]
     epochs: int | None = None
     learning_rate: float | None = None
+    guard: bool = True  # false: skip the guard for this job (only where the guard file allows it)
 
 
 def _param_path(loc: Sequence[Any]) -> str:
@@ -178,6 +179,8 @@ def _from_validation_error(exc: ValidationError) -> ExampleError:
         return ExampleError(msg, param, kind)
     if kind == "string_unicode":  # a field name that is not valid Unicode ("\udfff")
         return ExampleError("field names must be valid Unicode", param, "invalid_unicode")
+    if loc == ["guard"]:
+        return ExampleError("guard must be true or false", param, "invalid_type")
     if loc == ["epochs"] or loc == ["learning_rate"]:
         return ExampleError(f"{loc[0]} must be a number" if loc[0] == "learning_rate" else "epochs must be an integer",
                             param, "invalid_type")
@@ -281,4 +284,5 @@ def encode_request(tokenizer: Any, request: TrainRequest, max_len: int) -> Train
     markers = _markers(tokenizer, "examples")
     examples = [encode_example(tokenizer, ex.messages, max_len, param=f"examples[{i}]", markers=markers)
                 for i, ex in enumerate(request.examples)]
-    return TrainJob(examples=examples, epochs=request.epochs, learning_rate=request.learning_rate)
+    return TrainJob(examples=examples, epochs=request.epochs, learning_rate=request.learning_rate,
+                    guard=request.guard)

@@ -48,9 +48,26 @@ def build_service(cfg, counters=None):
         # Checkpoints take the base checkpoint's names (a multimodal model's, experts one by one).
         names = layout_for(AutoConfig.from_pretrained(cfg.model)).checkpoint_names
         store = CheckpointStore(cfg.checkpoint_dir, keep_last=cfg.checkpoint_keep, names=names)
-    service = TrainerService(cfg, model, optimizer, store, pacer=make_pacer(cfg, model, device))
+    service = TrainerService(cfg, model, optimizer, store, pacer=make_pacer(cfg, model, device),
+                             probes=make_probes(cfg))
     service.restore(counters)
     return service
+
+
+def make_probes(cfg):
+    """The guard file's probes, asked of the API server's vLLM; None without --guard."""
+    if cfg.guard is None:
+        return None
+    from transformers import AutoTokenizer
+
+    from onlinemodel_runtime.trainer.guard import ProbeSet
+    from onlinemodel_runtime.trainer.served_answers import ServedAnswers
+
+    if cfg.serving_url is None or cfg.served_model_name is None:
+        raise ValueError("the guard asks vLLM its probes, but the API server's address is unknown "
+                         "(vLLM serving on a Unix socket?)")
+    return ProbeSet(cfg.guard, AutoTokenizer.from_pretrained(cfg.model),
+                    ServedAnswers(cfg.serving_url, cfg.served_model_name))
 
 
 def activation_recompute(cfg, device) -> bool:

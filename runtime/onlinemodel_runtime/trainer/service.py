@@ -5,7 +5,10 @@ resolved every default) and runs ``loop.train_step`` once per example and epoch;
 (``server.py``) answers status, cancel and checkpoint requests from the event loop meanwhile.
 ``_weights_lock`` is held for each optimizer step and while a checkpoint snapshots the weights, so a
 checkpoint never sees half a step. A checkpoint is promoted to ``latest`` only when the weights are healthy
-(``loss_health.py``, ``checkpoint/health.py``). Every answer is a model of ``onlinemodel_protocol.api``.
+(``loss_health.py``, ``checkpoint/health.py``). With a guard file, every job is checked and undone if it
+made a probe regress (``guard.py``); ``rollback_to`` restores a checkpoint in place. ``_job_lock`` is held
+for a whole job, so a rollback never lands in the middle of one. Every answer is a model of
+``onlinemodel_protocol.api``.
 """
 
 from __future__ import annotations
@@ -23,18 +26,15 @@ from onlinemodel_protocol.api import (FINISHED_JOB_STATES, CheckpointRecord, Che
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.limits import RECENT_JOBS
 from onlinemodel_protocol.rpc import Counters, EncodedExample, TrainJob
+from onlinemodel_runtime.trainer.errors import JobRolledBack, TrainerError
+from onlinemodel_runtime.trainer.guard import Guard, ProbeSet
 from onlinemodel_runtime.trainer.job_queue import JobQueue
 from onlinemodel_runtime.trainer.loop import StepResult, train_step
 from onlinemodel_runtime.trainer.loss_health import LossHealth
 from onlinemodel_runtime.trainer.memory import MemoryMonitor
+from onlinemodel_runtime.trainer.rollbacks import Rollbacks
 
 log = logging.getLogger(__name__)
-
-
-class TrainerError(RuntimeError):
-    def __init__(self, message: str, code: int = 500):
-        super().__init__(message)
-        self.code = code
 
 
 class _Cancelled(Exception):
@@ -49,8 +49,8 @@ def _record(info) -> CheckpointRecord:
                             unhealthy_reason=info.unhealthy_reason)
 
 
-class TrainerService:
-    def __init__(self, cfg: RuntimeConfig, model, optimizer, store=None, pacer=None):
+class TrainerService(Rollbacks):
+    def __init__(self, cfg: RuntimeConfig, model, optimizer, store=None, pacer=None, probes: ProbeSet | None = None):
         self.cfg = cfg
         self.model = model
         self.optimizer = optimizer
@@ -73,12 +73,14 @@ class TrainerService:
         self.last_unhealthy: CheckpointRecord | None = None
         self.checkpoint_error: str | None = None
         self.loss_health = LossHealth(getattr(model.config.get_text_config(), "vocab_size", None))
+        self.guard = Guard(probes, model, optimizer)
         self._checkpoint_version = 0
         self._last_checkpoint_monotonic = time.monotonic()
         self._queue = JobQueue()
         self._cancel_requested: set[str] = set()
         self._job_started: dict[str, float] = {}  # running job id -> time.monotonic() at its start (ETA)
         self._weights_lock = threading.Lock()
+        self._job_lock = threading.Lock()
         # Set while a checkpoint waits for _weights_lock: the training thread, which would otherwise take
         # it back right after every step (locks are not fair), lets the snapshot go first.
         self._snapshot_waiting = threading.Event()
@@ -95,6 +97,7 @@ class TrainerService:
             "last_loss": self.last_loss,
             "job_counts": self.job_counts.model_dump(),
             "loss_health": self.loss_health.state_dict(),
+            "guard": self.guard.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -105,10 +108,11 @@ class TrainerService:
         self.last_loss = state.get("last_loss")
         counts = JobCounts.model_validate(state.get("job_counts", {}))
         # Jobs submitted but never finished were queued or running in a process that is gone.
-        lost = counts.submitted - counts.succeeded - counts.failed - counts.cancelled
+        lost = counts.submitted - counts.succeeded - counts.failed - counts.cancelled - counts.rolled_back
         self.job_counts = counts.model_copy(update={"failed": counts.failed + max(lost, 0)})
         if "loss_health" in state:
             self.loss_health.load_state_dict(state["loss_health"])
+        self.guard.load_state_dict(state.get("guard", {}))
         self._checkpoint_version = self.weight_version
 
     def restore(self, counters: Counters | None = None) -> None:
@@ -148,12 +152,10 @@ class TrainerService:
         except CheckpointError as exc:
             log.warning("cannot read training state of %s (%s): starting with fresh optimizer state", info.path, exc)
             return
-        saved_rank = (optimizer_state or {}).get("param_groups", [{}])[0].get("rank")
-        if optimizer_state is not None and saved_rank not in (None, self.cfg.optimizer_rank):
-            log.warning("checkpoint optimizer state has rank %s, configured rank is %s: starting it fresh",
-                        saved_rank, self.cfg.optimizer_rank)
-            optimizer_state = None
-        if optimizer_state is not None:
+        problem = self._optimizer_misfit(optimizer_state)
+        if problem:
+            log.warning("%s: starting the optimizer state fresh", problem)
+        elif optimizer_state is not None:
             try:
                 self.optimizer.load_state_dict(optimizer_state)
             except (ValueError, KeyError, RuntimeError) as exc:
@@ -167,9 +169,13 @@ class TrainerService:
         if self._queue.qsize() >= self.cfg.max_queued_jobs:
             raise TrainerError(f"{self._queue.qsize()} jobs are already queued (limit {self.cfg.max_queued_jobs}); "
                                "retry when some have finished", code=429)
+        if not request.guard and self.guard.enabled and not self.guard.probes.guard.allow_job_opt_out:
+            raise TrainerError("this server's guard does not let a job opt out of it (allow_job_opt_out is false)",
+                               code=403)
         job = Job(id=f"job-{uuid.uuid4().hex[:12]}", state="queued", examples=len(request.examples),
                   epochs=request.epochs, learning_rate=request.learning_rate, created_at=utc_timestamp(),
-                  steps_total=len(request.examples) * request.epochs)
+                  steps_total=len(request.examples) * request.epochs,
+                  guarded=self.guard.enabled and request.guard)
         self.jobs[job.id] = job
         while len(self.jobs) > RECENT_JOBS:
             oldest = next(iter(self.jobs.values()))
@@ -231,6 +237,7 @@ class TrainerService:
             optimizer=self.optimizer.summary(),
             scheduler=self.pacer.status() if self.pacer is not None else None,
             memory=self.memory.status(),
+            guard=self.guard.status(),
         )
 
     # -- training thread ---------------------------------------------------------------------
@@ -249,12 +256,21 @@ class TrainerService:
             self._run_job(*item)
 
     def _run_job(self, job: Job, examples: list[EncodedExample]) -> None:
+        with self._job_lock:
+            self._run_job_locked(job, examples)
+
+    def _run_job_locked(self, job: Job, examples: list[EncodedExample]) -> None:
         job.state = "running"
         job.started_at = utc_timestamp()
         self._job_started[job.id] = time.monotonic()
         self.state = "training"
         outcome = "succeeded"
+        health_before = self.loss_health.state_dict()
+        checkpoint_before = self._checkpoint_version
         try:
+            if job.guarded:
+                with self._weights_lock:
+                    self.guard.before_job(self.weight_version)
             for _ in range(job.epochs):
                 for ex in examples:
                     if job.id in self._cancel_requested:
@@ -273,10 +289,21 @@ class TrainerService:
                             raise
                         # Counted under the lock: a checkpoint never pairs new weights with old counters.
                         self._record_step(job, result)
+                    if job.guarded and self.guard.every_steps and job.steps % self.guard.every_steps == 0:
+                        self._guard_check(job, health_before, checkpoint_before)
                     self._maybe_periodic_checkpoint()
+            if job.guarded:
+                self._guard_check(job, health_before, checkpoint_before)
+        except JobRolledBack:
+            outcome = "rolled_back"
         except _Cancelled:
             outcome = "cancelled"
             log.info("training job %s cancelled after %d steps", job.id, job.steps)
+            if job.guarded:  # the steps it took are served: they must not have regressed either
+                try:
+                    self._guard_check(job, health_before, checkpoint_before)
+                except JobRolledBack:
+                    outcome = "rolled_back"
         except Exception as exc:  # a failed job must not kill the trainer
             log.exception("training job %s failed", job.id)
             outcome = "failed"

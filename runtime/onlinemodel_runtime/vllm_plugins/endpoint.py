@@ -1,5 +1,6 @@
 """The ``vllm.endpoint_plugins`` entry: ``POST /train``, ``GET /train/status``, ``GET /train/limits``,
-``GET`` and ``DELETE /train/jobs/{id}``, ``POST /checkpoint``; and the training metrics on vLLM's ``/metrics``.
+``GET`` and ``DELETE /train/jobs/{id}``, ``POST /checkpoint``, ``POST /rollback``; and the training metrics on
+vLLM's ``/metrics``.
 
 The routes live on vLLM's own FastAPI app, on the port that serves ``/v1/chat/completions``. A
 ``POST /train`` is validated and tokenized here (``server/train_request.py``: bad input gets a 4xx before
@@ -19,9 +20,9 @@ from pathlib import Path
 from typing import Any, Awaitable
 
 from fastapi import APIRouter, FastAPI, Request, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from onlinemodel_protocol.api import ErrorBody, ErrorDetail, TrainStatus
+from onlinemodel_protocol.api import ErrorBody, ErrorDetail, RollbackRequest, TrainStatus
 from onlinemodel_protocol.limits import RECENT_JOBS, RETRY_AFTER_QUEUE_FULL_SECONDS, RETRY_AFTER_STARTING_SECONDS
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.rpc import ENDPOINT_PLUGIN, WORKER_EXTENSION_CLS, TrainJob
@@ -216,6 +217,25 @@ async def checkpoint(request: Request):
     return refused or _answer(record)
 
 
+@router.post("/rollback")
+async def rollback(request: Request):
+    rt, refused = _runtime(request)
+    if refused:
+        return refused
+    if rt.supervisor is None:
+        return _error(409, "training is disabled for this model: there is nothing to roll back", type_="conflict")
+    try:
+        body = RollbackRequest.model_validate_json(await _read_body(request, rt.cfg.max_body_bytes))
+    except ExampleError as exc:
+        return _error(exc.http_status, str(exc), code=exc.code)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        return _error(400, f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}", param="to",
+                      code="invalid_request")
+    record, refused = await _ask_trainer(rt.supervisor.rollback(body.to), "rollback_error", param="to")
+    return refused or _answer(record)
+
+
 class OnlineModelEndpoints:
     name = ENDPOINT_PLUGIN
     required_tasks = ("generate",)
@@ -252,6 +272,7 @@ class OnlineModelEndpoints:
             revision = getattr(args, "revision", None)
             local = snapshot_download(cfg.model, revision=revision, local_files_only=True)
             cfg = cfg.model_copy(update={"model": local})
+        cfg = cfg.model_copy(update=_serving_address(args))
         max_len = engine_client.model_config.max_model_len
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         supervisor = None
@@ -259,7 +280,10 @@ class OnlineModelEndpoints:
             from onlinemodel_runtime.server.pacing_control import PacingGovernor
             from onlinemodel_runtime.server.state_dir import ensure_private_dir
 
-            supervisor = TrainerSupervisor(cfg, engine_client, _training_metrics())
+            # The trainer asks vLLM the guard's probes: it needs a key of /v1 when vLLM has one.
+            keys = getattr(args, "api_key", None)
+            supervisor = TrainerSupervisor(cfg, engine_client, _training_metrics(),
+                                           serving_key=(keys if isinstance(keys, str) else (keys or [None])[0]))
             ensure_private_dir(cfg.state_dir)  # the load signal goes there, next to the weight handles
             # Before the trainer starts: it maps the load signal the governor creates.
             requests = getattr(state, IN_FLIGHT_KEY, None) or InFlightRequests()  # no middleware: never paced
@@ -281,6 +305,19 @@ def _training_metrics() -> Any:
 
         _METRICS = TrainingMetrics()
     return _METRICS
+
+
+def _serving_address(args: Namespace) -> dict[str, Any]:
+    """The API server's own URL and served model name, as the trainer reaches it (loopback)."""
+    if getattr(args, "uds", None):
+        return {}
+    host = getattr(args, "host", None)
+    host = "127.0.0.1" if host in (None, "", "0.0.0.0") else "[::1]" if host == "::" else \
+        f"[{host}]" if ":" in host else host
+    scheme = "https" if getattr(args, "ssl_keyfile", None) else "http"
+    names = getattr(args, "served_model_name", None)
+    name = names if isinstance(names, str) else (names or [None])[0]
+    return {"serving_url": f"{scheme}://{host}:{args.port}", "served_model_name": name or str(args.model)}
 
 
 def _config_from_args(args: Namespace) -> RuntimeConfig:

@@ -198,7 +198,8 @@ def test_cancel_a_queued_job(tiny_dir, tmp_path):
     assert [(j.id, j.state, j.steps) for j in status.jobs] == [(first.job_id, "succeeded", 1),
                                                               (second.job_id, "cancelled", 0)]
     assert status.steps == 1
-    assert status.job_counts.model_dump() == {"submitted": 2, "succeeded": 1, "failed": 0, "cancelled": 1}
+    assert status.job_counts.model_dump() == {"submitted": 2, "succeeded": 1, "failed": 0, "cancelled": 1,
+                                               "rolled_back": 0}
     with pytest.raises(TrainerError, match="already cancelled") as exc:
         service.cancel(second.job_id)
     assert exc.value.code == 409
@@ -245,7 +246,7 @@ def test_job_counts_continue_and_lost_jobs_count_as_failed(tiny_dir, tmp_path):
     restarted = build(tiny_dir, tmp_path)
     restarted.restore(Counters.model_validate(service.status().model_dump()))
     assert restarted.status().job_counts.model_dump() == {"submitted": 3, "succeeded": 2, "failed": 1,
-                                                          "cancelled": 0}
+                                                          "cancelled": 0, "rolled_back": 0}
 
 
 def test_unhealthy_weights_never_become_latest(tiny_dir, tmp_path):

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from onlinemodel_protocol.api import CheckpointRecord, Job, TrainAccepted, TrainStatus
+from onlinemodel_protocol.api import CheckpointRecord, Job, RollbackRecord, TrainAccepted, TrainStatus
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_runtime.server.trainer_client import TrainerRequestError
 from onlinemodel_runtime.vllm_plugins import endpoint
@@ -59,6 +59,15 @@ class StubSupervisor:
         if self.fail:
             raise self.fail
         return RECORD
+
+    async def rollback(self, to):
+        if self.fail:
+            raise self.fail
+        if to == 404:
+            raise TrainerRequestError("no checkpoint 404", 404)
+        self.rolled_back_to = to
+        return RollbackRecord(time="2026-11-26T05:00:00Z", source="request", weight_version=7,
+                              checkpoint=f"step-{to:08d}" if isinstance(to, int) else str(to), reason=f"to {to!r}")
 
 
 def make_app(tokenizer: Any, supervisor: Any, tokens: tuple[str, ...] = (), max_len: int = 256, **cfg) -> FastAPI:

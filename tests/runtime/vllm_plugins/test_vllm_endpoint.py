@@ -291,3 +291,27 @@ def test_get_job_answers_its_progress(tokenizer):
     starting = c.get("/train/jobs/job-a")
     assert starting.status_code == 503 and starting.headers["retry-after"] == str(RETRY_AFTER_STARTING_SECONDS)
     assert client(tokenizer, None, training_enabled=False).get("/train/jobs/job-a").status_code == 409
+
+
+def test_rollback_route(tokenizer):
+    sup = StubSupervisor()
+    c = client(tokenizer, sup, tokens=("secret",))
+    auth = {"Authorization": "Bearer secret"}
+    for to in (12, "step-00000012", "latest"):
+        resp = c.post("/rollback", json={"to": to}, headers=auth)
+        assert resp.status_code == 200 and sup.rolled_back_to == to
+        assert resp.json()["source"] == "request" and resp.json()["weight_version"] == 7
+    for body in ({}, {"to": True}, {"to": None}, {"to": -1}, {"to": 1, "more": 2}, [1]):
+        resp = c.post("/rollback", json=body, headers=auth)
+        assert resp.status_code == 400, body
+        assert error_of(resp.content)["param"] == "to"
+    assert c.post("/rollback", content=b"{not json", headers=auth).status_code == 400
+    assert c.post("/rollback", json={"to": 404}, headers=auth).status_code == 404
+    assert c.post("/rollback", json={"to": 1}).status_code == 401
+    assert c.post("/rollback", content=b"x" * 2048, headers=auth).status_code == 400
+    assert client(tokenizer, sup, tokens=("secret",), max_body_bytes=1024).post(
+        "/rollback", content=b"{" + b" " * 2048 + b"}", headers=auth).status_code == 413
+    busy = client(tokenizer, StubSupervisor(TrainerRequestError("a training job is running", 409)))
+    resp = busy.post("/rollback", json={"to": 1})
+    assert resp.status_code == 409 and error_of(resp.content)["type"] == "rollback_error"
+    assert client(tokenizer, None, training_enabled=False).post("/rollback", json={"to": 1}).status_code == 409

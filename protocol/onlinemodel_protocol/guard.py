@@ -1,0 +1,100 @@
+"""The guard file (``onlinemodel serve --guard FILE``, ``spec.training.guard`` of the CRD): what must keep
+working after every training job (docs/guard.md).
+
+YAML or JSON (JSON is YAML)::
+
+    probes:
+      - name: capital-of-france            # optional; default: probe-<index>
+        messages: [{role: user, content: "What is the capital of France?"}]
+        expect: Paris                      # substring of the greedy answer, case-insensitive
+        max_tokens: 32                     # optional
+    heldout:                               # optional
+      text: "..."                          # plain text; its loss must not rise by more than max_increase
+      max_increase: 0.05                   # relative (0.05: +5%)
+    every_steps: 0                         # also evaluate every N steps of a job (0: after the job only)
+    allow_job_opt_out: false               # true: POST /train {"guard": false} skips the guard for that job
+
+Pure pydantic (plus PyYAML to read the text), so the operator validates a ConfigMap without torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from onlinemodel_protocol import limits
+
+
+class GuardFileError(ValueError):
+    """A guard file that cannot be used; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ProbeMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+class ChatProbe(_Strict):
+    name: str = Field("", max_length=128)
+    messages: list[ProbeMessage] = Field(min_length=1)
+    expect: str = Field(min_length=1)
+    max_tokens: int = Field(limits.GUARD_PROBE_MAX_TOKENS_DEFAULT, ge=1, le=limits.GUARD_PROBE_MAX_TOKENS_MAX)
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_user(cls, messages: list[ProbeMessage]) -> list[ProbeMessage]:
+        if messages[-1].role != "user":
+            raise ValueError("the last message must be the user's: the model answers it")
+        return messages
+
+    def passes(self, answer: str) -> bool:
+        return self.expect.casefold() in answer.casefold()
+
+
+class HeldOut(_Strict):
+    text: str = Field(min_length=1)
+    max_increase: float = Field(limits.GUARD_HELDOUT_MAX_INCREASE_DEFAULT, ge=0, allow_inf_nan=False)
+
+
+class GuardFile(_Strict):
+    probes: list[ChatProbe] = Field(default_factory=list, max_length=limits.GUARD_MAX_PROBES)
+    heldout: HeldOut | None = None
+    every_steps: int = Field(0, ge=0)
+    allow_job_opt_out: bool = False
+
+    @model_validator(mode="after")
+    def _named_and_nonempty(self) -> GuardFile:
+        if not self.probes and self.heldout is None:
+            raise ValueError("a guard needs at least one probe or a heldout text")
+        named = [p if p.name else p.model_copy(update={"name": f"probe-{i}"}) for i, p in enumerate(self.probes)]
+        names = [p.name for p in named]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"probe names must be unique; repeated: {', '.join(duplicates)}")
+        object.__setattr__(self, "probes", named)  # frozen: the defaults filled in once, here
+        return self
+
+
+def parse_guard_file(text: str | bytes, source: str = "guard file") -> GuardFile:
+    """The guard file `text` (YAML or JSON), validated; GuardFileError naming `source` otherwise."""
+    import yaml
+
+    if len(text) > limits.GUARD_FILE_MAX_BYTES:
+        raise GuardFileError(f"{source}: larger than {limits.GUARD_FILE_MAX_BYTES} bytes")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise GuardFileError(f"{source}: not YAML or JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise GuardFileError(f"{source}: must be a mapping with 'probes' and/or 'heldout'")
+    try:
+        return GuardFile.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'guard'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors(include_url=False))
+        raise GuardFileError(f"{source}: {problems}") from None
