@@ -17,7 +17,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-TrainerState = Literal["starting", "idle", "training", "error", "disabled"]
+from onlinemodel_protocol.replication import ReplicationStatus
+
+TrainerState = Literal["starting", "idle", "training", "error", "disabled", "following"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINISHED_JOB_STATES = ("succeeded", "failed", "cancelled")
 CheckpointState = Literal["idle", "running", "failed"]
@@ -171,6 +173,8 @@ class TrainStatus(_Body):
     trainer_restarts: int = Field(0, ge=0)
     scheduler: SchedulerStatus | None = None
     memory: MemoryStatus | None = None
+    # Scaled out (onlinemodel_protocol.replication): the learner's followers, or a follower's learner.
+    replication: ReplicationStatus | None = None
 
     @classmethod
     def placeholder(cls, state: TrainerState, last: TrainStatus | None = None, last_error: str | None = None,

@@ -45,6 +45,8 @@ async def handle(service: TrainerService, request: dict[str, Any], stop: asyncio
         return service.cancel(args.job_id)
     if op is TrainerOp.CHECKPOINT:
         return await asyncio.to_thread(service.checkpoint)
+    if op is TrainerOp.PUBLISH:
+        return await asyncio.to_thread(service.publish, args.directory)
     if op is TrainerOp.INTROSPECT:
         return debug.introspect(service.model)
     if op is TrainerOp.DEBUG_SCALE:

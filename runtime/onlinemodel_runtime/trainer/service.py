@@ -22,6 +22,7 @@ from onlinemodel_protocol.api import (FINISHED_JOB_STATES, CheckpointRecord, Che
                                       TrainAccepted, TrainStatus, utc_timestamp)
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.limits import RECENT_JOBS
+from onlinemodel_protocol.replication import Snapshot
 from onlinemodel_protocol.rpc import Counters, EncodedExample, TrainJob
 from onlinemodel_runtime.trainer.job_queue import JobQueue
 from onlinemodel_runtime.trainer.loop import StepResult, train_step
@@ -82,6 +83,7 @@ class TrainerService:
         # it back right after every step (locks are not fair), lets the snapshot go first.
         self._snapshot_waiting = threading.Event()
         self._checkpoint_lock = threading.Lock()
+        self._publish_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     # -- counters that survive restarts ------------------------------------------------------
@@ -303,6 +305,31 @@ class TrainerService:
             scale_parameter(self.model, name, factor)
             self.weight_version += 1
         return {"weight_version": self.weight_version}
+
+    # -- replicas ----------------------------------------------------------------------------
+    def publish(self, directory: str) -> Snapshot:
+        """Publish the trainable tensors as one weight version for followers (replication/snapshot.py).
+        Training pauses only while their bytes are copied out."""
+        from onlinemodel_runtime.replication.snapshot import SnapshotWriter
+
+        with self._publish_lock:
+            trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+            writer = SnapshotWriter(Path(directory), self.weight_version, trainable)
+            try:
+                self._snapshot_waiting.set()
+                try:
+                    self._weights_lock.acquire()
+                finally:
+                    self._snapshot_waiting.clear()
+                try:
+                    writer.version = self.weight_version  # a step may have ended while the file was laid out
+                    writer.copy(trainable)
+                finally:
+                    self._weights_lock.release()
+                return writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
 
     # -- checkpoints -------------------------------------------------------------------------
     def _maybe_periodic_checkpoint(self) -> None:
