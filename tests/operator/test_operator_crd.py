@@ -305,7 +305,9 @@ def test_build_crd_shape() -> None:
     assert crd["spec"]["names"]["shortNames"] == ["om"]
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
-    assert list(columns) == ["Ready", "Reason", "Steps", "Loss", "Last checkpoint", "Age", "Endpoint", "Pod"]
+    assert list(columns) == ["Ready", "Reason", "Steps", "Loss", "Last checkpoint", "Replicas", "Lag", "Age",
+                             "Endpoint", "Pod"]
+    assert columns["Lag"]["jsonPath"] == ".status.replicas.maxLagSeconds"
     assert columns["Endpoint"]["priority"] == 1 and columns["Pod"]["priority"] == 1
     conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
     assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]
