@@ -248,6 +248,9 @@ LIMITS = {
     # 0 is off; (0, 1) is refused by a CEL rule ("slowdown below 1" in BAD_SPECS)
     "training.maxDecodeSlowdown": (limits.MAX_DECODE_SLOWDOWN_DEFAULT, limits.DECODE_SLOWDOWN_OFF,
                                    limits.MAX_DECODE_SLOWDOWN_MAX),
+    "replicas": (limits.REPLICAS_DEFAULT, 1, limits.REPLICAS_MAX),
+    "replication.syncIntervalSeconds": (limits.SYNC_INTERVAL_DEFAULT, limits.SYNC_INTERVAL_MIN,
+                                        limits.SYNC_INTERVAL_MAX),
 }
 
 
