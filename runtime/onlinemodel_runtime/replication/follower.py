@@ -16,8 +16,6 @@ connection. The version counts as applied only when its last tensor is written.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 import os
 import re
@@ -187,7 +185,10 @@ class FollowerService:
     submit = cancel = checkpoint = publish = periodic_checkpoint = debug_scale = _refuse
 
 
-def build_service(cfg: RuntimeConfig, weight_version: int = 0) -> FollowerService:
+def build_service(cfg: RuntimeConfig, counters=None) -> FollowerService:
+    """Attach to the exported weights and follow `cfg.follow_url`. After a restart (`counters`: the last
+    status the supervisor saw) the live weights still hold the version applied before; it is pulled again
+    once."""
     from onlinemodel_runtime.replication.transport import HttpWeightTransport
     from onlinemodel_runtime.weights import shared
     from onlinemodel_runtime.weights.hf_model import build_hf_model
@@ -200,32 +201,14 @@ def build_service(cfg: RuntimeConfig, weight_version: int = 0) -> FollowerServic
     token = os.environ.get(ENV_API_TOKEN, "").strip() or None
     transport = HttpWeightTransport(cfg.follow_url, token)
     targets = {name: p.data for name, p in model.named_parameters()}
-    return FollowerService(cfg, Follower(transport, targets, follower_name(cfg), weight_version), model)
+    version = counters.weight_version if counters is not None else 0
+    return FollowerService(cfg, Follower(transport, targets, follower_name(cfg), version), model)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from onlinemodel_protocol.rpc import EXIT_PERMANENT, Counters
-    from onlinemodel_runtime.trainer.server import serve
+    from onlinemodel_runtime.trainer.server import run_process
 
-    parser = argparse.ArgumentParser(prog="onlinemodel-follower")
-    parser.add_argument("--config", required=True, help="RuntimeConfig as JSON")
-    parser.add_argument("--parent-pid", type=int, default=None)
-    parser.add_argument("--counters", default=None, help="the last status the supervisor saw (JSON)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[onlinemodel follower %(process)d] %(levelname)s %(message)s")
-    cfg = RuntimeConfig.model_validate_json(args.config)
-    # After a restart the live weights still hold the version applied before; it is pulled again once.
-    version = Counters.model_validate_json(args.counters).weight_version if args.counters else 0
-    try:
-        service = build_service(cfg, version)
-    except Exception as exc:
-        log.exception("follower failed to start")
-        print(f"onlinemodel follower: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_PERMANENT
-    service.start()
-    asyncio.run(serve(service, cfg.trainer_endpoint, parent_pid=args.parent_pid or os.getppid()))
-    service.stop()
-    return 0
+    return run_process("follower", build_service, argv)
 
 
 if __name__ == "__main__":

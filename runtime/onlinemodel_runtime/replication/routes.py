@@ -38,39 +38,31 @@ class TensorsQuery(BaseModel):
     start: int = Field(0, ge=0)
 
 
-def _publisher(request: Request):
-    """(the learner's Publisher, None) or (None, the error answer)."""
+def _learner_request(request: Request, query_model: type[BaseModel]):
+    """(the learner's Publisher, the parsed query, None), or (None, None, the error answer). The endpoint's
+    helpers are imported here, not at the top: endpoint.py imports this module."""
     from onlinemodel_runtime.vllm_plugins.endpoint import _error, _runtime
 
     rt, refused = _runtime(request)
     if refused:
-        return None, refused
+        return None, None, refused
     publisher = getattr(request.app.state, PUBLISHER_KEY, None)
     if publisher is None:
         why = f"this replica follows {rt.cfg.follow_url}" if rt.cfg.follow_url else "training is disabled"
-        return None, _error(409, f"no weights are published here: {why}", type_="conflict")
-    return publisher, None
-
-
-def _query(model: type[BaseModel], request: Request):
-    from onlinemodel_runtime.vllm_plugins.endpoint import _error
-
+        return None, None, _error(409, f"no weights are published here: {why}", type_="conflict")
     try:
-        return model.model_validate(dict(request.query_params)), None
+        return publisher, query_model.model_validate(dict(request.query_params)), None
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(map(str, first["loc"])) or None
-        return None, _error(400, f"{param}: {first['msg']}", param=param)
+        return None, None, _error(400, f"{param}: {first['msg']}", param=param)
 
 
 @router.get("/replication/manifest")
 async def manifest(request: Request):
     from onlinemodel_runtime.vllm_plugins.endpoint import _answer, _error
 
-    publisher, refused = _publisher(request)
-    if refused:
-        return refused
-    query, refused = _query(ManifestQuery, request)
+    publisher, query, refused = _learner_request(request, ManifestQuery)
     if refused:
         return refused
     if query.follower is not None and query.version is not None:
@@ -86,10 +78,7 @@ async def manifest(request: Request):
 async def tensors(request: Request):
     from onlinemodel_runtime.vllm_plugins.endpoint import _error
 
-    publisher, refused = _publisher(request)
-    if refused:
-        return refused
-    query, refused = _query(TensorsQuery, request)
+    publisher, query, refused = _learner_request(request, TensorsQuery)
     if refused:
         return refused
     current = publisher.manifest()

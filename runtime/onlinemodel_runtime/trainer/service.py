@@ -79,7 +79,7 @@ class TrainerService:
         self._queue = JobQueue()
         self._cancel_requested: set[str] = set()
         self._weights_lock = threading.Lock()
-        # Set while a checkpoint waits for _weights_lock: the training thread, which would otherwise take
+        # Set while a checkpoint or a publication waits for _weights_lock: the training thread, which would otherwise take
         # it back right after every step (locks are not fair), lets the snapshot go first.
         self._snapshot_waiting = threading.Event()
         self._checkpoint_lock = threading.Lock()
@@ -306,6 +306,15 @@ class TrainerService:
             self.weight_version += 1
         return {"weight_version": self.weight_version}
 
+    def _hold_weights(self) -> None:
+        """Take the weights lock between two steps, ahead of the training thread (which would otherwise take
+        it back right after every step: locks are not fair). The caller releases it."""
+        self._snapshot_waiting.set()
+        try:
+            self._weights_lock.acquire()
+        finally:
+            self._snapshot_waiting.clear()
+
     # -- replicas ----------------------------------------------------------------------------
     def publish(self, directory: str) -> Snapshot:
         """Publish the trainable tensors as one weight version for followers (replication/snapshot.py).
@@ -316,11 +325,7 @@ class TrainerService:
             trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
             writer = SnapshotWriter(Path(directory), self.weight_version, trainable)
             try:
-                self._snapshot_waiting.set()
-                try:
-                    self._weights_lock.acquire()
-                finally:
-                    self._snapshot_waiting.clear()
+                self._hold_weights()
                 try:
                     writer.version = self.weight_version  # a step may have ended while the file was laid out
                     writer.copy(trainable)
@@ -377,11 +382,7 @@ class TrainerService:
                 self._weights_lock.release()
 
         try:
-            self._snapshot_waiting.set()
-            try:
-                self._weights_lock.acquire()
-            finally:
-                self._snapshot_waiting.clear()
+            self._hold_weights()
             counters = self.state_dict()
             info = self.store.save(
                 hf_weight_tensors(self.model),

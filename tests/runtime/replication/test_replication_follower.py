@@ -71,7 +71,7 @@ def test_follower_applies_a_version_and_is_listed_with_its_lag(learner) -> None:
 
 
 def test_a_broken_stream_resumes_at_the_tensor_it_was_at(learner) -> None:
-    url, trainer, publisher = learner.url, learner.trainer, learner.publisher
+    url, trainer = learner.url, learner.trainer
     learner.publish()
     flaky = Flaky(HttpWeightTransport(url, TOKEN), every=2)
     targets = replica_of(trainer)
@@ -83,7 +83,7 @@ def test_a_broken_stream_resumes_at_the_tensor_it_was_at(learner) -> None:
 
 
 def test_a_version_replaced_mid_transfer_is_dropped_for_the_new_one(learner) -> None:
-    url, trainer, publisher = learner.url, learner.trainer, learner.publisher
+    url, trainer = learner.url, learner.trainer
     learner.publish()
     transport = HttpWeightTransport(url, TOKEN)
     old = transport.latest(FollowerReport(follower="f", version=0))
@@ -98,7 +98,7 @@ def test_a_version_replaced_mid_transfer_is_dropped_for_the_new_one(learner) -> 
 
 
 def test_refusals_token_and_mismatch(learner) -> None:
-    url, trainer, publisher = learner.url, learner.trainer, learner.publisher
+    url, trainer = learner.url, learner.trainer
     learner.publish()
     with pytest.raises(LearnerRefused, match="401"):
         Follower(HttpWeightTransport(url, "wrong"), replica_of(trainer), "f").sync_once()
@@ -112,7 +112,7 @@ def test_refusals_token_and_mismatch(learner) -> None:
 
 @pytest.mark.parametrize("query", ["?version=-1", "?version=x", "?version=1&start=-2", "?start=1"])
 def test_bad_tensor_queries_are_400(learner, query) -> None:
-    url, publisher = learner.url, learner.publisher
+    url = learner.url
     learner.publish()
     req = urllib.request.Request(f"{url}/replication/tensors{query}", headers={"Authorization": f"Bearer {TOKEN}"})
     with pytest.raises(urllib.error.HTTPError) as err:
