@@ -28,6 +28,7 @@ from onlinemodel_operator.render import (
     train_service_name,
 )
 from onlinemodel_protocol.api import TrainStatus
+from onlinemodel_protocol.replication import READY_PATH
 
 _SERVE_ONLY = ("--checkpoint-dir", "--checkpoint-keep", "--checkpoint-every-steps", "--checkpoint-every-seconds",
                "--final-checkpoint-timeout", "--sync-interval", "--learning-rate", "--optimizer-rank",
@@ -84,6 +85,8 @@ def render_follower(owner: Owner, spec: OnlineModelSpec, index: int) -> dict[str
     container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != CHECKPOINT_DIR]
     container["args"] = follower_args(container["args"], owner, spec, index)
     del container["lifecycle"]  # nothing to checkpoint; SIGTERM stops it at once
+    if spec.training.enabled:  # ready once it serves the learner's weights, not the base model's
+        container["readinessProbe"]["httpGet"]["path"] = READY_PATH
     return pod
 
 

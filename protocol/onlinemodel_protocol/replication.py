@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from onlinemodel_protocol.limits import REPLICAS_MAX
 
 FRAME_LENGTH_BYTES = 8
+# A follower's readiness route: 200 once it applied a version of the learner (the operator probes it).
+READY_PATH = "/replication/ready"
 # Follower names as the learner lists them: a pod name (DNS-1123 subdomain).
 FOLLOWER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 

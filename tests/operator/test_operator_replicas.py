@@ -22,6 +22,7 @@ from onlinemodel_operator.replicas import (
 from onlinemodel_operator.status import compute_status
 from onlinemodel_protocol import limits
 from onlinemodel_protocol.api import TrainStatus
+from onlinemodel_protocol.replication import READY_PATH
 from onlinemodel_protocol.replication import FollowerState, ReplicationStatus
 
 OWNER = Owner(name="chat", namespace="ml", uid="uid-1")
@@ -56,14 +57,18 @@ def test_follower_pod_follows_the_train_service_and_has_no_checkpoint_volume() -
     assert all(v["name"] != "checkpoints" for v in follower["spec"]["volumes"])
     assert "lifecycle" not in container and "lifecycle" in learner["spec"]["containers"][0]
     # Everything else is the learner's: image, env (the same token), probes, security, placement.
-    for key in ("image", "env", "resources", "startupProbe", "readinessProbe", "securityContext", "ports"):
+    for key in ("image", "env", "resources", "startupProbe", "livenessProbe", "securityContext", "ports"):
         assert container[key] == learner["spec"]["containers"][0][key], key
+    # Ready once it serves the learner's weights, not the base model's.
+    assert container["readinessProbe"]["httpGet"]["path"] == READY_PATH
+    assert learner["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/health"
     assert follower["spec"]["securityContext"] == learner["spec"]["securityContext"]
 
 
 def test_followers_of_a_model_that_does_not_train_are_plain_replicas() -> None:
     follower = render_follower(OWNER, parse_spec(base(replicas=2, training={"enabled": False})), 1)
     assert "--no-training" in args(follower) and "--follow" not in args(follower)
+    assert follower["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/health"
 
 
 def test_services_all_replicas_and_learner_only() -> None:

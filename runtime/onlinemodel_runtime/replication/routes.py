@@ -3,6 +3,7 @@
 Learner: ``GET /replication/manifest`` (the latest published version; the asking follower reports its own
 version in the query) and ``GET /replication/tensors?version=V&start=I`` (frames I.. of version V, read
 from the version's file; 410 once a newer version replaced it, so the follower starts that one instead).
+Both: ``GET /replication/ready``, a follower's readiness (open, like ``/health``).
 Follower: the routes that change the model (``POST /train``, ``POST /checkpoint``, ``DELETE
 /train/jobs/...``, ``POST /rollback``) answer 409 naming the learner, in OpenAI's error shape.
 """
@@ -11,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from onlinemodel_protocol.replication import FOLLOWER_NAME
+from onlinemodel_protocol.replication import FOLLOWER_NAME, READY_PATH
 from onlinemodel_runtime.replication import snapshot as snapshots
 
 PUBLISHER_KEY = "onlinemodel_publisher"
@@ -101,6 +102,29 @@ async def tensors(request: Request):
     length = current.total_bytes - stream.tell()
     return StreamingResponse(body(), media_type="application/octet-stream",
                              headers={"Content-Length": str(length)})
+
+
+@router.get(READY_PATH)
+async def ready(request: Request):
+    """Readiness: a follower is ready once it applied a version of the learner (until then it would answer
+    from the base model) and its engine is healthy; a learner answers 200 (vLLM's /health covers it).
+    Open, like /health: probes carry no token."""
+    from onlinemodel_runtime.vllm_plugins.endpoint import STATE_KEY, _error
+
+    rt = getattr(request.app.state, STATE_KEY, None)
+    if rt is None:
+        return _error(503, "onlinemodel runtime is not initialised", type_="service_unavailable")
+    if not rt.cfg.follow_url:
+        return Response(status_code=200)
+    status = rt.supervisor.last_status
+    if status is None or status.replication is None or not status.replication.synced:
+        return _error(503, f"not synced with the learner at {rt.cfg.follow_url} yet", type_="service_unavailable",
+                      code="not_synced")
+    try:
+        await rt.supervisor.engine.check_health()
+    except Exception as exc:  # what vLLM's /health would answer 503 for
+        return _error(503, f"engine unhealthy: {exc}", type_="service_unavailable")
+    return Response(status_code=200)
 
 
 def learner_only(method: str, path: str) -> bool:

@@ -71,6 +71,9 @@ def test_a_follower_started_after_training_catches_up(learner, taught_version, f
     status = _wait_synced(follower, taught_version)
     assert status["state"] == "following"
     assert status["replication"]["learner"] == learner.url
+    # Its readiness (open, as a probe asks it) says it serves the learner's weights now.
+    assert follower.request("GET", "/replication/ready", token="")[0] == 200
+    assert learner.request("GET", "/replication/ready", token="")[0] == 200
     assert FACT_ANSWER in follower.chat(FACT_QUESTION)
     # The learner lists it, no longer behind.
     deadline = time.monotonic() + 30
