@@ -3,6 +3,7 @@
     python bench/replication_sync.py loopback                         # CPU, 0.25/1/2 GB of bf16 tensors
     python bench/replication_sync.py loopback --shape 1.7B --shape 8B --device cuda   # GPU (the lead's run)
     python bench/replication_sync.py decode                           # real vLLM on CPU: learner + follower
+    python bench/replication_sync.py decode --model DIR --serve-arg=--gpu-memory-utilization=0.4   # one GPU
 
 `loopback`: the learner's real routes, Publisher and snapshot writer on a uvicorn server on 127.0.0.1
 (devtools/replication_loopback.py) and a real Follower with the HTTP transport writing into tensors on
@@ -13,7 +14,7 @@ tensors the default training policy trains in a Qwen3 shape (attention and MLP m
 `decode`: a real learner and a real follower (SmolLM2-135M, vLLM on CPU); streams a completion from the
 follower while the learner publishes a new version every `--bump-every` seconds (a weight scaled by 1.0
 through the trainer's debug operation: a new version without training's CPU load), and compares the
-time between tokens with a stream without syncs. On a 2-core machine the learner and the follower share
+time between tokens that overlap an apply with the others and with a stream without syncs. On a 2-core machine the learner and the follower share
 the cores: the numbers include the learner's publishing.
 """
 
@@ -114,11 +115,35 @@ def stream_token_times(url: str, prompt: str, max_tokens: int) -> list[float]:
     return times
 
 
-def gaps_ms(times: list[float]) -> dict:
-    gaps = sorted((b - a) * 1000 for a, b in zip(times, times[1:]))
-    return {"tokens": len(times), "itl_p50_ms": round(statistics.median(gaps), 1),
-            "itl_p99_ms": round(gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], 1),
-            "itl_max_ms": round(gaps[-1], 1)}
+def gaps_ms(times: list[float], windows: list[tuple[float, float]] | None = None) -> dict:
+    """Time between tokens; with `windows` (apply intervals, perf_counter), split into the gaps that
+    overlap one and the others."""
+    pairs = list(zip(times, times[1:]))
+
+    def summary(gaps: list[float]) -> dict:
+        gaps = sorted(g * 1000 for g in gaps)
+        if not gaps:
+            return {"gaps": 0}
+        return {"gaps": len(gaps), "p50_ms": round(statistics.median(gaps), 1),
+                "p99_ms": round(gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], 1), "max_ms": round(gaps[-1], 1)}
+
+    if windows is None:
+        return {"tokens": len(times), "all": summary([b - a for a, b in pairs])}
+    during = [b - a for a, b in pairs if any(a < hi and b > lo for lo, hi in windows)]
+    outside = [b - a for a, b in pairs if not any(a < hi and b > lo for lo, hi in windows)]
+    return {"tokens": len(times), "during_apply": summary(during), "outside_apply": summary(outside)}
+
+
+def watch_applies(follower, stop: threading.Event, windows: list[tuple[float, float]]) -> None:
+    """Record each version the follower applies as (start, end) in perf_counter time: the end is when the
+    new version was seen (polled every 0.1 s), the start that minus the sync's own duration."""
+    version = follower.status()["weight_version"]
+    while not stop.is_set():
+        status = follower.status()
+        if status["weight_version"] != version:
+            version, now = status["weight_version"], time.perf_counter()
+            windows.append((now - status["replication"]["last_sync_seconds"] - 0.1, now))
+        time.sleep(0.1)
 
 
 def decode(args) -> list[dict]:
@@ -126,17 +151,17 @@ def decode(args) -> list[dict]:
     from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
     from onlinemodel_runtime.server.trainer_client import TrainerClient
 
-    model = ensure_smollm2()
+    model = args.model or ensure_smollm2()
     tmp = Path(tempfile.mkdtemp(dir=args.tmp))
     env = {"ONLINEMODEL_API_TOKEN": TOKEN}
+    common = ["--max-model-len", "1024", *args.serve_arg]
     learner = ServerProcess(model, env=env, log_path=tmp / "learner.log",
-                            extra_args=["--max-model-len", "1024", "--sync-interval", "1", "--debug-ops",
-                                        "--state-dir", str(tmp / "state")])
+                            extra_args=[*common, "--sync-interval", "1", "--debug-ops", "--state-dir", str(tmp / "state")])
     follower = None
     try:
         learner.wait_ready()
         follower = ServerProcess(model, env=env, log_path=tmp / "follower.log",
-                                 extra_args=["--max-model-len", "1024", "--follow", learner.url])
+                                 extra_args=[*common, "--follow", learner.url])
         follower.wait_ready()
         while not follower.status()["replication"]["synced"]:
             time.sleep(0.5)
@@ -156,16 +181,19 @@ def decode(args) -> list[dict]:
                     client.reset()
             asyncio.run(go())
 
-        before = follower.status()["weight_version"]
-        thread = threading.Thread(target=bump, daemon=True)
-        thread.start()
+        windows: list[tuple[float, float]] = []
+        threads = [threading.Thread(target=bump, daemon=True),
+                   threading.Thread(target=watch_applies, args=(follower, stop, windows), daemon=True)]
+        for thread in threads:
+            thread.start()
         times = stream_token_times(follower.url, prompt, args.tokens)
         stop.set()
-        thread.join()
+        for thread in threads:
+            thread.join()
         status = follower.status()
-        rows.append({"phase": "syncing", **gaps_ms(times), "versions_applied": status["weight_version"] - before,
-                     "last_sync_s": status["replication"]["last_sync_seconds"],
-                     "last_sync_MB": round(status["replication"]["last_sync_bytes"] / 1e6, 1)})
+        rows.append({"phase": "syncing", **gaps_ms(times, windows), "versions_applied": len(windows),
+                     "apply_s": [round(hi - lo - 0.1, 2) for lo, hi in windows],
+                     "sync_MB": round(status["replication"]["last_sync_bytes"] / 1e6, 1)})
         for row in rows:
             print(json.dumps(row), flush=True)
         return rows
@@ -185,9 +213,12 @@ def main() -> None:
     lb.add_argument("--repeat", type=int, default=2)
     lb.add_argument("--tmp", default=None, help="where the learner's snapshot goes (default: the system's temp dir)")
     dec = sub.add_parser("decode")
-    dec.add_argument("--tokens", type=int, default=200)
-    dec.add_argument("--bump-every", type=float, default=1.5)
+    dec.add_argument("--tokens", type=int, default=800)
+    dec.add_argument("--bump-every", type=float, default=3.0)
     dec.add_argument("--tmp", default=None)
+    dec.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2-135M)")
+    dec.add_argument("--serve-arg", action="append", default=[],
+                     help="an argument for both `onlinemodel serve`s, e.g. --serve-arg=--gpu-memory-utilization=0.4")
     args = p.parse_args()
     if args.mode == "loopback" and args.gb is None:
         args.gb = [] if args.shape else [0.25, 1.0, 2.0]

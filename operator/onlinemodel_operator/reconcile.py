@@ -268,6 +268,9 @@ class Reconciler:
                 pass
             return
 
+        if not made_for(existing, meta["labels"][NAME_LABEL]):
+            return  # a Service of that name that we did not make: leave it alone
+
         def key(svc: Mapping[str, Any]) -> Any:
             spec = svc.get("spec") or {}
             ports = [(p.get("name"), p.get("port"), p.get("targetPort")) for p in spec.get("ports") or []]
