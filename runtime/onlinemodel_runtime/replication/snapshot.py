@@ -62,6 +62,8 @@ class SnapshotWriter:
         self.total_bytes = offset
         self._data_offsets = [e.offset + len(h) for e, h in zip(self.entries, headers)]
         directory.mkdir(mode=0o700, exist_ok=True)
+        for stale in directory.glob("*.partial"):  # a trainer that died mid-publication (one writer at a time)
+            stale.unlink(missing_ok=True)
         self.path = stream_path(directory, version).with_suffix(".partial")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:

@@ -71,10 +71,13 @@ def test_a_new_version_replaces_the_old_one_readers_keep_theirs(tmp_path):
     assert new.total_bytes == old.total_bytes
 
 
-def test_abort_leaves_nothing(tmp_path):
+def test_abort_leaves_nothing_and_a_dead_writer_s_file_goes_with_the_next(tmp_path):
     writer = snapshots.SnapshotWriter(tmp_path, 3, _tensors())
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+    snapshots.SnapshotWriter(tmp_path, 4, _tensors())  # left behind, as by a killed trainer
+    _publish(tmp_path, 5, _tensors())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", snapshots.stream_path(tmp_path, 5).name]
 
 
 @pytest.mark.parametrize("cut", [3, 8 + 10, -5])
