@@ -46,17 +46,17 @@ TOKEN = "bench-token"
 _CHUNK = 64 << 20  # bytes per tensor of the --gb sizes
 
 
-def sized_tensors(gb: float) -> dict[str, torch.Tensor]:
-    n, left, out = 0, int(gb * (1 << 30)), {}
+def sized_tensors(gb: float, device: str) -> dict[str, torch.Tensor]:
+    n, left, out = 0, int(gb * (1 << 30)) // 2 * 2, {}  # whole bf16 elements
     while left > 0:
         numel = min(_CHUNK, left) // 2
-        out[f"blocks.{n}.weight"] = torch.randn(numel, dtype=torch.float32).to(torch.bfloat16)
+        out[f"blocks.{n}.weight"] = torch.empty(numel, dtype=torch.bfloat16, device=device).normal_()
         left -= numel * 2
         n += 1
     return out
 
 
-def shape_tensors(name: str) -> dict[str, torch.Tensor]:
+def shape_tensors(name: str, device: str) -> dict[str, torch.Tensor]:
     """The matrices the default policy trains (TrainPolicy: blocks apollo, the rest frozen) of a Qwen3 shape."""
     s = QWEN3_SHAPES[name]
     h, hd, inter = s["hidden_size"], s["head_dim"], s["intermediate_size"]
@@ -64,20 +64,18 @@ def shape_tensors(name: str) -> dict[str, torch.Tensor]:
     shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
               "self_attn.o_proj": (h, q), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
               "mlp.down_proj": (h, inter)}
-    return {f"model.layers.{i}.{m}.weight": torch.empty(shape, dtype=torch.bfloat16).normal_()
+    return {f"model.layers.{i}.{m}.weight": torch.empty(shape, dtype=torch.bfloat16, device=device).normal_()
             for i in range(s["num_hidden_layers"]) for m, shape in shapes.items()}
 
 
 def loopback(args) -> list[dict]:
-    cases = [(f"{gb:g} GB", lambda gb=gb: sized_tensors(gb)) for gb in args.gb] + \
-            [(f"Qwen3-{s} trainable", lambda s=s: shape_tensors(s)) for s in args.shape]
+    cases = [(f"{gb:g} GiB", lambda gb=gb: sized_tensors(gb, args.device)) for gb in args.gb] + \
+            [(f"Qwen3-{s} trainable", lambda s=s: shape_tensors(s, args.device)) for s in args.shape]
     rows = []
     for label, make in cases:
         weights = make()
         total = sum(t.numel() * t.element_size() for t in weights.values())
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp, LoopbackLearner(weights, Path(tmp), TOKEN) as learner:
-            if args.device != "cpu":  # the learner's tensors live where the trainer's do
-                learner.trainer.weights = {k: v.to(args.device) for k, v in weights.items()}
             del weights
             targets = {k: torch.zeros_like(v) for k, v in learner.trainer.weights.items()}
             follower = Follower(HttpWeightTransport(learner.url, TOKEN, timeout=600), targets, "bench",

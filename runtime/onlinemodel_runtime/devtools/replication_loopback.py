@@ -71,7 +71,10 @@ class LoopbackLearner:
 
     def __enter__(self) -> LoopbackLearner:
         self._thread.start()
+        deadline = time.monotonic() + 60
         while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:  # e.g. the port was taken meanwhile
+                raise RuntimeError(f"the loopback learner did not start on {self.url}")
             time.sleep(0.01)
         return self
 
