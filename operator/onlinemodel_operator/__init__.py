@@ -2,8 +2,9 @@
 
 Pure parts (no I/O): `models` (the resource, spec and status, as pydantic models), `crd` (the CRD
 generated from them), `render` (spec -> Pod/Service/PVC/API-token Secret), `pod` (reading a live pod
-back), `decide` (what was observed -> the one action of a pass), `status` (pod + runtime answer ->
-OnlineModelStatus), `events` (old and new status -> the Events worth posting), `clock` (UTC, RFC 3339). I/O parts: `kube` (Kubernetes API), `runtime_client` (the pod's HTTP API),
+back), `decide` (what was observed -> the one action of a pass), `replicas` (followers: render, decide, status),
+`status` (pod + runtime answer -> OnlineModelStatus), `events` (old and new status -> the Events worth posting),
+`clock` (UTC, RFC 3339). I/O parts: `kube` (Kubernetes API), `runtime_client` (the pod's HTTP API),
 `reconcile` (one idempotent pass that executes `decide`'s action), `handlers` (thin kopf handlers),
 `config` and `main` (the `onlinemodel-operator` entry point).
 """
@@ -20,5 +21,9 @@ CHECKPOINT_REQUEST_ANNOTATION = "onlinemodel.dev/checkpoint-requested"
 SPEC_HASH_ANNOTATION = "onlinemodel.dev/spec-hash"
 # Label on every object the operator creates, naming the OnlineModel it belongs to.
 NAME_LABEL = "onlinemodel.dev/name"
+# Label of a serving pod's role when the OnlineModel is scaled out: the learner trains, followers serve its weights.
+ROLE_LABEL = "onlinemodel.dev/role"
+LEARNER = "learner"
+FOLLOWER = "follower"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "onlinemodel-operator"

@@ -30,6 +30,8 @@ PRINTER_COLUMNS = [
     {"name": "Steps", "type": "integer", "jsonPath": ".status.training.steps"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.training.lastLoss"},
     {"name": "Last checkpoint", "type": "date", "jsonPath": ".status.checkpoint.time"},
+    {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas.ready"},
+    {"name": "Lag", "type": "number", "jsonPath": ".status.replicas.maxLagSeconds"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
     {"name": "Pod", "type": "string", "jsonPath": ".status.podName", "priority": 1},

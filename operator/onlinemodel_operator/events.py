@@ -15,7 +15,8 @@ from typing import Optional
 from onlinemodel_operator.models import GuardStatus, JobStatus, OnlineModelStatus
 from onlinemodel_operator.pod import FAILING_POD_REASONS
 
-WARNING_REASONS = FAILING_POD_REASONS | {"TrainerError", "CheckpointFailed", "InvalidSpec", "RuntimeUnreachable"}
+WARNING_REASONS = FAILING_POD_REASONS | {"TrainerError", "CheckpointFailed", "InvalidSpec", "RuntimeUnreachable",
+                                         "FollowerBehind"}
 JOB_FINISHED = {"succeeded": ("Normal", "TrainingSucceeded"), "failed": ("Warning", "TrainingFailed"),
                 "cancelled": ("Normal", "TrainingCancelled")}
 

@@ -127,6 +127,14 @@ class KubeApi:
     async def get(self, kind: Kind, namespace: str, name: str) -> Optional[dict[str, Any]]:
         return await self._request("GET", kind.path(namespace, name))
 
+    async def list(self, kind: Kind, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        """The objects of `kind` in `namespace` carrying every label in `labels` (filtered here too: fakes
+        may ignore the selector)."""
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        result = await self._request("GET", kind.path(namespace), params={"labelSelector": selector}) or {}
+        return [item for item in result.get("items") or []
+                if all(((item.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in labels.items())]
+
     async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         kind = KINDS[obj["kind"]]
         result = await self._request("POST", kind.path(obj["metadata"]["namespace"]), body=dict(obj),

@@ -294,6 +294,18 @@ class PodOverrides(_Model):
         return self
 
 
+class ReplicationSpec(_Model):
+    """How followers track the learner (spec.replicas > 1; docs/operator.md "Scaling out")."""
+
+    sync_interval_seconds: float = Field(
+        limits.SYNC_INTERVAL_DEFAULT, ge=limits.SYNC_INTERVAL_MIN, le=limits.SYNC_INTERVAL_MAX,
+        description="The learner publishes its weights to followers when a job ends and, while one runs, at most "
+                    "every this many seconds.")
+    max_lag_seconds: float = Field(
+        limits.MAX_FOLLOWER_LAG_DEFAULT, gt=0, le=limits.MAX_FOLLOWER_LAG_MAX,
+        description="A follower further behind the learner than this sets FollowersInSync=False (FollowerBehind).")
+
+
 class OnlineModelSpec(_Model):
     """Desired state of an OnlineModel: one pod where vLLM serves a model and a trainer updates it in place."""
 
@@ -305,12 +317,18 @@ class OnlineModelSpec(_Model):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     suspend: bool = Field(False, description="Delete the pod (after a checkpoint) and keep the volume; false starts it again.")
+    replicas: int = Field(limits.REPLICAS_DEFAULT, ge=1, le=limits.REPLICAS_MAX,
+                          description="Serving pods: the learner (pod <name>, trains) and replicas - 1 followers "
+                                      "(pods <name>-follower-N), which serve the learner's weights.")
+    replication: ReplicationSpec = Field(default_factory=ReplicationSpec)
     pod: PodOverrides = Field(default_factory=PodOverrides, description="Pod placement and metadata.")
 
 
 # --- status -------------------------------------------------------------------------------------------
 
 CONDITION_TYPES = ("Ready", "Serving", "Training", "Checkpointed", "Degraded")
+# Present only while spec.replicas > 1: whether every follower is within replication.maxLagSeconds.
+FOLLOWERS_CONDITION = "FollowersInSync"
 PHASES = ("Pending", "Loading", "Ready", "Updating", "Degraded", "Failed", "Suspended", "Invalid")
 
 
@@ -407,6 +425,25 @@ class ModelChangedStatus(_StatusModel):
     time: Optional[str] = Field(None, json_schema_extra=DATE_TIME)
 
 
+class FollowerReplicaStatus(_StatusModel):
+    """One follower pod, and how far behind the learner it is (as the learner last heard from it)."""
+
+    name: str
+    ready: bool = False
+    weight_version: Optional[int] = Field(None, ge=0)
+    lag_versions: Optional[int] = Field(None, ge=0)
+    lag_seconds: Optional[float] = Field(None, ge=0)
+
+
+class ReplicasStatus(_StatusModel):
+    """The serving pods: the learner and its followers."""
+
+    desired: int = Field(ge=0)
+    ready: int = Field(0, ge=0, description="Pods that serve (the learner included).")
+    followers: list[FollowerReplicaStatus] = Field(default_factory=list, max_length=limits.REPLICAS_MAX)
+    max_lag_seconds: Optional[float] = Field(None, ge=0, description="The largest follower lag, in seconds.")
+
+
 class OnlineModelStatus(_StatusModel):
     """Observed state, recomputed from the live pod and the runtime's /train/status."""
 
@@ -423,6 +460,7 @@ class OnlineModelStatus(_StatusModel):
     api_token_secret: Optional[SecretKeyStatus] = Field(
         None, description="The Secret key holding the bearer token of the training routes (give it to clients).")
     model_changed: Optional[ModelChangedStatus] = None
+    replicas: Optional[ReplicasStatus] = None
 
 
 class ObjectMeta(_Model):

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Optional
 from pydantic import ValidationError
 
 from onlinemodel_operator.clock import rfc3339, utcnow
+from onlinemodel_operator import FOLLOWER, NAME_LABEL, ROLE_LABEL
 from onlinemodel_operator.config import OperatorConfig
 from onlinemodel_operator.decide import (
     AlreadyHandled,
@@ -43,6 +44,8 @@ from onlinemodel_operator.models import (
     parse_spec,
 )
 from onlinemodel_operator.pod import analyze_pod, api_token_ref, pod_failure, runtime_url
+from onlinemodel_operator.replicas import (CreateFollower, decide_followers, follower_index, follower_pod_name,
+                                           render_follower, replicas_status)
 from onlinemodel_operator.render import Desired, Owner, made_for, render_all, render_token_secret
 from onlinemodel_operator.runtime_client import CheckpointBusy, RuntimeClient, RuntimeClientError
 from onlinemodel_operator.events import Transition, transitions
@@ -164,6 +167,7 @@ class Reconciler:
             await self._create_token_secret(owner, body, events)
         await self._ensure_claim(owner, desired.pvc)
         await self._ensure_service(desired.service)
+        await self._ensure_service(desired.train_service)
         failure: Optional[FailureStatus] = None
         model_changed = previous_status(body).model_changed  # the spec hash held back, if any
         action = decide(pod, desired_hash=desired.spec_hash, suspend=spec.suspend,
@@ -195,10 +199,13 @@ class Reconciler:
             pod = await self._create_pod(desired.pod)
             events(body, Transition("Normal", "PodCreated", f"created pod {name} (spec {desired.spec_hash})"))
 
-        status = compute_status(body, pod, await self._poll(pod), self.clock(), desired_hash=desired.spec_hash,
+        followers = await self._followers(owner, spec, desired.spec_hash, body, events)
+        runtime = await self._poll(pod)
+        status = compute_status(body, pod, runtime, self.clock(), desired_hash=desired.spec_hash,
                                 endpoint=desired.endpoint, deleted_failure=failure, model_changed=model_changed,
                                 api_token_secret=SecretKeyStatus(name=desired.api_token.name,
-                                                                 key=desired.api_token.key))
+                                                                 key=desired.api_token.key),
+                                replicas=replicas_status(spec, pod, followers, runtime, owner))
         await self._publish(body, status, events)
         return outcome
 
@@ -281,6 +288,9 @@ class Reconciler:
                 pass
             return
 
+        if not made_for(existing, meta["labels"][NAME_LABEL]):
+            return  # a Service of that name that we did not make: leave it alone
+
         def key(svc: Mapping[str, Any]) -> Any:
             spec = svc.get("spec") or {}
             ports = [(p.get("name"), p.get("port"), p.get("targetPort")) for p in spec.get("ports") or []]
@@ -289,6 +299,28 @@ class Reconciler:
         if key(existing) != key(service):
             await self.kube.patch(SERVICES, meta["namespace"], meta["name"],
                                   {"spec": {"ports": service["spec"]["ports"], "selector": service["spec"]["selector"]}})
+
+    async def _followers(self, owner: Owner, spec: OnlineModelSpec, desired_hash: str, body: Mapping[str, Any],
+                         events: EventSink) -> dict[int, dict[str, Any]]:
+        """Execute `decide_followers` (replicas.py); the follower pods left, by index."""
+        pods = await self.kube.list(PODS, owner.namespace, {NAME_LABEL: owner.name, ROLE_LABEL: FOLLOWER})
+        followers = {i: p for p in pods if (i := follower_index(owner, p)) is not None}
+        for action in decide_followers(followers, replicas=spec.replicas, desired_hash=desired_hash,
+                                       suspend=spec.suspend):
+            name = follower_pod_name(owner, action.index)
+            if isinstance(action, CreateFollower):
+                created = await self._create_pod(render_follower(owner, spec, action.index))
+                if created is not None:
+                    followers[action.index] = created
+                events(body, Transition("Normal", "FollowerCreated", f"created follower pod {name}"))
+                continue
+            left = await self._delete_pod(followers[action.index])
+            if left is None:
+                del followers[action.index]
+            else:
+                followers[action.index] = left
+            events(body, Transition("Normal", "FollowerDeleted", f"deleting follower pod {name} ({action.why})"))
+        return followers
 
     async def _create_pod(self, pod: dict[str, Any]) -> Optional[dict[str, Any]]:
         try:

@@ -19,9 +19,11 @@ from typing import Any, Mapping
 from onlinemodel_operator import (
     API_VERSION,
     KIND,
+    LEARNER,
     MANAGED_BY,
     MANAGED_BY_LABEL,
     NAME_LABEL,
+    ROLE_LABEL,
     SPEC_HASH_ANNOTATION,
 )
 from onlinemodel_operator.models import API_TOKEN_ENV, OnlineModelSpec, SecretKeyRef
@@ -120,9 +122,12 @@ def common_labels(owner: Owner) -> dict[str, str]:
 
 
 def spec_hash(spec: OnlineModelSpec) -> str:
-    """Hash of everything in the spec that shapes the pod (suspend and the claim's deletion policy do not)."""
+    """Hash of everything in the spec that shapes the pod (suspend, the claim's deletion policy, the number
+    of replicas and the lag bound do not: scaling never restarts a pod)."""
     data = spec.to_dict()
     data.pop("suspend", None)
+    data.pop("replicas", None)
+    data.get("replication", {}).pop("maxLagSeconds", None)
     data.get("checkpoint", {}).get("volume", {}).pop("deleteWithModel", None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -178,6 +183,7 @@ def serve_args(owner: Owner, spec: OnlineModelSpec) -> list[str]:
             args += ["--max-body-bytes", str(training.max_body_bytes)]
         if training.guard is not None:
             args += ["--guard", f"{GUARD_DIR}/{GUARD_FILE}"]
+        args += ["--sync-interval", _num(spec.replication.sync_interval_seconds)]
     if spec.serving.max_model_len is not None:
         args += ["--max-model-len", str(spec.serving.max_model_len)]
     if spec.serving.gpu_memory_utilization is not None:
@@ -324,7 +330,7 @@ def render_pod(owner: Owner, spec: OnlineModelSpec) -> dict[str, Any]:
         "metadata": {
             "name": pod_name(owner),
             "namespace": owner.namespace,
-            "labels": {**overrides.labels, **common_labels(owner)},
+            "labels": {**overrides.labels, **common_labels(owner), ROLE_LABEL: LEARNER},
             "annotations": {**overrides.annotations, SPEC_HASH_ANNOTATION: spec_hash(spec)},
             "ownerReferences": [owner.reference()],
         },
@@ -344,6 +350,19 @@ def render_service(owner: Owner, spec: OnlineModelSpec) -> dict[str, Any]:
             "ports": [{"name": PORT_NAME, "port": spec.serving.port, "targetPort": PORT_NAME, "protocol": "TCP"}],
         },
     }
+
+
+def train_service_name(owner: Owner) -> str:
+    return f"{owner.name}-train"
+
+
+def render_train_service(owner: Owner, spec: OnlineModelSpec) -> dict[str, Any]:
+    """`<name>-train`: the learner only (training routes, and followers fetching its weights); the model's
+    Service reaches every replica."""
+    service = render_service(owner, spec)
+    service["metadata"]["name"] = train_service_name(owner)
+    service["spec"]["selector"] = {**selector_labels(owner), ROLE_LABEL: LEARNER}
+    return service
 
 
 def render_pvc(owner: Owner, spec: OnlineModelSpec) -> dict[str, Any] | None:
@@ -374,6 +393,7 @@ def render_token_secret(owner: Owner, token: str) -> dict[str, Any]:
 class Desired:
     pod: dict[str, Any]
     service: dict[str, Any]
+    train_service: dict[str, Any]
     pvc: dict[str, Any] | None
     spec_hash: str
     endpoint: str
@@ -382,6 +402,7 @@ class Desired:
 
 
 def render_all(owner: Owner, spec: OnlineModelSpec) -> Desired:
-    return Desired(pod=render_pod(owner, spec), service=render_service(owner, spec), pvc=render_pvc(owner, spec),
+    return Desired(pod=render_pod(owner, spec), service=render_service(owner, spec),
+                   train_service=render_train_service(owner, spec), pvc=render_pvc(owner, spec),
                    spec_hash=spec_hash(spec), endpoint=endpoint(owner, spec), api_token=token_secret_ref(owner, spec),
                    generates_token=spec.training.api_token_secret_ref is None)

@@ -1,7 +1,7 @@
 """Pure status computation: (OnlineModel, its pod, the runtime's /train/status, now) -> OnlineModelStatus.
 
 The status tells the truth about the live pod and trainer at this moment: all five conditions are always
-present, every condition and the status carry the generation they describe, and a condition keeps its
+present (and FollowersInSync while scaled out), every condition and the status carry the generation they describe, and a condition keeps its
 lastTransitionTime while its status does not change. Reads the raw OnlineModel, so an invalid spec still
 gets a status; builds the `models.OnlineModelStatus` the API receives (its `to_dict()`).
 """
@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from onlinemodel_operator.clock import parse_time, rfc3339
 from onlinemodel_operator.models import (
     CONDITION_TYPES,
+    FOLLOWERS_CONDITION,
     CheckpointStatus,
     Condition,
     FailureStatus,
@@ -24,6 +25,7 @@ from onlinemodel_operator.models import (
     JobStatus,
     ModelChangedStatus,
     OnlineModelStatus,
+    ReplicasStatus,
     SecretKeyStatus,
     TrainingStatus,
 )
@@ -192,6 +194,13 @@ def _degraded(spec_error: Optional[str], suspended: bool, pod: PodView, training
     return Verdict(False, "Healthy", "nothing is failing")
 
 
+def _previous_verdict(previous: OnlineModelStatus, type_: str) -> Verdict:
+    before = next((c for c in previous.conditions if c.type == type_), None)
+    if before is None:
+        return Verdict(None, "NotPolled", "not computed yet")
+    return Verdict(None if before.status == "Unknown" else before.status == "True", before.reason, before.message)
+
+
 def _condition(type_: str, verdict: Verdict, previous: OnlineModelStatus, generation: Optional[int],
                now: dt.datetime) -> Condition:
     before = next((c for c in previous.conditions if c.type == type_), None)
@@ -215,6 +224,7 @@ def compute_status(
     deleted_failure: Optional[FailureStatus] = None,
     model_changed: Optional[ModelChangedStatus] = None,
     api_token_secret: Optional[SecretKeyStatus] = None,
+    replicas: Optional[tuple[ReplicasStatus, Verdict]] = None,
 ) -> OnlineModelStatus:
     """The full status of `body` (a raw OnlineModel) given its live pod and the runtime's answer.
 
@@ -222,7 +232,8 @@ def compute_status(
     (a pod with another hash -> Updating); endpoint: the Service URL (None when unknown); deleted_failure:
     the failure of a pod this pass deleted (it becomes lastFailure); model_changed: the pod this pass deleted
     because its runtime refused the checkpoints (kept in status until the spec changes or the OnlineModel is
-    suspended); api_token_secret: where the pod's API token is (None: unchanged).
+    suspended); api_token_secret: where the pod's API token is (None: unchanged); replicas: status.replicas
+    and the FollowersInSync verdict (replicas.py; None: the previous ones, e.g. for a refused spec).
     """
     meta = body.get("metadata") or {}
     spec = body.get("spec") or {}
@@ -248,6 +259,10 @@ def compute_status(
     verdicts = {"Ready": ready, "Serving": Verdict(view.serving, view.reason, view.message), "Training": training,
                 "Checkpointed": checkpointed,
                 "Degraded": _degraded(spec_error, suspended, view, training, checkpointed)}
+    types = CONDITION_TYPES
+    if int(spec.get("replicas", 1) or 1) > 1:
+        verdicts[FOLLOWERS_CONDITION] = replicas[1] if replicas else _previous_verdict(previous, FOLLOWERS_CONDITION)
+        types += (FOLLOWERS_CONDITION,)
 
     if isinstance(runtime, TrainStatus):
         training_status = training_from_runtime(runtime)
@@ -257,7 +272,7 @@ def compute_status(
     return OnlineModelStatus(
         observed_generation=generation,
         phase="Ready" if ready.ok else PHASE_OF_REASON.get(ready.reason, "Pending"),
-        conditions=[_condition(t, verdicts[t], previous, generation, now) for t in CONDITION_TYPES],
+        conditions=[_condition(t, verdicts[t], previous, generation, now) for t in types],
         training=training_status,
         checkpoint=checkpoint if checkpoint != CheckpointStatus() else None,
         endpoint=endpoint or previous.endpoint or None,
@@ -266,6 +281,7 @@ def compute_status(
         last_failure=deleted_failure or pod_failure(pod) or previous.last_failure,
         api_token_secret=api_token_secret or previous.api_token_secret,
         model_changed=held,
+        replicas=(replicas[0] if replicas else previous.replicas) if types != CONDITION_TYPES else None,
     )
 
 

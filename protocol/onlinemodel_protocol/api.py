@@ -17,7 +17,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field, field_validator
 
-TrainerState = Literal["starting", "idle", "training", "error", "disabled"]
+from onlinemodel_protocol.replication import ReplicationStatus
+
+TrainerState = Literal["starting", "idle", "training", "error", "disabled", "following"]
 # rolled_back: the guard found a regression and restored the weights of before the job (docs/guard.md).
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "rolled_back"]
 FINISHED_JOB_STATES = ("succeeded", "failed", "cancelled", "rolled_back")
@@ -261,6 +263,8 @@ class TrainStatus(_Body):
     scheduler: SchedulerStatus | None = None
     memory: MemoryStatus | None = None
     guard: GuardStatus | None = None
+    # Scaled out (onlinemodel_protocol.replication): the learner's followers, or a follower's learner.
+    replication: ReplicationStatus | None = None
 
     @classmethod
     def placeholder(cls, state: TrainerState, last: TrainStatus | None = None, last_error: str | None = None,

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from onlinemodel_protocol import limits
 from onlinemodel_protocol.api import TrainLimits
 from onlinemodel_protocol.guard import GuardFile
+from onlinemodel_protocol.replication import FOLLOWER_NAME
 
 ENV_CONFIG = "ONLINEMODEL_RUNTIME_CONFIG"
 # The bearer token of the training routes. Never part of RuntimeConfig: the config travels on the
@@ -68,12 +69,20 @@ class RuntimeConfig(BaseModel):
     served_model_name: str | None = None
     # Lets the trainer's local socket accept in-place test writes (never reachable over HTTP).
     debug_ops: bool = False
+    # Scaled out (docs/operator.md): a follower serves the weights of the learner at this URL, no trainer.
+    follow_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+    follower_name: str | None = Field(None, pattern=FOLLOWER_NAME.pattern)  # None: the host name
+    # Learner: publish a new version when a job ends and, while one runs, at most every this many seconds.
+    sync_interval: float = Field(limits.SYNC_INTERVAL_DEFAULT, ge=limits.SYNC_INTERVAL_MIN,
+                                 le=limits.SYNC_INTERVAL_MAX)
 
     @model_validator(mode="after")
     def _check(self) -> RuntimeConfig:
         if self.max_decode_slowdown != limits.DECODE_SLOWDOWN_OFF and self.max_decode_slowdown < 1:
             raise ValueError(f"max_decode_slowdown {self.max_decode_slowdown} is below 1: a budget is a factor "
                              f"of at least 1, or {limits.DECODE_SLOWDOWN_OFF:g} (off)")
+        if self.follow_url is not None and self.training_enabled:
+            raise ValueError("a follower (follow_url) does not train: training_enabled must be false")
         if self.default_epochs > self.max_epochs:
             raise ValueError(f"default_epochs {self.default_epochs} exceeds max_epochs {self.max_epochs}")
         # Unix socket paths are limited to 107 bytes; ZMQ's own error for a longer one is obscure.

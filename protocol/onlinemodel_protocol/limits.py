@@ -76,3 +76,22 @@ GUARD_PROBE_MAX_TOKENS_MAX = 512
 GUARD_HELDOUT_MAX_TOKENS = 4096  # a longer held-out text is cut here
 GUARD_HELDOUT_MAX_INCREASE_DEFAULT = 0.05  # relative: the held-out loss may rise by 5% per job
 GUARD_FILE_MAX_BYTES = 1024 * 1024  # a ConfigMap holds at most 1 MiB
+# Replicas (docs/operator.md "Scaling out"): one learner and followers that serve its weights.
+REPLICAS_DEFAULT = 1
+REPLICAS_MAX = 64
+# The learner publishes a new weight version when a job ends and, while one runs, at most every this many
+# seconds (--sync-interval, spec.replication.syncIntervalSeconds).
+SYNC_INTERVAL_DEFAULT = 30.0
+SYNC_INTERVAL_MIN = 1.0
+SYNC_INTERVAL_MAX = 86_400.0
+# How often a follower asks the learner for its latest version (a small JSON request).
+FOLLOW_POLL_SECONDS = 2.0
+# A follower behind the learner by more seconds than this gets the FollowerBehind condition
+# (spec.replication.maxLagSeconds).
+MAX_FOLLOWER_LAG_DEFAULT = 300.0
+MAX_FOLLOWER_LAG_MAX = 86_400.0
+# The learner publishes only while a follower asked within this many seconds, and lists a follower in
+# /train/status until it has been silent this long x 10.
+FOLLOWER_ACTIVE_SECONDS = 60.0
+# The largest JSON header of one tensor frame in a weight stream (a name, a dtype, a shape).
+FRAME_HEADER_MAX_BYTES = 64 * 1024

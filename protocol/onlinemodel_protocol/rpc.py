@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from onlinemodel_protocol.api import (CheckpointRecord, Job, JobCounts, RollbackRecord, RollbackRequest, TrainAccepted,
                                       TrainStatus)
 from onlinemodel_protocol.limits import LEARNING_RATE_MAX
+from onlinemodel_protocol.replication import Snapshot
 
 # Entry-point names in pyproject.toml.
 GENERAL_PLUGIN = "onlinemodel_weights"  # vllm.general_plugins
@@ -50,6 +51,7 @@ class TrainerOp(str, Enum):
     INTROSPECT = "introspect"  # where the parameters live (tests)
     DEBUG_SCALE = "debug_scale"  # scale one parameter in place (tests, behind debug_ops)
     SHUTDOWN = "shutdown"
+    PUBLISH = "publish"  # TrainerService.publish: snapshot the trainable tensors for followers
 
 
 class _Message(BaseModel):
@@ -90,6 +92,10 @@ class CancelJob(_Message):
     job_id: str
 
 
+class Publish(_Message):
+    directory: str  # where the version's stream and manifest go (the learner's state directory)
+
+
 class DebugScale(_Message):
     name: str
     factor: float
@@ -123,6 +129,7 @@ OPS: dict[TrainerOp, OpSpec] = {
     TrainerOp.INTROSPECT: OpSpec(),
     TrainerOp.DEBUG_SCALE: OpSpec(args=DebugScale),
     TrainerOp.SHUTDOWN: OpSpec(),
+    TrainerOp.PUBLISH: OpSpec(args=Publish, result=Snapshot),
 }
 
 

@@ -77,6 +77,15 @@ def _serve_parser(sub) -> None:
     p.add_argument("--guard", type=Path, default=None, metavar="FILE",
                    help="probes (YAML/JSON, docs/guard.md) checked after every training job; a job that makes "
                         "one regress is rolled back")
+    p.add_argument("--follow", default=None, metavar="LEARNER_URL",
+                   help="serve as a follower of the learner at this URL: no trainer, the learner's weight "
+                        "versions are written into the live weights (with --checkpoint-dir: read-only, the "
+                        "latest checkpoint is served until the first sync)")
+    p.add_argument("--follower-name", default=None, help="the name the learner lists this follower under "
+                                                         "(default: the host name)")
+    p.add_argument("--sync-interval", type=float, default=limits.SYNC_INTERVAL_DEFAULT,
+                   help="learner: publish a new weight version for followers when a job ends and, while one "
+                        f"runs, at most every this many seconds (default {limits.SYNC_INTERVAL_DEFAULT:g})")
     # Lets tests write through the trainer's views over its local socket; never for production.
     p.add_argument("--debug-ops", action="store_true", help=argparse.SUPPRESS)
 
@@ -97,7 +106,8 @@ def build_config(args: argparse.Namespace, state_dir: Path) -> RuntimeConfig:
         from onlinemodel_runtime.checkpoint import CheckpointStore, resume_point
 
         store = CheckpointStore(args.checkpoint_dir, keep_last=args.checkpoint_keep)
-        latest = resume_point(store, args.model, start_over=args.start_over)
+        # A follower only reads the directory: it never moves checkpoints aside.
+        latest = resume_point(store, args.model, start_over=args.start_over and not args.follow)
         if latest is not None:
             log.info("resuming from checkpoint %s (step %d)", latest.path, latest.step)
             model = str(latest.path)
@@ -110,7 +120,7 @@ def build_config(args: argparse.Namespace, state_dir: Path) -> RuntimeConfig:
         checkpoint_every_seconds=args.checkpoint_every_seconds,
         checkpoint_keep=args.checkpoint_keep,
         final_checkpoint_timeout=args.final_checkpoint_timeout,
-        training_enabled=not args.no_training,
+        training_enabled=not (args.no_training or args.follow),
         open_training=args.insecure_open_training,
         max_body_bytes=args.max_body_bytes,
         learning_rate=args.learning_rate,
@@ -121,6 +131,9 @@ def build_config(args: argparse.Namespace, state_dir: Path) -> RuntimeConfig:
         activation_recompute=args.activation_recompute,
         guard=read_guard(args.guard),
         debug_ops=args.debug_ops,
+        follow_url=args.follow,
+        follower_name=args.follower_name,
+        sync_interval=args.sync_interval,
     )
 
 
@@ -188,7 +201,7 @@ def training_tokens(args: argparse.Namespace, extra: list[str]) -> tuple[tuple[s
         tokens = auth.resolve_tokens(os.environ, keys)
     except auth.TokenError as exc:
         raise Refused(str(exc)) from None
-    if tokens or args.no_training:
+    if tokens or args.no_training or args.follow:  # a follower has no training routes
         return tokens, extra
     if not args.insecure_open_training:
         raise Refused(f"the training routes (/train, /checkpoint) need an API token: set {ENV_API_TOKEN} (or vLLM's "

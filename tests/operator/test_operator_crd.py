@@ -248,6 +248,9 @@ LIMITS = {
     # 0 is off; (0, 1) is refused by a CEL rule ("slowdown below 1" in BAD_SPECS)
     "training.maxDecodeSlowdown": (limits.MAX_DECODE_SLOWDOWN_DEFAULT, limits.DECODE_SLOWDOWN_OFF,
                                    limits.MAX_DECODE_SLOWDOWN_MAX),
+    "replicas": (limits.REPLICAS_DEFAULT, 1, limits.REPLICAS_MAX),
+    "replication.syncIntervalSeconds": (limits.SYNC_INTERVAL_DEFAULT, limits.SYNC_INTERVAL_MIN,
+                                        limits.SYNC_INTERVAL_MAX),
 }
 
 
@@ -305,7 +308,9 @@ def test_build_crd_shape() -> None:
     assert crd["spec"]["names"]["shortNames"] == ["om"]
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
-    assert list(columns) == ["Ready", "Reason", "Steps", "Loss", "Last checkpoint", "Age", "Endpoint", "Pod"]
+    assert list(columns) == ["Ready", "Reason", "Steps", "Loss", "Last checkpoint", "Replicas", "Lag", "Age",
+                             "Endpoint", "Pod"]
+    assert columns["Lag"]["jsonPath"] == ".status.replicas.maxLagSeconds"
     assert columns["Endpoint"]["priority"] == 1 and columns["Pod"]["priority"] == 1
     conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
     assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]

@@ -28,6 +28,7 @@ FLAG_DEFAULTS = {
     "final_checkpoint_timeout": limits.FINAL_CHECKPOINT_TIMEOUT_DEFAULT,
     "max_body_bytes": limits.MAX_BODY_BYTES_DEFAULT,
     "max_decode_slowdown": limits.MAX_DECODE_SLOWDOWN_DEFAULT,
+    "sync_interval": limits.SYNC_INTERVAL_DEFAULT,
 }
 # RuntimeConfig field -> (lowest accepted, highest accepted) per limits
 BOUNDS = {
@@ -40,6 +41,7 @@ BOUNDS = {
     "checkpoint_every_seconds": (0.0, None),
     # off, or a factor in [1, max]: the gap between is RuntimeConfig's own check (test_protocol_config)
     "max_decode_slowdown": (limits.DECODE_SLOWDOWN_OFF, limits.MAX_DECODE_SLOWDOWN_MAX),
+    "sync_interval": (limits.SYNC_INTERVAL_MIN, limits.SYNC_INTERVAL_MAX),
 }
 
 
@@ -104,3 +106,14 @@ def test_the_trainer_accepts_what_the_api_accepts():
     assert TrainJob(examples=[example], epochs=1, learning_rate=limits.LEARNING_RATE_MAX).learning_rate == 1.0
     with pytest.raises(ValidationError):
         TrainJob(examples=[example], epochs=1, learning_rate=math.nextafter(limits.LEARNING_RATE_MAX, 2))
+
+
+def test_a_follower_config():
+    args = serve_args("--follow", "http://chat-train.ml.svc:8000", "--follower-name", "chat-follower-1")
+    cfg = cli.build_config(args, Path("/tmp/om"))
+    assert cfg.follow_url == "http://chat-train.ml.svc:8000" and not cfg.training_enabled
+    assert cfg.follower_name == "chat-follower-1"
+    for bad in ({"follow_url": "ftp://x"}, {"follow_url": "http://"}, {"follower_name": "Bad_Name"},
+                {"follow_url": "http://x:8000", "training_enabled": True}):
+        with pytest.raises(ValidationError):
+            config(**{"training_enabled": False, **bad})

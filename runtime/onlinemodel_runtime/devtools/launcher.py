@@ -113,7 +113,7 @@ class ServerProcess:
 
     # -- lifecycle --------------------------------------------------------------------------
     def wait_ready(self, timeout: float = 600.0) -> dict[str, Any]:
-        """Until /health answers and the trainer is ready (state idle or training)."""
+        """Until /health answers and the trainer (or a follower's writer) is ready."""
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
@@ -124,7 +124,7 @@ class ServerProcess:
                 status_code, body = self.request("GET", "/train/status", timeout=5) if code == 200 else (0, None)
                 if status_code == 200:
                     last = body
-                    if last["state"] in ("idle", "training", "disabled"):
+                    if last["state"] in ("idle", "training", "disabled", "following"):
                         return last
                     if last["state"] == "error":
                         raise RuntimeError(f"trainer failed: {last.get('last_error')}")

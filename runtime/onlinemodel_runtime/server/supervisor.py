@@ -15,6 +15,7 @@ from typing import Any
 
 from onlinemodel_protocol.api import CheckpointRecord, Job, RollbackRecord, TrainAccepted, TrainStatus
 from onlinemodel_protocol.config import ENV_VLLM_API_KEY, RuntimeConfig
+from onlinemodel_protocol.replication import Snapshot
 from onlinemodel_protocol.rpc import EXIT_PERMANENT, EXPORT_WEIGHTS_METHOD, Counters, TrainerOp, TrainJob
 from onlinemodel_runtime.server.state_dir import ensure_private_dir
 from onlinemodel_runtime.server.trainer_client import TrainerClient, TrainerRequestError, TrainerUnavailable
@@ -29,6 +30,10 @@ class _GiveUp(Exception):
 
 
 class TrainerSupervisor:
+    # The process it runs: the trainer, or a follower's (replication/follower.py), which answers the same
+    # status requests.
+    module = "onlinemodel_runtime.trainer"
+
     def __init__(self, cfg: RuntimeConfig, engine_client: Any, metrics: Any = None, serving_key: str | None = None):
         self.cfg = cfg
         self.metrics = metrics  # server/metrics.py's TrainingMetrics, fed with every status read
@@ -63,7 +68,7 @@ class TrainerSupervisor:
             if self._last_status else []
         self._cache_version = None if self._last_status else 0
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "onlinemodel_runtime.trainer",
+            sys.executable, "-m", self.module,
             "--config", self.cfg.model_dump_json(), "--parent-pid", str(os.getpid()), *counters,
             stderr=asyncio.subprocess.PIPE, env=self._env,
         )
@@ -141,7 +146,7 @@ class TrainerSupervisor:
             return
         if await self.engine.reset_prefix_cache():
             self._cache_version = version
-        elif status.state == "idle" and not status.queued_jobs:
+        elif status.state in ("idle", "following") and not status.queued_jobs:
             # Training is over and a request still holds stale blocks: preempt it (vLLM recomputes it
             # with the new weights), so a finished job is always followed by fresh answers.
             try:
@@ -164,6 +169,11 @@ class TrainerSupervisor:
     def answering(self) -> bool:
         """Whether the trainer answers requests now (not starting, restarting or failed)."""
         return self._ready and self.state != "error"
+
+    @property
+    def last_status(self) -> TrainStatus | None:
+        """The status the trainer answered last (every POLL_SECONDS while it runs)."""
+        return self._last_status if self._ready else None
 
     @property
     def training(self) -> bool:
@@ -216,3 +226,8 @@ class TrainerSupervisor:
         record = await self.client.request(TrainerOp.ROLLBACK, timeout=timeout, to=to)
         await self.status()
         return record
+
+    async def publish(self, directory: str, timeout: float = 600.0) -> Snapshot:
+        """Publish the trainable tensors for followers (``TrainerService.publish``)."""
+        self._check_ready()
+        return await self.client.request(TrainerOp.PUBLISH, timeout=timeout, directory=directory)

@@ -8,10 +8,7 @@ to stop.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
-import os
 import sys
 
 log = logging.getLogger("onlinemodel.trainer")
@@ -92,27 +89,9 @@ def make_pacer(cfg, model, device):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from onlinemodel_protocol.config import RuntimeConfig
-    from onlinemodel_protocol.rpc import EXIT_PERMANENT, Counters
-    from onlinemodel_runtime.trainer.server import serve
+    from onlinemodel_runtime.trainer.server import run_process
 
-    parser = argparse.ArgumentParser(prog="onlinemodel-trainer")
-    parser.add_argument("--config", required=True, help="RuntimeConfig as JSON")
-    parser.add_argument("--parent-pid", type=int, default=None)
-    parser.add_argument("--counters", default=None, help="counters the supervisor saw before a restart (JSON)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[onlinemodel trainer %(process)d] %(levelname)s %(message)s")
-    cfg = RuntimeConfig.model_validate_json(args.config)
-    try:
-        service = build_service(cfg, Counters.model_validate_json(args.counters) if args.counters else None)
-    except Exception as exc:
-        log.exception("trainer failed to start")
-        print(f"onlinemodel trainer: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_PERMANENT
-    service.start()
-    asyncio.run(serve(service, cfg.trainer_endpoint, parent_pid=args.parent_pid or os.getppid()))
-    service.stop()
-    return 0
+    return run_process("trainer", build_service, argv)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,20 @@ long checkpoint does not hold up status requests. ``debug_scale`` (tests only) n
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import zmq
 import zmq.asyncio
 from pydantic import ValidationError
 
-from onlinemodel_protocol.rpc import OPS, TrainerOp, TrainerReply
+from onlinemodel_protocol.config import RuntimeConfig
+from onlinemodel_protocol.rpc import EXIT_PERMANENT, OPS, Counters, TrainerOp, TrainerReply
 from onlinemodel_runtime.trainer import debug
 from onlinemodel_runtime.trainer.service import TrainerError, TrainerService
 
@@ -47,6 +50,8 @@ async def handle(service: TrainerService, request: dict[str, Any], stop: asyncio
         return await asyncio.to_thread(service.checkpoint)
     if op is TrainerOp.ROLLBACK:
         return await asyncio.to_thread(service.rollback_to, args.to)
+    if op is TrainerOp.PUBLISH:
+        return await asyncio.to_thread(service.publish, args.directory)
     if op is TrainerOp.INTROSPECT:
         return debug.introspect(service.model)
     if op is TrainerOp.DEBUG_SCALE:
@@ -108,7 +113,7 @@ async def serve(service: TrainerService, endpoint: str, parent_pid: int | None =
             task.add_done_callback(tasks.discard)
 
     background = [asyncio.create_task(c) for c in (receive(), watch_parent(), periodic_checkpoints())]
-    log.info("trainer listening on %s", endpoint)
+    log.info("listening on %s", endpoint)
     try:
         await stop.wait()
         await asyncio.sleep(0.05)  # let the shutdown reply leave
@@ -116,3 +121,27 @@ async def serve(service: TrainerService, endpoint: str, parent_pid: int | None =
         for task in background:
             task.cancel()
         sock.close()
+
+
+def run_process(role: str, build_service: Callable[[RuntimeConfig, Counters | None], Any],
+                argv: list[str] | None = None) -> int:
+    """The main of a process the supervisor starts (the trainer, or a follower's writer): build its service
+    from ``--config`` (EXIT_PERMANENT if that fails: restarting will not help), then answer requests until
+    the parent exits or asks it to stop."""
+    parser = argparse.ArgumentParser(prog=f"onlinemodel-{role}")
+    parser.add_argument("--config", required=True, help="RuntimeConfig as JSON")
+    parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--counters", default=None, help="counters the supervisor saw before a restart (JSON)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"[onlinemodel {role} %(process)d] %(levelname)s %(message)s")
+    cfg = RuntimeConfig.model_validate_json(args.config)
+    try:
+        service = build_service(cfg, Counters.model_validate_json(args.counters) if args.counters else None)
+    except Exception as exc:
+        log.exception("%s failed to start", role)
+        print(f"onlinemodel {role}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_PERMANENT
+    service.start()
+    asyncio.run(serve(service, cfg.trainer_endpoint, parent_pid=args.parent_pid or os.getppid()))
+    service.stop()
+    return 0

@@ -25,6 +25,7 @@ from onlinemodel_protocol.api import (FINISHED_JOB_STATES, CheckpointRecord, Che
                                       TrainAccepted, TrainStatus, job_eta_seconds, utc_timestamp)
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.limits import RECENT_JOBS
+from onlinemodel_protocol.replication import Snapshot
 from onlinemodel_protocol.rpc import Counters, EncodedExample, TrainJob
 from onlinemodel_runtime.trainer.errors import JobRolledBack, TrainerError
 from onlinemodel_runtime.trainer.guard import Guard, ProbeSet
@@ -81,10 +82,11 @@ class TrainerService(Rollbacks):
         self._job_started: dict[str, float] = {}  # running job id -> time.monotonic() at its start (ETA)
         self._weights_lock = threading.Lock()
         self._job_lock = threading.Lock()
-        # Set while a checkpoint waits for _weights_lock: the training thread, which would otherwise take
-        # it back right after every step (locks are not fair), lets the snapshot go first.
+        # Set while a checkpoint or a publication waits for _weights_lock: the training thread, which would
+        # otherwise take it back right after every step (locks are not fair), lets the snapshot go first.
         self._snapshot_waiting = threading.Event()
         self._checkpoint_lock = threading.Lock()
+        self._publish_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     # -- counters that survive restarts ------------------------------------------------------
@@ -338,6 +340,36 @@ class TrainerService(Rollbacks):
             self.weight_version += 1
         return {"weight_version": self.weight_version}
 
+    def _hold_weights(self) -> None:
+        """Take the weights lock between two steps, ahead of the training thread (which would otherwise take
+        it back right after every step: locks are not fair). The caller releases it."""
+        self._snapshot_waiting.set()
+        try:
+            self._weights_lock.acquire()
+        finally:
+            self._snapshot_waiting.clear()
+
+    # -- replicas ----------------------------------------------------------------------------
+    def publish(self, directory: str) -> Snapshot:
+        """Publish the trainable tensors as one weight version for followers (replication/snapshot.py).
+        Training pauses only while their bytes are copied out."""
+        from onlinemodel_runtime.replication.snapshot import SnapshotWriter
+
+        with self._publish_lock:
+            trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+            writer = SnapshotWriter(Path(directory), self.weight_version, trainable)
+            try:
+                self._hold_weights()
+                try:
+                    writer.version = self.weight_version  # a step may have ended while the file was laid out
+                    writer.copy(trainable)
+                finally:
+                    self._weights_lock.release()
+                return writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+
     # -- checkpoints -------------------------------------------------------------------------
     def _maybe_periodic_checkpoint(self) -> None:
         by_steps = self.cfg.checkpoint_every_steps and self.steps % self.cfg.checkpoint_every_steps == 0
@@ -384,11 +416,7 @@ class TrainerService(Rollbacks):
                 self._weights_lock.release()
 
         try:
-            self._snapshot_waiting.set()
-            try:
-                self._weights_lock.acquire()
-            finally:
-                self._snapshot_waiting.clear()
+            self._hold_weights()
             counters = self.state_dict()
             info = self.store.save(
                 hf_weight_tensors(self.model),

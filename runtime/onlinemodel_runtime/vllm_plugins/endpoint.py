@@ -1,6 +1,6 @@
 """The ``vllm.endpoint_plugins`` entry: ``POST /train``, ``GET /train/status``, ``GET /train/limits``,
-``GET`` and ``DELETE /train/jobs/{id}``, ``POST /checkpoint``, ``POST /rollback``; and the training metrics on
-vLLM's ``/metrics``.
+``GET`` and ``DELETE /train/jobs/{id}``, ``POST /checkpoint``, ``POST /rollback``, scaling out's routes
+(``replication/routes.py``); and the training metrics on vLLM's ``/metrics``.
 
 The routes live on vLLM's own FastAPI app, on the port that serves ``/v1/chat/completions``. A
 ``POST /train`` is validated and tokenized here (``server/train_request.py``: bad input gets a 4xx before
@@ -26,6 +26,9 @@ from onlinemodel_protocol.api import ErrorBody, ErrorDetail, RollbackRequest, Tr
 from onlinemodel_protocol.limits import RECENT_JOBS, RETRY_AFTER_QUEUE_FULL_SECONDS, RETRY_AFTER_STARTING_SECONDS
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.rpc import ENDPOINT_PLUGIN, WORKER_EXTENSION_CLS, TrainJob
+from onlinemodel_runtime.replication.publisher import Publisher
+from onlinemodel_runtime.replication.routes import PUBLISHER_KEY, LearnerOnlyMiddleware
+from onlinemodel_runtime.replication.routes import router as replication_router
 from onlinemodel_runtime.server import auth, idempotency
 from onlinemodel_runtime.server.inflight import InFlightMiddleware, InFlightRequests
 from onlinemodel_runtime.server.train_request import ExampleError, encode_request, parse_train_request
@@ -156,7 +159,11 @@ async def train_status(request: Request):
         return refused
     if rt.supervisor is None:
         return _answer(TrainStatus.placeholder("disabled"))  # --no-training: no trainer, weights never change
-    return _answer(await rt.supervisor.status())
+    status = await rt.supervisor.status()
+    publisher = getattr(request.app.state, PUBLISHER_KEY, None)
+    if publisher is not None:  # a learner: its published version and followers
+        status = status.model_copy(update={"replication": publisher.status(status)})
+    return _answer(status)
 
 
 @router.get("/train/limits")
@@ -242,6 +249,8 @@ class OnlineModelEndpoints:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        app.include_router(replication_router)
+        app.add_middleware(LearnerOnlyMiddleware)  # a follower refuses what only the learner may do
         # Serving first (docs/serving-first.md): generation requests in flight, counted for the trainer's pacer.
         # Kept on the app's state, which init_state receives too.
         requests = InFlightRequests()
@@ -276,7 +285,12 @@ class OnlineModelEndpoints:
         max_len = engine_client.model_config.max_model_len
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         supervisor = None
-        if cfg.training_enabled:  # serve-only: no export, no trainer process, no GPU memory for it
+        if cfg.follow_url:  # no trainer: a process that writes the learner's versions into the weights
+            from onlinemodel_runtime.replication.follower import FollowerSupervisor
+
+            supervisor = FollowerSupervisor(cfg, engine_client)
+            await supervisor.start()
+        elif cfg.training_enabled:  # serve-only: no export, no trainer process, no GPU memory for it
             from onlinemodel_runtime.server.pacing_control import PacingGovernor
             from onlinemodel_runtime.server.state_dir import ensure_private_dir
 
@@ -291,6 +305,9 @@ class OnlineModelEndpoints:
             setattr(state, PACING_KEY, pacing)
             pacing.start()
             await supervisor.start()
+            publisher = Publisher(cfg, supervisor)  # idle until a follower asks
+            setattr(state, PUBLISHER_KEY, publisher)
+            publisher.start()
         setattr(state, STATE_KEY, _Runtime(cfg, tokenizer, max_len, supervisor, tokens))
 
 
