@@ -13,6 +13,9 @@ import pytest
 from onlinemodel_operator.crd import PRINTER_COLUMNS, build_crd
 from onlinemodel_operator.models import CheckpointStatus
 from onlinemodel_operator.status import RuntimeUnavailable, compute_status
+from onlinemodel_operator.models import parse_spec
+from onlinemodel_operator.replicas import replicas_status
+from test_operator_replicas import OWNER, UP, base, learner_status, seen
 from test_operator_status import HASH, NOW, om, pod, runtime
 
 _FILTER = re.compile(r'^\[\?\(@\.(\w+)=="([^"]*)"\)\]')
@@ -45,25 +48,38 @@ def resource(status, **spec: Any) -> dict[str, Any]:
 
 TRAINED = runtime("training", checkpoint={"state": "idle", "last": {"path": "/ck/step-00000012", "step": 12,
                                                                    "time": "2026-11-26T04:58:00Z"}})
+SCALED = learner_status(seen("chat-follower-1", 9, 0.0), seen("chat-follower-2", 7, 42.5))
+SCALED_SPEC = base(replicas=3)
+
+
+def scaled_out():
+    body = {"metadata": {"name": "chat", "namespace": "ml", "generation": 3}, "spec": SCALED_SPEC}
+    return compute_status(body, pod(), SCALED, NOW, desired_hash=HASH, endpoint="http://chat.ml.svc:8000",
+                          replicas=replicas_status(parse_spec(SCALED_SPEC), pod(), {1: UP, 2: UP}, SCALED, OWNER))
+
+
+ONE_REPLICA = {"Replicas", "Lag"}  # one replica: no status.replicas (the learner serves alone)
 CASES = {
     # case: (status, the columns that are rightly empty)
     "ready, training, checkpointed": (lambda: compute_status(om(), pod(), TRAINED, NOW, desired_hash=HASH,
-                                                             endpoint="http://m.ns.svc:8000"), set()),
+                                                             endpoint="http://m.ns.svc:8000"), ONE_REPLICA),
+    "scaled out, followers reporting": (scaled_out, {"Last checkpoint", "Loss"}),  # not trained yet
     "ready, no checkpoint yet": (lambda: compute_status(om(), pod(), runtime(), NOW, desired_hash=HASH,
-                                                        endpoint="http://m.ns.svc:8000"), {"Last checkpoint"}),
+                                                        endpoint="http://m.ns.svc:8000"),
+                                 {"Last checkpoint"} | ONE_REPLICA),
     "pod pending, never trained": (lambda: compute_status(om(), pod(phase="Pending", ready=False), None, NOW,
                                                           desired_hash=HASH, endpoint="http://m.ns.svc:8000"),
-                                   {"Steps", "Loss", "Last checkpoint"}),
+                                   {"Steps", "Loss", "Last checkpoint"} | ONE_REPLICA),
     "runtime unreachable, numbers kept": (
         lambda: compute_status(om(status=compute_status(om(), pod(), TRAINED, NOW, desired_hash=HASH).to_dict()),
                                pod(), RuntimeUnavailable("timeout"), NOW, desired_hash=HASH,
-                               endpoint="http://m.ns.svc:8000"), set()),
+                               endpoint="http://m.ns.svc:8000"), ONE_REPLICA),
     "invalid spec": (lambda: compute_status(om(), None, None, NOW, spec_error="spec.image: required"),
-                     {"Steps", "Loss", "Last checkpoint", "Endpoint", "Pod"}),
+                     {"Steps", "Loss", "Last checkpoint", "Endpoint", "Pod"} | ONE_REPLICA),
     "suspended with a checkpoint": (
         lambda: compute_status(om(suspend=True, status={"checkpoint": CheckpointStatus(
             step=3, time="2026-11-26T03:00:00Z", path="/ck/3").to_dict()}), None, None, NOW, desired_hash=HASH,
-            endpoint="http://m.ns.svc:8000"), {"Steps", "Loss", "Pod"}),
+            endpoint="http://m.ns.svc:8000"), {"Steps", "Loss", "Pod"} | ONE_REPLICA),
 }
 
 
