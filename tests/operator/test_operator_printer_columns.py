@@ -63,7 +63,7 @@ CASES = {
     # case: (status, the columns that are rightly empty)
     "ready, training, checkpointed": (lambda: compute_status(om(), pod(), TRAINED, NOW, desired_hash=HASH,
                                                              endpoint="http://m.ns.svc:8000"), ONE_REPLICA),
-    "scaled out, followers reporting": (scaled_out, {"Last checkpoint", "Loss"}),  # not trained yet
+    "ready, scaled out, followers reporting": (scaled_out, {"Last checkpoint", "Loss"}),  # not trained yet
     "ready, no checkpoint yet": (lambda: compute_status(om(), pod(), runtime(), NOW, desired_hash=HASH,
                                                         endpoint="http://m.ns.svc:8000"),
                                  {"Last checkpoint"} | ONE_REPLICA),
