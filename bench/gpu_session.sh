@@ -99,7 +99,7 @@ C)
 G)
     # The guard's snapshot and restore, and POST /rollback's restore, at the 1.7B and 8B shapes: the trainer's
     # own code on random weights (bench/guard_rollback.py); vLLM is not used, but the bundle's site (/tmp/site,
-    # installed by step A's set-up) brings pydantic and pyzmq, which the trainer's modules import.
+    # installed by step A's set-up) brings pydantic, which the trainer's modules import.
     if [ -f /tmp/vllm-env ]; then . /tmp/vllm-env; fi
     export PYTHONPATH=$PWD/runtime:$PWD/protocol${PYTHONPATH:+:$PYTHONPATH}
     tokenizer=${ONLINEMODEL_TOKENIZER_DIR:-$PWD/.gpu/tokenizer}
