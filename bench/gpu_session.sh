@@ -11,7 +11,7 @@
 #                                        weights, vLLM --load-format dummy): start, decode, train, checkpoint
 #   bash bench/gpu_session.sh C         same machine: the optimizer on MoE experts at the Qwen3-30B-A3B shape
 #                                        (4 layers; bench/moe_optim.py): state and step time vs fused AdamW
-#   bash bench/gpu_session.sh G         same machine (vLLM not needed), carrying .gpu/tokenizer: the guard's
+#   bash bench/gpu_session.sh G         same machine, carrying .gpu/tokenizer: the guard's
 #                                        snapshot/restore and POST /rollback at the 1.7B and 8B shapes
 #   bash bench/gpu_session.sh tests     the GPU tests alone, with $PYTHON (what `make test-gpu` runs)
 #
@@ -98,7 +98,9 @@ C)
     ;;
 G)
     # The guard's snapshot and restore, and POST /rollback's restore, at the 1.7B and 8B shapes: the trainer's
-    # own code on random weights (bench/guard_rollback.py); no vLLM needed, transformers and torch are.
+    # own code on random weights (bench/guard_rollback.py); vLLM is not used, but the bundle's site (/tmp/site,
+    # installed by step A's set-up) brings pydantic, which the trainer's modules import.
+    if [ -f /tmp/vllm-env ]; then . /tmp/vllm-env; fi
     export PYTHONPATH=$PWD/runtime:$PWD/protocol${PYTHONPATH:+:$PYTHONPATH}
     tokenizer=${ONLINEMODEL_TOKENIZER_DIR:-$PWD/.gpu/tokenizer}
     mkdir -p "$OUT"

@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="a model directory with weights")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a real shape (needs --tokenizer)")
     parser.add_argument("--tokenizer", type=Path, help="a model directory whose tokenizer a --shape uses")
+    parser.add_argument("--layers", type=int, default=None, help="a --shape with this many decoder layers (smoke tests)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if (args.model is None) == (args.shape is None) or (args.shape and not args.tokenizer):
         parser.error("give --model DIR, or --shape NAME with --tokenizer DIR")
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or write_random_model_dir(Path(tmp) / args.shape, args.shape, args.tokenizer)
+        model_dir = args.model or write_random_model_dir(Path(tmp) / args.shape, args.shape, args.tokenizer,
+                                                         args.layers)
         result = measure(model_dir, args.device)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

@@ -46,7 +46,7 @@ from onlinemodel_operator.models import (
 from onlinemodel_operator.pod import analyze_pod, api_token_ref, pod_failure, runtime_url
 from onlinemodel_operator.replicas import (CreateFollower, decide_followers, follower_index, follower_pod_name,
                                            render_follower, replicas_status)
-from onlinemodel_operator.render import Desired, Owner, made_for, render_all, render_token_secret
+from onlinemodel_operator.render import Desired, Owner, made_for, render_all, render_token_secret, spec_hash
 from onlinemodel_operator.runtime_client import CheckpointBusy, RuntimeClient, RuntimeClientError
 from onlinemodel_operator.events import Transition, transitions
 from onlinemodel_operator.status import (
@@ -62,10 +62,10 @@ from onlinemodel_protocol.guard import GuardFileError, parse_guard_file
 EventSink = Callable[[Mapping[str, Any], Transition], None]
 
 
-def guard_error(config_map: Optional[Mapping[str, Any]], namespace: str, ref: ConfigMapKeyRef) -> Optional[str]:
-    """Why the guard ConfigMap `ref` (read: `config_map`, None if missing) cannot be used, or None."""
+def guard_error(text: Optional[str], namespace: str, ref: ConfigMapKeyRef) -> Optional[str]:
+    """Why the guard file `text` (the key `ref` of the ConfigMap; None if either is missing) cannot be used,
+    or None."""
     where = f"spec.training.guard.configMapRef: ConfigMap {namespace}/{ref.name}"
-    text = (config_map or {}).get("data", {}).get(ref.key)
     if text is None:
         return f"{where} does not exist or has no key {ref.key!r}"
     try:
@@ -148,9 +148,9 @@ class Reconciler:
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             return Outcome(gone=True)  # owner references let the garbage collector take the rest
         owner = Owner.from_body(body)
-        spec, refused = await self._parse(body, owner)
+        spec, refused, guard_file = await self._parse(body, owner)
         pod = await self.kube.get(PODS, namespace, name)
-        desired = render_all(owner, spec) if spec is not None else None
+        desired = render_all(owner, spec, guard_file) if spec is not None else None
         token_secret = None
         if desired is not None:
             if desired.generates_token:
@@ -199,7 +199,8 @@ class Reconciler:
             pod = await self._create_pod(desired.pod)
             events(body, Transition("Normal", "PodCreated", f"created pod {name} (spec {desired.spec_hash})"))
 
-        followers = await self._followers(owner, spec, desired.spec_hash, body, events)
+        # Followers run no guard: their pods' hash leaves the guard file out (render_follower).
+        followers = await self._followers(owner, spec, spec_hash(spec), body, events)
         runtime = await self._poll(pod)
         status = compute_status(body, pod, runtime, self.clock(), desired_hash=desired.spec_hash,
                                 endpoint=desired.endpoint, deleted_failure=failure, model_changed=model_changed,
@@ -209,15 +210,17 @@ class Reconciler:
         await self._publish(body, status, events)
         return outcome
 
-    async def _parse(self, body: Mapping[str, Any], owner: Owner) -> tuple[Optional[OnlineModelSpec], Optional[str]]:
-        """The parsed spec, or None and why it is refused (schema, CEL twins, missing references)."""
+    async def _parse(self, body: Mapping[str, Any], owner: Owner
+                     ) -> tuple[Optional[OnlineModelSpec], Optional[str], Optional[str]]:
+        """(the parsed spec, or None and why it is refused (schema, CEL twins, missing references); the text
+        of its guard file, when it has one)."""
         error = name_error(owner.name)
         if error:
-            return None, error
+            return None, error, None
         try:
             spec = parse_spec(body.get("spec"))
         except ValidationError as exc:
-            return None, format_validation_error(exc)
+            return None, format_validation_error(exc), None
         ns = owner.namespace
         refs = []
         if spec.training.api_token_secret_ref is not None:
@@ -228,9 +231,9 @@ class Reconciler:
         for path, ref in refs:
             value = await self.kube.read_secret_key(ns, ref.name, ref.key)
             if value is None:
-                return None, f"{path}: Secret {ns}/{ref.name} does not exist or has no key {ref.key!r}"
+                return None, f"{path}: Secret {ns}/{ref.name} does not exist or has no key {ref.key!r}", None
             if not value.strip():  # the runtime refuses an empty token rather than serve without one
-                return None, f"{path}: key {ref.key!r} of Secret {ns}/{ref.name} is empty"
+                return None, f"{path}: key {ref.key!r} of Secret {ns}/{ref.name} is empty", None
         claims = []
         if spec.model.source.volume is not None:
             claims.append(("spec.model.source.volume.claimName", spec.model.source.volume.claim_name))
@@ -238,13 +241,15 @@ class Reconciler:
             claims.append(("spec.checkpoint.volume.existingClaim", spec.checkpoint.volume.existing_claim))
         for path, claim in claims:
             if await self.kube.get(CLAIMS, ns, claim) is None:
-                return None, f"{path}: PersistentVolumeClaim {ns}/{claim} does not exist"
+                return None, f"{path}: PersistentVolumeClaim {ns}/{claim} does not exist", None
+        guard_file = None
         if spec.training.enabled and spec.training.guard is not None:
-            error = guard_error(await self.kube.get(CONFIGMAPS, ns, spec.training.guard.config_map_ref.name),
-                                ns, spec.training.guard.config_map_ref)
+            ref = spec.training.guard.config_map_ref
+            guard_file = ((await self.kube.get(CONFIGMAPS, ns, ref.name) or {}).get("data") or {}).get(ref.key)
+            error = guard_error(guard_file, ns, ref)
             if error:
-                return None, error
-        return spec, None
+                return None, error, None
+        return spec, None, guard_file
 
     # --- children -------------------------------------------------------------------------------------------
 

@@ -121,14 +121,17 @@ def common_labels(owner: Owner) -> dict[str, str]:
     }
 
 
-def spec_hash(spec: OnlineModelSpec) -> str:
+def spec_hash(spec: OnlineModelSpec, guard_file: str | None = None) -> str:
     """Hash of everything in the spec that shapes the pod (suspend, the claim's deletion policy, the number
-    of replicas and the lag bound do not: scaling never restarts a pod)."""
+    of replicas and the lag bound do not: scaling never restarts a pod), and of the guard file the pod reads
+    at start (`guard_file`: the ConfigMap's text): an edit of it replaces the pod like a spec change does."""
     data = spec.to_dict()
     data.pop("suspend", None)
     data.pop("replicas", None)
     data.get("replication", {}).pop("maxLagSeconds", None)
     data.get("checkpoint", {}).get("volume", {}).pop("deleteWithModel", None)
+    if guard_file is not None:
+        data["guardFile"] = hashlib.sha256(guard_file.encode()).hexdigest()
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -252,7 +255,7 @@ CONTAINER_SECURITY_CONTEXT = {
 }
 
 
-def render_pod(owner: Owner, spec: OnlineModelSpec) -> dict[str, Any]:
+def render_pod(owner: Owner, spec: OnlineModelSpec, guard_file: str | None = None) -> dict[str, Any]:
     port = spec.serving.port
     mounts = [{"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
               {"name": "dshm", "mountPath": "/dev/shm"},
@@ -331,7 +334,7 @@ def render_pod(owner: Owner, spec: OnlineModelSpec) -> dict[str, Any]:
             "name": pod_name(owner),
             "namespace": owner.namespace,
             "labels": {**overrides.labels, **common_labels(owner), ROLE_LABEL: LEARNER},
-            "annotations": {**overrides.annotations, SPEC_HASH_ANNOTATION: spec_hash(spec)},
+            "annotations": {**overrides.annotations, SPEC_HASH_ANNOTATION: spec_hash(spec, guard_file)},
             "ownerReferences": [owner.reference()],
         },
         "spec": pod_spec,
@@ -401,8 +404,9 @@ class Desired:
     generates_token: bool  # the operator owns the token's Secret (no apiTokenSecretRef)
 
 
-def render_all(owner: Owner, spec: OnlineModelSpec) -> Desired:
-    return Desired(pod=render_pod(owner, spec), service=render_service(owner, spec),
+def render_all(owner: Owner, spec: OnlineModelSpec, guard_file: str | None = None) -> Desired:
+    """Everything an OnlineModel is made of; `guard_file`: the text of its guard ConfigMap key, if it has one."""
+    return Desired(pod=render_pod(owner, spec, guard_file), service=render_service(owner, spec),
                    train_service=render_train_service(owner, spec), pvc=render_pvc(owner, spec),
-                   spec_hash=spec_hash(spec), endpoint=endpoint(owner, spec), api_token=token_secret_ref(owner, spec),
-                   generates_token=spec.training.api_token_secret_ref is None)
+                   spec_hash=spec_hash(spec, guard_file), endpoint=endpoint(owner, spec),
+                   api_token=token_secret_ref(owner, spec), generates_token=spec.training.api_token_secret_ref is None)

@@ -264,3 +264,12 @@ def test_guard_configmap_is_mounted_read_only_and_passed() -> None:
     assert "--guard" not in serve_args(OWNER, off)
     assert all(v["name"] != "guard" for v in render_pod(OWNER, off)["spec"]["volumes"])
     assert "--guard" not in serve_args(OWNER, parse_spec(base()))
+
+
+def test_the_guard_files_text_is_part_of_the_spec_hash() -> None:
+    spec = parse_spec(base(training={"guard": {"configMapRef": {"name": "probes"}}}))
+    a, b = "probes: [{messages: [{role: user, content: a}], expect: a}]", "heldout: {text: b}"
+    assert spec_hash(spec, a) == spec_hash(spec, a) != spec_hash(spec, b)
+    assert spec_hash(spec, a) != spec_hash(spec)
+    desired = render_all(OWNER, spec, a)
+    assert desired.pod["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == desired.spec_hash == spec_hash(spec, a)

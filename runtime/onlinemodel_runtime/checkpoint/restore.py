@@ -25,7 +25,7 @@ LATEST = "latest"
 
 def find_checkpoint(store: CheckpointStore, to: int | str) -> CheckpointInfo:
     """The checkpoint `to` names: LATEST, a step (the newest checkpoint of that step), or a directory name
-    (``step-00000012``, or a path ending in one) of `store`. Nothing outside the store is ever read.
+    (``step-00000012``, or its absolute path) of `store`. Nothing outside the store is ever read.
 
     Raises CheckpointNotFound, or CheckpointUnusable for an unhealthy or damaged one.
     """
@@ -40,8 +40,8 @@ def find_checkpoint(store: CheckpointStore, to: int | str) -> CheckpointInfo:
         unhealthy = store.root / f"{UNHEALTHY_PREFIX}{step_dir_name(to)}"
     else:
         name = Path(to).name
-        if not (STEP_DIR_RE.match(name) or name.startswith(UNHEALTHY_PREFIX)) or \
-                (Path(to).is_absolute() and Path(to).parent.resolve() != store.root.resolve()):
+        in_store = name == to or (Path(to).is_absolute() and Path(to).parent.resolve() == store.root.resolve())
+        if not in_store or not (STEP_DIR_RE.match(name) or name.startswith(UNHEALTHY_PREFIX)):
             raise CheckpointNotFound(f"{to!r} names no checkpoint of {store.root}: give a step, a checkpoint "
                                      f"name such as {step_dir_name(0)!r}, or {LATEST!r}")
         found = STEP_DIR_RE.match(name) and (store.root / name).is_dir()

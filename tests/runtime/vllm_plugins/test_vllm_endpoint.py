@@ -315,3 +315,19 @@ def test_rollback_route(tokenizer):
     resp = busy.post("/rollback", json={"to": 1})
     assert resp.status_code == 409 and error_of(resp.content)["type"] == "rollback_error"
     assert client(tokenizer, None, training_enabled=False).post("/rollback", json={"to": 1}).status_code == 409
+
+
+@pytest.mark.parametrize("args, expected", [
+    (dict(host=None, port=8000, served_model_name=["chat"], model="/m"), ("http://127.0.0.1:8000", "chat")),
+    (dict(host="0.0.0.0", port=1, served_model_name=None, model="/m"), ("http://127.0.0.1:1", "/m")),
+    (dict(host="::", port=2, served_model_name="one", model="/m"), ("http://[::1]:2", "one")),
+    (dict(host="10.1.2.3", port=3, served_model_name=None, model="/m"), ("http://10.1.2.3:3", "/m")),
+    (dict(host="fd00::5", port=4, served_model_name=None, model="/m", ssl_keyfile="k"), ("https://[fd00::5]:4", "/m")),
+])
+def test_the_trainer_reaches_its_own_api_server(args, expected):
+    """The guard's probes go to this server over loopback (served_answers.py): its URL and model name."""
+    from argparse import Namespace
+
+    found = endpoint._serving_address(Namespace(**args))
+    assert (found["serving_url"], found["served_model_name"]) == expected
+    assert endpoint._serving_address(Namespace(uds="/tmp/s.sock", **args)) == {}  # no address: no guard
