@@ -157,10 +157,10 @@ def decode(args) -> list[dict]:
                             extra_args=[*common, "--sync-interval", "1", "--debug-ops", "--state-dir", str(tmp / "state")])
     follower = None
     try:
-        learner.wait_ready()
+        learner.wait_ready(timeout=1800)  # a loaded 2-core machine compiles slowly
         follower = ServerProcess(model, env=env, log_path=tmp / "follower.log",
                                  extra_args=[*common, "--follow", learner.url])
-        follower.wait_ready()
+        follower.wait_ready(timeout=1800)
         while not follower.status()["replication"]["synced"]:
             time.sleep(0.5)
         prompt = "Write a long story about a lighthouse keeper."

@@ -3,6 +3,7 @@ checkpoints and their health."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -284,8 +285,9 @@ def test_a_diverging_loss_keeps_the_checkpoint_aside(tiny_dir, tmp_path):
     assert service.store.latest() is None and service.status().checkpoint.last is None
 
 
-def test_a_checkpoint_is_not_starved_by_back_to_back_steps(tiny_dir, tmp_path):
-    service = build(tiny_dir, tmp_path, checkpoint_dir=tmp_path / "ckpt")
+@contextlib.contextmanager
+def training_back_to_back(service: TrainerService):
+    """The service's own thread running a long job, two steps in; cancelled and stopped afterwards."""
     service.start()
     try:
         service.submit(job(epochs=20))
@@ -293,13 +295,19 @@ def test_a_checkpoint_is_not_starved_by_back_to_back_steps(tiny_dir, tmp_path):
         while service.steps < 2:
             assert time.monotonic() < deadline, "the job never ran"
             time.sleep(0.01)
-        before = service.steps
-        info = service.checkpoint()
-        # The step running when it was asked finishes (and at most one that had already started to
-        # take the lock); then the snapshot goes first.
-        assert info.step - before <= 2, (before, info.step)
+        yield
         assert service.jobs[next(iter(service.jobs))].state == "running"
     finally:
         for job_id in list(service.jobs):
             service._cancel_requested.add(job_id)
         service.stop()
+
+
+def test_a_checkpoint_is_not_starved_by_back_to_back_steps(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path, checkpoint_dir=tmp_path / "ckpt")
+    with training_back_to_back(service):
+        before = service.steps
+        info = service.checkpoint()
+        # The step running when it was asked finishes (and at most one that had already started to
+        # take the lock); then the snapshot goes first.
+        assert info.step - before <= 2, (before, info.step)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from onlinemodel_runtime.replication import snapshot as snapshots
 
-from test_trainer_service import build, job, run_all  # noqa: F401  (the tiny_dir fixture too)
-from test_trainer_service import tiny_dir  # noqa: F401
+from test_trainer_service import build, job, run_all, training_back_to_back
+from test_trainer_service import tiny_dir  # noqa: F401  (the fixture)
 
 
 def published_tensors(directory, snap):
@@ -44,19 +42,8 @@ def test_publish_copies_under_the_weights_lock_and_is_not_starved(tiny_dir, tmp_
         assert service.weight_version == version  # no step ran during the copy
 
     monkeypatch.setattr(snapshots.SnapshotWriter, "copy", checked_copy)
-    service.start()
-    try:
-        service.submit(job(epochs=20))
-        deadline = time.monotonic() + 60
-        while service.steps < 2:
-            assert time.monotonic() < deadline, "the job never ran"
-            time.sleep(0.01)
+    with training_back_to_back(service):
         before = service.steps
         snap = service.publish(str(tmp_path / "replication"))
         assert seen == [(True, True)]
         assert snap.weight_version - before <= 2 and snap.lock_seconds >= 0
-        assert service.jobs[next(iter(service.jobs))].state == "running"
-    finally:
-        for job_id in list(service.jobs):
-            service._cancel_requested.add(job_id)
-        service.stop()
