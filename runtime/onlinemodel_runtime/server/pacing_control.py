@@ -61,6 +61,7 @@ SLICE_SCALE_MIN = 0.25
 SHRINK_HELPED = 0.8  # a halved slice must cut the tail's excess over the mean to this share, or is undone
 BASELINE_MAX_AGE = 60.0  # seconds; an older baseline is re-measured by a probe
 LOAD_CHANGE = 2.0  # ... and so is one measured at another load (requests in flight, this factor apart)
+CLOSE_ENOUGH = 0.02  # a duty cycle this close under the one found over the band is where it stays
 PROBE_MAX_WINDOWS = 8
 PROBE_MIN_INTERVAL = 10.0  # seconds between probes, so a window without tokens cannot stall training
 
@@ -103,6 +104,7 @@ class TailController:
         self._last_probe_at: float | None = None
         self._scale_floor = SLICE_SCALE_MIN
         self._excess_before_shrink: float | None = None
+        self._ceiling: float | None = None  # the lowest duty cycle found over the band, at this slice and baseline
 
     @property
     def probing(self) -> bool:
@@ -136,6 +138,7 @@ class TailController:
         if len(self._idle) >= BASELINE_MIN_TOKENS:
             self.baseline = gap_stats(self._idle.values())
             self._baseline_at, self._baseline_load = now, in_flight
+            self._ceiling = None
 
     def _baseline_stale(self, now: float, in_flight: int) -> bool:
         if self._baseline_at is None or now - self._baseline_at > BASELINE_MAX_AGE:
@@ -148,28 +151,40 @@ class TailController:
         over = int(np.count_nonzero(gaps > self.budget * self.baseline.tail))
         # Past this many gaps over the budget, the quantile of MIN_TAIL_TOKENS gaps cannot be under it.
         certain_over = over > (1.0 - DECODE_SLOWDOWN_QUANTILE) * max(len(gaps), MIN_TAIL_TOKENS)
-        if len(gaps) < MIN_TAIL_TOKENS and not certain_over:
+        judging_shrink = self._excess_before_shrink is not None  # compares two tails: each needs its tokens
+        if len(gaps) < MIN_TAIL_TOKENS and (judging_shrink or not certain_over):
             return
         stats = gap_stats(gaps)
         tail, mean = stats.tail / self.baseline.tail, stats.mean / self.baseline.mean
         self.tail_slowdown, self.mean_slowdown = tail, mean
-        if self._excess_before_shrink is not None:  # the first verdict on a halved slice
+        if judging_shrink:  # the first verdict on a halved slice
             helped = tail - mean < SHRINK_HELPED * self._excess_before_shrink
             self._excess_before_shrink = None
             if not helped:
-                self._scale_floor = self.slice_scale = min(1.0, 2 * self.slice_scale)
-                self._busy.clear()
+                self._set_slice(min(1.0, 2 * self.slice_scale))
+                self._scale_floor = self.slice_scale
                 return
         if certain_over or tail > self.band[1]:
             if tail - mean > mean - 1.0 and self.slice_scale / 2 >= self._scale_floor:
                 self._excess_before_shrink = tail - mean
-                self.slice_scale /= 2
+                self._set_slice(self.slice_scale / 2)
             else:
-                self.duty = max(DUTY_MIN, self.duty * self._step(tail))
-            self._busy.clear()
+                self._ceiling = self.duty if self._ceiling is None else min(self._ceiling, self.duty)
+                self._set_duty(max(DUTY_MIN, self.duty * self._step(tail)))
         elif tail < self.band[0] and self.duty < 1.0:
-            self.duty = min(1.0, self.duty * self._step(tail))
-            self._busy.clear()
+            duty = min(1.0, self.duty * self._step(tail))
+            if self._ceiling is not None:  # bisect towards the duty found over, never back to it
+                duty = min(duty, math.sqrt(self.duty * self._ceiling))
+            if duty > self.duty * (1 + CLOSE_ENOUGH):
+                self._set_duty(duty)
+
+    def _set_duty(self, duty: float) -> None:
+        self.duty = duty
+        self._busy.clear()  # a new setting is judged by its own gaps
+
+    def _set_slice(self, scale: float) -> None:
+        self.slice_scale, self._ceiling = scale, None
+        self._busy.clear()
 
     def _step(self, tail: float) -> float:
         """The duty factor that would bring `tail` to the band's middle if tail - 1 grew in proportion."""
