@@ -269,8 +269,9 @@ class PacingGovernor:
         duty = c.observe(gaps, through, self._clock(), self._requests.count)
         base = c.baseline
         self.writer.publish(mode=self.mode, duty=duty, max_decode_slowdown=self.budget,
-                            measured_slowdown=c.mean_slowdown, baseline_itl_seconds=base and base.mean,
-                            tail_slowdown=c.tail_slowdown, baseline_tail_seconds=base and base.tail,
+                            measured_slowdown=c.mean_slowdown,
+                            baseline_itl_seconds=None if base is None else base.mean,
+                            tail_slowdown=c.tail_slowdown, baseline_tail_seconds=None if base is None else base.tail,
                             recent_tail_seconds=self._recent_tail, slice_scale=c.slice_scale)
         self._duty_gauge.set(duty)
         self._slowdown_gauge.set(math.nan if c.mean_slowdown is None else c.mean_slowdown)
