@@ -7,7 +7,8 @@ default: the default budget, then `off` for comparison), and measures over HTTP:
 - decode: inter-token latency of streamed completions (p50/p99 over every gap but the first token), with
   1 and with 8 concurrent streams, idle and while training on ~2k-token examples (a job is always queued);
 - training throughput with no requests and while the streams run (steps/s from /train/status), with the
-  scheduler's duty cycle, measured slowdown and paced time as the runtime reports them;
+  scheduler's duty cycle, slice, paced time and its own p99 and mean slowdown (against the baseline it
+  measured) printed beside the p99 this client measured;
 - the trainer's memory beyond the weights (from /train/status) at two example lengths, the line through
   them, and the longest example that fits beside vLLM at several --gpu-memory-utilization values;
 - step-to-visibility: a streamed greedy completion whose tokens change because of a weight write (the
@@ -369,7 +370,8 @@ def main() -> int:
     ap.add_argument("--decode-tokens", type=int, default=256)
     ap.add_argument("--train-tokens", type=int, default=2048)
     ap.add_argument("--measure-seconds", type=float, default=20.0)
-    ap.add_argument("--warmup-seconds", type=float, default=10.0)
+    # The tail controller probes a baseline (~2.5 s at 1 stream) and judges each setting on 400+ tokens.
+    ap.add_argument("--warmup-seconds", type=float, default=20.0)
     ap.add_argument("--memory-tokens", default="512,2048", help="example lengths of the memory line")
     ap.add_argument("--utilizations", default="0.6,0.75,0.85")
     ap.add_argument("--phases", default="decode,train,memory,visibility",
@@ -435,18 +437,22 @@ def _card() -> str:
 def print_tables(r: dict[str, Any]) -> None:
     print(f"\n{r['shape']} on {r['card']}, {r['date']}, training examples of {r['train_tokens']} tokens {r['label']}")
     idle = {d["streams"]: d for run in r["runs"] for d in run.get("idle", [])}
-    print("| decode ms/token | budget | streams | p50 | p99 | p99 x idle | training steps/s | duty | measured |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    print("| decode ms/token | budget | streams | p50 | p99 | p99 x idle | controller p99 x | controller mean x | "
+          "training steps/s | duty | slice ms |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for d in idle.values():
-        print(f"| idle | - | {d['streams']} | {d['p50_ms']:.2f} | {d['p99_ms']:.2f} | 1.00 | - | - | - |")
+        print(f"| idle | - | {d['streams']} | {d['p50_ms']:.2f} | {d['p99_ms']:.2f} | 1.00 | - | - | - | - | - |")
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
     for run in r["runs"]:
         for d in run.get("training", []):
             base, s = idle.get(d["streams"]), d["train"]["scheduler"] or {}
             ratio = f"{d['p99_ms'] / base['p99_ms']:.2f}" if base else "-"
-            duty, measured = s.get("duty_cycle"), s.get("measured_slowdown")
+            # The controller's own view (its p99 and mean ratios against the baseline it measured) beside ours.
             print(f"| while training | {run['budget']} | {d['streams']} | {d['p50_ms']:.2f} | {d['p99_ms']:.2f} | "
-                  f"{ratio} | {d['train']['steps_per_s']:.3f} | {'-' if duty is None else f'{duty:.2f}'} | "
-                  f"{'-' if measured is None else f'{measured:.2f}'} |")
+                  f"{ratio} | {fmt(s.get('measured_p99_slowdown'))} | {fmt(s.get('measured_slowdown'))} | "
+                  f"{d['train']['steps_per_s']:.3f} | {fmt(s.get('duty_cycle'))} | {fmt(s.get('slice_ms'))} |")
     print("\n| training, no requests | budget | steps/s | tokens/s | x budget off |\n|---|---|---|---|---|")
     off = next((run["train_no_requests"] for run in r["runs"] if run["budget"] == "off"
                 and "train_no_requests" in run), None)

@@ -215,8 +215,14 @@ class SchedulerStatus(_Body):
     max_decode_slowdown: FiniteOrNone = None  # the budget; null when off
     in_flight_requests: int = Field(0, ge=0)  # generation requests vLLM's API server is answering now
     duty_cycle: float = Field(1.0, ge=0, le=1)  # share of the time the trainer computes while requests wait
-    measured_slowdown: FiniteOrNone = None  # mean inter-token latency while training / without, last window
-    baseline_itl_ms: FiniteOrNone = None  # mean inter-token latency without training
+    # The budget bounds the p99 gap between tokens (limits.DECODE_SLOWDOWN_QUANTILE), measured per token by
+    # vLLM's API server over the newest gaps at the current duty cycle; the means are reported beside it.
+    measured_p99_slowdown: FiniteOrNone = None  # p99 gap while training / p99 without: what the budget bounds
+    baseline_p99_itl_ms: FiniteOrNone = None  # p99 gap without training
+    p99_itl_ms: FiniteOrNone = None  # p99 of the newest gaps, training or not
+    measured_slowdown: FiniteOrNone = None  # mean gap while training / mean without, same tokens as the p99's
+    baseline_itl_ms: FiniteOrNone = None  # mean gap without training
+    slice_ms: FiniteOrNone = None  # the trainer's compute between rests while requests wait; null when off
     paced_seconds: float = Field(0.0, ge=0)  # time the trainer has waited for serving since it started
     note: str | None = None  # why the mode is what it is, when that is not the normal case
 

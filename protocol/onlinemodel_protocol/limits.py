@@ -64,6 +64,9 @@ HEALTH_DIVERGENCE_FACTOR = 4.0
 MAX_DECODE_SLOWDOWN_DEFAULT = 1.25
 MAX_DECODE_SLOWDOWN_MAX = 100.0
 DECODE_SLOWDOWN_OFF = 0.0
+# The quantile of the gaps between a stream's tokens that the budget bounds: p99, what vLLM's users watch
+# (TPOT/ITL tails) and what the acceptance of issue 16 measures. The controller steers it; the status reports it.
+DECODE_SLOWDOWN_QUANTILE = 0.99
 
 # Retry-After (seconds) on the training routes' 503 (the trainer is starting or restarting) and 429 (the
 # queue is full): a client that waits this long and retries succeeds once the trainer is up or a job ended.

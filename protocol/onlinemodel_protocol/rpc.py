@@ -24,6 +24,7 @@ from onlinemodel_protocol.replication import Snapshot
 # Entry-point names in pyproject.toml.
 GENERAL_PLUGIN = "onlinemodel_weights"  # vllm.general_plugins
 ENDPOINT_PLUGIN = "onlinemodel_train"  # vllm.endpoint_plugins
+STAT_LOGGER_PLUGIN = "onlinemodel_token_gaps"  # vllm.stat_logger_plugins
 # vLLM's --worker-extension-cls, and the method of it the API server calls through collective_rpc.
 WORKER_EXTENSION_CLS = "onlinemodel_runtime.vllm_plugins.worker.WeightExportExtension"
 EXPORT_WEIGHTS_METHOD = "onlinemodel_export_weights"

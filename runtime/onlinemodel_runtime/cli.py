@@ -29,7 +29,7 @@ from onlinemodel_protocol.client import ApiError, Client, ClientError
 from onlinemodel_protocol.config import ENV_API_TOKEN, ENV_CONFIG, ENV_VLLM_API_KEY, RuntimeConfig
 from onlinemodel_protocol.guard import GuardFile, GuardFileError, parse_guard_file
 from onlinemodel_protocol.rpc import (ENDPOINT_PLUGIN, EXIT_MODEL_CHANGED, EXIT_USAGE, GENERAL_PLUGIN,
-                                      WORKER_EXTENSION_CLS)
+                                      STAT_LOGGER_PLUGIN, WORKER_EXTENSION_CLS)
 from onlinemodel_runtime import cpu_kv_cache, train_cmd
 from onlinemodel_runtime.server import auth
 from onlinemodel_runtime.server.state_dir import StateDirError, ensure_private_dir, make_state_dir
@@ -170,11 +170,12 @@ def vllm_env(cfg: RuntimeConfig) -> dict[str, str]:
     if "VLLM_PLUGINS" in env:
         allowed = [p for p in env["VLLM_PLUGINS"].split(",") if p]
     else:
-        # Unset means "every general plugin" to vLLM; naming ours must not switch the others off.
+        # Unset means "every general and stat-logger plugin" to vLLM; naming ours must not switch the others off.
         from importlib.metadata import entry_points
 
-        allowed = [ep.name for ep in entry_points(group="vllm.general_plugins")]
-    env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*allowed, GENERAL_PLUGIN, ENDPOINT_PLUGIN]))
+        allowed = [ep.name for group in ("vllm.general_plugins", "vllm.stat_logger_plugins")
+                   for ep in entry_points(group=group)]
+    env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*allowed, GENERAL_PLUGIN, ENDPOINT_PLUGIN, STAT_LOGGER_PLUGIN]))
     env[ENV_CONFIG] = cfg.model_dump_json()
     return env
 

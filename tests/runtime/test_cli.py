@@ -17,7 +17,8 @@ import torch
 from onlinemodel_protocol.api import CheckpointRecord
 from onlinemodel_protocol.config import ENV_API_TOKEN, ENV_CONFIG, ENV_VLLM_API_KEY, RuntimeConfig
 from onlinemodel_protocol.limits import MAX_DECODE_SLOWDOWN_DEFAULT
-from onlinemodel_protocol.rpc import ENDPOINT_PLUGIN, EXIT_MODEL_CHANGED, EXIT_USAGE, GENERAL_PLUGIN, WORKER_EXTENSION_CLS
+from onlinemodel_protocol.rpc import (ENDPOINT_PLUGIN, EXIT_MODEL_CHANGED, EXIT_USAGE, GENERAL_PLUGIN, STAT_LOGGER_PLUGIN,
+                                      WORKER_EXTENSION_CLS)
 from onlinemodel_runtime import cli
 from onlinemodel_runtime.checkpoint import CheckpointStore
 from onlinemodel_runtime.server import state_dir as state_dir_module
@@ -53,7 +54,7 @@ def test_vllm_command_has_plugins_extension_and_passthrough(tmp_path):
     assert cmd[cmd.index("--served-model-name") + 1] == "/m"
     assert "--enforce-eager" in cmd and cmd[cmd.index("--max-model-len") + 1] == "1024"
     env = cli.vllm_env(cfg)
-    assert set(env["VLLM_PLUGINS"].split(",")) >= {GENERAL_PLUGIN, ENDPOINT_PLUGIN}
+    assert set(env["VLLM_PLUGINS"].split(",")) >= {GENERAL_PLUGIN, ENDPOINT_PLUGIN, STAT_LOGGER_PLUGIN}
     assert RuntimeConfig.model_validate_json(env[ENV_CONFIG]) == cfg
 
 

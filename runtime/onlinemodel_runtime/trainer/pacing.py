@@ -10,14 +10,15 @@ At a yield point:
 
 - nobody waits for tokens (``in_flight`` of the load signal is 0): return. One memory read.
 - else: synchronize the device, so at most one of the trainer's ops is ever queued ahead of vLLM's
-  kernels. Once the trainer has computed for ``slice_seconds`` since it last resumed, it sleeps
+  kernels. Once the trainer has computed for a slice (``slice_seconds`` x the controller's slice scale)
+  since it last resumed, it sleeps
   ``busy * (1 - d) / d`` (at most ``max_sleep``), ``d`` the duty cycle the API server's controller
   publishes, re-reading the signal every ``POLL_SECONDS`` so that it resumes as soon as nobody waits.
   ``d == 0`` (the controller measuring its baseline) holds the trainer until ``d > 0`` or nobody waits.
 
 An op longer than a slice is split while requests wait: dense MLPs run over token chunks (exact, they
-are token-wise) of at most ``tokens_per_slice`` tokens, and the loss bounds its vocabulary chunks the same
-way (``loss.py``). Under activation recomputation the recomputed MLP replays the chunking its forward
+are token-wise) of at most ``tokens_per_slice`` tokens (``slice_flops`` x the slice scale), and the loss
+bounds its vocabulary chunks the same way (``loss.py``). Under activation recomputation the recomputed MLP replays the chunking its forward
 chose, so both compute the same tensors. On CPU the same logic runs (the device synchronize is a no-op).
 """
 
@@ -41,7 +42,8 @@ MIN_CHUNK_TOKENS = 16
 MAX_SLEEP_SECONDS = 0.5  # one op's rest at most (a slow CPU op at a low duty cycle earns long ones)
 POLL_SECONDS = 0.002  # a rest re-reads the signal this often
 MAX_PAUSE_SECONDS = 5.0  # a probe lasts about a second; never hold the trainer forever on a stale signal
-NOTES = {"fixed": "vLLM's inter-token latency histogram is not available: the duty cycle is fixed by the budget"}
+NOTES = {"fixed": "onlinemodel's stat-logger plugin (onlinemodel_token_gaps) is not loaded in vLLM's API server: "
+                  "the gaps between tokens are not measured and the duty cycle is fixed by the budget"}
 
 
 def _dense_mlp(module: nn.Module) -> nn.Linear | None:
@@ -53,7 +55,7 @@ def _dense_mlp(module: nn.Module) -> nn.Linear | None:
 class Pacer:
     """Owns its yield points (hooks), chunking decisions and the time it has paced.
 
-    `signal`: the load signal's reader (``in_flight``, ``duty``, ``snapshot()``). `enabled` False: no hooks,
+    `signal`: the load signal's reader (``in_flight``, ``duty``, ``slice_scale``, ``snapshot()``). `enabled` False: no hooks,
     status only (``--max-decode-slowdown off``). `sync`: waits for the device's queued work (None on CPU).
     """
 
@@ -92,11 +94,20 @@ class Pacer:
         note = NOTES.get(mode)
         if mode == "measured" and snap.duty == 0.0:
             note = "measuring decode without training: the trainer waits while requests are in flight"
+
+        def ms(seconds: float | None) -> float | None:
+            return None if seconds is None else round(seconds * 1e3, 4)
+
+        def ratio(x: float | None) -> float | None:
+            return None if x is None else round(x, 4)
+
         return SchedulerStatus(
             mode=mode, max_decode_slowdown=snap.max_decode_slowdown if self.enabled else None,
             in_flight_requests=max(0, snap.in_flight), duty_cycle=snap.duty if self.enabled else 1.0,
-            measured_slowdown=None if snap.measured_slowdown is None else round(snap.measured_slowdown, 4),
-            baseline_itl_ms=None if snap.baseline_itl_seconds is None else round(snap.baseline_itl_seconds * 1e3, 4),
+            measured_p99_slowdown=ratio(snap.tail_slowdown), baseline_p99_itl_ms=ms(snap.baseline_tail_seconds),
+            p99_itl_ms=ms(snap.recent_tail_seconds), measured_slowdown=ratio(snap.measured_slowdown),
+            baseline_itl_ms=ms(snap.baseline_itl_seconds),
+            slice_ms=ms(self.slice_seconds * snap.slice_scale) if self.enabled else None,
             paced_seconds=round(self.paced_seconds, 3), note=note)
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -157,7 +168,7 @@ class Pacer:
         """The most tokens an op of `flops_per_token` may take per call now; None: no limit (idle GPU)."""
         if not self.enabled or self._signal.in_flight <= 0:
             return None
-        return max(MIN_CHUNK_TOKENS, int(self.slice_flops // flops_per_token))
+        return max(MIN_CHUNK_TOKENS, int(self.slice_flops * self._signal.slice_scale // flops_per_token))
 
     def chunks_for(self, module: nn.Module, tokens: int, flops_per_token: float) -> int:
         """Token chunks for `module` now. A recomputation in backward replays its forward's choice."""
@@ -183,7 +194,7 @@ class Pacer:
             self._resume = now
             return
         busy = now - self._resume
-        if busy < self.slice_seconds:
+        if busy < self.slice_seconds * self._signal.slice_scale:
             return
         duty = self._signal.duty
         if duty >= 1.0:

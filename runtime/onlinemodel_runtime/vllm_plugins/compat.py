@@ -7,6 +7,7 @@ are used elsewhere; this module holds only what vLLM does not promise to keep st
 from __future__ import annotations
 
 import logging
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -139,3 +140,21 @@ def check_live_weights(model) -> None:
             raise UnsupportedVLLMError(
                 f"{name}: vLLM's CPU Gated-DeltaNet kernel computes from a packed copy of this conv1d weight; "
                 "training Qwen3.5 in place needs a GPU (serving only works: --no-training)")
+
+
+def iteration_token_gaps_reader() -> Callable[[Any], list[float]] | None:
+    """How to read the gaps between each stream's tokens out of vLLM's ``IterationStats`` (what a stat
+    logger's ``record`` receives), or None where this vLLM does not keep them as we know them.
+
+    ``IterationStats`` is not a stable interface (vLLM says so on ``StatLoggerBase``): in 0.26 to 0.32,
+    ``inter_token_latencies_iter`` lists, for every stream that got a token in this iteration (prefill
+    excluded), the seconds since its previous token, by the engine core's clock.
+    """
+    check_version()
+    from vllm.v1.metrics.stats import IterationStats
+
+    if not isinstance(getattr(IterationStats(), "inter_token_latencies_iter", None), list):
+        log.warning("vLLM %s has no IterationStats.inter_token_latencies_iter: onlinemodel cannot measure the "
+                    "gaps between tokens and paces training at a fixed duty cycle", vllm_version())
+        return None
+    return lambda stats: stats.inter_token_latencies_iter

@@ -24,14 +24,15 @@ def test_round_trip(tmp_path):
     assert reader.snapshot() == LoadSnapshot(in_flight=0, mode="measured", duty=0.2, max_decode_slowdown=1.25,
                                              measured_slowdown=None, baseline_itl_seconds=None)
     writer.in_flight = 3
-    writer.publish(mode="fixed", duty=0.5, max_decode_slowdown=2.0, measured_slowdown=1.1,
-                   baseline_itl_seconds=0.0047)
-    assert (reader.in_flight, reader.duty) == (3, 0.5)
+    figures = dict(measured_slowdown=1.1, baseline_itl_seconds=0.0047, tail_slowdown=1.2,
+                   baseline_tail_seconds=0.0053, recent_tail_seconds=0.0061)
+    writer.publish(mode="fixed", duty=0.5, max_decode_slowdown=2.0, slice_scale=0.25, **figures)
+    assert (reader.in_flight, reader.duty, reader.slice_scale) == (3, 0.5, 0.25)
     assert reader.snapshot() == LoadSnapshot(in_flight=3, mode="fixed", duty=0.5, max_decode_slowdown=2.0,
-                                             measured_slowdown=1.1, baseline_itl_seconds=0.0047)
-    writer.publish(mode="off", duty=1.0, max_decode_slowdown=None, measured_slowdown=None,
-                   baseline_itl_seconds=None)
-    assert reader.snapshot().mode == "off" and reader.snapshot().max_decode_slowdown is None
+                                             slice_scale=0.25, **figures)
+    writer.publish(mode="off", duty=1.0, max_decode_slowdown=None)  # unmeasured figures: None, slice: whole
+    snap = reader.snapshot()
+    assert (snap.mode, snap.max_decode_slowdown, snap.tail_slowdown, snap.slice_scale) == ("off", None, None, 1.0)
     # A second writer (a restarted API server) replaces the file; a new reader sees the fresh one.
     LoadSignalWriter.create(path, mode="measured", duty=0.3, max_decode_slowdown=1.5)
     assert LoadSignalReader(path).snapshot().duty == 0.3
@@ -59,8 +60,9 @@ def test_missing_or_foreign_files_are_refused(tmp_path):
         LoadSignalReader(tmp_path / "foreign")
 
 
-def test_duty_outside_0_1_is_refused(tmp_path):
+def test_duty_outside_0_1_and_slice_scale_outside_0_1_are_refused(tmp_path):
     writer = LoadSignalWriter.create(tmp_path / "s", mode="measured", duty=1.0, max_decode_slowdown=1.25)
     with pytest.raises(ValueError, match="duty"):
-        writer.publish(mode="measured", duty=1.5, max_decode_slowdown=1.25, measured_slowdown=None,
-                       baseline_itl_seconds=None)
+        writer.publish(mode="measured", duty=1.5, max_decode_slowdown=1.25)
+    with pytest.raises(ValueError, match="slice scale"):
+        writer.publish(mode="measured", duty=0.5, max_decode_slowdown=1.25, slice_scale=0.0)

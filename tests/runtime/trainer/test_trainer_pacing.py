@@ -91,6 +91,20 @@ def test_short_ops_are_gathered_into_slices_before_a_sleep():
     assert len(t.slept) == 3 and all(1e-3 - 1e-12 <= s <= 1.1e-3 + 1e-12 for s in t.slept)
 
 
+def test_the_controllers_slice_scale_shortens_slices_and_token_chunks():
+    signal, t = FakeSignal(in_flight=1, duty=0.5, slice_scale=0.25), FakeTime()
+    pacer = pacer_on(signal, t, slice_seconds=1e-3, slice_flops=1e6)
+    for _ in range(40):
+        t.advance(0.1e-3)
+        pacer.yield_point()
+    # Slices of 0.25 ms (3 ops of 0.1 ms, as the sums round) at duty 0.5, each followed by as long a rest:
+    # 13 after the first yield, which only starts the clock.
+    assert len(t.slept) == 13 and all(0.25e-3 <= s <= 0.3e-3 + 1e-12 for s in t.slept)
+    assert pacer.tokens_per_slice(1e3) == 250  # 1e6 x 0.25 FLOPs per slice
+    signal.slice_scale = 1.0
+    assert pacer.tokens_per_slice(1e3) == 1000
+
+
 def test_full_duty_never_sleeps_and_load_arriving_starts_a_fresh_slice():
     signal, t = FakeSignal(in_flight=0, duty=1.0), FakeTime()
     pacer = pacer_on(signal, t)
@@ -221,7 +235,9 @@ def test_status_and_removal():
     status = pacer.status()
     assert (status.mode, status.duty_cycle, status.in_flight_requests, status.paced_seconds,
             status.baseline_itl_ms, status.measured_slowdown) == ("measured", 0.25, 1, 0.3, 5.0, 1.1)
-    assert Pacer(FakeSignal(mode="fixed")).status().note.startswith("vLLM's inter-token latency histogram")
+    assert (status.measured_p99_slowdown, status.baseline_p99_itl_ms, status.p99_itl_ms, status.slice_ms) == (
+        1.2, 5.5, 6.6, pacer.slice_seconds * 1e3)
+    assert Pacer(FakeSignal(mode="fixed")).status().note.startswith("onlinemodel's stat-logger plugin")
     pacer.remove()
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
     assert model.model.layers[0].mlp.forward.__func__ is original

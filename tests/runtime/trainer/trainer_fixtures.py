@@ -35,9 +35,11 @@ class FakeSignal:
     """What the trainer reads from the load signal; counts the reads of `in_flight` (one per yield point)
     and calls `on_read` with each."""
 
-    def __init__(self, in_flight: int = 0, duty: float = 1.0, mode: str = "measured", on_read=None):
+    def __init__(self, in_flight: int = 0, duty: float = 1.0, mode: str = "measured", on_read=None,
+                 slice_scale: float = 1.0):
         self._in_flight = in_flight
         self.duty = duty
+        self.slice_scale = slice_scale
         self.mode = mode
         self.reads = 0
         self.on_read = on_read
@@ -54,7 +56,8 @@ class FakeSignal:
 
     def snapshot(self) -> LoadSnapshot:
         return LoadSnapshot(in_flight=self._in_flight, mode=self.mode, duty=self.duty, max_decode_slowdown=1.25,
-                            measured_slowdown=1.1, baseline_itl_seconds=0.005)
+                            measured_slowdown=1.1, baseline_itl_seconds=0.005, tail_slowdown=1.2,
+                            baseline_tail_seconds=0.0055, recent_tail_seconds=0.0066, slice_scale=self.slice_scale)
 
 
 class FakeTime:
