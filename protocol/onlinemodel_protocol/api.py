@@ -73,6 +73,7 @@ class Job(_Body):
     epochs: int = Field(ge=1)
     learning_rate: float = Field(allow_inf_nan=False)
     steps: int = Field(0, ge=0)
+    replay_steps: int = Field(0, ge=0)  # of `steps`, those on examples of earlier jobs (replay)
     last_loss: FiniteOrNone = None
     error: str | None = None
     created_at: str
@@ -150,6 +151,15 @@ class MemoryStatus(_Body):
     peak_rss_bytes: int | None = Field(None, ge=0)
 
 
+class ReplayStatus(_Body):
+    """``replay`` of ``GET /train/status``: the reservoir of earlier examples that jobs replay."""
+
+    examples: int = Field(0, ge=0)  # kept now
+    tokens: int = Field(0, ge=0)
+    seen: int = Field(0, ge=0)  # examples offered since the first start (each kept with equal probability)
+    capacity: int = Field(0, ge=0)
+
+
 class TrainStatus(_Body):
     """``GET /train/status``. A non-finite ``last_loss`` is written as ``null``."""
 
@@ -171,6 +181,7 @@ class TrainStatus(_Body):
     trainer_restarts: int = Field(0, ge=0)
     scheduler: SchedulerStatus | None = None
     memory: MemoryStatus | None = None
+    replay: ReplayStatus | None = None
 
     @classmethod
     def placeholder(cls, state: TrainerState, last: TrainStatus | None = None, last_error: str | None = None,

@@ -19,14 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from onlinemodel_protocol.api import (FINISHED_JOB_STATES, CheckpointRecord, CheckpointStatus, Job, JobCounts,
-                                      TrainAccepted, TrainStatus, utc_timestamp)
+                                      ReplayStatus, TrainAccepted, TrainStatus, utc_timestamp)
 from onlinemodel_protocol.config import RuntimeConfig
-from onlinemodel_protocol.limits import RECENT_JOBS
+from onlinemodel_protocol.limits import RECENT_JOBS, REPLAY_RESERVOIR_MAX_TOKENS
 from onlinemodel_protocol.rpc import Counters, EncodedExample, TrainJob
+from onlinemodel_runtime.trainer.early_stop import answer_predicted, job_schedule
 from onlinemodel_runtime.trainer.job_queue import JobQueue
 from onlinemodel_runtime.trainer.loop import StepResult, train_step
 from onlinemodel_runtime.trainer.loss_health import LossHealth
 from onlinemodel_runtime.trainer.memory import MemoryMonitor
+from onlinemodel_runtime.trainer.replay import ReplayReservoir
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ class TrainerService:
         self.last_unhealthy: CheckpointRecord | None = None
         self.checkpoint_error: str | None = None
         self.loss_health = LossHealth(getattr(model.config.get_text_config(), "vocab_size", None))
+        self.replay = ReplayReservoir(cfg.replay_reservoir, REPLAY_RESERVOIR_MAX_TOKENS)
         self._checkpoint_version = 0
         self._last_checkpoint_monotonic = time.monotonic()
         self._queue = JobQueue()
@@ -94,6 +97,7 @@ class TrainerService:
             "last_loss": self.last_loss,
             "job_counts": self.job_counts.model_dump(),
             "loss_health": self.loss_health.state_dict(),
+            "replay": self.replay.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -108,6 +112,8 @@ class TrainerService:
         self.job_counts = counts.model_copy(update={"failed": counts.failed + max(lost, 0)})
         if "loss_health" in state:
             self.loss_health.load_state_dict(state["loss_health"])
+        if "replay" in state:
+            self.replay.load_state_dict(state["replay"])
         self._checkpoint_version = self.weight_version
 
     def restore(self, counters: Counters | None = None) -> None:
@@ -226,6 +232,7 @@ class TrainerService:
             optimizer=self.optimizer.summary(),
             scheduler=self.pacer.status() if self.pacer is not None else None,
             memory=self.memory.status(),
+            replay=ReplayStatus(**self.replay.summary()),
         )
 
     # -- training thread ---------------------------------------------------------------------
@@ -247,26 +254,31 @@ class TrainerService:
         job.state = "running"
         self.state = "training"
         outcome = "succeeded"
+        # docs/learning.md: earlier examples replayed, each example until learned (at most `epochs` passes).
+        learned = self._learned if self.cfg.early_stop else None
         try:
-            for _ in range(job.epochs):
-                for ex in examples:
-                    if job.id in self._cancel_requested:
-                        raise _Cancelled
-                    while self._snapshot_waiting.is_set():
-                        time.sleep(0.001)
-                    with self._weights_lock:
-                        try:
-                            result = train_step(self.model, self.optimizer, ex.input_ids, ex.labels,
-                                                learning_rate=job.learning_rate, pacer=self.pacer,
-                                                memory=self.memory)
-                        except Exception:
-                            # Backward may have written some parameters before it failed (e.g. out of
-                            # memory): treat the weights as changed so caches and checkpoints follow.
-                            self.weight_version += 1
-                            raise
-                        # Counted under the lock: a checkpoint never pairs new weights with old counters.
-                        self._record_step(job, result)
-                    self._maybe_periodic_checkpoint()
+            for ex, is_replay in job_schedule(examples, self.replay.sample(self.cfg.replay_examples),
+                                              job.epochs, learned):
+                if job.id in self._cancel_requested:
+                    raise _Cancelled
+                while self._snapshot_waiting.is_set():
+                    time.sleep(0.001)
+                with self._weights_lock:
+                    try:
+                        result = train_step(self.model, self.optimizer, ex.input_ids, ex.labels,
+                                            learning_rate=job.learning_rate, pacer=self.pacer,
+                                            memory=self.memory)
+                    except Exception:
+                        # Backward may have written some parameters before it failed (e.g. out of
+                        # memory): treat the weights as changed so caches and checkpoints follow.
+                        self.weight_version += 1
+                        raise
+                    # Counted under the lock: a checkpoint never pairs new weights with old counters.
+                    self._record_step(job, result)
+                    job.replay_steps += is_replay
+                self._maybe_periodic_checkpoint()
+            for ex in examples:  # only a finished job's examples count as taught
+                self.replay.add(ex)
         except _Cancelled:
             outcome = "cancelled"
             log.info("training job %s cancelled after %d steps", job.id, job.steps)
@@ -278,6 +290,9 @@ class TrainerService:
         finally:
             self._finish(job, outcome)
             self.state = "training" if self._queue.qsize() else "idle"
+
+    def _learned(self, ex: EncodedExample) -> bool:
+        return answer_predicted(self.model, ex.input_ids, ex.labels)
 
     def _record_step(self, job: Job, result: StepResult) -> None:
         job.steps += 1
