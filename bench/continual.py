@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -42,6 +43,8 @@ from onlinemodel_runtime.devtools.model_prep import ensure_smollm2  # noqa: E402
 FINISHED = ("succeeded", "failed", "cancelled", "rolled_back")
 # Questions asked at once: vLLM batches them (the replies are greedy either way).
 CONCURRENT_QUESTIONS = 8
+# Job status polls: each is answered by the trainer process, so polling fast slows the job on a busy CPU.
+POLL_SECONDS = 1.0
 
 
 class Served:
@@ -83,7 +86,7 @@ class Served:
                 if job["state"] in ("failed", "cancelled"):
                     raise RuntimeError(f"job {job_id} {job['state']}: {job['error']}")
                 return job
-            time.sleep(0.2)
+            time.sleep(POLL_SECONDS)
         raise TimeoutError(f"job {job_id} not finished after {self.job_timeout:.0f}s")
 
     def heldout_loss(self, text: str) -> float:
@@ -113,13 +116,16 @@ def main() -> int:
     server = None
     model = args.model
     work = Path(tempfile.mkdtemp(prefix="continual-"))
-    if args.url is None:
-        model = model or str(ensure_smollm2())
-        server = ServerProcess(model, log_path=work / "server.log",
-                               extra_args=["--max-model-len", "1024", *args.serve_arg])
-        print(f"starting onlinemodel serve ({model}); log {server.log_path}", flush=True)
-        server.wait_ready()
+    # A SIGTERM ends the run through `finally`, which stops the server it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    load_before = os.getloadavg()
     try:
+        if args.url is None:
+            model = model or str(ensure_smollm2())
+            server = ServerProcess(model, log_path=work / "server.log",
+                                   extra_args=["--max-model-len", "1024", *args.serve_arg])
+            print(f"starting onlinemodel serve ({model}); log {server.log_path}", flush=True)
+            server.wait_ready()
         token = server.token if server is not None else os.environ.get(ENV_API_TOKEN)
         backend = Served(args.url or server.url, token, fields, args.job_timeout)
         status = backend._get("/train/status")
@@ -133,7 +139,8 @@ def main() -> int:
             server.stop()
     m = cs.metrics(result)
     result.update(settings=settings, metrics=m, seed=args.seed, date=time.strftime("%Y-%m-%d"),
-                  machine={"cpus": os.cpu_count(), "processor": platform.processor(), "load": os.getloadavg()})
+                  machine={"cpus": os.cpu_count(), "processor": platform.processor(),
+                           "load_before": load_before, "load_after": os.getloadavg()})
     print(cs.markdown_table([(args.label, m)]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

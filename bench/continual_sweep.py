@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -43,6 +44,8 @@ from onlinemodel_protocol.rpc import IGNORE_INDEX, EncodedExample  # noqa: E402
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2  # noqa: E402
 from onlinemodel_runtime.server.train_request import encode_example  # noqa: E402
 from onlinemodel_runtime.optim import TrainPolicy, make_optimizer  # noqa: E402
+from onlinemodel_runtime.optim.apollo import Apollo  # noqa: E402
+from onlinemodel_runtime.optim.policy import apply_policy  # noqa: E402
 from onlinemodel_runtime.trainer.loop import train_step  # noqa: E402
 
 MAX_LEN = 1024
@@ -62,6 +65,7 @@ class Recipe:
     reservoir: int = 0
     anchors: int = 0
     reset: bool = False  # fresh optimizer state (moments, limiter, step) at each job's start
+    only: str = ""  # regex: of the parameters the policy trains, only those whose name matches
 
     def __post_init__(self) -> None:
         if self.stop not in ("none", "match"):
@@ -79,6 +83,9 @@ RECIPES = [
     replace(RESET, name="reset-stop-e10-replay4-anchor4", replay=4, reservoir=64, anchors=4),
     replace(RESET, name="stop-e10", reset=False),
     replace(RESET, name="stop-e10-replay4", reset=False, replay=4, reservoir=64),
+    replace(RESET, name="stop-e10-replay4-mlp", reset=False, replay=4, reservoir=64, only=r"\.mlp\."),
+    replace(RESET, name="stop-e10-replay4-mlp-mid", reset=False, replay=4, reservoir=64,
+            only=r"layers\.(8|9|1[0-9]|2[01])\.mlp\."),
     replace(RESET, name="reset-stop-e10-replay4-anchor8", replay=4, reservoir=64, anchors=8),
     replace(RESET, name="reset-stop-e10-replay8-anchor8", replay=8, reservoir=64, anchors=8),
     replace(RESET, name="lr1e-5-reset-stop-e20-replay4-anchor8", lr=1e-5, epochs=20, replay=4, reservoir=64, anchors=8),
@@ -105,8 +112,16 @@ class InProcess:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
         self.device = device
         blocks, embeddings, norms = recipe.policy.split(",")
-        self.optimizer = make_optimizer(self.model, TrainPolicy(blocks=blocks, embeddings=embeddings, norms=norms),
-                                        lr=recipe.lr, rank=recipe.rank, seed=seed)
+        policy = TrainPolicy(blocks=blocks, embeddings=embeddings, norms=norms)
+        if recipe.only:
+            groups = [dict(g, params=[p for n, p in zip(g["param_names"], g["params"]) if re.search(recipe.only, n)],
+                           param_names=[n for n in g["param_names"] if re.search(recipe.only, n)])
+                      for g in apply_policy(self.model, policy)]
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(p.requires_grad and bool(re.search(recipe.only, n)))
+            self.optimizer = Apollo([g for g in groups if g["params"]], lr=recipe.lr, rank=recipe.rank, seed=seed)
+        else:
+            self.optimizer = make_optimizer(self.model, policy, lr=recipe.lr, rank=recipe.rank, seed=seed)
         self.optimizer.attach_to_backward()
         self.rng = random.Random(seed)
         self.forwards = 0
