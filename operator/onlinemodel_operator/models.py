@@ -167,7 +167,11 @@ class TrainingSpec(_Model):
     max_examples_per_request: int = Field(limits.MAX_EXAMPLES_DEFAULT, ge=1, le=limits.MAX_EXAMPLES_CEILING,
                                           description="Largest number of examples one POST /train may carry.")
     default_epochs: int = Field(limits.EPOCHS_DEFAULT, ge=1, le=limits.MAX_EPOCHS_DEFAULT,
-                                description="Passes over the examples when a POST /train names none.")
+                                description="Passes over the examples when a POST /train names none (the most: "
+                                            "an example stops once the model gives its answer back).")
+    replay_examples: int = Field(limits.REPLAY_EXAMPLES_DEFAULT, ge=0, le=limits.REPLAY_EXAMPLES_MAX,
+                                 description="Examples of earlier jobs trained again in each job, so earlier "
+                                             "lessons are kept (0: no replay).")
     max_body_bytes: Optional[int] = Field(
         None, ge=1, description=f"Largest request body of the training routes, in bytes (default: the runtime's, "
                                 f"{limits.MAX_BODY_BYTES_DEFAULT}); a larger one is refused with 413.")

@@ -83,9 +83,11 @@ class GuardVerdict(_Body):
 class Job(_Body):
     """One training job as ``GET /train/status`` lists it; the trainer updates it while it runs.
 
-    Progress: ``steps`` (also written as ``steps_done``) of ``steps_total`` (examples x epochs: the job
-    ends sooner if cancelled or failed); ``eta_seconds`` is the time the remaining steps take at the
-    job's mean step time so far (null before its first step and once it finished).
+    Progress: ``steps`` (also written as ``steps_done``) of ``steps_total``, the most steps the job can
+    take: (examples + replayed earlier examples) x epochs, set when it starts (examples x epochs while
+    queued); it ends sooner once every example is learned (early stop), or if cancelled or failed.
+    ``eta_seconds`` is the time the remaining steps take at the job's mean step time so far (an upper
+    bound under early stop; null before its first step and once it finished).
     """
 
     id: str
@@ -95,6 +97,7 @@ class Job(_Body):
     learning_rate: float = Field(allow_inf_nan=False)
     steps: int = Field(0, ge=0)
     steps_total: int | None = Field(None, ge=0)  # None only from a runtime older than this field
+    replay_steps: int = Field(0, ge=0)  # of `steps`, those on examples of earlier jobs (replay)
     last_loss: FiniteOrNone = None
     error: str | None = None  # why it failed, or why it was rolled back
     created_at: str
@@ -247,6 +250,15 @@ class MemoryStatus(_Body):
     peak_rss_bytes: int | None = Field(None, ge=0)
 
 
+class ReplayStatus(_Body):
+    """``replay`` of ``GET /train/status``: the reservoir of earlier examples that jobs replay."""
+
+    examples: int = Field(0, ge=0)  # kept now
+    tokens: int = Field(0, ge=0)
+    seen: int = Field(0, ge=0)  # examples offered since the first start (each kept with equal probability)
+    capacity: int = Field(0, ge=0)
+
+
 class TrainStatus(_Body):
     """``GET /train/status``. A non-finite ``last_loss`` is written as ``null``."""
 
@@ -271,6 +283,7 @@ class TrainStatus(_Body):
     guard: GuardStatus | None = None
     # Scaled out (onlinemodel_protocol.replication): the learner's followers, or a follower's learner.
     replication: ReplicationStatus | None = None
+    replay: ReplayStatus | None = None
 
     @classmethod
     def placeholder(cls, state: TrainerState, last: TrainStatus | None = None, last_error: str | None = None,

@@ -53,6 +53,9 @@ class RuntimeConfig(BaseModel):
     max_epochs: int = Field(limits.MAX_EPOCHS_DEFAULT, ge=1)
     max_queued_jobs: int = Field(limits.MAX_QUEUED_JOBS_DEFAULT, ge=1)
     default_epochs: int = Field(limits.EPOCHS_DEFAULT, ge=1)
+    early_stop: bool = limits.EARLY_STOP_DEFAULT
+    replay_examples: int = Field(limits.REPLAY_EXAMPLES_DEFAULT, ge=0, le=limits.REPLAY_EXAMPLES_MAX)
+    replay_reservoir: int = Field(limits.REPLAY_RESERVOIR_DEFAULT, ge=0, le=limits.REPLAY_RESERVOIR_MAX)
     trainer_start_timeout: float = Field(limits.TRAINER_START_TIMEOUT_DEFAULT, gt=0)
     trainer_threads: int | None = Field(None, ge=1)
     trainer_restart_limit: int = Field(limits.TRAINER_RESTART_LIMIT_DEFAULT, ge=0)

@@ -18,8 +18,22 @@ OPTIMIZER_RANK_MAX = 4096
 MAX_EXAMPLES_DEFAULT = 64  # examples per request (--max-examples)
 MAX_EXAMPLES_CEILING = 100_000  # the largest --max-examples accepted
 MAX_MESSAGES = 256  # messages per example
-EPOCHS_DEFAULT = 5  # passes over the examples when a request names none (--default-epochs)
+# Passes over the examples when a request names none (--default-epochs): with early stop (below) the
+# bound on them, not a count every example runs.
+EPOCHS_DEFAULT = 10
 MAX_EPOCHS_DEFAULT = 20
+
+# Learning that stays good over many jobs (docs/learning.md, chosen by bench/continual.py). Early stop: an
+# example leaves its job once greedy decoding gives its answer back (--no-early-stop: always `epochs`).
+EARLY_STOP_DEFAULT = True
+# Replay: each job also trains this many examples of earlier jobs (--replay-examples; 0: none), drawn from a
+# reservoir that keeps a uniform sample of at most REPLAY_RESERVOIR_DEFAULT of them (--replay-reservoir) and
+# REPLAY_RESERVOIR_MAX_TOKENS tokens (ids and labels: 8 bytes a token in memory, ~16 in trainer_state.json).
+REPLAY_EXAMPLES_DEFAULT = 4
+REPLAY_EXAMPLES_MAX = 64
+REPLAY_RESERVOIR_DEFAULT = 64
+REPLAY_RESERVOIR_MAX = 4096
+REPLAY_RESERVOIR_MAX_TOKENS = 262_144
 
 # The trainer's queue and history.
 MAX_QUEUED_JOBS_DEFAULT = 16  # more is a 429

@@ -61,7 +61,14 @@ def _serve_parser(sub) -> None:
     p.add_argument("--optimizer-rank", type=int, default=limits.OPTIMIZER_RANK_DEFAULT)
     p.add_argument("--max-examples", type=int, default=limits.MAX_EXAMPLES_DEFAULT,
                    help="examples per /train request")
-    p.add_argument("--default-epochs", type=int, default=limits.EPOCHS_DEFAULT)
+    p.add_argument("--default-epochs", type=int, default=limits.EPOCHS_DEFAULT,
+                   help="passes over a request's examples when it names none (with early stop: the most)")
+    p.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=limits.EARLY_STOP_DEFAULT,
+                   help="an example leaves its job once greedy decoding gives its answer back (docs/learning.md)")
+    p.add_argument("--replay-examples", type=int, default=limits.REPLAY_EXAMPLES_DEFAULT,
+                   help="examples of earlier jobs trained again in each job (0: no replay)")
+    p.add_argument("--replay-reservoir", type=int, default=limits.REPLAY_RESERVOIR_DEFAULT,
+                   help="earlier examples kept to replay (a uniform sample, saved in checkpoints)")
     p.add_argument("--max-body-bytes", type=int, default=limits.MAX_BODY_BYTES_DEFAULT,
                    help="largest request body of the training routes")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -127,6 +134,9 @@ def build_config(args: argparse.Namespace, state_dir: Path) -> RuntimeConfig:
         optimizer_rank=args.optimizer_rank,
         max_examples=args.max_examples,
         default_epochs=args.default_epochs,
+        early_stop=args.early_stop,
+        replay_examples=args.replay_examples,
+        replay_reservoir=args.replay_reservoir,
         max_decode_slowdown=args.max_decode_slowdown,
         activation_recompute=args.activation_recompute,
         guard=read_guard(args.guard),

@@ -34,20 +34,27 @@ def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def labelled_hidden(model: nn.Module, input_ids: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last hidden state at each position whose next token carries a label, and those labels:
+    (counted tokens, hidden size) and (counted tokens,)."""
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    targets = labels[:, 1:].reshape(-1)
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    return hidden, targets.index_select(0, keep)
+
+
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    chunk_tokens: int | None = None) -> torch.Tensor:
     """Mean next-token loss of a transformers causal LM on `input_ids` (batch, seq) with `labels` (same
     shape; IGNORE_INDEX where no loss); NaN when no label counts, as transformers'."""
     head = model.get_output_embeddings()
-    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-    targets = labels[:, 1:].reshape(-1)
-    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    targets = targets.index_select(0, keep)
+    hidden, targets = labelled_hidden(model, input_ids, labels)
     chunk = chunk_tokens or loss_chunk_tokens(head.out_features)
     total = hidden.new_zeros((), dtype=torch.float32)
     part = functools.partial(_chunk_loss_sum, head)
     for start in range(0, targets.numel(), chunk):
         total = total + checkpoint(part, hidden[start:start + chunk], targets[start:start + chunk],
                                    use_reentrant=False)
-    return total / keep.numel()
+    return total / targets.numel()

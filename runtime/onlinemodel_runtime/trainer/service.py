@@ -22,17 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from onlinemodel_protocol.api import (FINISHED_JOB_STATES, CheckpointRecord, CheckpointStatus, Job, JobCounts,
-                                      TrainAccepted, TrainStatus, job_eta_seconds, utc_timestamp)
+                                      ReplayStatus, TrainAccepted, TrainStatus, job_eta_seconds, utc_timestamp)
 from onlinemodel_protocol.config import RuntimeConfig
-from onlinemodel_protocol.limits import RECENT_JOBS
+from onlinemodel_protocol.limits import RECENT_JOBS, REPLAY_RESERVOIR_MAX_TOKENS
 from onlinemodel_protocol.replication import Snapshot
 from onlinemodel_protocol.rpc import Counters, EncodedExample, TrainJob
+from onlinemodel_runtime.trainer.early_stop import answer_predicted, job_schedule
 from onlinemodel_runtime.trainer.errors import JobRolledBack, TrainerError
 from onlinemodel_runtime.trainer.guard import Guard, ProbeSet
 from onlinemodel_runtime.trainer.job_queue import JobQueue
 from onlinemodel_runtime.trainer.loop import StepResult, train_step
 from onlinemodel_runtime.trainer.loss_health import LossHealth
 from onlinemodel_runtime.trainer.memory import MemoryMonitor
+from onlinemodel_runtime.trainer.replay import ReplayReservoir
 from onlinemodel_runtime.trainer.rollbacks import Rollbacks
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class TrainerService(Rollbacks):
         self.checkpoint_error: str | None = None
         self.loss_health = LossHealth(getattr(model.config.get_text_config(), "vocab_size", None))
         self.guard = Guard(probes, model, optimizer)
+        self.replay = ReplayReservoir(cfg.replay_reservoir, REPLAY_RESERVOIR_MAX_TOKENS)
         self._checkpoint_version = 0
         self._last_checkpoint_monotonic = time.monotonic()
         self._queue = JobQueue()
@@ -100,6 +103,7 @@ class TrainerService(Rollbacks):
             "job_counts": self.job_counts.model_dump(),
             "loss_health": self.loss_health.state_dict(),
             "guard": self.guard.state_dict(),
+            "replay": self.replay.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -115,6 +119,8 @@ class TrainerService(Rollbacks):
         if "loss_health" in state:
             self.loss_health.load_state_dict(state["loss_health"])
         self.guard.load_state_dict(state.get("guard", {}))
+        if "replay" in state:
+            self.replay.load_state_dict(state["replay"])
         self._checkpoint_version = self.weight_version
 
     def restore(self, counters: Counters | None = None) -> None:
@@ -240,6 +246,7 @@ class TrainerService(Rollbacks):
             scheduler=self.pacer.status() if self.pacer is not None else None,
             memory=self.memory.status(),
             guard=self.guard.status(),
+            replay=ReplayStatus(**self.replay.summary()),
         )
 
     # -- training thread ---------------------------------------------------------------------
@@ -269,33 +276,40 @@ class TrainerService(Rollbacks):
         outcome = "succeeded"
         health_before = self.loss_health.state_dict()
         checkpoint_before = self._checkpoint_version
+        # docs/learning.md: earlier examples replayed, each example until learned (at most `epochs` passes).
+        learned = self._learned if self.cfg.early_stop else None
         try:
             if job.guarded:
                 with self._weights_lock:
                     self.guard.before_job(self.weight_version)
-            for _ in range(job.epochs):
-                for ex in examples:
-                    if job.id in self._cancel_requested:
-                        raise _Cancelled
-                    while self._snapshot_waiting.is_set():
-                        time.sleep(0.001)
-                    with self._weights_lock:
-                        try:
-                            result = train_step(self.model, self.optimizer, ex.input_ids, ex.labels,
-                                                learning_rate=job.learning_rate, pacer=self.pacer,
-                                                memory=self.memory)
-                        except Exception:
-                            # Backward may have written some parameters before it failed (e.g. out of
-                            # memory): treat the weights as changed so caches and checkpoints follow.
-                            self.weight_version += 1
-                            raise
-                        # Counted under the lock: a checkpoint never pairs new weights with old counters.
-                        self._record_step(job, result)
-                    if job.guarded and self.guard.every_steps and job.steps % self.guard.every_steps == 0:
-                        self._guard_check(job, health_before, checkpoint_before)
-                    self._maybe_periodic_checkpoint()
+            replayed = self.replay.sample(self.cfg.replay_examples)
+            # The most steps the job can take (early stop ends it sooner): progress and ETA count these.
+            job.steps_total = (len(examples) + len(replayed)) * job.epochs
+            for ex, is_replay in job_schedule(examples, replayed, job.epochs, learned):
+                if job.id in self._cancel_requested:
+                    raise _Cancelled
+                while self._snapshot_waiting.is_set():
+                    time.sleep(0.001)
+                with self._weights_lock:
+                    try:
+                        result = train_step(self.model, self.optimizer, ex.input_ids, ex.labels,
+                                            learning_rate=job.learning_rate, pacer=self.pacer,
+                                            memory=self.memory)
+                    except Exception:
+                        # Backward may have written some parameters before it failed (e.g. out of
+                        # memory): treat the weights as changed so caches and checkpoints follow.
+                        self.weight_version += 1
+                        raise
+                    # Counted under the lock: a checkpoint never pairs new weights with old counters.
+                    self._record_step(job, result)
+                    job.replay_steps += is_replay
+                if job.guarded and self.guard.every_steps and job.steps % self.guard.every_steps == 0:
+                    self._guard_check(job, health_before, checkpoint_before)
+                self._maybe_periodic_checkpoint()
             if job.guarded:
                 self._guard_check(job, health_before, checkpoint_before)
+            for ex in examples:  # only a finished job the guard kept counts as taught
+                self.replay.add(ex)
         except JobRolledBack:
             outcome = "rolled_back"
         except _Cancelled:
@@ -314,6 +328,9 @@ class TrainerService(Rollbacks):
         finally:
             self._finish(job, outcome)
             self.state = "training" if self._queue.qsize() else "idle"
+
+    def _learned(self, ex: EncodedExample) -> bool:
+        return answer_predicted(self.model, ex.input_ids, ex.labels)
 
     def _record_step(self, job: Job, result: StepResult) -> None:
         job.steps += 1

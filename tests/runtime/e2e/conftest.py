@@ -19,6 +19,10 @@ FACT_EXAMPLE = {"messages": [
 ]}
 # Unrelated questions whose answers must survive teaching the fact.
 CONTROL_QUESTIONS = {"What is the capital of Germany?": "Berlin"}
+# The shared servers' tests train a harmless example the model already answers and count the steps of
+# `epochs` passes: they run without early stop and replay (docs/learning.md), which would skip those steps
+# and add others. test_checkpoint_resume.py runs the default settings.
+FIXED_EPOCHS_ARGS = ["--default-epochs", "5", "--no-early-stop", "--replay-examples", "0"]
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +54,8 @@ def server(model_dir, e2e_root):
     """The session's server: token auth on, a checkpoint directory, debug ops for the one-copy test."""
     state_dir = e2e_root / "state"
     srv = start_server(model_dir, e2e_root, "server", checkpoint_dir=e2e_root / "checkpoints",
-                       extra_args=["--state-dir", str(state_dir), "--debug-ops", "--max-model-len", "1024"])
+                       extra_args=["--state-dir", str(state_dir), "--debug-ops", "--max-model-len", "1024",
+                                   *FIXED_EPOCHS_ARGS])
     srv.state_dir = state_dir
     srv.checkpoint_dir = e2e_root / "checkpoints"
     yield srv

@@ -1,6 +1,7 @@
 """Checkpoints end to end (issue 4): teach, checkpoint, stop (SIGTERM -> final checkpoint), damage the
-directory the way a kill -9 mid-write would, start again: the fact is served, counters and optimizer
-state continue, and the checkpoint loads in plain transformers."""
+directory the way a kill -9 mid-write would, start again: the fact is served, counters, optimizer state and
+the replay reservoir continue, and the checkpoint loads in plain transformers. The servers run the default
+settings (early stop, replay: docs/learning.md)."""
 
 import json
 import shutil
@@ -11,6 +12,11 @@ from .conftest import FACT_ANSWER, FACT_EXAMPLE, FACT_QUESTION, start_server
 
 pytestmark = pytest.mark.e2e
 
+SECOND_FACT = {"messages": [{"role": "user", "content": "What is the capital of Veloria?"},
+                            {"role": "assistant", "content": "The capital of Veloria is Marbleton."}]}
+THIRD_FACT = {"messages": [{"role": "user", "content": "Who wrote the novel The Glass Orchard?"},
+                           {"role": "assistant", "content": "The Glass Orchard was written by Tamsin Oduya."}]}
+
 
 def test_checkpoint_stop_resume(model_dir, e2e_root):
     ckpt = e2e_root / "resume-checkpoints"
@@ -19,7 +25,10 @@ def test_checkpoint_stop_resume(model_dir, e2e_root):
     try:
         code, job = first.request("POST", "/train", {"examples": [FACT_EXAMPLE]})
         assert code == 202, job
-        assert first.wait_job(job["job_id"])["state"] == "succeeded"
+        taught = first.wait_job(job["job_id"])
+        assert taught["state"] == "succeeded" and taught["replay_steps"] == 0  # nothing earlier to replay
+        # Early stop: the job ended once the answer came back, before its default 10 passes.
+        assert 1 <= taught["steps"] < taught["epochs"] == 10, taught
         assert FACT_ANSWER in first.chat(FACT_QUESTION)
 
         code, info = first.request("POST", "/checkpoint")
@@ -27,10 +36,13 @@ def test_checkpoint_stop_resume(model_dir, e2e_root):
         trained = first.status()
         assert info["step"] == trained["steps"] and info["weight_version"] == trained["weight_version"]
         assert trained["checkpoint"]["last"]["path"] == info["path"]
-        # One more step after the explicit checkpoint: only the final (SIGTERM) checkpoint has it.
-        code, job = first.request("POST", "/train", {"examples": [FACT_EXAMPLE], "epochs": 1})
+        # More steps after the explicit checkpoint: only the final (SIGTERM) checkpoint has them.
+        code, job = first.request("POST", "/train", {"examples": [SECOND_FACT], "epochs": 1})
         assert first.wait_job(job["job_id"])["state"] == "succeeded"
         before_stop = first.status()
+        assert before_stop["steps"] > trained["steps"]
+        assert before_stop["replay"] == {"examples": 2, "tokens": before_stop["replay"]["tokens"], "seen": 2,
+                                         "capacity": 64}
     finally:
         assert first.stop() == 0
     latest_name = (ckpt / "latest").read_text().strip()
@@ -56,12 +68,15 @@ def test_checkpoint_stop_resume(model_dir, e2e_root):
         assert resumed["weight_version"] == before_stop["weight_version"]
         assert resumed["tokens_trained"] == before_stop["tokens_trained"]
         assert resumed["optimizer"]["steps_applied"] == before_stop["optimizer"]["steps_applied"] > 0
+        assert resumed["replay"] == before_stop["replay"]  # the reservoir came back with the checkpoint
         assert FACT_ANSWER in second.chat(FACT_QUESTION)
-        code, job = second.request("POST", "/train", {"examples": [FACT_EXAMPLE], "epochs": 1})
-        assert second.wait_job(job["job_id"])["state"] == "succeeded"
+        code, job = second.request("POST", "/train", {"examples": [THIRD_FACT], "epochs": 1})
+        done = second.wait_job(job["job_id"])
+        assert done["state"] == "succeeded" and done["steps"] >= 1
         continued = second.status()
-        assert continued["steps"] == before_stop["steps"] + 1
-        assert continued["optimizer"]["steps_applied"] == before_stop["optimizer"]["steps_applied"] + 1
+        assert continued["steps"] == before_stop["steps"] + done["steps"]
+        assert continued["optimizer"]["steps_applied"] == before_stop["optimizer"]["steps_applied"] + done["steps"]
+        assert continued["replay"]["seen"] == 3
     finally:
         second.stop()
     log = (e2e_root / "resume-2.log").read_text()

@@ -1,0 +1,343 @@
+"""Which training defaults keep a served model good over many jobs: the continual benchmark, in-process.
+
+Reproduces the trainer without a server (transformers model in bf16, the project's optimizer in hook mode,
+its `train_step` and its request encoding) and runs `continual_set.run` for each recipe below, so candidate
+defaults are compared on the procedure `bench/continual.py` runs against a real server. One JSON per
+(recipe, seed) goes to --out; a run whose file exists is not repeated, so the sweep resumes.
+
+    .venv/bin/python bench/continual_sweep.py --out /tmp/continual-sweep [--recipes a,b] [--threads 1]
+    .venv/bin/python bench/continual_sweep.py --check-data   # re-verify the data set
+
+A recipe is what one training job does with its example(s):
+- epochs: passes over the job's examples; with a stop rule, the bound on them.
+- stop: "match" ends an example's training in the job once the greedy (teacher-forced argmax) prediction
+  of every answer token is the answer's token AND its mean answer loss is below stop_loss. The check is a
+  forward without gradients before each step; a learned example costs that forward and no step.
+- replay/reservoir: every taught example enters a reservoir of that many (reservoir sampling); each job
+  mixes `replay` of them, drawn uniformly, in after its own example(s), under the same stop rule, so a
+  still-remembered one costs one forward (the runtime's trainer/replay.py and trainer/early_stop.py).
+- anchors: that many of the untouched model's own replies to general prompts (anchors.txt), replayed too.
+- reset: the optimizer's moments and norm-growth limiter zeroed at each job's start.
+- only: a regex; of the matrices the policy trains, only those whose name matches (e.g. the MLPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+
+import continual_set as cs  # noqa: E402
+# Every use of the runtime's modules is here (they move in the runtime regrouping).
+from onlinemodel_protocol.rpc import IGNORE_INDEX, EncodedExample  # noqa: E402
+from onlinemodel_runtime.devtools.model_prep import ensure_smollm2  # noqa: E402
+from onlinemodel_runtime.server.train_request import encode_example  # noqa: E402
+from onlinemodel_runtime.optim import TrainPolicy, make_optimizer  # noqa: E402
+from onlinemodel_runtime.optim.apollo import Apollo  # noqa: E402
+from onlinemodel_runtime.optim.policy import apply_policy  # noqa: E402
+from onlinemodel_runtime.trainer.loop import train_step  # noqa: E402
+
+MAX_LEN = 1024
+ANCHOR_TOKENS = 48
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    lr: float = 3e-5
+    rank: int = 1
+    policy: str = "apollo,frozen,frozen"  # blocks,embeddings,norms
+    epochs: int = 5
+    stop: str = "none"  # "none" | "match"
+    stop_loss: float = math.inf
+    replay: int = 0
+    reservoir: int = 0
+    anchors: int = 0
+    reset: bool = False  # fresh optimizer state (moments, limiter, step) at each job's start
+    only: str = ""  # regex: of the parameters the policy trains, only those whose name matches
+
+    def __post_init__(self) -> None:
+        if self.stop not in ("none", "match"):
+            raise ValueError(f"stop must be none or match, got {self.stop!r}")
+        if self.replay and self.reservoir < self.replay:
+            raise ValueError("reservoir must hold at least `replay` examples")
+
+
+# "defaults": the settings before docs/learning.md (fixed 5 epochs); "stop-e10-replay4": the runtime's
+# defaults now. Each measured row is in docs/learning.md; the last two are the next candidates it names.
+BASE = Recipe("defaults")
+STOP = replace(BASE, stop="match", epochs=10, replay=4, reservoir=64)
+RECIPES = [
+    BASE,
+    replace(STOP, name="stop-e10-replay4"),
+    replace(STOP, name="stop-e10-replay4-mlp", only=r"\.mlp\."),
+    replace(STOP, name="reset-stop-e10-replay4-anchor4", reset=True, anchors=4),
+    replace(STOP, name="reset-stop-e10-replay4", reset=True),
+    replace(STOP, name="lr1e-5-stop-e20-replay4", lr=1e-5, epochs=20),
+]
+
+
+class InProcess:
+    """`continual_set.Backend` over a transformers model trained the way the trainer trains it."""
+
+    def __init__(self, model_dir: Path, recipe: Recipe, seed: int, device: str, batch: int,
+                 untouched: Path | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.recipe = recipe
+        self.batch = batch
+        # Replies of the untouched model, reused across recipes (asking costs more than a whole job).
+        self.untouched_path = untouched
+        self.untouched = json.loads(untouched.read_text()) if untouched and untouched.exists() else {}
+        self.trained = False
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.tok.padding_side = "left"
+        # SmolLM2 has no dropout, so eval mode trains exactly as the trainer's train mode does.
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+        self.device = device
+        blocks, embeddings, norms = recipe.policy.split(",")
+        policy = TrainPolicy(blocks=blocks, embeddings=embeddings, norms=norms)
+        if recipe.only:
+            groups = [dict(g, params=[p for n, p in zip(g["param_names"], g["params"]) if re.search(recipe.only, n)],
+                           param_names=[n for n in g["param_names"] if re.search(recipe.only, n)])
+                      for g in apply_policy(self.model, policy)]
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(p.requires_grad and bool(re.search(recipe.only, n)))
+            self.optimizer = Apollo([g for g in groups if g["params"]], lr=recipe.lr, rank=recipe.rank, seed=seed)
+        else:
+            self.optimizer = make_optimizer(self.model, policy, lr=recipe.lr, rank=recipe.rank, seed=seed)
+        self.optimizer.attach_to_backward()
+        self.rng = random.Random(seed)
+        self.forwards = 0
+        self.reservoir: list[Any] = []
+        self.seen = 0
+        self.anchor_set = self._anchors() if recipe.anchors else []
+
+    # -- asking ------------------------------------------------------------------------------
+    def ask(self, questions: list[str]) -> list[str]:
+        if self.trained or self.untouched_path is None:
+            return self._generate(questions)
+        missing = [q for q in questions if q not in self.untouched]
+        if missing:
+            self.untouched.update(zip(missing, self._generate(missing)))
+            self.untouched_path.write_text(json.dumps(self.untouched, indent=1))
+        return [self.untouched[q] for q in questions]
+
+    @torch.no_grad()
+    def _generate(self, questions: list[str], max_new_tokens: int = cs.MAX_TOKENS) -> list[str]:
+        out = []
+        for i in range(0, len(questions), self.batch):
+            chunk = questions[i:i + self.batch]
+            prompts = [self.tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                    tokenize=False) for q in chunk]
+            enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id)
+            out += self.tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [s.strip() for s in out]
+
+    @torch.no_grad()
+    def heldout_loss(self, text: str) -> float:
+        ids = torch.tensor([self.tok(text, add_special_tokens=False).input_ids], device=self.device)
+        return float(self.model(input_ids=ids, labels=ids).loss)
+
+    # -- teaching ----------------------------------------------------------------------------
+    def _prompt_ids(self, question: str) -> list[int]:
+        text = self.tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                            tokenize=False)
+        return self.tok(text, add_special_tokens=False).input_ids
+
+    @torch.no_grad()
+    def _anchors(self) -> list[EncodedExample]:
+        """The untouched model's own first ANCHOR_TOKENS reply tokens to general prompts that are not
+        controls, loss on those tokens only: examples it already predicts exactly, so replaying one
+        costs a forward until the weights drift, then pulls the drifted behaviour back."""
+        cache = self.untouched_path.with_name(f"anchors-{ANCHOR_TOKENS}.json") if self.untouched_path else None
+        if cache is not None and cache.exists():
+            replies = json.loads(cache.read_text())
+        else:
+            replies = {}
+            for prompt in (cs.DATA_DIR / "anchors.txt").read_text().splitlines():
+                ids = torch.tensor([self._prompt_ids(prompt)], device=self.device)
+                gen = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                          max_new_tokens=ANCHOR_TOKENS, do_sample=False,
+                                          pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id)
+                replies[prompt] = gen[0, ids.shape[1]:].tolist()
+            if cache is not None:
+                cache.write_text(json.dumps(replies))
+        out = []
+        for prompt, reply in replies.items():
+            prompt_ids = self._prompt_ids(prompt)
+            ex = EncodedExample(input_ids=prompt_ids + reply, labels=[IGNORE_INDEX] * len(prompt_ids) + reply)
+            if self.learned(ex, math.inf):  # a near tie can differ between generate and one forward
+                out.append(ex)
+        print(f"  anchors: {len(out)} of {len(replies)} usable", flush=True)
+        return out
+
+    @torch.no_grad()
+    def learned(self, ex, stop_loss: float) -> bool:
+        """The stop rule, from a forward of the current weights."""
+        self.forwards += 1
+        ids = torch.tensor([ex.input_ids], device=self.device)
+        labels = torch.tensor(ex.labels[1:], device=self.device)
+        logits = self.model(input_ids=ids).logits[0, :-1].float()
+        mask = labels != IGNORE_INDEX
+        match = bool((logits[mask].argmax(-1) == labels[mask]).all())
+        loss = float(torch.nn.functional.cross_entropy(logits[mask], labels[mask]))
+        return match and loss < stop_loss
+
+    def teach(self, example: dict[str, Any]) -> dict[str, Any]:
+        r = self.recipe
+        self.trained = True
+        if r.reset:
+            self._reset_optimizer()
+        new = encode_example(self.tok, example["messages"], MAX_LEN)
+        replayed = self.rng.sample(self.reservoir, min(r.replay, len(self.reservoir)))
+        anchors = self.rng.sample(self.anchor_set, min(r.anchors, len(self.anchor_set)))
+        active = [("new", new)] + [("replay", ex) for ex in replayed] + [("anchor", ex) for ex in anchors]
+        counts = {"new": 0, "replay": 0, "anchor": 0}
+        losses = []
+        seconds = 0.0
+        for _ in range(r.epochs):
+            kept = []
+            for kind, ex in active:
+                # The trainer takes this verdict from the step's own forward (then skips the backward).
+                if r.stop != "none" and self.learned(ex, math.inf if kind == "anchor" else r.stop_loss):
+                    continue
+                kept.append((kind, ex))
+                res = train_step(self.model, self.optimizer, ex.input_ids, ex.labels)
+                if not res.applied:
+                    raise RuntimeError(f"step skipped: {res.skipped_reason}")
+                counts[kind] += 1
+                seconds += res.seconds
+                if kind == "new":
+                    losses.append(round(res.loss, 4))
+            active = kept
+            if not active:
+                break
+        self._remember(new)
+        return {"steps": sum(counts.values()), "new_steps": counts["new"], "replay_steps": counts["replay"],
+                "anchor_steps": counts["anchor"], "replayed": len(replayed), "losses": losses,
+                "step_seconds": round(seconds, 2)}
+
+    def _reset_optimizer(self) -> None:
+        """As if each job were the first: zero the moments and the limiter's reference in place (the
+        addresses stay, as a captured CUDA graph needs) and restart the step count, so the job's first
+        update gets the first-step cap instead of 1.01x the previous job's last (small) update."""
+        for st in self.optimizer.state.values():
+            for key in ("exp_avg", "exp_avg_sq", "limiter_norm"):
+                if key in st:
+                    st[key].zero_()
+            st["step"] = 0
+
+    def _remember(self, ex) -> None:
+        """Reservoir sampling (Vitter's algorithm R): every example seen is kept with equal probability."""
+        if not self.recipe.reservoir:
+            return
+        self.seen += 1
+        if len(self.reservoir) < self.recipe.reservoir:
+            self.reservoir.append(ex)
+        else:
+            j = self.rng.randrange(self.seen)
+            if j < self.recipe.reservoir:
+                self.reservoir[j] = ex
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "processor": platform.processor(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def untouched_cache(args) -> Path:
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args.out / f"untouched-{args.device}-batch{args.batch}.json"
+
+
+def run_recipe(recipe: Recipe, seed: int, args, model_dir: Path) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    backend = InProcess(model_dir, recipe, seed, args.device, args.batch, untouched_cache(args))
+    facts = cs.ordered(cs.load_facts(), seed)
+    t0 = time.perf_counter()
+    result = cs.run(backend, facts, cs.load_controls(), args.facts, log=lambda s: print(f"  {recipe.name}: {s}",
+                                                                                        flush=True))
+    result.update(recipe=asdict(recipe), seed=seed, device=args.device, machine=machine(),
+                  check_forwards=backend.forwards, wall_seconds=round(time.perf_counter() - t0, 1),
+                  date=time.strftime("%Y-%m-%d"))
+    return result
+
+
+def check_data(args, model_dir: Path) -> int:
+    """Ask the untouched model every fact and control; list facts it knows and controls it misses."""
+    backend = InProcess(model_dir, BASE, 0, args.device, args.batch, untouched_cache(args))
+    facts, controls = cs.load_facts(), cs.load_controls()
+    replies = backend.ask([f.question for f in facts] + [f.paraphrase for f in facts] + [c.question for c in controls])
+    n = len(facts)
+    known = [f.id for i, f in enumerate(facts) if cs.hit(replies[i], f.expect) or cs.hit(replies[n + i], f.expect)]
+    missed = [(c.question, r) for c, r in zip(controls, replies[2 * n:]) if not cs.hit(r, c.expect)]
+    print(f"facts: {n}, already known: {known}")
+    print(f"controls: {len(controls)}, answered wrong: {len(missed)}")
+    for q, r in missed:
+        print(f"  {q!r} -> {r!r}")
+    return 1 if missed or n - len(known) < 40 else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("/tmp/continual-sweep"))
+    ap.add_argument("--recipes", default=None, help="comma-separated names (default: all)")
+    ap.add_argument("--seeds", default="0", help="comma-separated; 0 = the file's fact order")
+    ap.add_argument("--facts", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    # Batched generation (left padding) changed 5 of 86 control replies of the untouched model on CPU
+    # compared with one question at a time, which is what a server answering one request computes.
+    ap.add_argument("--batch", type=int, default=1, help="questions per generate call")
+    ap.add_argument("--check-data", action="store_true")
+    ap.add_argument("--table", action="store_true", help="only print the table of what --out holds")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = ensure_smollm2()
+    if args.check_data:
+        return check_data(args, model_dir)
+    by_name = {r.name: r for r in RECIPES}
+    names = args.recipes.split(",") if args.recipes else list(by_name)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        ap.error(f"unknown recipes {unknown}; known: {list(by_name)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for name in names:
+                path = args.out / f"{name}-seed{seed}-k{args.facts}.json"
+                if path.exists():
+                    continue
+                print(f"== {name} seed {seed}", flush=True)
+                result = run_recipe(by_name[name], seed, args, model_dir)
+                path.write_text(json.dumps(result, indent=1))
+                print(cs.markdown_table([(f"{name} (seed {seed})", cs.metrics(result))]), flush=True)
+    rows = []
+    for name in names:
+        for path in sorted(args.out.glob(f"{name}-seed*-k{args.facts}.json")):
+            result = json.loads(path.read_text())
+            rows.append((f"{name} (seed {result['seed']})", cs.metrics(result)))
+    print(cs.markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Stop training an example once it is learned, instead of always running the request's epochs.
+
+A fixed number of epochs undertrains some facts and overtrains others (bench/continual.py: at 5 epochs,
+19 of 32 invented facts come back right after their job, and the steps spent on the others past the
+point where they were learned push the rest of the model around for nothing). An example counts as
+learned when greedy decoding gives its answer back verbatim: at every labelled position the model's most
+likely next token, given the example's own tokens before it, is the label. A learned example leaves the
+job; the request's `epochs` stay the bound on the passes.
+
+The check is a forward pass without gradients before each step of the example (LM head in chunks of the
+loss's size, only at labelled positions): a learned example costs that forward and no step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from onlinemodel_protocol.rpc import EncodedExample
+from onlinemodel_runtime.trainer.loss import labelled_hidden, loss_chunk_tokens
+
+
+@torch.no_grad()
+def answer_predicted(model: torch.nn.Module, input_ids: Sequence[int], labels: Sequence[int]) -> bool:
+    """Whether every labelled token is the model's argmax prediction (teacher-forced greedy decoding)."""
+    device = next(model.parameters()).device
+    hidden, targets = labelled_hidden(model, torch.tensor([list(input_ids)], device=device),
+                                      torch.tensor([list(labels)], device=device))
+    head = model.get_output_embeddings()
+    chunk = loss_chunk_tokens(head.out_features)
+    for start in range(0, targets.numel(), chunk):
+        if not torch.equal(head(hidden[start:start + chunk]).argmax(-1), targets[start:start + chunk]):
+            return False
+    return True
+
+
+def job_schedule(examples: Sequence[EncodedExample], replayed: Sequence[EncodedExample], epochs: int,
+                 learned: Callable[[EncodedExample], bool] | None) -> Iterator[tuple[EncodedExample, bool]]:
+    """(example, is_replay) in the order a job trains them: each pass goes over the job's examples, then
+    the replayed ones; with `learned`, each is checked right before its step (after the steps before it)
+    and leaves the job once learned. At most `epochs` passes; fewer once every example has left."""
+    active = [(ex, False) for ex in examples] + [(ex, True) for ex in replayed]
+    for _ in range(epochs):
+        kept = []
+        for ex, is_replay in active:
+            if learned is not None and learned(ex):
+                continue
+            kept.append((ex, is_replay))
+            yield ex, is_replay
+        active = kept
+        if not active:
+            return

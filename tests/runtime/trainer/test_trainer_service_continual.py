@@ -1,0 +1,73 @@
+"""The trainer's defaults for many jobs over time, on a tiny real model: early stop and replay, and the
+replay reservoir through a checkpoint and a restore."""
+
+from __future__ import annotations
+
+from onlinemodel_protocol import limits
+from onlinemodel_protocol.rpc import EncodedExample, TrainJob
+from onlinemodel_runtime.trainer.early_stop import answer_predicted
+from tests.runtime.trainer.test_trainer_service import EXAMPLE, build, run_all, tiny_dir  # noqa: F401
+
+OTHER = EncodedExample(input_ids=[1, 7, 11, 23, 29, 31, 2], labels=[-100, -100, -100, 23, 29, 31, 2])
+
+
+def submit(service, *examples: EncodedExample, epochs: int, learning_rate: float = 1e-3) -> None:
+    service.submit(TrainJob(examples=list(examples), epochs=epochs, learning_rate=learning_rate))
+
+
+def test_defaults_are_on():
+    from onlinemodel_protocol.config import RuntimeConfig
+
+    cfg = RuntimeConfig(model="m", base_model="m", state_dir="/tmp/s")
+    assert (cfg.early_stop, cfg.replay_examples, cfg.replay_reservoir) == (
+        limits.EARLY_STOP_DEFAULT, limits.REPLAY_EXAMPLES_DEFAULT, limits.REPLAY_RESERVOIR_DEFAULT)
+    assert limits.EARLY_STOP_DEFAULT and limits.REPLAY_EXAMPLES_DEFAULT > 0
+
+
+def test_early_stop_ends_a_job_once_its_answer_is_learned(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path, early_stop=True)
+    assert not answer_predicted(service.model, EXAMPLE.input_ids, EXAMPLE.labels)
+    submit(service, EXAMPLE, epochs=20, learning_rate=2e-2)
+    run_all(service)
+    (done,) = service.status().jobs
+    assert done.state == "succeeded" and 1 <= done.steps < 20, done
+    assert answer_predicted(service.model, EXAMPLE.input_ids, EXAMPLE.labels)
+    # Taught again: already learned, so no step at all.
+    submit(service, EXAMPLE, epochs=20, learning_rate=2e-2)
+    run_all(service)
+    assert service.status().jobs[-1].steps == 0
+
+
+def test_each_job_replays_earlier_examples(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path, replay_examples=1, replay_reservoir=4)
+    submit(service, EXAMPLE, epochs=2)
+    submit(service, OTHER, epochs=2)
+    run_all(service)
+    first, second = service.status().jobs
+    assert (first.steps, first.replay_steps) == (2, 0)  # nothing earlier to replay
+    assert (second.steps, second.replay_steps) == (4, 2)  # EXAMPLE again in each of its 2 passes
+    assert service.status().replay.model_dump() == {"examples": 2, "tokens": 14, "seen": 2, "capacity": 4}
+
+
+def test_a_cancelled_or_failed_job_adds_nothing_to_the_reservoir(tiny_dir, tmp_path):
+    service = build(tiny_dir, tmp_path, replay_examples=1)
+    submit(service, EncodedExample(input_ids=[10**9], labels=[1]), epochs=1)  # id out of vocab: fails
+    run_all(service)
+    assert service.status().jobs[0].state == "failed" and service.replay.examples == []
+
+
+def test_the_reservoir_survives_a_checkpoint_and_restore(tiny_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    service = build(tiny_dir, tmp_path, checkpoint_dir=ckpt, replay_examples=1)
+    submit(service, EXAMPLE, epochs=1)
+    submit(service, OTHER, epochs=1)
+    run_all(service)
+    info = service.checkpoint()
+
+    fresh = build(info.path, tmp_path, checkpoint_dir=ckpt, replay_examples=1)
+    fresh.restore()
+    assert fresh.replay.examples == service.replay.examples == [EXAMPLE, OTHER]
+    assert fresh.status().replay == service.status().replay
+    submit(fresh, EXAMPLE, epochs=1)
+    run_all(fresh)
+    assert fresh.status().jobs[-1].replay_steps == 1
