@@ -34,6 +34,7 @@ CHECKPOINT_DIR = "/var/lib/onlinemodel/checkpoints"
 MODEL_VOLUME_DIR = "/var/lib/onlinemodel/model"
 # The guard ConfigMap's key, mounted read-only (spec.training.guard).
 GUARD_DIR = "/etc/onlinemodel/guard"
+GUARD_VOLUME = "guard"
 GUARD_FILE = "guard.yaml"
 DEFAULT_CHECKPOINT_SIZE = "20Gi"
 STARTUP_PROBE_PERIOD = 10
@@ -276,8 +277,8 @@ def render_pod(owner: Owner, spec: OnlineModelSpec, guard_file: str | None = Non
                                                                     "readOnly": True}})
     guard = spec.training.guard if spec.training.enabled else None
     if guard is not None:
-        mounts.append({"name": "guard", "mountPath": GUARD_DIR, "readOnly": True})
-        volumes.append({"name": "guard", "configMap": {"name": guard.config_map_ref.name, "items": [
+        mounts.append({"name": GUARD_VOLUME, "mountPath": GUARD_DIR, "readOnly": True})
+        volumes.append({"name": GUARD_VOLUME, "configMap": {"name": guard.config_map_ref.name, "items": [
             {"key": guard.config_map_ref.key, "path": GUARD_FILE}]}})
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,

@@ -23,6 +23,8 @@ from onlinemodel_operator.pod import analyze_pod, finished_phase, is_terminating
 from onlinemodel_operator.status import Verdict
 from onlinemodel_operator.render import (
     CHECKPOINT_DIR,
+    GUARD_DIR,
+    GUARD_VOLUME,
     Owner,
     render_pod,
     train_service_name,
@@ -32,7 +34,8 @@ from onlinemodel_protocol.replication import READY_PATH
 
 _SERVE_ONLY = ("--checkpoint-dir", "--checkpoint-keep", "--checkpoint-every-steps", "--checkpoint-every-seconds",
                "--final-checkpoint-timeout", "--sync-interval", "--learning-rate", "--optimizer-rank",
-               "--max-examples", "--default-epochs", "--max-decode-slowdown", "--max-body-bytes")
+               "--max-examples", "--default-epochs", "--max-decode-slowdown", "--max-body-bytes",
+               "--replay-examples", "--guard")
 
 
 def follower_pod_name(owner: Owner, index: int) -> str:
@@ -80,9 +83,11 @@ def render_follower(owner: Owner, spec: OnlineModelSpec, index: int) -> dict[str
     meta["name"] = follower_pod_name(owner, index)
     meta["labels"][ROLE_LABEL] = FOLLOWER
     pod_spec = pod["spec"]
-    pod_spec["volumes"] = [v for v in pod_spec["volumes"] if v["name"] != "checkpoints"]
+    # No checkpoints and no guard: the learner trains, keeps and guards; a follower serves its weights.
+    pod_spec["volumes"] = [v for v in pod_spec["volumes"] if v["name"] not in ("checkpoints", GUARD_VOLUME)]
     container = pod_spec["containers"][0]
-    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != CHECKPOINT_DIR]
+    container["volumeMounts"] = [m for m in container["volumeMounts"]
+                                 if m["mountPath"] not in (CHECKPOINT_DIR, GUARD_DIR)]
     container["args"] = follower_args(container["args"], owner, spec, index)
     del container["lifecycle"]  # nothing to checkpoint; SIGTERM stops it at once
     if spec.training.enabled:  # ready once it serves the learner's weights, not the base model's

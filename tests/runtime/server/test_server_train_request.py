@@ -124,8 +124,8 @@ def test_too_many_messages():
 
 
 def test_epochs_up_to_the_configured_maximum():
-    assert parse_train_request(body(epochs=7), config(max_epochs=7)).epochs == 7
-    assert _error(body(epochs=8), config(max_epochs=7)).code == "out_of_range"
+    assert parse_train_request(body(epochs=12), config(max_epochs=12)).epochs == 12
+    assert _error(body(epochs=13), config(max_epochs=12)).code == "out_of_range"
 
 
 # --- encoding ---------------------------------------------------------------------------------

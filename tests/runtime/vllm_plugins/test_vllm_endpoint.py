@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from endpoint_helpers import GOOD, RECORD, StubSupervisor, asgi_request, error_of, make_app
 from onlinemodel_protocol.api import Job, TrainLimits, TrainStatus
-from onlinemodel_protocol.limits import (MAX_BODY_BYTES_MIN, MAX_CHARS_PER_TOKEN, MAX_MESSAGES,
+from onlinemodel_protocol.limits import (EPOCHS_DEFAULT, MAX_BODY_BYTES_MIN, MAX_CHARS_PER_TOKEN, MAX_MESSAGES,
                                          RETRY_AFTER_QUEUE_FULL_SECONDS, RETRY_AFTER_STARTING_SECONDS)
 from onlinemodel_protocol.rpc import IGNORE_INDEX
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
@@ -36,7 +36,7 @@ def test_train_tokenizes_resolves_defaults_and_queues(tokenizer):
     (job,) = sup.jobs
     assert resp.status_code == 202
     assert resp.json() == {"job_id": "job-1", "state": "queued", "examples": 1, "tokens": job.examples[0].num_tokens}
-    assert (job.epochs, job.learning_rate) == (5, 2e-5)  # the configured defaults, resolved here
+    assert (job.epochs, job.learning_rate) == (EPOCHS_DEFAULT, 2e-5)  # the configured defaults, resolved here
     assert any(label != IGNORE_INDEX for label in job.examples[0].labels)
 
 
