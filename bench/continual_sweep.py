@@ -78,7 +78,7 @@ class Recipe:
 
 
 # "defaults": the settings before docs/learning.md (fixed 5 epochs); "stop-e10-replay4": the runtime's
-# defaults now. Each measured row is in docs/learning.md; the last two are the next candidates it names.
+# defaults now. Each is a row of docs/learning.md's table but the last, a next candidate it names.
 BASE = Recipe("defaults")
 STOP = replace(BASE, stop="match", epochs=10, replay=4, reservoir=64)
 RECIPES = [

@@ -305,7 +305,9 @@ def checkpoint_phase(server: ServerProcess, checkpoint_dir: Path) -> dict[str, A
 def run_budget(model: Path, budget: str, args, extra: list[str], work: Path) -> dict[str, Any]:
     state = work / f"state-{budget}"
     state.mkdir(mode=0o700)
-    serve_args = [*extra, "--state-dir", str(state)]
+    # Each step measured is one submitted step: no early-stop check forwards, no replayed examples
+    # (docs/learning.md), as in the numbers measured before those defaults.
+    serve_args = [*extra, "--state-dir", str(state), "--no-early-stop", "--replay-examples", "0"]
     if budget != "default":
         serve_args += ["--max-decode-slowdown", budget]
     phases = set(args.phases.split(","))
