@@ -102,14 +102,14 @@ class TensorParallelLayout:
         self.kv_replicas = max(1, tp_size // self.kv_heads)
         self._rows = self._row_names()
 
-    def _row_names(self) -> dict[str, tuple[str, tuple[tuple[str, str], ...], Any]]:
-        """vLLM name -> (rule, ((HF name, size symbol), ...), trailing symbols) for every tensor in the layout."""
+    def _row_names(self) -> dict[str, tuple[str, tuple[tuple[str, str], ...]]]:
+        """vLLM name -> (rule, ((HF name, size symbol), ...)) for every tensor in the layout."""
         rows = {}
         for table, prefix in self.layout.plan.tables:
-            for vname, parts, cols, _flag in table:
+            for vname, parts, _cols, _flag in table:
                 full = self.layout.vllm_name(prefix + vname)
                 if full in self.layout.vllm_specs:
-                    rows[full] = (TP_RULES[vname], tuple((prefix + hf, sym) for hf, sym in parts), cols)
+                    rows[full] = (TP_RULES[vname], tuple((prefix + hf, sym) for hf, sym in parts))
         return rows
 
     def _part_range(self, symbol: str, rank: int) -> tuple[int, int, int]:
@@ -124,7 +124,7 @@ class TensorParallelLayout:
     def rank_tensor(self, name: str, rank: int) -> RankTensor:
         if not 0 <= rank < self.tp_size:
             raise LayoutError(f"rank {rank} is outside tensor parallel size {self.tp_size}")
-        rule, parts, _cols = self._rows[name]
+        rule, parts = self._rows[name]
         full = self.layout.vllm_specs[name].shape
         if rule == REPLICATED:
             return RankTensor(name, full, rule,
