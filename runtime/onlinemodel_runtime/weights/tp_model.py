@@ -72,8 +72,8 @@ def build_tp_rank_model(config: Any, rank_tensors: Mapping[str, torch.Tensor], r
     `named_parameters()`), with the collectives of `group` (default: the default group) in place.
 
     Its logits are this rank's vocabulary columns (padding columns included): use
-    `vocab_parallel_cross_entropy`. Gradients of replicated KV heads (TP > KV heads) and of Qwen3's q/k
-    norms are partial per rank: the optimizer sums them (docs/tensor-parallel.md)."""
+    `vocab_parallel_cross_entropy`. The gradients of `partial_gradient_names` are partial per rank: the
+    optimizer sums them (docs/tensor-parallel.md)."""
     tp = TensorParallelLayout(config, tp_size)
     if tp.layout.architecture not in _ARCHITECTURES:
         raise LayoutError(f"tensor-parallel training: {tp.layout.architecture} is not supported yet "
@@ -90,6 +90,19 @@ def build_tp_rank_model(config: Any, rank_tensors: Mapping[str, torch.Tensor], r
     head.register_forward_pre_hook(lambda _m, args: (_CopyToRegion.apply(args[0], group), *args[1:]))
     model.tp_vocab = (rank * per, min(per, max(0, tp.layout.sizes["vocab"] - rank * per)))
     return model
+
+
+_INSIDE_REGION = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+_KV = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+
+
+def partial_gradient_names(tp: TensorParallelLayout) -> tuple[str, ...]:
+    """HF names whose gradient on each rank is only that rank's share: replicated parameters used inside a
+    tensor-parallel region (Qwen3's q/k norms see this rank's heads only) and, where TP exceeds the KV heads,
+    the key/value rows each group of `tp.kv_replicas` ranks holds. The true gradient is their sum over the
+    ranks holding the same rows (`Piece.copies` consecutive ranks)."""
+    suffixes = _INSIDE_REGION + (_KV if tp.kv_replicas > 1 else ())
+    return tuple(n for n in tp.layout.hf_shapes() if n.endswith(suffixes))
 
 
 def _tensor_parallel_region(module: nn.Module, group: Any) -> None:

@@ -6,10 +6,11 @@ import multiprocessing
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from onlinemodel_runtime.weights.layouts import LayoutError
-from onlinemodel_runtime.weights.tp_model import build_tp_rank_model, vocab_parallel_cross_entropy
+from onlinemodel_runtime.weights.tp_model import (build_tp_rank_model, partial_gradient_names,
+                                                  vocab_parallel_cross_entropy)
 from onlinemodel_runtime.weights.tp_shards import tp_layout_for
 
 TP = 2
@@ -22,7 +23,10 @@ def llama(**kw):
 
 
 CONFIGS = {"tied": llama(tie_word_embeddings=True),
-           "untied-bias": llama(tie_word_embeddings=False, attention_bias=True, mlp_bias=True)}
+           "untied-bias": llama(tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
+           # one KV head on both ranks, and q/k norms: gradients partial per rank
+           "qwen3-kv1": Qwen3Config(**{**llama().to_dict(), "num_key_value_heads": 1, "tie_word_embeddings": True,
+                                       "architectures": ["Qwen3ForCausalLM"]})}
 
 
 def whole_model(config):
@@ -61,6 +65,8 @@ def _rank(rank, case, init_file):
     torch.testing.assert_close(my_loss, loss, rtol=1e-5, atol=1e-5)
     my_loss.mean().backward()
     grads = {n: p.grad for n, p in mine.named_parameters()}
+    for name in partial_gradient_names(layout):  # every rank holds the same rows here: sum over all
+        dist.all_reduce(grads[name])
     full = {n: p.grad for n, p in model.named_parameters()}
     checked = 0
     for t in layout.rank_tensors(rank).values():
@@ -73,6 +79,7 @@ def _rank(rank, case, init_file):
                                        msg=lambda m, n=p.hf_name: f"rank {rank} {n}: {m}")
             checked += 1
     assert checked >= 20
+    assert bool(partial_gradient_names(layout)) == (case == "qwen3-kv1")
     dist.destroy_process_group()
 
 
