@@ -55,7 +55,7 @@ class _ReduceFromRegion(torch.autograd.Function):
         return grad, None
 
 
-def local_config(config: Any, tp: TensorParallelLayout) -> Any:
+def local_config(tp: TensorParallelLayout) -> Any:
     """The config of the model one rank holds: its share of heads, KV heads, MLP rows and vocabulary rows."""
     c = copy.deepcopy(tp.layout.hf_config)
     c.head_dim = tp.layout.sizes["head_dim"]
@@ -78,7 +78,9 @@ def build_tp_rank_model(config: Any, rank_tensors: Mapping[str, torch.Tensor], r
     if tp.layout.architecture not in _ARCHITECTURES:
         raise LayoutError(f"tensor-parallel training: {tp.layout.architecture} is not supported yet "
                           f"(supported: {', '.join(_ARCHITECTURES)})")
-    model = build_hf_model(local_config(config, tp), rank_tensors, **build_kwargs)
+    if not 0 <= rank < tp_size:
+        raise LayoutError(f"rank {rank} is outside tensor parallel size {tp_size}")
+    model = build_hf_model(local_config(tp), rank_tensors, **build_kwargs)
     per = tp.padded_vocab // tp_size
     _vocab_parallel_embedding(model.get_input_embeddings(), rank * per, per, group)
     for layer in model.model.layers:
@@ -88,7 +90,6 @@ def build_tp_rank_model(config: Any, rank_tensors: Mapping[str, torch.Tensor], r
                 out_proj.bias = None  # a row-parallel bias is added once, by rank 0 (as vLLM does)
     head = model.get_output_embeddings()
     head.register_forward_pre_hook(lambda _m, args: (_CopyToRegion.apply(args[0], group), *args[1:]))
-    model.tp_vocab = (rank * per, min(per, max(0, tp.layout.sizes["vocab"] - rank * per)))
     return model
 
 
@@ -161,9 +162,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return g * grad.unsqueeze(-1), None, None, None, None
 
 
-def vocab_parallel_cross_entropy(model: Any, logits: torch.Tensor, targets: torch.Tensor,
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_rows: tuple[int, int],
                                  group: Any = None) -> torch.Tensor:
-    """Per-token cross-entropy (float32, shape (tokens,)) from this rank's logit columns (tokens, vocab rows):
-    every rank gets the same numbers, no rank gathers the logits."""
-    start, real = model.tp_vocab
+    """Per-token cross-entropy (float32, shape (tokens,)) from this rank's logit columns (tokens, vocabulary
+    rows); `vocab_rows`: `TensorParallelLayout.vocab_rows(rank)`. Every rank gets the same numbers; no rank
+    gathers the logits."""
+    start, real = vocab_rows
     return _VocabParallelCrossEntropy.apply(logits, targets, start, real, group)

@@ -121,6 +121,12 @@ class TensorParallelLayout:
         per = size // self.tp_size
         return rank * per, per, 1
 
+    def vocab_rows(self, rank: int) -> tuple[int, int]:
+        """(first token id, number of real tokens) of rank's vocabulary rows; the rest up to
+        padded_vocab / tp_size are padding."""
+        per = self.padded_vocab // self.tp_size
+        return rank * per, max(0, min(per, self.layout.sizes["vocab"] - rank * per))
+
     def rank_tensor(self, name: str, rank: int) -> RankTensor:
         if not 0 <= rank < self.tp_size:
             raise LayoutError(f"rank {rank} is outside tensor parallel size {self.tp_size}")
@@ -134,11 +140,9 @@ class TensorParallelLayout:
             return RankTensor(name, (full[0], per, *full[2:]), rule,
                               (Piece(parts[0][0], name, 1, rank * per, 0, per),))
         if rule == VOCAB:
-            per = self.padded_vocab // self.tp_size
-            start = rank * per
-            real = max(0, min(per, full[0] - start))
+            start, real = self.vocab_rows(rank)
             pieces = (Piece(parts[0][0], name, 0, start, 0, real),) if real else ()
-            return RankTensor(name, (per, *full[1:]), rule, pieces)
+            return RankTensor(name, (self.padded_vocab // self.tp_size, *full[1:]), rule, pieces)
         pieces, offset = [], 0
         for hf, symbol in parts:
             start, length, copies = self._part_range(symbol, rank)

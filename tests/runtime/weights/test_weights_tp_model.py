@@ -59,9 +59,9 @@ def _rank(rank, case, init_file):
     mine = build_tp_rank_model(config, layout.split_hf_state_dict(hf, rank), rank, TP, requires_grad=True,
                                expected_dtype=torch.float32)
     local = mine(input_ids=ids).logits[0]
-    start, real = mine.tp_vocab
+    start, real = layout.vocab_rows(rank)
     torch.testing.assert_close(local[:, :real], logits[:, start:start + real], rtol=1e-5, atol=1e-5)
-    my_loss = vocab_parallel_cross_entropy(mine, local, ids[0])
+    my_loss = vocab_parallel_cross_entropy(local, ids[0], layout.vocab_rows(rank))
     torch.testing.assert_close(my_loss, loss, rtol=1e-5, atol=1e-5)
     my_loss.mean().backward()
     grads = {n: p.grad for n, p in mine.named_parameters()}
@@ -101,3 +101,5 @@ def test_qwen2_is_refused():
                          num_key_value_heads=2, vocab_size=150, architectures=["Qwen2ForCausalLM"])
     with pytest.raises(LayoutError, match="tensor-parallel training: Qwen2ForCausalLM is not supported yet"):
         build_tp_rank_model(config, {}, 0, TP)
+    with pytest.raises(LayoutError, match="rank 2 is outside tensor parallel size 2"):
+        build_tp_rank_model(llama(), {}, 2, TP)

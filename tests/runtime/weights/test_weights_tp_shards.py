@@ -197,3 +197,8 @@ def test_split_equals_what_each_vllm_rank_loads(tiny_dirs, tmp_path, name, tp):
             assert torch.equal(t, vllm_tensors[n]), (name, rank, n)
     back = layout.gather_hf_state_dict(loaded)
     assert all(torch.equal(back[n], hf[n]) for n in hf) and back.keys() == hf.keys()
+
+
+def test_vocab_rows():
+    layout = tp_layout_for(qwen2(num_key_value_heads=2, vocab_size=1450), 2)  # padded 1472, 736 rows each
+    assert [layout.vocab_rows(r) for r in range(2)] == [(0, 736), (736, 714)]
