@@ -92,3 +92,44 @@ def load_with_vllm(model_dirs: list[Path], out: Path, *, language_model_only: bo
                           capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
+
+
+_TP_SCRIPT = textwrap.dedent("""
+    import glob, sys, torch
+    from safetensors.torch import load_file
+    from vllm.config import DeviceConfig, ModelConfig, ParallelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.utils.torch_utils import set_default_torch_dtype
+    port, out, d, tp, rank = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    mc = ModelConfig(model=d, dtype="bfloat16")
+    vc = VllmConfig(model_config=mc, device_config=DeviceConfig("cpu"),
+                    parallel_config=ParallelConfig(tensor_parallel_size=tp))
+    with set_current_vllm_config(vc):
+        init_distributed_environment(world_size=tp, rank=rank, local_rank=rank,
+                                     distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+        initialize_model_parallel(tp, 1)
+        with torch.device("cpu"), set_default_torch_dtype(mc.dtype):
+            model = initialize_model(vllm_config=vc)
+        weights = {}
+        for f in sorted(glob.glob(d + "/*.safetensors")):
+            weights.update(load_file(f))
+        model.load_weights(weights.items())
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out)
+""")
+
+
+def load_with_vllm_tp(model_dir: Path, out_dir: Path, tp_size: int) -> list[dict[str, torch.Tensor]]:
+    """What each of `tp_size` tensor-parallel ranks of vLLM holds after its own `load_weights` (one process
+    per rank, a gloo group, as vLLM's CPU workers): rank -> named_parameters() clones."""
+    port = str(_free_port())
+    # vLLM's CPU communicator names its shared-memory group after VLLM_DIST_IDENT (its executor sets it).
+    env = dict(os.environ, VLLM_DIST_IDENT=f"onlinemodel-test-{port}")
+    outs = [Path(out_dir) / f"rank{r}.pt" for r in range(tp_size)]
+    procs = [subprocess.Popen([sys.executable, "-c", _TP_SCRIPT, port, str(out), str(model_dir), str(tp_size), str(r)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for r, out in enumerate(outs)]
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r}: {log[-3000:]}"
+    return [torch.load(out) for out in outs]
