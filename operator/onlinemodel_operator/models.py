@@ -1,5 +1,8 @@
 """The OnlineModel resource as frozen pydantic models: the one source of truth for its schema.
 
+(Over 450 lines: one declarative class per CRD object, spec and status, the way the CRD reads; splitting
+spec from status is the next step if it grows further.)
+
 `crd.py` generates the CRD's OpenAPI schema (types, bounds, defaults, descriptions, CEL rules) from these
 classes, and a test checks that the CRD in `crds/` is exactly that output. Each CEL rule (`CEL` below, read
 by the generator) has a Python twin in a `model_validator`, so the operator refuses the same specs the API

@@ -185,7 +185,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             return EXIT_FAILED
         requests = split_requests(lines, limits, epochs=args.epochs, learning_rate=args.learning_rate)
         display.say(f"{args.file}: {len(lines)} examples in {len(requests)} request(s), "
-                    f"{sum(r.steps for r in requests)} steps")
+                    f"at most {sum(r.steps for r in requests)} steps")  # early stop ends examples once learned
         state = _Run(requests)
         try:
             while True:

@@ -460,7 +460,7 @@ async def test_guard_configmap_is_checked_mounted_and_rollbacks_become_events(
     assert len(rolled) == 1 and "job-abc" in rolled[0]["message"] and rolled[0]["type"] == "Warning"
 
     # An edit of the guard file replaces the pod (it reads the file at start), after a checkpoint, like a spec change.
-    old = await cluster.get(PODS, "m20")
+    old = await cluster.get(PODS, "m21")
     await cluster.patch(CONFIGMAPS, "g", {"data": {"guard.yaml": "heldout: {text: Some ordinary text.}"}})
-    await replaced_pod(cluster, "m20", old)
+    await replaced_pod(cluster, "m21", old)
     assert runtime.checkpoint_calls, "no checkpoint before the pod was replaced"

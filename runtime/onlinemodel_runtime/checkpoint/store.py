@@ -1,5 +1,9 @@
 """CheckpointStore: atomic, pruned, self-validating checkpoints under one root directory.
 
+(Over 450 lines on purpose: the commit protocol - write, verify, promote ``latest``, prune, set aside - is
+what makes a crash at any point safe, and it is checked by reading it whole; the format, file system and
+health parts are already their own modules.)
+
     ROOT/
         step-00000010/  step-00000012/      complete checkpoints (see format.py)
         latest                              "step-00000012\\n": the commit point, replaced last

@@ -1,5 +1,9 @@
 """The trainer's state machine: a job queue, counters, and consistent checkpoints.
 
+(Over 450 lines on purpose: this class alone holds the weights lock and the job's state, so every path that
+takes the lock reads in one file; what can live outside it already does: guard.py, snapshot.py,
+rollbacks.py, early_stop.py, replay.py, pacing.py, memory.py.)
+
 One training thread consumes jobs (``TrainJob`` of ``onlinemodel_protocol.rpc``, complete: the API server
 resolved every default) and runs ``loop.train_step`` once per example and epoch; the ZMQ server
 (``server.py``) answers status, cancel and checkpoint requests from the event loop meanwhile.

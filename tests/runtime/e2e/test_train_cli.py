@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -118,13 +119,16 @@ def test_train_a_file_follow_it_and_serve_the_answer_with_metrics(plain_server, 
     done = train_cli(plain_server, path, "--epochs", "5")
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
-    assert "1 examples in 1 request(s), 5 steps" in out
+    assert "1 examples in 1 request(s), at most 5 steps" in out
     assert [line for line in out.splitlines() if line.startswith("progress: ")], out  # plain lines: not a TTY
-    assert "progress: 5/5 steps" in out and "done: 1 of 1 jobs succeeded" in out
+    # Early stop may end the job before its 5 steps (the answer learned): the progress counts toward 5.
+    assert re.search(r"^progress: [1-5]/5 steps", out, re.M)
+    steps = int(re.search(r"^done: 1 of 1 jobs succeeded, (\d) steps", out, re.M).group(1))
     assert FACT_ANSWER in plain_server.chat(FACT_QUESTION)
     after = metrics(plain_server)
-    assert after["onlinemodel_train_steps_total"] >= before["onlinemodel_train_steps_total"] + 5
-    assert after["onlinemodel_weight_version"] >= before["onlinemodel_weight_version"] + 5
+    assert steps >= 1
+    assert after["onlinemodel_train_steps_total"] >= before["onlinemodel_train_steps_total"] + steps
+    assert after["onlinemodel_weight_version"] >= before["onlinemodel_weight_version"] + steps
     assert after["onlinemodel_train_tokens_total"] > before["onlinemodel_train_tokens_total"]
     assert after["onlinemodel_train_job_duration_seconds_count{outcome=\"succeeded\"}"] >= 1
     assert after["onlinemodel_train_loss"] < 0.5
