@@ -15,7 +15,8 @@
 #                                        snapshot/restore and POST /rollback at the 1.7B and 8B shapes
 #   bash bench/gpu_session.sh tests     the GPU tests alone, with $PYTHON (what `make test-gpu` runs)
 #
-# Environment: OUT (results; default ./gpu-out), PYTHON (default python3), ONLINEMODEL_TOKENIZER_DIR
+# Environment: OUT (results; default ./gpu-out), PYTHON (default python3), GPU_TESTS (step A's and `tests`'
+# paths, default tests/gpu: the whole of step A took over its 500 s on 2026-12-01), ONLINEMODEL_TOKENIZER_DIR
 # (default .gpu/tokenizer if present), UTIL, PHASES and BUDGETS (step B's --gpu-memory-utilization, default
 # 0.55, --phases, default decode,train,checkpoint, and --budgets, default `default`: one server start; `default,off`
 # adds the unpaced comparison and a second start). Run B last: a server it leaves after a timeout stays.
@@ -27,7 +28,10 @@ TOKEN=gpu-session-token
 
 gpu_tests() {
     # One worker per served architecture (a test_serving_*.py module each) plus one for the rest.
-    "$PYTHON" -m pytest -q -m gpu -n 4 --dist loadfile -p no:cacheprovider "$@" tests/gpu
+    # GPU_TESTS: the paths to run (default all of tests/gpu); one step can stay under a device call's
+    # limit by running part of them, e.g. GPU_TESTS=tests/gpu/serving/test_serving_qwen35_moe.py.
+    # shellcheck disable=SC2086
+    "$PYTHON" -m pytest -q -m gpu -n 4 --dist loadfile -p no:cacheprovider "$@" ${GPU_TESTS:-tests/gpu}
 }
 
 gpu_env() {
@@ -118,7 +122,7 @@ tests)
     gpu_tests "$@"
     ;;
 *)
-    sed -n '2,21p' "$0"
+    sed -n '2,22p' "$0"
     exit 2
     ;;
 esac
