@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import pytest
-
 from onlinemodel_operator.events import transitions
 from onlinemodel_operator.models import CheckpointStatus, OnlineModelStatus
 from onlinemodel_operator.status import compute_status
