@@ -112,3 +112,6 @@ MAX_FOLLOWER_LAG_MAX = 86_400.0
 FOLLOWER_ACTIVE_SECONDS = 60.0
 # The largest JSON header of one tensor frame in a weight stream (a name, a dtype, a shape).
 FRAME_HEADER_MAX_BYTES = 64 * 1024
+# Tensor parallelism (docs/tensor-parallel.md): the most ranks, one vLLM worker and one trainer process each,
+# all on one node.
+TENSOR_PARALLEL_SIZE_MAX = 16

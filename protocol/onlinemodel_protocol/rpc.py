@@ -1,7 +1,9 @@
 """Names and messages between the runtime's processes inside the pod.
 
 - ``onlinemodel serve`` -> vLLM: the plugins it allows (``VLLM_PLUGINS``) and the worker extension class.
-- vLLM's API server -> its engine worker: the ``collective_rpc`` method that exports the weights.
+- vLLM's API server -> its engine workers: the ``collective_rpc`` method that exports the weights, each
+  worker's answer (``WeightsExported``) and the weights manifest's format (``WEIGHTS_FORMAT_VERSION``); under
+  tensor parallelism every rank exports its own shard into ``WorkerShard.state_dir``.
 - vLLM's API server (``server/supervisor.py``) -> the trainer process (``trainer/server.py``): ZMQ
   requests ``{"op": OP, **args}``, answered by ``{"ok": true, "result": ...}`` or
   ``{"ok": false, "error": ..., "code": HTTP status}``. ``OPS`` gives each operation's argument and
@@ -12,13 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from onlinemodel_protocol.api import (CheckpointRecord, Job, JobCounts, RollbackRecord, RollbackRequest, TrainAccepted,
                                       TrainStatus)
-from onlinemodel_protocol.limits import LEARNING_RATE_MAX
+from onlinemodel_protocol.limits import LEARNING_RATE_MAX, TENSOR_PARALLEL_SIZE_MAX
 from onlinemodel_protocol.replication import Snapshot
 
 # Entry-point names in pyproject.toml.
@@ -28,6 +31,8 @@ STAT_LOGGER_PLUGIN = "onlinemodel_token_gaps"  # vllm.stat_logger_plugins
 # vLLM's --worker-extension-cls, and the method of it the API server calls through collective_rpc.
 WORKER_EXTENSION_CLS = "onlinemodel_runtime.vllm_plugins.worker.WeightExportExtension"
 EXPORT_WEIGHTS_METHOD = "onlinemodel_export_weights"
+# The weights manifest (weights.json, weights/shared.py). 3: the worker's tensor-parallel rank and size.
+WEIGHTS_FORMAT_VERSION = 3
 
 # The trainer's exit status when restarting it will not help (unsupported model, bad config).
 EXIT_PERMANENT = 2
@@ -57,6 +62,46 @@ class TrainerOp(str, Enum):
 
 class _Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class WorkerShard(_Message):
+    """The tensor-parallel shard of the model one vLLM worker holds (and exports)."""
+
+    tp_rank: int = Field(0, ge=0)
+    tp_size: int = Field(1, ge=1, le=TENSOR_PARALLEL_SIZE_MAX)
+
+    @model_validator(mode="after")
+    def _rank_in_size(self) -> WorkerShard:
+        if self.tp_rank >= self.tp_size:
+            raise ValueError(f"tensor-parallel rank {self.tp_rank} is outside size {self.tp_size}")
+        return self
+
+    def state_dir(self, state_dir: Path) -> Path:
+        """Where this shard's manifest goes: the state directory itself at size 1 (as before tensor
+        parallelism), else its ``rank{r}`` subdirectory."""
+        return Path(state_dir) if self.tp_size == 1 else Path(state_dir) / f"rank{self.tp_rank}"
+
+
+class WeightsExported(_Message):
+    """One worker's answer to ``EXPORT_WEIGHTS_METHOD``."""
+
+    shard: WorkerShard
+    transport: str
+    tensors: int = Field(ge=1)
+
+
+def exported_tp_size(answers: Sequence[Any]) -> int:
+    """The tensor-parallel size of the workers' ``EXPORT_WEIGHTS_METHOD`` answers (collective_rpc's list);
+    ValueError unless every rank of that size answered exactly once."""
+    exports = [WeightsExported.model_validate(a) for a in answers]
+    if not exports:
+        raise ValueError("no vLLM worker answered the weights export")
+    size = exports[0].shard.tp_size
+    ranks = sorted(e.shard.tp_rank for e in exports)
+    if any(e.shard.tp_size != size for e in exports) or ranks != list(range(size)):
+        raise ValueError(f"the weights export answered for ranks {ranks} (sizes "
+                         f"{sorted({e.shard.tp_size for e in exports})}): expected each of ranks 0..{size - 1} once")
+    return size
 
 
 class EncodedExample(_Message):

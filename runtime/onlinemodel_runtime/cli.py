@@ -321,14 +321,15 @@ def final_checkpoint(cfg: RuntimeConfig, port: int, tokens: tuple[str, ...]) -> 
 def cleanup(cfg: RuntimeConfig, args: argparse.Namespace) -> None:
     # The worker's shared-memory weights outlive it unless someone unlinks them; its lock tells
     # whether it is really gone.
-    from onlinemodel_runtime.weights.shared import AttachError, read_manifest, remove_if_stale
+    from onlinemodel_runtime.weights.shared import AttachError, exported_manifest_dirs, read_manifest, remove_if_stale
 
-    try:
-        manifest = read_manifest(cfg.state_dir)
-        if manifest.shm_path:
-            remove_if_stale(Path(manifest.shm_path))
-    except AttachError:
-        pass
+    for directory in exported_manifest_dirs(cfg.state_dir):  # one per tensor-parallel rank
+        try:
+            manifest = read_manifest(directory)
+            if manifest.shm_path:
+                remove_if_stale(Path(manifest.shm_path))
+        except AttachError:
+            pass
     if args.state_dir is None:
         shutil.rmtree(cfg.state_dir, ignore_errors=True)
 

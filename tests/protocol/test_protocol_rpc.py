@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -35,3 +37,20 @@ def test_train_job_bounds(change):
 def test_counters_read_from_a_status():
     status = {"state": "idle", "steps": 4, "tokens_trained": 40, "weight_version": 5, "skipped_steps": 1, "jobs": []}
     assert Counters.model_validate(status) == Counters(steps=4, tokens_trained=40, weight_version=5, skipped_steps=1)
+
+
+def test_every_tensor_parallel_rank_must_answer_the_export_once():
+    from onlinemodel_protocol.rpc import WorkerShard, exported_tp_size
+
+    def answer(rank, size):
+        return {"shard": {"tp_rank": rank, "tp_size": size}, "transport": "shm", "tensors": 182}
+
+    assert exported_tp_size([answer(0, 1)]) == 1
+    assert exported_tp_size([answer(2, 3), answer(0, 3), answer(1, 3)]) == 3
+    for answers in ([], [answer(0, 3), answer(1, 3)], [answer(0, 2), answer(0, 2)], [answer(0, 2), answer(1, 3)]):
+        with pytest.raises(ValueError):
+            exported_tp_size(answers)
+    with pytest.raises(ValueError, match="outside size"):
+        WorkerShard(tp_rank=3, tp_size=3)
+    assert WorkerShard().state_dir(Path("/s")) == Path("/s")
+    assert WorkerShard(tp_rank=2, tp_size=3).state_dir(Path("/s")) == Path("/s/rank2")

@@ -16,7 +16,8 @@ from typing import Any
 from onlinemodel_protocol.api import CheckpointRecord, Job, RollbackRecord, TrainAccepted, TrainStatus
 from onlinemodel_protocol.config import ENV_VLLM_API_KEY, RuntimeConfig
 from onlinemodel_protocol.replication import Snapshot
-from onlinemodel_protocol.rpc import EXIT_PERMANENT, EXPORT_WEIGHTS_METHOD, Counters, TrainerOp, TrainJob
+from onlinemodel_protocol.rpc import (EXIT_PERMANENT, EXPORT_WEIGHTS_METHOD, Counters, TrainerOp, TrainJob,
+                                      exported_tp_size)
 from onlinemodel_runtime.server.state_dir import ensure_private_dir
 from onlinemodel_runtime.server.trainer_client import TrainerClient, TrainerRequestError, TrainerUnavailable
 
@@ -56,7 +57,8 @@ class TrainerSupervisor:
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         ensure_private_dir(self.cfg.state_dir)  # the trainer trusts what it finds there
-        await self.engine.collective_rpc(EXPORT_WEIGHTS_METHOD, args=(str(self.cfg.state_dir),))
+        answers = await self.engine.collective_rpc(EXPORT_WEIGHTS_METHOD, args=(str(self.cfg.state_dir),))
+        self.tp_size = exported_tp_size(answers)  # every rank exported its shard, or the trainer cannot start
         self._task = asyncio.create_task(self._supervise())
 
     async def _spawn(self) -> None:

@@ -112,6 +112,17 @@ def live_cpu_linears_installed() -> bool:
     return bool(getattr(UnquantizedLinearMethod.process_weights_after_loading, "_onlinemodel_live", False))
 
 
+def worker_shard(vllm_config: Any) -> Any:
+    """The tensor-parallel shard this vLLM worker holds (``rpc.WorkerShard``). The rank comes from vLLM's
+    tensor-parallel group, which exists in every worker once the model is loaded (at size 1 too)."""
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    from onlinemodel_protocol.rpc import WorkerShard
+
+    return WorkerShard(tp_rank=get_tensor_model_parallel_rank(),
+                       tp_size=vllm_config.parallel_config.tensor_parallel_size)
+
+
 # MoE kernels that compute from `w13_weight`/`w2_weight` as loaded (the checkpoint's layout). The others
 # rewrite them after loading: FlashInfer CUTLASS swaps the gate and up halves, FlashInfer TRT-LLM and
 # ROCm AITER shuffle, CPU prepacks into its own blocks, MoonEP splits them.

@@ -12,7 +12,8 @@ The vLLM worker calls :func:`export_weights` once after loading; the trainer cal
   stale (its owner died without cleaning up) and the only kind anyone deletes.
 
 A ``weights.json`` manifest (written atomically, last) tells the trainer what to expect: model path,
-architecture, dtype, every tensor's name, shape and offset, and the vLLM version. The trainer checks it
+architecture, dtype, every tensor's name, shape and offset, the vLLM version, and which tensor-parallel shard
+the worker holds (``WorkerShard``: rank r of N > 1 exports into ``state_dir/rank{r}/``). The trainer checks it
 against the HF config before it touches anything (see ``layouts.validate``).
 """
 
@@ -29,12 +30,14 @@ from pathlib import Path
 
 import torch
 
+from onlinemodel_protocol.rpc import WEIGHTS_FORMAT_VERSION, WorkerShard
 from onlinemodel_runtime.checkpoint.fsutil import atomic_write_bytes
 from onlinemodel_runtime.weights import cuda_ipc
 
 MANIFEST = "weights.json"
 CUDA_HANDLES = "cuda_handles.json"
-FORMAT_VERSION = 2  # 2: CUDA handles as JSON (cuda_ipc.py), shm files locked by their owner
+# 2: CUDA handles as JSON (cuda_ipc.py), shm files locked by their owner; 3: the tensor-parallel shard.
+FORMAT_VERSION = WEIGHTS_FORMAT_VERSION
 _ALIGN = 64
 # Shared-memory weight files carry the format in their name: files of older runtimes, which hold no lock,
 # are never taken for stale ones.
@@ -82,10 +85,12 @@ class Manifest:
     shm_bytes: int = 0
     owner_pid: int = 0
     created: float = 0.0
+    shard: WorkerShard = WorkerShard()
 
     def to_json(self) -> dict:
         return {
             "format": FORMAT_VERSION,
+            **self.shard.model_dump(),
             "transport": self.transport,
             "device": self.device,
             "model": self.model,
@@ -117,6 +122,7 @@ class Manifest:
             shm_bytes=int(data.get("shm_bytes", 0)),
             owner_pid=int(data.get("owner_pid", 0)),
             created=float(data.get("created", 0.0)),
+            shard=WorkerShard(tp_rank=data["tp_rank"], tp_size=data["tp_size"]),
             tensors=tuple(
                 TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), int(t.get("offset", 0)))
                 for t in data["tensors"]
@@ -142,14 +148,16 @@ def export_weights(
     model: str,
     architecture: str,
     vllm_version: str,
+    shard: WorkerShard = WorkerShard(),
     shm_dir: Path = Path("/dev/shm"),
 ) -> Manifest:
     """Publish the parameters for the trainer. On CPU this moves them into shared memory (once).
 
-    Must be called in the process that owns the parameters (vLLM's worker). Idempotent on CPU: a
-    second call re-publishes the same mapping.
+    Must be called in the process that owns the parameters (vLLM's worker, which holds `shard` of the
+    model); the manifest goes to ``shard.state_dir(state_dir)``. Idempotent on CPU: a second call
+    re-publishes the same mapping.
     """
-    state_dir = Path(state_dir)
+    state_dir = shard.state_dir(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     params = list(named_params)
     if not params:
@@ -157,13 +165,13 @@ def export_weights(
     devices = {p.device for _, p in params}
     if len(devices) != 1:
         raise AttachError(f"parameters live on several devices {sorted(map(str, devices))}; "
-                          "onlinemodel supports one device (tensor parallel size 1)")
+                          "onlinemodel exports one device per vLLM worker")
     device = devices.pop()
     dtypes = {p.dtype for _, p in params}
     main_dtype = max(dtypes, key=lambda d: sum(p.numel() for _, p in params if p.dtype == d))
     common = dict(
         model=model, architecture=architecture, dtype=dtype_name(main_dtype),
-        vllm_version=vllm_version, owner_pid=os.getpid(), created=time.time(),
+        vllm_version=vllm_version, owner_pid=os.getpid(), created=time.time(), shard=shard,
     )
     if device.type == "cuda":
         manifest = _export_cuda(params, state_dir, device, common)
@@ -281,6 +289,12 @@ def read_manifest(state_dir: Path) -> Manifest:
         return Manifest.from_json(json.loads(path.read_text()))
     except FileNotFoundError:
         raise AttachError(f"no weights manifest at {path}: has the vLLM worker exported its weights?") from None
+
+
+def exported_manifest_dirs(state_dir: Path) -> list[Path]:
+    """The directories holding a weights manifest: the state directory, or its per-rank ones."""
+    state_dir = Path(state_dir)
+    return [d for d in (state_dir, *sorted(state_dir.glob("rank*"))) if (d / MANIFEST).is_file()]
 
 
 def wait_for_manifest(state_dir: Path, timeout: float, poll: float = 0.2) -> Manifest:

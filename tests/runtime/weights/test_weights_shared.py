@@ -192,7 +192,7 @@ def test_the_shm_file_is_locked_while_its_owner_lives(exported, tmp_path):
 
     _, _, _, manifest = exported
     path = Path(manifest.shm_path)
-    assert path.parent == tmp_path and path.name.startswith("onlinemodel-v2-") and path.stat().st_mode & 0o777 == 0o600
+    assert path.parent == tmp_path and path.name.startswith("onlinemodel-v3-") and path.stat().st_mode & 0o777 == 0o600
     # Another server's sweep leaves it alone, whatever the pid in its name says.
     assert shared.remove_stale_shm_files(tmp_path) == [] and path.exists()
     assert not shared.remove_if_stale(path)
@@ -203,15 +203,15 @@ def test_only_unlocked_weight_files_are_swept(tmp_path):
 
     from onlinemodel_runtime.weights import shared
 
-    dead = tmp_path / "onlinemodel-v2-1-dead.weights"  # its owner is gone: nobody holds the lock
+    dead = tmp_path / "onlinemodel-v3-1-dead.weights"  # its owner is gone: nobody holds the lock
     dead.write_bytes(b"x")
-    alive = tmp_path / f"onlinemodel-v2-{os.getpid()}-alive.weights"
+    alive = tmp_path / f"onlinemodel-v3-{os.getpid()}-alive.weights"
     alive.write_bytes(b"x")
     holder = os.open(alive, os.O_RDONLY)
     fcntl.flock(holder, fcntl.LOCK_EX)
     target = tmp_path / "precious"
     target.write_bytes(b"keep")
-    (tmp_path / "onlinemodel-v2-2-link.weights").symlink_to(target)  # never followed
+    (tmp_path / "onlinemodel-v3-2-link.weights").symlink_to(target)  # never followed
     other = tmp_path / "unrelated.weights"
     other.write_bytes(b"x")
     older = tmp_path / "onlinemodel-3-1764600000.weights"  # an older runtime's: it holds no lock
@@ -264,3 +264,17 @@ def _child(state_dir: str) -> None:
 
 if __name__ == "__main__":
     _child(sys.argv[1])
+
+
+def test_a_tensor_parallel_rank_exports_into_its_own_directory(tmp_path, monkeypatch):
+    from onlinemodel_protocol.rpc import WorkerShard
+    from onlinemodel_runtime.weights import shared
+
+    monkeypatch.setattr(shared, "_SHM_EXPORT", None)
+    params = [("model.norm.weight", torch.nn.Parameter(torch.ones(4), requires_grad=False))]
+    shard = WorkerShard(tp_rank=1, tp_size=3)
+    manifest = shared.export_weights(params, tmp_path / "s", model="m", architecture="LlamaForCausalLM",
+                                     vllm_version="test", shard=shard, shm_dir=tmp_path)
+    assert shared.exported_manifest_dirs(tmp_path / "s") == [tmp_path / "s" / "rank1"]
+    assert shared.read_manifest(tmp_path / "s" / "rank1").shard == shard == manifest.shard
+    assert not (tmp_path / "s" / shared.MANIFEST).exists()  # rank 0 of size 1 alone writes there
