@@ -47,6 +47,7 @@ class Mismatch(RuntimeError):
 
 class FollowerSupervisor(TrainerSupervisor):
     module = "onlinemodel_runtime.replication.follower"
+    tensor_parallel = False  # a follower writes the learner's whole tensors: one rank
 
 
 def follower_name(cfg: RuntimeConfig) -> str:

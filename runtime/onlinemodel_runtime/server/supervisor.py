@@ -1,5 +1,8 @@
 """Starts the trainer process, restarts it if it dies, and keeps vLLM's prefix cache in step with it.
 
+Under tensor parallelism it starts one trainer process per vLLM rank (trainer/tp_group.py) and supervises
+them as one unit: whichever exits, all are stopped and restarted together (half a group cannot train).
+
 Lives in the vLLM API server process (created by the endpoint plugin). Everything here is async and
 short: training runs in the trainer process, so vLLM's event loop never waits on it.
 """
@@ -11,19 +14,21 @@ import collections
 import logging
 import os
 import sys
+import uuid
 from typing import Any
 
 from onlinemodel_protocol.api import CheckpointRecord, Job, RollbackRecord, TrainAccepted, TrainStatus
 from onlinemodel_protocol.config import ENV_VLLM_API_KEY, RuntimeConfig
 from onlinemodel_protocol.replication import Snapshot
 from onlinemodel_protocol.rpc import (EXIT_PERMANENT, EXPORT_WEIGHTS_METHOD, Counters, TrainerOp, TrainJob,
-                                      exported_tp_size)
+                                      WorkerShard, exported_tp_size)
 from onlinemodel_runtime.server.state_dir import ensure_private_dir
 from onlinemodel_runtime.server.trainer_client import TrainerClient, TrainerRequestError, TrainerUnavailable
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
+TP_INIT_PREFIX = "tp-init-"  # in state_dir: the trainer group's rendezvous file
 
 
 class _GiveUp(Exception):
@@ -34,6 +39,7 @@ class TrainerSupervisor:
     # The process it runs: the trainer, or a follower's (replication/follower.py), which answers the same
     # status requests.
     module = "onlinemodel_runtime.trainer"
+    tensor_parallel = True  # whether `module` runs one process per tensor-parallel rank
 
     def __init__(self, cfg: RuntimeConfig, engine_client: Any, metrics: Any = None, serving_key: str | None = None):
         self.cfg = cfg
@@ -45,10 +51,11 @@ class TrainerSupervisor:
         self.state = "starting"
         self.last_error: str | None = None
         self.restarts = 0
-        self._proc: asyncio.subprocess.Process | None = None
+        self.tp_size = 1  # vLLM's tensor parallel size, from the workers' export answers
+        self._procs: list[asyncio.subprocess.Process] = []  # rank 0 first
         self._ready = False
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
-        self._stderr_task: asyncio.Task | None = None
+        self._stderr_tasks: list[asyncio.Task] = []
         # Weight version whose KV vLLM's prefix cache may hold; None: unknown, reset at the next chance.
         self._cache_version: int | None = 0
         self._last_status: TrainStatus | None = None
@@ -59,6 +66,8 @@ class TrainerSupervisor:
         ensure_private_dir(self.cfg.state_dir)  # the trainer trusts what it finds there
         answers = await self.engine.collective_rpc(EXPORT_WEIGHTS_METHOD, args=(str(self.cfg.state_dir),))
         self.tp_size = exported_tp_size(answers)  # every rank exported its shard, or the trainer cannot start
+        if self.tp_size > 1 and not self.tensor_parallel:
+            raise RuntimeError(f"{self.module} runs at tensor parallel size 1 only; vLLM runs {self.tp_size}")
         self._task = asyncio.create_task(self._supervise())
 
     async def _spawn(self) -> None:
@@ -69,13 +78,25 @@ class TrainerSupervisor:
         counters = ["--counters", Counters.model_validate(self._last_status.model_dump()).model_dump_json()] \
             if self._last_status else []
         self._cache_version = None if self._last_status else 0
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", self.module,
-            "--config", self.cfg.model_dump_json(), "--parent-pid", str(os.getpid()), *counters,
-            stderr=asyncio.subprocess.PIPE, env=self._env,
-        )
-        self._stderr_task = asyncio.create_task(self._forward_stderr(self._proc))
-        log.info("onlinemodel: trainer started (pid %d)", self._proc.pid)
+        command = [sys.executable, "-m", self.module, "--config", self.cfg.model_dump_json(),
+                   "--parent-pid", str(os.getpid()), *counters]
+        tp_init = self._fresh_tp_init() if self.tp_size > 1 else None
+        self._procs = []
+        for rank in range(self.tp_size):
+            shard = ["--shard", WorkerShard(tp_rank=rank, tp_size=self.tp_size).model_dump_json(),
+                     "--tp-init", tp_init] if tp_init else []
+            proc = await asyncio.create_subprocess_exec(*command, *shard, stderr=asyncio.subprocess.PIPE,
+                                                        env=self._env)
+            self._procs.append(proc)
+            log.info("onlinemodel: trainer started (pid %d, tensor-parallel rank %d of %d)", proc.pid, rank,
+                     self.tp_size)
+        self._stderr_tasks = [asyncio.create_task(self._forward_stderr(p)) for p in self._procs]
+
+    def _fresh_tp_init(self) -> str:
+        """A new rendezvous file for the group (torch's FileStore must not find an old one), old ones removed."""
+        for old in self.cfg.state_dir.glob(f"{TP_INIT_PREFIX}*"):
+            old.unlink(missing_ok=True)
+        return f"file://{self.cfg.state_dir / f'{TP_INIT_PREFIX}{uuid.uuid4().hex[:12]}'}"
 
     async def _forward_stderr(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None
@@ -83,6 +104,22 @@ class TrainerSupervisor:
             line = raw.decode(errors="replace").rstrip()
             self._stderr_tail.append(line)
             print(line, file=sys.stderr, flush=True)
+
+    async def _stop_group(self) -> int:
+        """Once one of the processes exited: stop the others, and return the exit status that says most
+        (a permanent failure anywhere, else the first non-zero one)."""
+        for proc in self._procs:
+            if proc.returncode is None:
+                proc.terminate()
+        await asyncio.wait([asyncio.create_task(p.wait()) for p in self._procs], timeout=10)
+        for proc in self._procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        if self._stderr_tasks:  # their last words say why they exited
+            await asyncio.wait(self._stderr_tasks, timeout=2)
+        codes = [p.returncode for p in self._procs]
+        return EXIT_PERMANENT if EXIT_PERMANENT in codes else next((c for c in codes if c), codes[0])
 
     async def _supervise(self) -> None:
         try:
@@ -105,12 +142,10 @@ class TrainerSupervisor:
             log.exception("onlinemodel: %s", self.last_error)
 
     async def _tick(self, backoff: float) -> float:
-        assert self._proc is not None
-        if self._proc.returncode is not None:
+        assert self._procs
+        if any(p.returncode is not None for p in self._procs):
             self._ready = False
-            if self._stderr_task is not None:  # its last words say why it exited
-                await asyncio.wait([self._stderr_task], timeout=2)
-            code = self._proc.returncode
+            code = await self._stop_group()
             self.last_error = f"trainer exited with code {code}: " + " | ".join(list(self._stderr_tail)[-3:])
             if code == EXIT_PERMANENT or self.restarts >= self.cfg.trainer_restart_limit:
                 self.state = "error"

@@ -14,41 +14,85 @@ import sys
 log = logging.getLogger("onlinemodel.trainer")
 
 
-def build_service(cfg, counters=None):
+def build_service(cfg, counters=None, shard=None, tp_init=None):
+    """Rank 0 (the only rank at tensor parallel size 1): the TrainerService. Ranks > 0 of a tensor-parallel
+    group (`shard`, joined through `tp_init`): their `TensorParallelGroup`, which follows rank 0."""
     import torch
     from transformers import AutoConfig
 
+    from onlinemodel_protocol.rpc import WorkerShard
     from onlinemodel_runtime.checkpoint import CheckpointStore
-    from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
     from onlinemodel_runtime.trainer.service import TrainerService
     from onlinemodel_runtime.weights import shared
     from onlinemodel_runtime.weights.hf_model import build_hf_model
     from onlinemodel_runtime.weights.layouts import layout_for
 
+    shard = shard or WorkerShard()
     if cfg.trainer_threads:
         torch.set_num_threads(cfg.trainer_threads)
-    manifest = shared.wait_for_manifest(cfg.state_dir, cfg.trainer_start_timeout)
-    manifest, tensors = shared.attach_weights(cfg.state_dir, manifest)
-    log.info("attached %d tensors (%s, %s) of %s", len(tensors), manifest.transport, manifest.dtype,
-             manifest.model)
-    model = build_hf_model(cfg.model, tensors, expected_dtype=shared.dtype_from_name(manifest.dtype), train=True)
+    weights_dir = shard.state_dir(cfg.state_dir)
+    manifest = shared.wait_for_manifest(weights_dir, cfg.trainer_start_timeout)
+    if manifest.shard != shard:
+        raise shared.AttachError(f"{weights_dir} holds tensor-parallel rank {manifest.shard.tp_rank} of "
+                                 f"{manifest.shard.tp_size}, this trainer is rank {shard.tp_rank} of {shard.tp_size}")
+    manifest, tensors = shared.attach_weights(weights_dir, manifest)
+    log.info("attached %d tensors (%s, %s, rank %d of %d) of %s", len(tensors), manifest.transport, manifest.dtype,
+             shard.tp_rank, shard.tp_size, manifest.model)
+    dtype = shared.dtype_from_name(manifest.dtype)
+    group = None
+    if shard.tp_size == 1:
+        model = build_hf_model(cfg.model, tensors, expected_dtype=dtype, train=True)
+    else:
+        from onlinemodel_runtime.trainer.tp_group import TensorParallelGroup
+        from onlinemodel_runtime.weights.tp_model import build_tp_rank_model
+        from onlinemodel_runtime.weights.tp_shards import tp_layout_for
+
+        refuse_under_tensor_parallelism(cfg)
+        config = AutoConfig.from_pretrained(cfg.model)
+        group = TensorParallelGroup(shard, tp_init, next(iter(tensors.values())).device)
+        model = build_tp_rank_model(config, tensors, shard.tp_rank, shard.tp_size, group.group,
+                                    expected_dtype=dtype, train=True)
     model.config.use_cache = False
     device = next(model.parameters()).device
     if activation_recompute(cfg, device):
         # Non-reentrant: each layer is recomputed in backward before any of its gradients exist, so the
         # optimizer's per-layer updates never reach a weight its recomputation still reads.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = make_optimizer(model, TrainPolicy(), lr=cfg.learning_rate, rank=cfg.optimizer_rank)
-    optimizer.attach_to_backward()
+    optimizer = make_trainer_optimizer(cfg, model, group)
+    if group is not None:
+        group.bind(model, optimizer, tp_layout_for(config, shard.tp_size).vocab_rows(shard.tp_rank))
+        if shard.tp_rank > 0:
+            return group
+        group.start_heartbeat()
     store = None
     if cfg.checkpoint_dir is not None:
         # Checkpoints take the base checkpoint's names (a multimodal model's, experts one by one).
         names = layout_for(AutoConfig.from_pretrained(cfg.model)).checkpoint_names
         store = CheckpointStore(cfg.checkpoint_dir, keep_last=cfg.checkpoint_keep, names=names)
     service = TrainerService(cfg, model, optimizer, store, pacer=make_pacer(cfg, model, device),
-                             probes=make_probes(cfg))
+                             probes=make_probes(cfg), tp=group)
     service.restore(counters)
     return service
+
+
+def make_trainer_optimizer(cfg, model, group):
+    """The optimizer, built here only. Under tensor parallelism every rank builds it over its shard; until
+    optim/tensor_parallel.py (the global shapes, one all-reduce per layer) takes `group`'s context here, each
+    rank's APOLLO scales its shard alone, which trains but is not the TP=1 update."""
+    from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
+
+    optimizer = make_optimizer(model, TrainPolicy(), lr=cfg.learning_rate, rank=cfg.optimizer_rank)
+    optimizer.attach_to_backward()
+    return optimizer
+
+
+def refuse_under_tensor_parallelism(cfg) -> None:
+    """What a tensor-parallel trainer cannot do yet (docs/tensor-parallel.md, "What is left"): refused at
+    start (EXIT_PERMANENT) rather than done wrong on one rank's shard."""
+    missing = [what for what, on in (("checkpoints (--checkpoint-dir)", cfg.checkpoint_dir is not None),
+                                     ("the guard (--guard)", cfg.guard is not None)) if on]
+    if missing:
+        raise ValueError(f"under tensor parallelism the trainer does not support {' or '.join(missing)} yet")
 
 
 def make_probes(cfg):

@@ -21,16 +21,22 @@ from onlinemodel_protocol.rpc import EncodedExample
 from onlinemodel_runtime.trainer.loss import labelled_hidden, loss_chunk_tokens
 
 
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
 @torch.no_grad()
-def answer_predicted(model: torch.nn.Module, input_ids: Sequence[int], labels: Sequence[int]) -> bool:
-    """Whether every labelled token is the model's argmax prediction (teacher-forced greedy decoding)."""
+def answer_predicted(model: torch.nn.Module, input_ids: Sequence[int], labels: Sequence[int],
+                     argmax: Callable[[torch.Tensor], torch.Tensor] = _argmax) -> bool:
+    """Whether every labelled token is the model's argmax prediction (teacher-forced greedy decoding).
+    `argmax`: the token id of each row's largest logit (a tensor-parallel rank holds some columns only)."""
     device = next(model.parameters()).device
     hidden, targets = labelled_hidden(model, torch.tensor([list(input_ids)], device=device),
                                       torch.tensor([list(labels)], device=device))
     head = model.get_output_embeddings()
     chunk = loss_chunk_tokens(head.out_features)
     for start in range(0, targets.numel(), chunk):
-        if not torch.equal(head(hidden[start:start + chunk]).argmax(-1), targets[start:start + chunk]):
+        if not torch.equal(argmax(head(hidden[start:start + chunk])), targets[start:start + chunk]):
             return False
     return True
 

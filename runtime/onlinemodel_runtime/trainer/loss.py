@@ -11,6 +11,7 @@ counted tokens (a MoE router's auxiliary loss, off in every supported config, is
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from onlinemodel_protocol.rpc import IGNORE_INDEX
 
 LOSS_CHUNK_BYTES = 256 * 2**20  # float32 logits of one chunk
+# (a chunk's logits, its targets) -> their summed loss.
+CrossEntropy = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def loss_chunk_tokens(vocab_size: int, max_tokens: int | None = None) -> int:
@@ -29,9 +32,15 @@ def loss_chunk_tokens(vocab_size: int, max_tokens: int | None = None) -> int:
     return tokens if max_tokens is None else max(1, min(tokens, max_tokens))
 
 
-def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The summed next-token loss of one chunk from its whole-vocabulary logits (tensor parallelism passes
+    its vocab-parallel one instead: trainer/tp_group.py)."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _chunk_loss_sum(head: nn.Module, cross_entropy: CrossEntropy, hidden: torch.Tensor,
+                    targets: torch.Tensor) -> torch.Tensor:
+    return cross_entropy(head(hidden), targets)
 
 
 def labelled_hidden(model: nn.Module, input_ids: torch.Tensor,
@@ -46,14 +55,15 @@ def labelled_hidden(model: nn.Module, input_ids: torch.Tensor,
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                   chunk_tokens: int | None = None) -> torch.Tensor:
+                   chunk_tokens: int | None = None, cross_entropy: CrossEntropy = cross_entropy_sum) -> torch.Tensor:
     """Mean next-token loss of a transformers causal LM on `input_ids` (batch, seq) with `labels` (same
-    shape; IGNORE_INDEX where no loss); NaN when no label counts, as transformers'."""
+    shape; IGNORE_INDEX where no loss); NaN when no label counts, as transformers'. `cross_entropy` turns
+    each chunk's logits into its summed loss (a tensor-parallel rank's logits are its vocabulary columns)."""
     head = model.get_output_embeddings()
     hidden, targets = labelled_hidden(model, input_ids, labels)
     chunk = chunk_tokens or loss_chunk_tokens(head.out_features)
     total = hidden.new_zeros((), dtype=torch.float32)
-    part = functools.partial(_chunk_loss_sum, head)
+    part = functools.partial(_chunk_loss_sum, head, cross_entropy)
     for start in range(0, targets.numel(), chunk):
         total = total + checkpoint(part, hidden[start:start + chunk], targets[start:start + chunk],
                                    use_reentrant=False)

@@ -61,6 +61,7 @@ class Rollbacks:
         from onlinemodel_runtime.checkpoint import (CheckpointError, CheckpointNotFound, CheckpointUnusable,
                                                     find_checkpoint, load_weights_into)
 
+        self._single_rank_only("rolling back")
         if self.store is None:
             raise TrainerError("no checkpoint directory configured (--checkpoint-dir): nothing to roll back to",
                                code=409)

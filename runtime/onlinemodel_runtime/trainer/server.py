@@ -20,7 +20,7 @@ import zmq.asyncio
 from pydantic import ValidationError
 
 from onlinemodel_protocol.config import RuntimeConfig
-from onlinemodel_protocol.rpc import EXIT_PERMANENT, OPS, Counters, TrainerOp, TrainerReply
+from onlinemodel_protocol.rpc import EXIT_PERMANENT, OPS, Counters, TrainerOp, TrainerReply, WorkerShard
 from onlinemodel_runtime.trainer import debug
 from onlinemodel_runtime.trainer.service import TrainerError, TrainerService
 
@@ -132,16 +132,24 @@ def run_process(role: str, build_service: Callable[[RuntimeConfig, Counters | No
     parser.add_argument("--config", required=True, help="RuntimeConfig as JSON")
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--counters", default=None, help="counters the supervisor saw before a restart (JSON)")
+    parser.add_argument("--shard", default=None, help="tensor parallelism: this process's WorkerShard (JSON)")
+    parser.add_argument("--tp-init", default=None, help="tensor parallelism: the group's torch.distributed init URL")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"[onlinemodel {role} %(process)d] %(levelname)s %(message)s")
+    shard = WorkerShard.model_validate_json(args.shard) if args.shard else WorkerShard()
+    logging.basicConfig(level=logging.INFO, format=f"[onlinemodel {role} %(process)d rank {shard.tp_rank}] "
+                                                   "%(levelname)s %(message)s")
     cfg = RuntimeConfig.model_validate_json(args.config)
+    parent_pid = args.parent_pid or os.getppid()
     try:
-        service = build_service(cfg, Counters.model_validate_json(args.counters) if args.counters else None)
+        service = build_service(cfg, Counters.model_validate_json(args.counters) if args.counters else None,
+                                **({"shard": shard, "tp_init": args.tp_init} if shard.tp_size > 1 else {}))
     except Exception as exc:
         log.exception("%s failed to start", role)
         print(f"onlinemodel {role}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_PERMANENT
+    if shard.tp_rank > 0:  # no socket: it runs what rank 0 runs (trainer/tp_group.py)
+        return service.follow(parent_pid)
     service.start()
-    asyncio.run(serve(service, cfg.trainer_endpoint, parent_pid=args.parent_pid or os.getppid()))
+    asyncio.run(serve(service, cfg.trainer_endpoint, parent_pid=parent_pid))
     service.stop()
     return 0

@@ -18,6 +18,7 @@ for a whole job, so a rollback never lands in the middle of one. Every answer is
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -57,10 +58,13 @@ def _record(info) -> CheckpointRecord:
 
 
 class TrainerService(Rollbacks):
-    def __init__(self, cfg: RuntimeConfig, model, optimizer, store=None, pacer=None, probes: ProbeSet | None = None):
+    def __init__(self, cfg: RuntimeConfig, model, optimizer, store=None, pacer=None, probes: ProbeSet | None = None,
+                 tp=None):
         self.cfg = cfg
         self.model = model
         self.optimizer = optimizer
+        # trainer/tp_group.py's group when this is rank 0 of several: each step runs on every rank.
+        self.tp = tp
         self.store = store
         self.pacer = pacer  # trainer/pacing.py, or None when there is no load signal
         self.memory = MemoryMonitor(next(model.parameters()).device)
@@ -260,6 +264,8 @@ class TrainerService(Rollbacks):
 
     def stop(self) -> None:
         self._queue.put(None)
+        if self.tp is not None:
+            self.tp.stop()  # after the step that may be running: the other ranks exit
 
     def _run(self) -> None:
         while True:
@@ -296,9 +302,10 @@ class TrainerService(Rollbacks):
                     time.sleep(0.001)
                 with self._weights_lock:
                     try:
-                        result = train_step(self.model, self.optimizer, ex.input_ids, ex.labels,
-                                            learning_rate=job.learning_rate, pacer=self.pacer,
-                                            memory=self.memory)
+                        step = self.tp.train_step if self.tp is not None else \
+                            functools.partial(train_step, self.model, self.optimizer)
+                        result = step(ex.input_ids, ex.labels, learning_rate=job.learning_rate, pacer=self.pacer,
+                                      memory=self.memory)
                     except Exception:
                         # Backward may have written some parameters before it failed (e.g. out of
                         # memory): treat the weights as changed so caches and checkpoints follow.
@@ -334,7 +341,15 @@ class TrainerService(Rollbacks):
             self.state = "training" if self._queue.qsize() else "idle"
 
     def _learned(self, ex: EncodedExample) -> bool:
+        if self.tp is not None:
+            return self.tp.answer_predicted(ex.input_ids, ex.labels)
         return answer_predicted(self.model, ex.input_ids, ex.labels)
+
+    def _single_rank_only(self, what: str) -> None:
+        """Refuse what rank 0 cannot do alone on its shard yet (docs/tensor-parallel.md, "What is left")."""
+        if self.tp is not None:
+            raise TrainerError(f"{what} is not supported under tensor parallelism yet "
+                               f"(tensor parallel size {self.tp.shard.tp_size})", code=409)
 
     def _record_step(self, job: Job, result: StepResult) -> None:
         job.steps += 1
@@ -356,6 +371,7 @@ class TrainerService(Rollbacks):
         """Scale one HF parameter in place (tests: proves the views are vLLM's memory)."""
         from onlinemodel_runtime.trainer.debug import scale_parameter
 
+        self._single_rank_only("scaling a parameter")
         with self._weights_lock:
             scale_parameter(self.model, name, factor)
             self.weight_version += 1
@@ -376,6 +392,7 @@ class TrainerService(Rollbacks):
         Training pauses only while their bytes are copied out."""
         from onlinemodel_runtime.replication.snapshot import SnapshotWriter
 
+        self._single_rank_only("publishing weights to followers")
         with self._publish_lock:
             trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
             writer = SnapshotWriter(Path(directory), self.weight_version, trainable)

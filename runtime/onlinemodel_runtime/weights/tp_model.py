@@ -169,3 +169,22 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vo
     gathers the logits."""
     start, real = vocab_rows
     return _VocabParallelCrossEntropy.apply(logits, targets, start, real, group)
+
+
+def vocab_parallel_argmax(logits: torch.Tensor, vocab_rows: tuple[int, int], group: Any = None) -> torch.Tensor:
+    """The token id of each row's largest logit over every rank's columns (`logits`: this rank's (tokens,
+    vocabulary rows)), the lowest id among equal maxima as `torch.argmax`; the same on every rank."""
+    start, real = vocab_rows
+    mine = logits[:, :real].float()
+    if real:
+        best, index = mine.max(dim=-1)
+    else:  # a rank holding padding rows only
+        best = logits.new_full(logits.shape[:1], float("-inf"), dtype=torch.float32)
+        index = torch.zeros_like(best, dtype=torch.long)
+    # Token ids below 2**24 are exact in float32: one all-gather carries both.
+    pairs = [torch.empty(2, best.shape[0], dtype=torch.float32, device=logits.device)
+             for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pairs, torch.stack([best, (index + start).float()]), group=group)
+    values = torch.stack([p[0] for p in pairs])  # (ranks, tokens); ranks hold ascending ids
+    winner = values.argmax(dim=0)
+    return torch.stack([p[1] for p in pairs]).gather(0, winner.unsqueeze(0)).squeeze(0).long()
