@@ -54,6 +54,7 @@ class RuntimeConfig(BaseModel):
     max_queued_jobs: int = Field(limits.MAX_QUEUED_JOBS_DEFAULT, ge=1)
     default_epochs: int = Field(limits.EPOCHS_DEFAULT, ge=1)
     early_stop: bool = limits.EARLY_STOP_DEFAULT
+    stochastic_rounding: bool = limits.STOCHASTIC_ROUNDING_DEFAULT
     replay_examples: int = Field(limits.REPLAY_EXAMPLES_DEFAULT, ge=0, le=limits.REPLAY_EXAMPLES_MAX)
     replay_reservoir: int = Field(limits.REPLAY_RESERVOIR_DEFAULT, ge=0, le=limits.REPLAY_RESERVOIR_MAX)
     trainer_start_timeout: float = Field(limits.TRAINER_START_TIMEOUT_DEFAULT, gt=0)

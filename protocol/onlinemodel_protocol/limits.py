@@ -26,6 +26,9 @@ MAX_EPOCHS_DEFAULT = 20
 # Learning that stays good over many jobs (docs/learning.md, chosen by bench/continual.py). Early stop: an
 # example leaves its job once greedy decoding gives its answer back (--no-early-stop: always `epochs`).
 EARLY_STOP_DEFAULT = True
+# Stochastic rounding of each update into the bf16 weights (docs/optimizer.md); off only where runs must be
+# compared bitwise (round to nearest: an update below half a bf16 step is lost).
+STOCHASTIC_ROUNDING_DEFAULT = True
 # Replay: each job also trains this many examples of earlier jobs (--replay-examples; 0: none), drawn from a
 # reservoir that keeps a uniform sample of at most REPLAY_RESERVOIR_DEFAULT of them (--replay-reservoir) and
 # REPLAY_RESERVOIR_MAX_TOKENS tokens (ids and labels: 8 bytes a token in memory, ~16 in trainer_state.json).

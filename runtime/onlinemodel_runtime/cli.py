@@ -65,6 +65,10 @@ def _serve_parser(sub) -> None:
                    help="passes over a request's examples when it names none (with early stop: the most)")
     p.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=limits.EARLY_STOP_DEFAULT,
                    help="an example leaves its job once greedy decoding gives its answer back (docs/learning.md)")
+    p.add_argument("--stochastic-rounding", action=argparse.BooleanOptionalAction,
+                   default=limits.STOCHASTIC_ROUNDING_DEFAULT,
+                   help="round each update into the bf16 weights stochastically; off: to nearest, reproducible, "
+                        "but updates below half a bf16 step are lost (for comparing runs)")
     p.add_argument("--replay-examples", type=int, default=limits.REPLAY_EXAMPLES_DEFAULT,
                    help="examples of earlier jobs trained again in each job (0: no replay)")
     p.add_argument("--replay-reservoir", type=int, default=limits.REPLAY_RESERVOIR_DEFAULT,
@@ -135,6 +139,7 @@ def build_config(args: argparse.Namespace, state_dir: Path) -> RuntimeConfig:
         max_examples=args.max_examples,
         default_epochs=args.default_epochs,
         early_stop=args.early_stop,
+        stochastic_rounding=args.stochastic_rounding,
         replay_examples=args.replay_examples,
         replay_reservoir=args.replay_reservoir,
         max_decode_slowdown=args.max_decode_slowdown,

@@ -39,7 +39,7 @@ def build_service(cfg, counters=None, shard=None, tp_init=None):
     log.info("attached %d tensors (%s, %s, rank %d of %d) of %s", len(tensors), manifest.transport, manifest.dtype,
              shard.tp_rank, shard.tp_size, manifest.model)
     dtype = shared.dtype_from_name(manifest.dtype)
-    group = None
+    group = tp_layout = None
     if shard.tp_size == 1:
         model = build_hf_model(cfg.model, tensors, expected_dtype=dtype, train=True)
     else:
@@ -48,9 +48,9 @@ def build_service(cfg, counters=None, shard=None, tp_init=None):
         from onlinemodel_runtime.weights.tp_shards import tp_layout_for
 
         refuse_under_tensor_parallelism(cfg)
-        config = AutoConfig.from_pretrained(cfg.model)
+        tp_layout = tp_layout_for(AutoConfig.from_pretrained(cfg.model), shard.tp_size)
         group = TensorParallelGroup(shard, tp_init, next(iter(tensors.values())).device)
-        model = build_tp_rank_model(config, tensors, shard.tp_rank, shard.tp_size, group.group,
+        model = build_tp_rank_model(tp_layout.layout.hf_config, tensors, shard.tp_rank, shard.tp_size, group.group,
                                     expected_dtype=dtype, train=True)
     model.config.use_cache = False
     device = next(model.parameters()).device
@@ -58,9 +58,9 @@ def build_service(cfg, counters=None, shard=None, tp_init=None):
         # Non-reentrant: each layer is recomputed in backward before any of its gradients exist, so the
         # optimizer's per-layer updates never reach a weight its recomputation still reads.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = make_trainer_optimizer(cfg, model, group)
+    optimizer = make_trainer_optimizer(cfg, model, tp_layout, group.group if group else None)
     if group is not None:
-        group.bind(model, optimizer, tp_layout_for(config, shard.tp_size).vocab_rows(shard.tp_rank))
+        group.bind(model, optimizer, tp_layout.vocab_rows(shard.tp_rank))
         if shard.tp_rank > 0:
             return group
         group.start_heartbeat()
@@ -75,13 +75,18 @@ def build_service(cfg, counters=None, shard=None, tp_init=None):
     return service
 
 
-def make_trainer_optimizer(cfg, model, group):
-    """The optimizer, built here only. Under tensor parallelism every rank builds it over its shard; until
-    optim/tensor_parallel.py (the global shapes, one all-reduce per layer) takes `group`'s context here, each
-    rank's APOLLO scales its shard alone, which trains but is not the TP=1 update."""
+def make_trainer_optimizer(cfg, model, tp_layout=None, group=None):
+    """The optimizer, built here only. Under tensor parallelism (`tp_layout`, the ranks' `group`) every rank
+    builds it over its shard with the context that makes it compute TP=1's update (optim/tensor_parallel.py)."""
     from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
 
-    optimizer = make_optimizer(model, TrainPolicy(), lr=cfg.learning_rate, rank=cfg.optimizer_rank)
+    tp = {}
+    if tp_layout is not None:
+        from onlinemodel_runtime.optim.tensor_parallel import TensorParallel
+
+        tp = {"tp": TensorParallel.from_layout(tp_layout, group)}
+    optimizer = make_optimizer(model, TrainPolicy(), lr=cfg.learning_rate, rank=cfg.optimizer_rank,
+                               stochastic_rounding=cfg.stochastic_rounding, **tp)
     optimizer.attach_to_backward()
     return optimizer
 
