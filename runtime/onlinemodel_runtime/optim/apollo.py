@@ -126,6 +126,11 @@ class Apollo(torch.optim.Optimizer):
     def fused(self) -> bool | None:
         return self._compiled.fused
 
+    @property
+    def tp(self) -> TensorParallel | None:
+        """The tensor-parallel context (None at TP=1)."""
+        return self._tp
+
     # ------------------------------------------------------------------ groups and names
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

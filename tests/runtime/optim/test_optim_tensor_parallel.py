@@ -1,0 +1,78 @@
+"""APOLLO under tensor parallelism: gloo ranks, each training its pieces of a tiny Llama/Qwen3 through
+`weights.tp_model`, end up with the weights TP=1's Apollo gives after the same steps."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+import torch.distributed as dist
+from transformers import Qwen3Config
+
+from tp_ranks import (BATCHES, assert_moved_alike, gathered, init_gloo, llama, rank_setup, run_ranks, tp1_optimizer,
+                      tp1_step, tp_step, whole_model)
+
+STEPS = 4
+# name -> (config, Apollo hyperparameters). Projection sides: "kept" = the projection keeps the sharded
+# dimension (o/down, gate/up projected on the right), "contracted" = it sums over it (q/k/v on the left).
+CASES = {
+    # q/k/v contracted (left), o/down kept (left), gate/up kept (right), the padded vocabulary kept (right),
+    # norm weights replicated; tensor-wise scale (APOLLO-Mini); step() instead of hook mode
+    "llama-mini": (llama(), dict(rank=1)),
+    # head_dim 8 and intermediate 32 < hidden: o/down contracted on the right, gate/up contracted on the left;
+    # sharded q/k/v biases, o/down biases on rank 0 only, an untied lm_head; channel-wise scale, rank 2
+    "llama-channel-bias": (llama(head_dim=8, intermediate_size=32, attention_bias=True, mlp_bias=True,
+                                 tie_word_embeddings=False), dict(rank=2)),
+    # one KV head held by both ranks (its gradients partial), q/k norms inside the attention (partial too)
+    "qwen3-kv1": (Qwen3Config(**{**llama().to_dict(), "architectures": ["Qwen3ForCausalLM"],
+                                 "num_key_value_heads": 1}), dict(rank=2)),
+}
+
+
+def _rank(rank, tp, init_file):
+    init_gloo(rank, tp, init_file)
+    for case, (config, hparams) in CASES.items():
+        model = whole_model(config)
+        opt = tp1_optimizer(model, hparams)
+        layout, tensors, tp_model, tp_opt = rank_setup(config, tp, rank, hparams)
+        for step in range(STEPS):
+            assert tp1_step(model, opt, BATCHES[step % 2]).applied
+            report = tp_step(layout, rank, tp_model, tp_opt, BATCHES[step % 2], hooks=case != "llama-mini")
+            assert report.applied and report.params_updated == report.params_total, (case, report)
+        start = {n: p.detach() for n, p in whole_model(config).named_parameters()}
+        assert_moved_alike(gathered(layout, tensors), dict(model.named_parameters()), start, f"{case} rank {rank}")
+
+    # weights_only=True round trip of one rank's state, then one more step of both: bitwise equal.
+    config, hparams = CASES["qwen3-kv1"]
+    layout, tensors, model, opt = rank_setup(config, tp, rank, hparams)
+    for step in range(2):
+        tp_step(layout, rank, model, opt, BATCHES[step])
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    _, tensors2, model2, opt2 = rank_setup(config, tp, rank, hparams, hf=gathered(layout, tensors))
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    tp_step(layout, rank, model, opt, BATCHES[0])
+    tp_step(layout, rank, model2, opt2, BATCHES[0])
+    for name, t in tensors.items():
+        assert torch.equal(tensors2[name], t), name
+
+    # bf16 with stochastic rounding: replicated weights (norms, the shared KV head, q/k norms) stay bitwise
+    # equal across ranks (the gather checks every copy), and a non-finite gradient on one rank stops all.
+    layout, tensors, model, opt = rank_setup(config, tp, rank, hparams, torch.bfloat16)
+    for step in range(3):
+        tp_step(layout, rank, model, opt, BATCHES[step % 2])
+    gathered(layout, tensors)
+    before = {n: t.clone() for n, t in tensors.items()}
+    if rank == 1:  # a NaN gradient on one rank, in the second bucket of the backward pass
+        model.model.layers[0].mlp.down_proj.weight.register_hook(lambda g: g * float("nan"))
+    report = tp_step(layout, rank, model, opt, BATCHES[0])
+    assert report.skipped and 0 < report.params_updated < report.params_total, report
+    updated = {n.split(".")[2] for n, t in tensors.items() if not torch.equal(t, before[n]) and ".layers." in n}
+    # Hook mode: the bucket updated before the NaN (layer 1) is kept; layer 0's is gated off, on every rank.
+    assert updated == {"1"}, updated
+    dist.destroy_process_group()
+
+
+def test_tensor_parallel_steps_equal_tp1(tmp_path):
+    run_ranks(_rank, 2, str(tmp_path / "init"))
