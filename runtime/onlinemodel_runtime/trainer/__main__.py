@@ -60,7 +60,7 @@ def build_service(cfg, counters=None, shard=None, tp_init=None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_trainer_optimizer(cfg, model, tp_layout, group.group if group else None)
     if group is not None:
-        group.bind(model, optimizer, tp_layout.vocab_rows(shard.tp_rank))
+        group.bind(model, optimizer, tp_layout, tensors)
         if shard.tp_rank > 0:
             return group
         group.start_heartbeat()
@@ -94,10 +94,8 @@ def make_trainer_optimizer(cfg, model, tp_layout=None, group=None):
 def refuse_under_tensor_parallelism(cfg) -> None:
     """What a tensor-parallel trainer cannot do yet (docs/tensor-parallel.md, "What is left"): refused at
     start (EXIT_PERMANENT) rather than done wrong on one rank's shard."""
-    missing = [what for what, on in (("checkpoints (--checkpoint-dir)", cfg.checkpoint_dir is not None),
-                                     ("the guard (--guard)", cfg.guard is not None)) if on]
-    if missing:
-        raise ValueError(f"under tensor parallelism the trainer does not support {' or '.join(missing)} yet")
+    if cfg.guard is not None:
+        raise ValueError("under tensor parallelism the trainer does not support the guard (--guard) yet")
 
 
 def make_probes(cfg):

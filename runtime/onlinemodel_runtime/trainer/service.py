@@ -173,7 +173,10 @@ class TrainerService(Rollbacks):
             log.warning("%s: starting the optimizer state fresh", problem)
         elif optimizer_state is not None:
             try:
-                self.optimizer.load_state_dict(optimizer_state)
+                if self.tp is not None:  # each rank takes its part of the TP=1 form
+                    self.tp.load_optimizer_state(info.path)
+                else:
+                    self.optimizer.load_state_dict(optimizer_state)
             except (ValueError, KeyError, RuntimeError) as exc:
                 log.warning("optimizer state of %s does not fit this model (%s): starting it fresh", info.path, exc)
         self.load_state_dict(trainer_state)
@@ -456,15 +459,13 @@ class TrainerService(Rollbacks):
         try:
             self._hold_weights()
             counters = self.state_dict()
-            info = self.store.save(
-                hf_weight_tensors(self.model),
-                base_model_dir=Path(self.cfg.model),
-                base_model=self.cfg.base_model,
-                trainer_state=counters,
-                optimizer_state=self.optimizer.state_dict(),
-                on_snapshot=resume_training,
-                unhealthy_reason=self.loss_health.verdict(),
-            )
+            save = dict(base_model_dir=Path(self.cfg.model), base_model=self.cfg.base_model, trainer_state=counters,
+                        on_snapshot=resume_training, unhealthy_reason=self.loss_health.verdict())
+            if self.tp is not None:  # every rank's shard gathered into the one HF directory
+                info = self.tp.save_checkpoint(self.store, **save)
+            else:
+                info = self.store.save(hf_weight_tensors(self.model), optimizer_state=self.optimizer.state_dict(),
+                                       **save)
         except CheckpointBusy as exc:
             self.checkpoint_state = "idle"
             raise TrainerError(str(exc), code=409) from exc

@@ -2,7 +2,8 @@
 
 Rank 0 is the trainer the API server talks to (ZMQ, ``TrainerService``); ranks > 0 have no socket and run
 `follow`: they execute, in the same order, every operation rank 0 runs through this group (a training step,
-an early-stop check), whose arguments rank 0 broadcasts first. The ranks' collectives (tp_model.py's hooks,
+an early-stop check, a checkpoint's gather, loading the optimizer state), whose arguments rank 0 broadcasts
+first. The ranks' collectives (tp_model.py's hooks,
 the vocab-parallel loss, the optimizer's) therefore always meet. The group is a torch.distributed group of
 the trainer processes alone (NCCL on GPU, gloo on CPU), never vLLM's. docs/tensor-parallel.md.
 """
@@ -15,12 +16,15 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
 
 from onlinemodel_protocol.rpc import WorkerShard
+from onlinemodel_runtime.checkpoint import CheckpointStore
+from onlinemodel_runtime.checkpoint.tp_gather import optimizer_state_for_rank, save_tp_checkpoint
 from onlinemodel_runtime.trainer.early_stop import answer_predicted
 from onlinemodel_runtime.trainer.loop import StepResult, step_chunk_tokens, train_step
 from onlinemodel_runtime.weights.tp_model import vocab_parallel_argmax, vocab_parallel_cross_entropy
@@ -32,7 +36,8 @@ log = logging.getLogger(__name__)
 CONTROL_TIMEOUT = datetime.timedelta(minutes=10)
 HEARTBEAT_SECONDS = 60.0
 
-_STEP, _LEARNED, _HEARTBEAT, _STOP = "step", "learned", "heartbeat", "stop"
+_STEP, _LEARNED, _CHECKPOINT, _LOAD_OPTIMIZER = "step", "learned", "checkpoint", "load_optimizer"
+_HEARTBEAT, _STOP = "heartbeat", "stop"
 
 
 def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, vocab_rows, group) -> torch.Tensor:
@@ -59,10 +64,11 @@ class TensorParallelGroup:
         self.model = self.optimizer = None
         log.info("tensor-parallel rank %d of %d joined (%s)", shard.tp_rank, shard.tp_size, backend)
 
-    def bind(self, model: torch.nn.Module, optimizer: Any, vocab_rows: tuple[int, int]) -> None:
-        """The model (tp_model.build_tp_rank_model's) and optimizer this rank trains; `vocab_rows`: its
-        `TensorParallelLayout.vocab_rows(rank)`."""
-        self.model, self.optimizer = model, optimizer
+    def bind(self, model: torch.nn.Module, optimizer: Any, layout: Any, tensors: Mapping[str, torch.Tensor]) -> None:
+        """The model (tp_model.build_tp_rank_model's on `tensors`, this rank's vLLM tensors) and optimizer this
+        rank trains; `layout`: the model's `tp_shards.TensorParallelLayout`."""
+        self.model, self.optimizer, self.layout, self.tensors = model, optimizer, layout, tensors
+        vocab_rows = layout.vocab_rows(self.shard.tp_rank)
         self.cross_entropy = functools.partial(_summed_cross_entropy, vocab_rows=vocab_rows, group=self.group)
         self.argmax = functools.partial(vocab_parallel_argmax, vocab_rows=vocab_rows, group=self.group)
 
@@ -77,6 +83,15 @@ class TensorParallelGroup:
     def answer_predicted(self, input_ids: list[int], labels: list[int]) -> bool:
         """`early_stop.answer_predicted` with the argmax over every rank's vocabulary columns."""
         return self._run(_LEARNED, dict(input_ids=input_ids, labels=labels))
+
+    def save_checkpoint(self, store: Any, **save_kwargs: Any) -> Any:
+        """`checkpoint.tp_gather.save_tp_checkpoint` on every rank: rank 0 writes `store`'s one HF directory (and
+        the optimizer state in TP=1 form) with `save_kwargs`, and returns its CheckpointInfo."""
+        return self._run(_CHECKPOINT, {}, store=store, **save_kwargs)
+
+    def load_optimizer_state(self, checkpoint: Path) -> None:
+        """Every rank loads its part of the checkpoint's optimizer state (saved in TP=1 form, at any TP)."""
+        self._run(_LOAD_OPTIMIZER, {"checkpoint": str(checkpoint)})
 
     def start_heartbeat(self) -> None:
         threading.Thread(target=self._heartbeat, name="onlinemodel-tp-heartbeat", daemon=True).start()
@@ -106,6 +121,13 @@ class TensorParallelGroup:
             return train_step(self.model, self.optimizer, cross_entropy=self.cross_entropy, **args, **local)
         if op == _LEARNED:
             return answer_predicted(self.model, argmax=self.argmax, **args)
+        if op == _CHECKPOINT:
+            return save_tp_checkpoint(local.pop("store", None), self.layout, self.tensors, self.optimizer,
+                                      group=self.group, **local)
+        if op == _LOAD_OPTIMIZER:
+            state, _ = CheckpointStore.load_training_state(Path(args["checkpoint"]),
+                                                           map_location=next(self.model.parameters()).device)
+            return self.optimizer.load_state_dict(optimizer_state_for_rank(state, self.optimizer))
         if op in (_HEARTBEAT, _STOP):
             return None
         raise ValueError(f"unknown tensor-parallel operation {op!r}")

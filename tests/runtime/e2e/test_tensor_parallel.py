@@ -45,8 +45,9 @@ RELATIVE_ERROR_MAX, DIFFER_MAX = 0.45, 0.045
 @pytest.fixture(scope="module")
 def tp_server(model_dir, e2e_root):
     state_dir = e2e_root / "tp-state"
-    srv = start_server(model_dir, e2e_root, "tp3", env=TP_ENV, extra_args=["--state-dir", str(state_dir), *TP_ARGS])
-    srv.state_dir = state_dir
+    srv = start_server(model_dir, e2e_root, "tp3", env=TP_ENV, checkpoint_dir=e2e_root / "tp-checkpoints",
+                       extra_args=["--state-dir", str(state_dir), *TP_ARGS])
+    srv.state_dir, srv.checkpoint_dir = state_dir, e2e_root / "tp-checkpoints"
     yield srv
     srv.stop()
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -110,12 +111,32 @@ def tp1_model(model_dir: Path, hf: dict[str, torch.Tensor], train: bool = False)
     return build_hf_model(model_dir, pack_hf_state_dict(config, {n: t.clone() for n, t in hf.items()}), train=train)
 
 
+def tp1_optimizer(model):
+    """The trainer's optimizer as the server configures it (trainer/__main__.py), at TP=1."""
+    from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
+
+    optimizer = make_optimizer(model, TrainPolicy(), lr=LEARNING_RATE, rank=OPTIMIZER_RANK_DEFAULT,
+                               stochastic_rounding=False)
+    optimizer.attach_to_backward()
+    return optimizer
+
+
+def tp1_steps(model, optimizer, model_dir: Path, steps: int) -> list:
+    """`steps` training steps on the taught example, encoded as the server encodes it."""
+    from onlinemodel_runtime.server.train_request import encode_example
+    from onlinemodel_runtime.trainer.loop import train_step
+
+    example = encode_example(AutoTokenizer.from_pretrained(model_dir), FACT_EXAMPLE["messages"], 512)
+    return [train_step(model, optimizer, example.input_ids, example.labels, learning_rate=LEARNING_RATE)
+            for _ in range(steps)]
+
+
 def test_every_rank_exports_its_shard(tp_server):
     assert sorted(p.name for p in tp_server.state_dir.glob("rank*")) == [f"rank{r}" for r in range(TP)]
     assert not (tp_server.state_dir / shared.MANIFEST).exists()
     # What rank 0 cannot do alone on its shard yet is refused in words, not done wrong.
-    code, body = tp_server.request("POST", "/checkpoint")
-    assert code == 409, body
+    code, body = tp_server.request("POST", "/rollback", {"to": "latest"})
+    assert code == 409 and "tensor parallelism" in str(body), body
 
 
 def test_taught_fact_changes_the_served_answer(tp_server, taught):
@@ -131,20 +152,9 @@ def test_weights_after_the_job_equal_tp1_steps(tp_server, model_dir, taught):
     transformers' eager attention instead of SDPA (the same math, another summation order) gives 0.33 and 3.2%
     after 5 steps, 0.23 and 0.9% after 1; a learning rate 30% off gives 0.71 and 6.1%. Measured at TP=3: 0.26
     and 2.3%."""
-    from transformers import AutoTokenizer
-
-    from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
-    from onlinemodel_runtime.server.train_request import encode_example
-    from onlinemodel_runtime.trainer.loop import train_step
-
     base = base_weights(model_dir)
     model = tp1_model(model_dir, base, train=True)
-    optimizer = make_optimizer(model, TrainPolicy(), lr=LEARNING_RATE, rank=OPTIMIZER_RANK_DEFAULT,
-                               stochastic_rounding=False)
-    optimizer.attach_to_backward()
-    example = encode_example(AutoTokenizer.from_pretrained(model_dir), FACT_EXAMPLE["messages"], 512)
-    for _ in range(EPOCHS):
-        train_step(model, optimizer, example.input_ids, example.labels, learning_rate=LEARNING_RATE)
+    tp1_steps(model, tp1_optimizer(model), model_dir, EPOCHS)
     served = gathered_weights(tp_server.state_dir, model_dir)
     moved = differ = total = 0
     update_sq = error_sq = 0.0
@@ -176,3 +186,29 @@ def test_served_tp3_answers_are_the_gathered_weights(tp_server, model_dir, taugh
     print(f"trained {trained}, untrained {untrained}, noise {taught['noise']}")
     assert trained["mean"] < 2 * taught["noise"]["mean"], (trained, taught["noise"])
     assert untrained["mean"] > 10 * trained["mean"], (trained, untrained)
+
+
+def test_a_tp3_checkpoint_loads_at_tp1(tp_server, model_dir, taught):
+    """The TP=3 trainers' checkpoint is the one HF directory a TP=1 trainer writes: its weights are exactly the
+    served TP=3 ones, and its optimizer state (saved in TP=1 form) loads into a TP=1 optimizer that trains on.
+    In this process, not through a second server (suite time); `onlinemodel serve` at TP=1 resuming from such a
+    checkpoint, with the same checks, passed once on 2026-12-01 (docs/tensor-parallel.md)."""
+    from transformers import AutoModelForCausalLM
+
+    from onlinemodel_runtime.checkpoint import CheckpointStore
+
+    code, record = tp_server.request("POST", "/checkpoint", timeout=300)
+    assert code == 200 and record["step"] == EPOCHS, record
+    trained = gathered_weights(tp_server.state_dir, model_dir)
+    path = Path(record["path"])
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    for name, p in loaded.named_parameters():
+        assert torch.equal(p.detach(), trained[name]), name
+    optimizer_state, trainer_state = CheckpointStore.load_training_state(path)
+    assert trainer_state["step"] == EPOCHS
+    model = tp1_model(model_dir, trained, train=True)
+    optimizer = tp1_optimizer(model)
+    optimizer.load_state_dict(optimizer_state)
+    assert optimizer.state_bytes() > 0 and optimizer.steps_applied == EPOCHS, optimizer.summary()
+    result = tp1_steps(model, optimizer, model_dir, 1)[0]
+    assert result.applied and result.loss < 1.0, result  # the fact is known, and training goes on

@@ -58,7 +58,7 @@ def _rank(rank, tmp):
     group = TensorParallelGroup(WorkerShard(tp_rank=rank, tp_size=TP), f"file://{tmp}/init", torch.device("cpu"))
     tensors = layout.split_hf_state_dict(hf, rank)  # this rank's vLLM tensors, which the model views
     model = build_tp_rank_model(CONFIG, tensors, rank, TP, group.group, expected_dtype=torch.float32, train=True)
-    group.bind(model, SGD(model), layout.vocab_rows(rank))
+    group.bind(model, SGD(model), layout, tensors)
     if rank > 0:
         assert group.follow(os.getppid()) == 0
     else:
