@@ -8,7 +8,10 @@ order moves near ties (the measured France prompt). The untaught baseline is rea
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from onlinemodel_protocol.limits import OPTIMIZER_RANK_DEFAULT
+from onlinemodel_protocol.rpc import WorkerShard
 from onlinemodel_runtime.devtools.served_checks import logprob_difference, prompt_logprobs, reference_logprobs
 from onlinemodel_runtime.weights import shared
 from onlinemodel_runtime.weights.hf_model import build_hf_model
@@ -212,3 +216,41 @@ def test_a_tp3_checkpoint_loads_at_tp1(tp_server, model_dir, taught):
     assert optimizer.state_bytes() > 0 and optimizer.steps_applied == EPOCHS, optimizer.summary()
     result = tp1_steps(model, optimizer, model_dir, 1)[0]
     assert result.applied and result.loss < 1.0, result  # the fact is known, and training goes on
+
+
+def trainer_pids(state_dir: Path) -> dict[int, int]:
+    """tensor-parallel rank -> pid of this server's trainer processes (their command lines name both)."""
+    pids = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"onlinemodel_runtime.trainer" in argv and any(str(state_dir).encode() in a for a in argv):
+            shard = WorkerShard.model_validate_json(argv[argv.index(b"--shard") + 1])
+            pids[shard.tp_rank] = int(proc.name)
+    return pids
+
+
+def test_one_rank_dying_restarts_the_group(tp_server, taught):
+    """Half a group cannot train: when one trainer rank dies, the supervisor stops the others and starts all
+    of them again; the new group trains on from the live weights."""
+    before = tp_server.status()
+    old = trainer_pids(tp_server.state_dir)
+    assert sorted(old) == list(range(TP)), old
+    os.kill(old[TP - 1], signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    while True:
+        status = tp_server.status()
+        if status["trainer_restarts"] == before["trainer_restarts"] + 1 and status["state"] == "idle":
+            break
+        assert time.monotonic() < deadline, f"trainers not back: {status}"
+        time.sleep(1.0)
+    new = trainer_pids(tp_server.state_dir)
+    assert sorted(new) == list(range(TP)) and not set(new.values()) & set(old.values()), (old, new)
+    assert status["steps"] == before["steps"]  # counters carried over
+    code, job = tp_server.request("POST", "/train", {"examples": [FACT_EXAMPLE], "epochs": 1,
+                                                     "learning_rate": LEARNING_RATE})
+    assert code == 202, job
+    assert tp_server.wait_job(job["job_id"])["state"] == "succeeded"
+    assert tp_server.status()["steps"] == before["steps"] + 1
