@@ -83,7 +83,10 @@ class TrainerService(Rollbacks):
         self.last_checkpoint: CheckpointRecord | None = None
         self.last_unhealthy: CheckpointRecord | None = None
         self.checkpoint_error: str | None = None
-        self.loss_health = LossHealth(getattr(model.config.get_text_config(), "vocab_size", None))
+        # The whole vocabulary: a tensor-parallel rank's model config holds its rows only.
+        vocab = tp.layout.layout.sizes["vocab"] if tp is not None else \
+            getattr(model.config.get_text_config(), "vocab_size", None)
+        self.loss_health = LossHealth(vocab)
         self.guard = Guard(probes, model, optimizer)
         self.replay = ReplayReservoir(cfg.replay_reservoir, REPLAY_RESERVOIR_MAX_TOKENS)
         self._checkpoint_version = 0
