@@ -242,6 +242,20 @@ def test_good_specs_pass_both() -> None:
         assert not operator_refuses(spec)
 
 
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_pass_both(path: Path) -> None:
+    (document,) = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert api_server_refuses(document["spec"], document["metadata"]["name"]) == []
+    assert not operator_refuses(document["spec"], document["metadata"]["name"])
+
+
+def test_the_examples_are_found() -> None:
+    assert {p.name for p in EXAMPLES} >= {"minimal.yaml", "huggingface-gpu.yaml", "tensor-parallel-gpu.yaml"}
+
+
 def _at(schema: dict[str, Any], path: str) -> dict[str, Any]:
     for part in path.split("."):
         schema = schema["properties"][part]
