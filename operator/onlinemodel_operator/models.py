@@ -26,8 +26,7 @@ Quantity = Union[int, Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN)
 # Flags of `onlinemodel serve` (and vLLM's) that the operator sets itself, or that onlinemodel cannot run
 # (pipeline parallelism); extraArgs may not repeat them. vLLM reads `_` as `-` in a flag's name and knows
 # `-tp`/`-pp` for the parallel sizes.
-MANAGED_FLAGS_RE = (r"^(--(model|served[-_]model[-_]name|host|port|tensor[-_]parallel[-_]size"
-                    r"|pipeline[-_]parallel[-_]size)|-tp|-pp)(=.*)?$")
+MANAGED_FLAGS_RE = r"^(--(model|served[-_]model[-_]name|host|port|(tensor|pipeline)[-_]parallel[-_]size)|-tp|-pp)(=.*)?$"
 API_TOKEN_ENV = ENV_API_TOKEN  # the runtime reads its bearer token from it
 MAX_NAME_LENGTH = 63
 RESOURCE_NAME_RE = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
