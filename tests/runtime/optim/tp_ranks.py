@@ -49,23 +49,23 @@ def tp1_step(model, opt, ids):
     return opt.backward_step(model(input_ids=ids, labels=ids).loss)
 
 
-def rank_setup(config, tp, rank, hparams, dtype=torch.float32, hf=None):
+def rank_setup(config, tp, rank, hparams, dtype=torch.float32, hf=None, group=None):
     """This rank's vLLM tensors (split from `hf`, default: whole_model's), its model and TP Apollo."""
     layout = tp_layout_for(config, tp)
     if hf is None:
         hf = {n: p.detach() for n, p in whole_model(config).named_parameters()}
     tensors = layout.split_hf_state_dict({n: t.to(dtype) for n, t in hf.items()}, rank)
-    model = build_tp_rank_model(config, tensors, rank, tp, requires_grad=True, expected_dtype=dtype)
-    opt = make_optimizer(model, POLICY, **HPARAMS, **hparams, tp=TensorParallel.from_layout(layout))
+    model = build_tp_rank_model(config, tensors, rank, tp, group, requires_grad=True, expected_dtype=dtype)
+    opt = make_optimizer(model, POLICY, **HPARAMS, **hparams, tp=TensorParallel.from_layout(layout, group))
     opt.attach_to_backward()
     return layout, tensors, model, opt
 
 
-def tp_step(layout, rank, model, opt, ids, hooks=True):
+def tp_step(layout, rank, model, opt, ids, hooks=True, group=None):
     """One step in hook mode, or (hooks=False) through backward() and step()."""
     logits = model(input_ids=ids).logits[0]
     # HF's causal-LM loss: predict token t + 1 from position t.
-    loss = vocab_parallel_cross_entropy(logits[:-1], ids[0, 1:], layout.vocab_rows(rank)).mean()
+    loss = vocab_parallel_cross_entropy(logits[:-1], ids[0, 1:], layout.vocab_rows(rank), group).mean()
     if hooks:
         return opt.backward_step(loss)
     loss.backward()
@@ -74,12 +74,12 @@ def tp_step(layout, rank, model, opt, ids, hooks=True):
     return opt.last_report
 
 
-def gathered(layout, tensors):
+def gathered(layout, tensors, group=None):
     """The whole HF state dict, on every rank (raises LayoutError if replicated copies differ at all)."""
     import torch.distributed as dist
 
     everyone = [None] * layout.tp_size
-    dist.all_gather_object(everyone, {n: t.clone() for n, t in tensors.items()})
+    dist.all_gather_object(everyone, {n: t.clone() for n, t in tensors.items()}, group=group)
     return hf_state_dict_of(layout, everyone)
 
 
@@ -88,7 +88,7 @@ def assert_moved_alike(got, want, start, what):
     for name, w in want.items():
         if name.endswith("k_proj.bias"):
             continue  # its true gradient is 0 (softmax ignores a constant per query): AdamW normalizes noise
-        moved = (w - start[name]).abs().max()
+        moved = (w.detach() - start[name]).abs().max()
         assert moved > 1e-4, (what, name)
         torch.testing.assert_close(got[name], w, rtol=0, atol=5e-4 * float(moved) + 1e-7,
                                    msg=lambda m, n=name: f"{what} {n}: {m}")
