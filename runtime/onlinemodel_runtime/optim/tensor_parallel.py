@@ -174,15 +174,15 @@ class TensorParallel:
         return Shard(whole, s.dim, s.start, s.length, s.copies)
 
     # ------------------------------------------------------------------ collectives
-    def check_same(self, signature: list[Any]) -> None:
-        """Every rank must train the same shared tensors with the same hyperparameters (the bucket
-        collectives' layouts depend on it): one all-gather at construction."""
+    def check_same(self, signature: Any) -> None:
+        """Every rank must update the same buckets and train the same shared tensors with the same
+        hyperparameters (the bucket collectives pair up by it): one all-gather at construction."""
         everyone: list[Any] = [None] * self.size
         dist.all_gather_object(everyone, signature, group=self.group)
         for rank, other in enumerate(everyone):
             if other != signature:
-                raise ValueError(f"tensor parallel rank {rank} trains other shared tensors or hyperparameters "
-                                 f"than rank {self.rank}")
+                raise ValueError(f"tensor parallel rank {rank} trains other buckets, shared tensors or "
+                                 f"hyperparameters than rank {self.rank}")
 
     def agree(self, flag: bool, device: torch.device) -> bool:
         """True on every rank if `flag` is true on every rank."""

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import torch
 import torch.distributed as dist
 from transformers import Qwen3Config
+
+from onlinemodel_runtime.optim.tensor_parallel import TensorParallel
+from onlinemodel_runtime.weights.tp_shards import tp_layout_for
 
 from tp_ranks import (BATCHES, assert_moved_alike, gathered, init_gloo, llama, rank_setup, run_ranks, tp1_optimizer,
                       tp1_step, tp_step, whole_model)
@@ -29,8 +33,20 @@ CASES = {
 }
 
 
+def _refusals(rank, tp):
+    config, hparams = CASES["llama-mini"]
+    with pytest.raises(ValueError, match="the group has 2 ranks, the layout 1"):
+        TensorParallel.from_layout(tp_layout_for(config, 1))
+    with pytest.raises(ValueError, match="fused=True: the compiled update does not run under tensor parallelism"):
+        rank_setup(config, tp, rank, dict(hparams, fused=True))
+    with pytest.raises(ValueError, match=f"tensor parallel rank {1 - rank} trains other buckets, shared tensors or "
+                                         f"hyperparameters than rank {rank}"):
+        rank_setup(config, tp, rank, dict(hparams, lr=1e-2 * (rank + 1)))
+
+
 def _rank(rank, tp, init_file):
     init_gloo(rank, tp, init_file)
+    _refusals(rank, tp)
     for case, (config, hparams) in CASES.items():
         model = whole_model(config)
         opt = tp1_optimizer(model, hparams)

@@ -40,7 +40,7 @@ def whole_model(config, dtype=torch.float32):
 
 
 def tp1_optimizer(model, hparams):
-    opt = make_optimizer(model, POLICY, **HPARAMS, **hparams)
+    opt = make_optimizer(model, POLICY, **{**HPARAMS, **hparams})
     opt.attach_to_backward()
     return opt
 
@@ -56,7 +56,7 @@ def rank_setup(config, tp, rank, hparams, dtype=torch.float32, hf=None, group=No
         hf = {n: p.detach() for n, p in whole_model(config).named_parameters()}
     tensors = layout.split_hf_state_dict({n: t.to(dtype) for n, t in hf.items()}, rank)
     model = build_tp_rank_model(config, tensors, rank, tp, group, requires_grad=True, expected_dtype=dtype)
-    opt = make_optimizer(model, POLICY, **HPARAMS, **hparams, tp=TensorParallel.from_layout(layout, group))
+    opt = make_optimizer(model, POLICY, **{**HPARAMS, **hparams}, tp=TensorParallel.from_layout(layout, group))
     opt.attach_to_backward()
     return layout, tensors, model, opt
 
