@@ -7,11 +7,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from onlinemodel_runtime.checkpoint import CheckpointStore, hf_weight_tensors
+from onlinemodel_runtime.checkpoint import CheckpointError, CheckpointStore, hf_weight_tensors
 from onlinemodel_runtime.checkpoint.tp_gather import optimizer_state_for_rank, save_tp_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "optim"))
@@ -70,6 +71,7 @@ def _restart(store, base, tp, rank, group):
     assert_moved_alike(gathered(layout, tensors, group), dict(model1.named_parameters()), _start(),
                        f"TP={tp} rank {rank}")
     save_tp_checkpoint(store, layout, tensors, opt, group=group, base_model_dir=base, trainer_state={"step": step + 1})
+    return layout, tensors
 
 
 def _rank(rank, tp, init_file, root, base):
@@ -89,9 +91,16 @@ def _rank(rank, tp, init_file, root, base):
     if rank < 2:
         _restart(store, base, 2, rank, pair)  # TP=1 -> TP=2
     dist.barrier()
-    _restart(store, base, 3, rank, None)  # TP=2 -> TP=3
+    layout, tensors = _restart(store, base, 3, rank, None)  # TP=2 -> TP=3
+    # Ranks that disagree on a replicated tensor are not saved; the ranks' collectives still pair up.
+    if rank == 2:
+        tensors["model.norm.weight"][0] += 1
     if rank == 0:
-        assert store.latest().step == 5
+        with pytest.raises(CheckpointError, match=r"rank 2: its copy of model.norm.weight .* differs from a lower "
+                                                  r"rank's; step-00000005 is still the latest checkpoint"):
+            save_tp_checkpoint(store, layout, tensors, base_model_dir=base, trainer_state={"step": 6})
+    else:
+        assert save_tp_checkpoint(store, layout, tensors, base_model_dir=base, trainer_state={"step": 6}) is None
     dist.destroy_process_group()
 
 
