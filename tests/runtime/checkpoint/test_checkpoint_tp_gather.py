@@ -16,7 +16,7 @@ from onlinemodel_runtime.checkpoint import CheckpointError, CheckpointStore, hf_
 from onlinemodel_runtime.checkpoint.tp_gather import optimizer_state_for_rank, save_tp_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "optim"))
-from tp_ranks import (BATCHES, assert_moved_alike, gathered, init_gloo, llama, rank_setup, run_ranks,  # noqa: E402
+from tp_ranks import (BATCHES, assert_moved_alike, gathered, init_group, llama, rank_setup, run_ranks,  # noqa: E402
                       tp1_optimizer, tp1_step, tp_step, whole_model)
 
 # 6 heads, 1 KV head (held by every rank), intermediate 96 and a vocabulary padded to 192 split in 2 and 3;
@@ -75,7 +75,7 @@ def _restart(store, base, tp, rank, group):
 
 
 def _rank(rank, tp, init_file, root, base):
-    init_gloo(rank, tp, init_file)
+    init_group(rank, tp, init_file)
     store, base = CheckpointStore(Path(root)), Path(base)
     pair = dist.new_group([0, 1])
     layout, tensors, model, opt = rank_setup(CONFIG, 3, rank, HPARAMS)
