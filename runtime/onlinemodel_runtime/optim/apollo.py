@@ -26,13 +26,14 @@ import torch
 
 from .bucket_update import BucketArgs, ConstBuffers, Prepared, bucket_update
 from .compiled_buckets import CompiledBuckets
-from .functional import effective_rank, grad_norm, projected_shape
+from .functional import const_row, effective_rank, grad_norm, projected_shape
 from .gate import StepGate
 from .hooks import BackwardHooks
 from .hyperparams import DEFAULT_LR, MINI_ALPHA, StepReport, check_group
 from .projections import Projections
 from .rounding import DEFAULT_CHUNK_ELEMS, RoundingGenerators
 from .streams import SideStreams
+from .tensor_parallel import TensorParallel
 
 Item = tuple[dict[str, Any], torch.Tensor, torch.Tensor]  # (group, param, gradient)
 _LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)\.")
@@ -61,6 +62,9 @@ class Apollo(torch.optim.Optimizer):
     fused (None: compiled on CUDA, eager on CPU; True: compiled everywhere, errors raise; False:
     eager everywhere), cuda_graphs and side_stream choose how the same update runs, not what it
     computes; they are not hyperparameters and are not saved.
+    tp: this rank's TensorParallel context (tensor_parallel.py) when the parameters are one tensor-
+    parallel rank's pieces; every rank then computes TP=1's update of the whole tensors (eager path,
+    one collective per bucket). None: TP=1.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class Apollo(torch.optim.Optimizer):
         fused: bool | None = None,
         cuda_graphs: bool = True,
         side_stream: bool = True,
+        tp: TensorParallel | None = None,
     ) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"Invalid rank: {rank!r} (an int >= 1)")
@@ -93,6 +98,9 @@ class Apollo(torch.optim.Optimizer):
             stochastic_rounding=stochastic_rounding, algorithm=algorithm, seed=seed,
         )
         check_group(dict(defaults))
+        if tp is not None and fused:
+            raise ValueError("fused=True: the compiled update does not run under tensor parallelism yet")
+        self._tp = tp
         self.skipped_steps = 0
         self.steps_applied = 0
         self.last_report: StepReport | None = None
@@ -108,10 +116,22 @@ class Apollo(torch.optim.Optimizer):
         self._rounding = RoundingGenerators()
         self._hooks = BackwardHooks(self._flush)
         super().__init__(params, defaults)
+        if tp is not None:
+            keys = ("algorithm", "lr", "rank", "scale", "alpha", "betas", "eps", "weight_decay", "norm_growth_limit",
+                    "update_proj_gap", "stochastic_rounding", "seed")
+            # Each bucket's collective pairs up across ranks: the same buckets, the same shared tensors.
+            tp.check_same([sorted(set(self._bucket_of.values())),
+                           [(self._names.get(p), tuple(p.shape), [g[k] for k in keys])
+                            for g in self.param_groups for p in g["params"] if tp.shard(self._names.get(p))]])
 
     @property
     def fused(self) -> bool | None:
         return self._compiled.fused
+
+    @property
+    def tp(self) -> TensorParallel | None:
+        """The tensor-parallel context (None at TP=1)."""
+        return self._tp
 
     # ------------------------------------------------------------------ groups and names
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -147,7 +167,12 @@ class Apollo(torch.optim.Optimizer):
         if not st:
             st["step"] = 0
             apollo = self._uses_apollo(group, p)
-            shape = projected_shape(tuple(p.shape), effective_rank(p.shape, group["rank"])) if apollo else p.shape
+            if self._tp is not None:
+                shape = self._tp.moment_shape(self._names.get(p), p, group)
+            elif apollo:
+                shape = projected_shape(tuple(p.shape), effective_rank(p.shape, group["rank"]))
+            else:
+                shape = p.shape
             st["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
             st["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
             if apollo:  # one reference per matrix: () or (E,) for a batch of experts
@@ -165,9 +190,16 @@ class Apollo(torch.optim.Optimizer):
             step = st["step"] + 1
             proj = None
             if self._uses_apollo(group, p):
+                shape = self._tp.projection_shape(self._names[p], p) if self._tp is not None else tuple(p.shape)
                 proj = self._projections.get(p, self._names[p], group["seed"], group["update_proj_gap"],
-                                             step, effective_rank(p.shape, group["rank"]))
+                                             step, effective_rank(shape, group["rank"]), shape)
             prepared.append(Prepared(group, p, grad, st, step, proj))
+        if self._tp is not None:
+            consts = self._consts.load([const_row(it.group, it.step) for it in prepared], gate.device)
+            ok = self._tp.update_bucket(prepared, self._names, consts, gate, self._rounding)
+            for it in prepared:
+                it.state["step"] = it.step
+            return ok
         args = BucketArgs.of(prepared)
         consts = self._consts.load(args.rows, gate.device)
         ok = None
@@ -225,7 +257,10 @@ class Apollo(torch.optim.Optimizer):
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for _, p in work:
             by_device.setdefault(p.grad.device, []).append(grad_norm(p.grad))
-        if not all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in by_device.values()):
+        finite = all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in by_device.values())
+        if self._tp is not None:  # every rank skips, or none
+            finite = self._tp.agree(finite, next(iter(by_device), torch.device("cpu")))
+        if not finite:
             self._report(0, len(work), "non-finite gradient")
             return loss
         self._new_step()

@@ -54,14 +54,18 @@ def bucket_update(spec, ws, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, 
     ok = gate & torch.stack([r[5] for r in results]).all()
     j = 0
     for i, (m, v, norm, src, coeff, _) in enumerate(results):
-        exp_avgs[i].copy_(torch.where(ok, m, exp_avgs[i]))
-        exp_avg_sqs[i].copy_(torch.where(ok, v, exp_avg_sqs[i]))
-        if norm is not None:
-            limiter_norms[j].copy_(torch.where(ok, norm, limiter_norms[j]))
-            j += 1
+        commit(ok, (exp_avgs[i], m), (exp_avg_sqs[i], v), (limiter_norms[j], norm) if norm is not None else None)
+        j += norm is not None
         apply_update_(ws[i], src, coeff, decay=consts[i][DECAY], ok=ok, stochastic=spec[i][3],
                       generator=generator, chunk_elems=chunk_elems)
     return ok
+
+
+def commit(ok, *pairs) -> None:
+    """(state tensor, new value) pairs: each state tensor takes its new value where `ok` (None: no pair)."""
+    for pair in pairs:
+        if pair is not None:
+            pair[0].copy_(torch.where(ok, pair[1], pair[0]))
 
 
 class Prepared(NamedTuple):

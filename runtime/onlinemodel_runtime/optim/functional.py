@@ -139,21 +139,34 @@ def apollo_direction(grad, proj, exp_avg, exp_avg_sq, prev_norm, c, *, left: boo
     if channel:  # one factor per row/column of the dimension the projection keeps
         dim = -2 if left else -1
         r_norms = torch.linalg.vector_norm(r, dim=dim, keepdim=True)
-        scale = torch.linalg.vector_norm(r_tilde, dim=dim, keepdim=True) / (r_norms + 1e-8)
+        scale = scale_of(torch.linalg.vector_norm(r_tilde, dim=dim, keepdim=True), r_norms)
         scaled_norm = torch.linalg.vector_norm(scale * grad_norm(grad, dim, keepdim=True), dim=matrix)
         r_norm = torch.linalg.vector_norm(r_norms, dim=matrix)
     else:
         r_norm = torch.linalg.vector_norm(r, dim=matrix)
-        scale = torch.linalg.vector_norm(r_tilde, dim=matrix) / (r_norm + 1e-8)
+        scale = scale_of(torch.linalg.vector_norm(r_tilde, dim=matrix), r_norm)
         scaled_norm = scale * grad_norm(grad, matrix)
         scale = scale[..., None, None]
+    update_norm, coeff, ok = limited_update(scale, scaled_norm, r_norm, prev_norm, c, grad.shape)
+    return m, v, update_norm, coeff, ok
+
+
+def scale_of(r_tilde_norm: torch.Tensor, r_norm: torch.Tensor) -> torch.Tensor:
+    """APOLLO's scale ||R~|| / ||R|| (per matrix or per channel)."""
+    return r_tilde_norm / (r_norm + 1e-8)
+
+
+def limited_update(scale, scaled_norm, r_norm, prev_norm, c, shape):
+    """The limiter applied to a scaled gradient of norm `scaled_norm` (per matrix) whose matrices
+    have `shape`: returns (update_norm, coeff, ok) as apollo_direction does. Also the tensor-
+    parallel path's (tensor_parallel.py), which gets the norms from the ranks' sums of squares."""
     # No reference yet (nothing applied so far: the first step, or the first step in which an
     # expert received tokens): AdamW's first update is elementwise m_hat/sqrt(v_hat) = sign(g), of
     # norm sqrt(m*n) (RMS 1). A rank-1 projection of a near rank-1 gradient (batch-1 online data)
     # can make ||R|| tiny and the scale huge, so cap ||alpha * scale * G|| at that AdamW norm.
     # Later: Fira's norm-growth limiter, ||update_t|| <= gamma ||update_t-1||. Both off when the
     # growth limit is inf (norm_growth_limit=None).
-    cap = math.sqrt(grad.shape[-2] * grad.shape[-1]) / c[ALPHA]
+    cap = math.sqrt(shape[-2] * shape[-1]) / c[ALPHA]
     limit_first = torch.clamp(cap / (scaled_norm + 1e-30), max=1.0)
     limit_next = 1.0 / torch.clamp(scaled_norm / (prev_norm + 1e-8) / c[GAMMA], min=1.0)
     limit = torch.where((prev_norm == 0) & (c[GAMMA] < math.inf), limit_first, limit_next)
@@ -161,7 +174,7 @@ def apollo_direction(grad, proj, exp_avg, exp_avg_sq, prev_norm, c, *, left: boo
     ok = torch.isfinite(update_norm).all() & torch.isfinite(r_norm).all()
     # A zero gradient (an expert no token was routed to) applies nothing: its reference stays.
     update_norm = torch.where(scaled_norm > 0, update_norm, prev_norm)
-    return m, v, update_norm, scale * (limit * c[ALPHA])[..., None, None] * (-c[LR]), ok
+    return update_norm, scale * (limit * c[ALPHA])[..., None, None] * (-c[LR]), ok
 
 
 def adamw_direction(grad, exp_avg, exp_avg_sq, c):

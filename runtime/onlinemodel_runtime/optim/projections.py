@@ -20,9 +20,11 @@ class Projections:
         self._cache: dict[torch.Tensor, tuple[tuple[int, int], torch.Tensor]] = {}
         self._seeds: dict[tuple[str, int], int] = {}  # param_seed(name, base seed), hashed once
 
-    def get(self, p: torch.Tensor, name: str, seed: int, gap: int, step: int, rank: int) -> torch.Tensor:
+    def get(self, p: torch.Tensor, name: str, seed: int, gap: int, step: int, rank: int,
+            shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The (rank, min(m, n)) projection of parameter `p` (named `name`) at 1-based `step`;
-        (E, rank, min(m, n)) for a batch of E matrices."""
+        (E, rank, min(m, n)) for a batch of E matrices. `shape`: the whole matrix's when `p` is one
+        tensor-parallel rank's piece of it (default: p's own)."""
         tag = (seed, (step - 1) // gap)  # the two sha256 hashes run once per period
         hit = self._cache.get(p)
         if hit is not None and hit[0] == tag and hit[1].device == p.device and hit[1].shape[-2] == rank:
@@ -33,7 +35,7 @@ class Projections:
         gen = self._gens.get(p.device)
         if gen is None:
             gen = self._gens[p.device] = torch.Generator(device=p.device)
-        proj = projection_matrix(tuple(p.shape), rank, projection_seed(base, step, gap),
+        proj = projection_matrix(tuple(p.shape) if shape is None else shape, rank, projection_seed(base, step, gap),
                                  device=p.device, generator=gen)
         if hit is not None and hit[1].device == p.device and hit[1].shape == proj.shape:
             proj = hit[1].copy_(proj)  # same address: a captured CUDA graph reads the new values

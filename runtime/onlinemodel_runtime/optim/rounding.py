@@ -118,18 +118,22 @@ def apply_update_(
 
 
 class RoundingGenerators:
-    """The eager path's rounding bits: one generator per device, seeded from the optimizer's seed
-    on first use; its state goes into the optimizer's state_dict so a resume is bitwise exact."""
+    """The eager path's rounding bits: one generator per device (and per named `stream`: under tensor
+    parallelism, one shared by the ranks and one of each rank's own, tensor_parallel.py), seeded from
+    the optimizer's seed on first use; its state goes into the optimizer's state_dict so a resume is
+    bitwise exact."""
 
     def __init__(self) -> None:
         self._gens: dict[str, torch.Generator] = {}
 
-    def get(self, device: torch.device, seed: int) -> torch.Generator:
-        key = str(device)
+    def get(self, device: torch.device, seed: int, stream: str = "") -> torch.Generator:
+        key = f"{device}#{stream}" if stream else str(device)
         gen = self._gens.get(key)
         if gen is None:
             gen = self._gens[key] = torch.Generator(device=device)
-            gen.manual_seed(param_seed(f"stochastic-rounding:{key}", seed))
+            # A named stream's seed leaves out the device index: ranks on cuda:0 and cuda:1 share it.
+            tag = f"{device.type}#{stream}" if stream else key
+            gen.manual_seed(param_seed(f"stochastic-rounding:{tag}", seed))
         return gen
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -137,7 +141,8 @@ class RoundingGenerators:
 
     def load_state_dict(self, state: dict[str, torch.Tensor], seed: int) -> None:
         for key, gen_state in state.items():
-            device = torch.device(key)
+            device_name, _, stream = key.partition("#")
+            device = torch.device(device_name)
             if device.type == "cuda" and not torch.cuda.is_available():
                 continue  # CUDA rounding stream saved, resumed on CPU: nothing to restore
-            self.get(device, seed).set_state(gen_state)
+            self.get(device, seed, stream).set_state(gen_state)

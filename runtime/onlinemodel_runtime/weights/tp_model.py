@@ -106,6 +106,15 @@ def partial_gradient_names(tp: TensorParallelLayout) -> tuple[str, ...]:
     return tuple(n for n in tp.layout.hf_shapes() if n.endswith(suffixes))
 
 
+_ROW_PARALLEL_BIASES = ("self_attn.o_proj.bias", "mlp.down_proj.bias")
+
+
+def rank0_only_names(tp: TensorParallelLayout) -> tuple[str, ...]:
+    """HF names only rank 0's model holds (and trains): row-parallel biases, which vLLM adds on rank 0 only;
+    the other ranks' copies in vLLM's memory are never read (a checkpoint takes rank 0's)."""
+    return tuple(n for n in tp.layout.hf_shapes() if n.endswith(_ROW_PARALLEL_BIASES))
+
+
 def _tensor_parallel_region(module: nn.Module, group: Any) -> None:
     def enter(_m, args, kwargs):
         if args:

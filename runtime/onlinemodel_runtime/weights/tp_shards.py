@@ -20,7 +20,7 @@ vLLM tensors and gathering them back are derived from it. Checked against vLLM 0
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 
@@ -171,8 +171,10 @@ class TensorParallelLayout:
             out[name] = packed
         return out
 
-    def gather_hf_state_dict(self, ranks: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The whole HF state dict from every rank's vLLM tensors (rank order). Replicated tensors and
+    def gather_hf_state_dict(self, ranks: Sequence[Mapping[str, torch.Tensor]],
+                             names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+        """The whole HF state dict from every rank's vLLM tensors (rank order); `names`: only the HF tensors
+        packed in these vLLM tensors (a checkpoint gathers one layer at a time). Replicated tensors and
         replicated KV heads are taken from the lowest rank holding them, after checking that every other
         copy is equal: copies that drifted apart mean the trainer's ranks disagree, which must not pass
         silently into a checkpoint."""
@@ -182,6 +184,8 @@ class TensorParallelLayout:
         hf_shapes = self.layout.hf_shapes()
         for rank, tensors in enumerate(ranks):
             for name, t in self.rank_tensors(rank).items():
+                if names is not None and name not in names:
+                    continue
                 src = tensors.get(name)
                 if src is None or tuple(src.shape) != t.shape:
                     found = None if src is None else tuple(src.shape)
