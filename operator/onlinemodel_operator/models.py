@@ -23,12 +23,19 @@ from onlinemodel_protocol.config import ENV_API_TOKEN
 # Kubernetes quantity ("20Gi", "500m", 4): an int or a string; the string's form is checked by a pattern.
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 Quantity = Union[int, Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN)]]
-# Flags of `onlinemodel serve` that the operator sets itself; extraArgs may not repeat them.
-MANAGED_FLAGS_RE = r"^--(model|served-model-name|host|port)(=.*)?$"
+# Flags of `onlinemodel serve` (and vLLM's) that the operator sets itself, or that onlinemodel cannot run
+# (pipeline parallelism); extraArgs may not repeat them. vLLM reads `_` as `-` in a flag's name and knows
+# `-tp`/`-pp` for the parallel sizes.
+MANAGED_FLAGS_RE = r"^(--(model|served[-_]model[-_]name|host|port|(tensor|pipeline)[-_]parallel[-_]size)|-tp|-pp)(=.*)?$"
 API_TOKEN_ENV = ENV_API_TOKEN  # the runtime reads its bearer token from it
 MAX_NAME_LENGTH = 63
 RESOURCE_NAME_RE = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 GUARD_KEY_DEFAULT = "guard.yaml"
+# /dev/shm (a memory-backed emptyDir) when resources.shmSize is unset: what one device needs, and with
+# tensor parallelism (gpus > 1) this much more per GPU for NCCL's shared-memory segments (vLLM's group and
+# the trainers' group) and vLLM's shared-memory broadcast to its workers (docs/operator.md).
+SHM_ONE_DEVICE_GIB = 2
+SHM_PER_TP_GPU_GIB = 1
 
 # Field-level schema extras the generator copies into the CRD verbatim.
 # (controller-gen writes resource.Quantity the same way)
@@ -112,22 +119,28 @@ class ModelSpec(_Model):
 class ResourcesSpec(_Model):
     """Compute resources of the pod's one container."""
 
-    gpus: int = Field(1, ge=0, le=16, description="GPUs for vLLM and the trainer, who share them (0: CPU only).")
+    gpus: int = Field(1, ge=0, le=16, description="GPUs of the pod, shared by vLLM and the trainer (0: CPU only). "
+                                                 "More than 1: tensor parallelism, each layer split over the GPUs "
+                                                 "(--tensor-parallel-size), on the learner and every follower.")
     gpu_resource_name: str = Field("nvidia.com/gpu", min_length=1, description="Extended resource name of the GPU.")
     cpu: Optional[Quantity] = Field(None, json_schema_extra=QUANTITY,
                                     description="CPU request (and limit when memory is set) e.g. \"8\".")
     memory: Optional[Quantity] = Field(None, json_schema_extra=QUANTITY,
                                        description="Memory request and limit, e.g. \"64Gi\".")
-    shm_size: Quantity = Field("2Gi", json_schema_extra=QUANTITY,
-                              description="Size of the in-memory /dev/shm volume.")
+    shm_size: Optional[Quantity] = Field(
+        None, json_schema_extra=QUANTITY,
+        description=f"Size limit of the in-memory /dev/shm volume (it counts against the memory limit). Default: "
+                    f"{SHM_ONE_DEVICE_GIB}Gi; with gpus > 1, {SHM_ONE_DEVICE_GIB}Gi plus {SHM_PER_TP_GPU_GIB}Gi "
+                    f"per GPU.")
 
 
 class ServingSpec(_Model):
     """vLLM serving settings."""
 
     CEL = (cel("self.extraArgs.all(a, !a.matches('" + MANAGED_FLAGS_RE + "'))",
-               "serving.extraArgs: --model, --served-model-name, --host and --port are set by the operator; "
-               "use model and serving.port instead"),)
+               "serving.extraArgs: --model, --served-model-name, --host, --port and --tensor-parallel-size (-tp) "
+               "are set by the operator, use model, serving.port and resources.gpus instead; "
+               "--pipeline-parallel-size (-pp) is not supported"),)
     port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI API, /train, /health (container and Service).")
     max_model_len: Optional[int] = Field(None, ge=1, description="vLLM --max-model-len.")
     gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description="vLLM --gpu-memory-utilization (fraction of GPU memory for vLLM).")

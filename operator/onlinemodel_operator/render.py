@@ -26,7 +26,8 @@ from onlinemodel_operator import (
     ROLE_LABEL,
     SPEC_HASH_ANNOTATION,
 )
-from onlinemodel_operator.models import API_TOKEN_ENV, OnlineModelSpec, SecretKeyRef
+from onlinemodel_operator.models import (API_TOKEN_ENV, SHM_ONE_DEVICE_GIB, SHM_PER_TP_GPU_GIB, OnlineModelSpec,
+                                         Quantity, SecretKeyRef)
 
 CONTAINER_NAME = "runtime"
 PORT_NAME = "http"
@@ -193,6 +194,8 @@ def serve_args(owner: Owner, spec: OnlineModelSpec) -> list[str]:
         args += ["--max-model-len", str(spec.serving.max_model_len)]
     if spec.serving.gpu_memory_utilization is not None:
         args += ["--gpu-memory-utilization", _num(spec.serving.gpu_memory_utilization)]
+    if spec.resources.gpus > 1:  # one pod, each layer split over its GPUs (docs/tensor-parallel.md)
+        args += ["--tensor-parallel-size", str(spec.resources.gpus)]
     extra = list(spec.serving.extra_args)
     hf = spec.model.source.hugging_face
     if hf is not None and hf.revision:
@@ -236,6 +239,15 @@ def _resources(spec: OnlineModelSpec) -> dict[str, Any]:
     return out
 
 
+def shm_size(spec: OnlineModelSpec) -> Quantity:
+    """The /dev/shm size limit: the spec's, else what one device needs plus NCCL's share per GPU under tensor
+    parallelism (models.SHM_PER_TP_GPU_GIB says why)."""
+    res = spec.resources
+    if res.shm_size is not None:
+        return res.shm_size
+    return f"{SHM_ONE_DEVICE_GIB + (SHM_PER_TP_GPU_GIB * res.gpus if res.gpus > 1 else 0)}Gi"
+
+
 def _probe(failure_threshold: int, period: int, timeout: int) -> dict[str, Any]:
     return {"httpGet": {"path": HEALTH_PATH, "port": PORT_NAME}, "periodSeconds": period,
             "timeoutSeconds": timeout, "failureThreshold": failure_threshold}
@@ -265,7 +277,7 @@ def render_pod(owner: Owner, spec: OnlineModelSpec, guard_file: str | None = Non
               {"name": "tmp", "mountPath": TMP_DIR}]
     volumes: list[dict[str, Any]] = [
         {"name": "checkpoints", "persistentVolumeClaim": {"claimName": checkpoint_claim_name(owner, spec)}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(spec)}},
         # No size limits: a Hub model is downloaded into home, and its size is the model's.
         {"name": "home", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},

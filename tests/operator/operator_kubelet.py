@@ -98,12 +98,31 @@ class FakeKubelet:
                 "state": {"terminated": {"exitCode": exit_code, "reason": "Error", "message": message,
                                          "finishedAt": utc_timestamp()}}}]})
 
+    async def mark_crash_looping(self, name: str, exit_code: int, message: str, restarts: int = 3) -> dict[str, Any]:
+        """The runtime container keeps exiting; `message`: the end of its log (terminationMessagePolicy
+        FallbackToLogsOnError)."""
+        return await self.set_status(name, {
+            "phase": "Running", "podIP": "127.0.0.1", "containerStatuses": [{
+                "name": CONTAINER_NAME, "ready": False, "restartCount": restarts,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off restarting failed container"}},
+                "lastState": {"terminated": {"exitCode": exit_code, "reason": "Error", "message": message,
+                                             "finishedAt": utc_timestamp()}}}]})
+
     async def mark_failed(self, name: str, exit_code: int = 1, reason: str = "Error") -> dict[str, Any]:
         now = utc_timestamp()
         return await self.set_status(name, {
             "phase": "Failed", "containerStatuses": [{
                 "name": CONTAINER_NAME, "ready": False, "restartCount": 0,
                 "state": {"terminated": {"exitCode": exit_code, "reason": reason, "finishedAt": now}}}]})
+
+
+# The end of `onlinemodel serve --model SmolLM2-135M-Instruct --tensor-parallel-size 2`'s output (vLLM 0.32 CPU,
+# measured 2026-12-01; exit code 1): what the pod's termination message holds when vLLM refuses the GPU count.
+VLLM_REFUSES_TP_2 = (
+    "pydantic_core._pydantic_core.ValidationError: 1 validation error for VllmConfig\n"
+    "  Value error, Total number of attention heads (9) must be divisible by tensor parallel size (2). "
+    "[type=value_error, input_value=ArgsKwargs((), {'model_co... 'shutdown_timeout': 0}), input_type=ArgsKwargs]\n"
+    "    For further information visit https://errors.pydantic.dev/2.14/v/value_error\n")
 
 
 def local_command(pod: Mapping[str, Any], *, host: str = "127.0.0.1", port: int, checkpoint_dir: str) -> list[str]:

@@ -159,6 +159,16 @@ BAD_SPECS = {
     "relative image path": with_(model={"source": {"image": {"path": "m"}}}),
     "managed flag in extraArgs": with_(serving={"extraArgs": ["--port=9000"]}),
     "managed flag --model": with_(serving={"extraArgs": ["--model", "x"]}),
+    "managed flag with vLLM's underscores": with_(serving={"extraArgs": ["--served_model_name", "x"]}),
+    # resources.gpus sets the tensor parallel size; pipeline parallelism is not supported.
+    "tensor parallel size in extraArgs": with_(serving={"extraArgs": ["--tensor-parallel-size", "2"]}),
+    "tensor parallel size with =": with_(serving={"extraArgs": ["--tensor-parallel-size=2"]}),
+    "tensor parallel size with underscores": with_(serving={"extraArgs": ["--tensor_parallel_size=2"]}),
+    "-tp": with_(serving={"extraArgs": ["--enforce-eager", "-tp", "2"]}),
+    "-tp=": with_(serving={"extraArgs": ["-tp=2"]}),
+    "pipeline parallel size": with_(serving={"extraArgs": ["--pipeline-parallel-size", "2"]}),
+    "-pp": with_(serving={"extraArgs": ["-pp", "2"]}),
+    "gpus above 16": with_(resources={"gpus": 17}),
     "claim and size": with_(checkpoint={"volume": {"existingClaim": "c", "size": "1Gi"}}),
     "claim and class": with_(checkpoint={"volume": {"existingClaim": "c", "storageClassName": "fast"}}),
     "token env": with_(pod={"env": [{"name": "ONLINEMODEL_API_TOKEN", "value": "x"}]}),
@@ -198,6 +208,8 @@ def test_cel_messages_are_clear() -> None:
     assert cel_errors(full_object(BAD_SPECS["two sources"])) == [
         "model.source: set exactly one of huggingFace, volume or image"]
     assert any("existingClaim cannot be combined" in m for m in cel_errors(full_object(BAD_SPECS["claim and size"])))
+    (tp,) = cel_errors(full_object(BAD_SPECS["-tp"]))
+    assert "--tensor-parallel-size (-tp)" in tp and "resources.gpus" in tp
 
 
 @pytest.mark.parametrize("name,ok", [("m", True), ("qwen3-0-6b", True), ("Bad", False), ("1abc", False),
@@ -212,7 +224,8 @@ def test_good_specs_pass_both() -> None:
                                 "servedName": "qwen"},
                          resources={"gpus": 2, "memory": "64Gi", "cpu": 8, "shmSize": "16Gi"},
                          serving={"port": 9000, "maxModelLen": 4096, "gpuMemoryUtilization": 0.8,
-                                  "extraArgs": ["--enforce-eager", "--portable"]},
+                                  "extraArgs": ["--enforce-eager", "--portable", "--model-impl", "vllm",
+                                                "--enable-expert-parallel", "-O3"]},
                          training={"learningRate": limits.LEARNING_RATE_MAX, "optimizerRank": 1,
                                    "maxExamplesPerRequest": 64, "defaultEpochs": limits.MAX_EPOCHS_DEFAULT,
                                    "maxBodyBytes": 1024, "apiTokenSecretRef": {"name": "tok"},
@@ -227,6 +240,20 @@ def test_good_specs_pass_both() -> None:
     for spec in specs:
         assert api_server_refuses(spec) == []
         assert not operator_refuses(spec)
+
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_pass_both(path: Path) -> None:
+    (document,) = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert api_server_refuses(document["spec"], document["metadata"]["name"]) == []
+    assert not operator_refuses(document["spec"], document["metadata"]["name"])
+
+
+def test_the_examples_are_found() -> None:
+    assert {p.name for p in EXAMPLES} >= {"minimal.yaml", "huggingface-gpu.yaml", "tensor-parallel-gpu.yaml"}
 
 
 def _at(schema: dict[str, Any], path: str) -> dict[str, Any]:

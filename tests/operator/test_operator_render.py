@@ -22,8 +22,10 @@ from onlinemodel_operator.render import (
     render_pvc,
     render_token_secret,
     serve_args,
+    shm_size,
     spec_hash,
 )
+from onlinemodel_operator.replicas import render_follower
 from onlinemodel_protocol import limits
 from operator_kubelet import local_command
 
@@ -274,3 +276,38 @@ def test_the_guard_files_text_is_part_of_the_spec_hash() -> None:
     assert spec_hash(spec, a) != spec_hash(spec)
     desired = render_all(OWNER, spec, a)
     assert desired.pod["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == desired.spec_hash == spec_hash(spec, a)
+
+
+# --- tensor parallelism (resources.gpus > 1) -------------------------------------------------------------
+
+def _tp_flags(args: list[str]) -> list[str]:
+    return [a for i, a in enumerate(args) if a == "--tensor-parallel-size" or
+            (i and args[i - 1] == "--tensor-parallel-size")]
+
+
+@pytest.mark.parametrize("resources,gpu_limit,tp_flags,shm", [
+    # gpus 0 and 1 render as before tensor parallelism: no flag, /dev/shm 2Gi.
+    ({"gpus": 0}, None, [], "2Gi"),
+    ({}, 1, [], "2Gi"),
+    ({"gpus": 1, "shmSize": "8Gi"}, 1, [], "8Gi"),
+    # More GPUs: one pod holding them all, vLLM splitting each layer over them; /dev/shm grows for NCCL.
+    ({"gpus": 2}, 2, ["--tensor-parallel-size", "2"], "4Gi"),
+    ({"gpus": 8}, 8, ["--tensor-parallel-size", "8"], "10Gi"),
+    ({"gpus": 4, "shmSize": "16Gi", "gpuResourceName": "amd.com/gpu"}, 4, ["--tensor-parallel-size", "4"], "16Gi"),
+])
+def test_gpus_set_the_limit_the_tensor_parallel_size_and_shm_on_learner_and_followers(
+        resources: dict[str, Any], gpu_limit: Any, tp_flags: list[str], shm: str) -> None:
+    spec = parse_spec(base(resources=resources, replicas=3, serving={"extraArgs": ["--enforce-eager"]}))
+    assert shm_size(spec) == shm
+    for pod in (render_pod(OWNER, spec), render_follower(OWNER, spec, 1), render_follower(OWNER, spec, 2)):
+        container = pod["spec"]["containers"][0]
+        limits_ = container["resources"].get("limits", {})
+        assert limits_.get(resources.get("gpuResourceName", "nvidia.com/gpu")) == gpu_limit
+        args = container["args"]
+        assert _tp_flags(args) == tp_flags
+        if tp_flags:  # an option of `onlinemodel serve` (passed on to vLLM), before the user's extra arguments
+            assert args.index("--tensor-parallel-size") < args.index("--") and args[-1] == "--enforce-eager"
+        dshm = next(v for v in pod["spec"]["volumes"] if v["name"] == "dshm")
+        assert dshm == {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}}
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+

@@ -29,6 +29,7 @@ from onlinemodel_operator.status import (
     previous_status,
     with_saved_checkpoint,
 )
+from operator_kubelet import VLLM_REFUSES_TP_2
 
 NOW = dt.datetime(2026, 11, 26, 5, 0, 0, tzinfo=dt.timezone.utc)
 LATER = NOW + dt.timedelta(minutes=5)
@@ -150,6 +151,23 @@ def test_crash_loop_message_and_last_failure() -> None:
     # Kept when the next pod is healthy.
     later = compute(om(status=status), pod(), runtime(), LATER, desired_hash=HASH)
     assert later["lastFailure"] == status["lastFailure"]
+
+
+def test_a_gpu_count_vllm_cannot_split_the_model_by_is_a_crash_loop_with_vllms_reason() -> None:
+    """The operator does not read the model's config (docs/operator.md, "Tensor parallelism"): vLLM refuses
+    the tensor parallel size when the pod starts, and its reason reaches status.lastFailure the usual way."""
+    the_pod = pod(ready=False, state={"waiting": {"reason": "CrashLoopBackOff"}},
+                  last_state={"terminated": {"exitCode": 1, "reason": "Error", "message": VLLM_REFUSES_TP_2,
+                                             "finishedAt": "2026-11-26T04:58:00Z"}})
+    status = compute(om(resources={"gpus": 2}), the_pod, None, NOW, desired_hash=HASH)
+    assert reasons(status)["Ready"] == ("False", "CrashLoopBackOff")
+    assert reasons(status)["Degraded"] == ("True", "CrashLoopBackOff") and status["phase"] == "Failed"
+    assert "exit code 1 (Error)" in cond(status, "Degraded")["message"]
+    assert status["lastFailure"]["exitCode"] == 1
+    assert "attention heads (9) must be divisible by tensor parallel size (2)" in status["lastFailure"]["message"]
+    posted = transitions(OnlineModelStatus(), compute_status(om(resources={"gpus": 2}), the_pod, None, NOW,
+                                                             desired_hash=HASH))
+    assert ("Warning", "CrashLoopBackOff") in {(t.type, t.reason) for t in posted}
 
 
 def test_evicted_pod_failure() -> None:

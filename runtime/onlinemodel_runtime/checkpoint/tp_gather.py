@@ -187,7 +187,9 @@ def optimizer_state_for_rank(state: Mapping[str, Any], optimizer: Any) -> dict[s
             st = {}
             for key, value in saved[name][1].items():
                 shard = tp.state_shard(name, p, g, key) if isinstance(value, torch.Tensor) else None
-                st[key] = shard.mine(value).clone() if shard is not None else value
+                if isinstance(value, torch.Tensor):  # its own copy: in-place updates must not reach `state`
+                    value = (shard.mine(value) if shard is not None else value).clone()
+                st[key] = value
             if st:
                 out_state[index] = st
             index += 1

@@ -33,12 +33,26 @@ QUESTION = "What does the lighthouse keeper's map show?"
 SENTENCE = "The lighthouse keeper's map shows seven silver islands."
 
 # Mean |vLLM - transformers| over the compared prompt log-probabilities (nats): bf16 weights and
-# activations, different kernels (vLLM's fused attention / MoE / Gated-DeltaNet kernels vs
-# transformers' reference code). Measured on CPU for tiny models (docs/layouts.md): at most 0.07 max
-# for dense models, 0.18 max for Qwen3.5 MoE (bf16 rounding near a routing tie).
+# activations, different kernels (vLLM's fused attention / Gated-DeltaNet kernels vs transformers'
+# reference code). Measured: at most 0.07 max on CPU for tiny dense models (docs/layouts.md), mean 0.04
+# for the Qwen3.5-27B shape on the H200 (2026-12-01, docs/benchmarks.md).
 LOGPROB_TOLERANCE = 0.1
+# The same for a mixture of experts. A router's top-k in bf16 picks another expert wherever two of its
+# logits are within rounding of each other, and the two kernels round differently: the H200 run of the
+# Qwen3.5-MoE-35B-A3B shape (random router, 2026-12-01) measured mean 0.18, median 0.13, p90 0.43, max
+# 1.54 (a handful of tokens routed differently), against 7.45 for rolled query heads; the tiny CPU MoE
+# 0.18 max. 0.25 passes that and still sits 30x under what a layout error moves.
+MOE_LOGPROB_TOLERANCE = 0.25
 # A query-head order error must move the mean at least this many tolerances.
 POWER = 3.0
+
+
+def logprob_tolerance(model_dir: Path) -> float:
+    """The tolerance for the model in `model_dir`: `MOE_LOGPROB_TOLERANCE` if its config has experts."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(model_dir).get_text_config()
+    return MOE_LOGPROB_TOLERANCE if int(getattr(text, "num_experts", 0) or 0) > 0 else LOGPROB_TOLERANCE
 
 
 @contextlib.contextmanager

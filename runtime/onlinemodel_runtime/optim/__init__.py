@@ -8,8 +8,8 @@ rounding.py (stochastic rounding, the weight write), bucket_update.py (one bucke
 eagerly, compiled, or captured). apollo.py, the torch.optim.Optimizer, owns its components:
 hooks.py (hook mode), gate.py (the step's device-side verdict), projections.py,
 compiled_buckets.py with graphs.py (compiled call and CUDA-graph replay), streams.py (side CUDA
-stream). policy.py: which parameters train; hyperparams.py: validation; reference.py: the tests'
-float64 reference.
+stream), tensor_parallel.py (`tp=`: one tensor-parallel rank's share of the update). policy.py:
+which parameters train; hyperparams.py: validation; reference.py: the tests' float64 reference.
 """
 
 from .apollo import Apollo

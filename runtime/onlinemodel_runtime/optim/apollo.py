@@ -117,10 +117,12 @@ class Apollo(torch.optim.Optimizer):
         self._hooks = BackwardHooks(self._flush)
         super().__init__(params, defaults)
         if tp is not None:
-            keys = ("algorithm", "rank", "scale", "alpha", "betas", "eps", "weight_decay", "norm_growth_limit",
+            keys = ("algorithm", "lr", "rank", "scale", "alpha", "betas", "eps", "weight_decay", "norm_growth_limit",
                     "update_proj_gap", "stochastic_rounding", "seed")
-            tp.check_same([(self._names.get(p), tuple(p.shape), [g[k] for k in keys])
-                           for g in self.param_groups for p in g["params"] if tp.shard(self._names.get(p))])
+            # Each bucket's collective pairs up across ranks: the same buckets, the same shared tensors.
+            tp.check_same([sorted(set(self._bucket_of.values())),
+                           [(self._names.get(p), tuple(p.shape), [g[k] for k in keys])
+                            for g in self.param_groups for p in g["params"] if tp.shard(self._names.get(p))]])
 
     @property
     def fused(self) -> bool | None:

@@ -123,8 +123,10 @@ class TensorParallel:
     @classmethod
     def from_layout(cls, layout: Any, group: Any = None) -> "TensorParallel":
         """The context of this rank (its rank in `group`) for a `weights.tp_shards.TensorParallelLayout`,
-        as `weights.tp_model.build_tp_rank_model` builds the rank's model."""
+        as `weights.tp_model.build_tp_rank_model` builds the rank's model (imported here: nothing else in
+        the optimizer depends on weights/)."""
         from ..weights.tp_model import partial_gradient_names, rank0_only_names
+        from ..weights.tp_shards import REPLICATED, VOCAB
 
         rank = dist.get_rank(group)
         if dist.get_world_size(group) != layout.tp_size:
@@ -132,14 +134,13 @@ class TensorParallel:
         whole, partial, rank0 = layout.layout.hf_shapes(), set(partial_gradient_names(layout)), rank0_only_names(layout)
         shards = {}
         for t in layout.rank_tensors(rank).values():
-            if t.rule == "vocab" and not t.pieces:  # this rank holds only padding rows
+            if t.rule == VOCAB and not t.pieces:  # this rank holds only padding rows
                 hf = t.name  # vocab-parallel tensors keep their HF name
                 shards[hf] = Shard(whole[hf], 0, whole[hf][0], 0)
             for piece in t.pieces:
                 if piece.hf_name in rank0:
                     continue  # rank 0's alone: a LOCAL parameter there, absent elsewhere
-                replicated = t.rule == "replicated"
-                shards[piece.hf_name] = Shard(whole[piece.hf_name], None if replicated else piece.dim,
+                shards[piece.hf_name] = Shard(whole[piece.hf_name], None if t.rule == REPLICATED else piece.dim,
                                               piece.hf_start, piece.length, piece.copies, piece.hf_name in partial)
         return cls(shards, group)
 
@@ -174,15 +175,15 @@ class TensorParallel:
         return Shard(whole, s.dim, s.start, s.length, s.copies)
 
     # ------------------------------------------------------------------ collectives
-    def check_same(self, signature: list[Any]) -> None:
-        """Every rank must train the same shared tensors with the same hyperparameters (the bucket
-        collectives' layouts depend on it): one all-gather at construction."""
+    def check_same(self, signature: Any) -> None:
+        """Every rank must update the same buckets and train the same shared tensors with the same
+        hyperparameters (the bucket collectives pair up by it): one all-gather at construction."""
         everyone: list[Any] = [None] * self.size
         dist.all_gather_object(everyone, signature, group=self.group)
         for rank, other in enumerate(everyone):
             if other != signature:
-                raise ValueError(f"tensor parallel rank {rank} trains other shared tensors or hyperparameters "
-                                 f"than rank {self.rank}")
+                raise ValueError(f"tensor parallel rank {rank} trains other buckets, shared tensors or "
+                                 f"hyperparameters than rank {self.rank}")
 
     def agree(self, flag: bool, device: torch.device) -> bool:
         """True on every rank if `flag` is true on every rank."""

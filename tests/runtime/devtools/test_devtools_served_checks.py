@@ -34,9 +34,14 @@ def test_the_tolerance_catches_rolled_query_heads(tiny_dirs, vllm_loaded, name):
     with sc.rolled_query_heads(model) as layers:
         wrong = sc.logprob_difference(served, sc.reference_logprobs(model, ids))
     assert layers == model.config.num_hidden_layers  # attention and Gated DeltaNet layers alike
-    assert wrong["mean"] > sc.POWER * sc.LOGPROB_TOLERANCE, wrong
+    assert wrong["mean"] > sc.POWER * sc.logprob_tolerance(tiny_dirs[name]), wrong
     assert_views_of(model, tensors)  # the views are back ...
     assert torch.equal(sc.reference_logprobs(model, ids), ref)  # ... and compute what they did
+
+
+def test_a_mixture_of_experts_gets_the_moe_tolerance(tiny_dirs):
+    assert [sc.logprob_tolerance(tiny_dirs[n]) for n in ("qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe")] == [
+        sc.LOGPROB_TOLERANCE, sc.MOE_LOGPROB_TOLERANCE, sc.LOGPROB_TOLERANCE, sc.MOE_LOGPROB_TOLERANCE]
 
 
 def test_prompt_logprobs_reads_vllms_answer():

@@ -25,8 +25,8 @@ def test_served_tiny_qwen3_logits_teach_checkpoint_restart(model_dir, e2e_root):
         close, wrong = compared["close"], compared["wrong"]
         print("logprobs", close, "rolled heads", wrong)
         assert close["reference_spread"] > 1.0, close
-        assert close["mean"] < sc.LOGPROB_TOLERANCE, close
-        assert wrong["mean"] > sc.POWER * sc.LOGPROB_TOLERANCE, wrong
+        assert close["mean"] < sc.logprob_tolerance(tiny), close
+        assert wrong["mean"] > sc.POWER * sc.logprob_tolerance(tiny), wrong
 
         taught = sc.teach(server)
         print("taught", taught)

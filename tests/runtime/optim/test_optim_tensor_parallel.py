@@ -5,42 +5,32 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import torch
 import torch.distributed as dist
-from transformers import Qwen3Config
 
-from tp_ranks import (BATCHES, assert_moved_alike, gathered, init_gloo, llama, rank_setup, run_ranks, tp1_optimizer,
-                      tp1_step, tp_step, whole_model)
+from onlinemodel_runtime.optim.tensor_parallel import TensorParallel
+from onlinemodel_runtime.weights.tp_shards import tp_layout_for
 
-STEPS = 4
-# name -> (config, Apollo hyperparameters). Projection sides: "kept" = the projection keeps the sharded
-# dimension (o/down, gate/up projected on the right), "contracted" = it sums over it (q/k/v on the left).
-CASES = {
-    # q/k/v contracted (left), o/down kept (left), gate/up kept (right), the padded vocabulary kept (right),
-    # norm weights replicated; tensor-wise scale (APOLLO-Mini); step() instead of hook mode
-    "llama-mini": (llama(), dict(rank=1)),
-    # head_dim 8 and intermediate 32 < hidden: o/down contracted on the right, gate/up contracted on the left;
-    # sharded q/k/v biases, o/down biases on rank 0 only, an untied lm_head; channel-wise scale, rank 2
-    "llama-channel-bias": (llama(head_dim=8, intermediate_size=32, attention_bias=True, mlp_bias=True,
-                                 tie_word_embeddings=False), dict(rank=2)),
-    # one KV head held by both ranks (its gradients partial), q/k norms inside the attention (partial too)
-    "qwen3-kv1": (Qwen3Config(**{**llama().to_dict(), "architectures": ["Qwen3ForCausalLM"],
-                                 "num_key_value_heads": 1}), dict(rank=2)),
-}
+from tp_ranks import BATCHES, CASES, gathered, init_group, rank_setup, run_ranks, steps_equal_tp1, tp_step
+
+
+def _refusals(rank, tp):
+    config, hparams = CASES["llama-mini"]
+    with pytest.raises(ValueError, match="the group has 2 ranks, the layout 1"):
+        TensorParallel.from_layout(tp_layout_for(config, 1))
+    with pytest.raises(ValueError, match="fused=True: the compiled update does not run under tensor parallelism"):
+        rank_setup(config, tp, rank, dict(hparams, fused=True))
+    with pytest.raises(ValueError, match=f"tensor parallel rank {1 - rank} trains other buckets, shared tensors or "
+                                         f"hyperparameters than rank {rank}"):
+        rank_setup(config, tp, rank, dict(hparams, lr=1e-2 * (rank + 1)))
 
 
 def _rank(rank, tp, init_file):
-    init_gloo(rank, tp, init_file)
-    for case, (config, hparams) in CASES.items():
-        model = whole_model(config)
-        opt = tp1_optimizer(model, hparams)
-        layout, tensors, tp_model, tp_opt = rank_setup(config, tp, rank, hparams)
-        for step in range(STEPS):
-            assert tp1_step(model, opt, BATCHES[step % 2]).applied
-            report = tp_step(layout, rank, tp_model, tp_opt, BATCHES[step % 2], hooks=case != "llama-mini")
-            assert report.applied and report.params_updated == report.params_total, (case, report)
-        start = {n: p.detach() for n, p in whole_model(config).named_parameters()}
-        assert_moved_alike(gathered(layout, tensors), dict(model.named_parameters()), start, f"{case} rank {rank}")
+    init_group(rank, tp, init_file)
+    _refusals(rank, tp)
+    for case in CASES:
+        steps_equal_tp1(rank, tp, case, 4, hooks=case != "llama-mini")  # step() instead of hook mode once
 
     # weights_only=True round trip of one rank's state, then one more step of both: bitwise equal.
     config, hparams = CASES["qwen3-kv1"]
