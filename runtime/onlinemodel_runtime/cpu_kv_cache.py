@@ -5,12 +5,14 @@ and refuses to start when less is free: the normal state of a laptop or a CI mac
 else. When the platform is CPU and neither ``VLLM_CPU_KVCACHE_SPACE`` nor ``--gpu-memory-utilization`` /
 ``--kv-cache-memory-bytes`` is set, ``serve`` passes ``--kv-cache-memory-bytes`` sized from what is free:
 
-    kv = (available - 2 x weights - server reserve - trainer reserve) / 2, within [KV_MIN, KV_MAX]
+    kv = (available - 2 x weights - N x (server reserve + trainer reserve)) / 2 / N, within [KV_MIN, KV_MAX]
 
 The weights count twice (vLLM loads them, then the worker moves them into the shared-memory file both
 processes map); the reserves hold vLLM's own process (torch, compiled graphs, activations) and the
 trainer's (torch, transformers, one example's activations and gradients); half of the rest is left to
-everything else on the machine. ``available`` is the smaller of the system's available memory and what
+everything else on the machine. With vLLM's ``--tensor-parallel-size N`` each of the N workers (and trainers)
+takes its reserve and vLLM gives every worker the KV cache size asked for (measured, docs/tensor-parallel.md),
+so the rest is shared by N. ``available`` is the smaller of the system's available memory and what
 the cgroup (a container's memory limit) still allows.
 """
 
@@ -29,12 +31,25 @@ SERVER_RESERVE = 2 * GiB
 TRAINER_RESERVE = 2 * GiB
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 USER_FLAGS = ("--gpu-memory-utilization", "--kv-cache-memory-bytes")
+TP_FLAGS = ("--tensor-parallel-size", "-tp")
 
 
-def choose_kv_cache_bytes(available: int, weights: int, training: bool) -> int:
-    """The KV cache size for `available` bytes of free memory and `weights` bytes of model files."""
-    spare = available - 2 * weights - SERVER_RESERVE - (TRAINER_RESERVE if training else 0)
-    return int(min(max(spare // 2, KV_MIN), KV_MAX))
+def choose_kv_cache_bytes(available: int, weights: int, training: bool, tp_size: int = 1) -> int:
+    """The KV cache size of each of `tp_size` workers for `available` bytes of free memory and `weights` bytes
+    of model files."""
+    spare = available - 2 * weights - tp_size * (SERVER_RESERVE + (TRAINER_RESERVE if training else 0))
+    return int(min(max(spare // 2 // tp_size, KV_MIN), KV_MAX))
+
+
+def tensor_parallel_size(argv: list[str]) -> int:
+    """vLLM's ``--tensor-parallel-size`` (or ``-tp``) in `argv`; 1 if absent or not a number (vLLM says why)."""
+    for i, arg in enumerate(argv):
+        for flag in TP_FLAGS:
+            value = argv[i + 1] if arg == flag and i + 1 < len(argv) else \
+                arg.removeprefix(flag + "=") if arg.startswith(flag + "=") else None
+            if value is not None:
+                return int(value) if value.isdigit() and int(value) > 0 else 1
+    return 1
 
 
 def user_chose(argv: list[str], env: dict[str, str]) -> bool:
@@ -77,11 +92,11 @@ def kv_cache_args(model: str, argv: list[str], training: bool, env: dict[str, st
     """``["--kv-cache-memory-bytes", N]`` when the platform is CPU and the user chose no size, else []."""
     if user_chose(argv, dict(os.environ) if env is None else env) or not on_cpu():
         return []
-    available, weights = available_memory(), weights_bytes(model)
-    size = choose_kv_cache_bytes(available, weights, training)
-    log.info("CPU: KV cache of %.2f GiB (available memory %.1f GiB, weights %.2f GiB, trainer %s); set "
-             "--kv-cache-memory-bytes or VLLM_CPU_KVCACHE_SPACE to choose another", size / GiB, available / GiB,
-             weights / GiB, "on" if training else "off")
+    available, weights, tp_size = available_memory(), weights_bytes(model), tensor_parallel_size(argv)
+    size = choose_kv_cache_bytes(available, weights, training, tp_size)
+    log.info("CPU: KV cache of %.2f GiB per worker (%d workers, available memory %.1f GiB, weights %.2f GiB, "
+             "trainer %s); set --kv-cache-memory-bytes or VLLM_CPU_KVCACHE_SPACE to choose another", size / GiB,
+             tp_size, available / GiB, weights / GiB, "on" if training else "off")
     if size == KV_MIN and available - 2 * weights < SERVER_RESERVE + KV_MIN:
         log.warning("CPU: only %.1f GiB of memory is available; vLLM may not start", available / GiB)
     return ["--kv-cache-memory-bytes", str(size)]

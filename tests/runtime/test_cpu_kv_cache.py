@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from onlinemodel_runtime import cpu_kv_cache
-from onlinemodel_runtime.cpu_kv_cache import GiB, KV_MAX, KV_MIN, choose_kv_cache_bytes, kv_cache_args, user_chose
+from onlinemodel_runtime.cpu_kv_cache import (GiB, KV_MAX, KV_MIN, choose_kv_cache_bytes, kv_cache_args,
+                                              tensor_parallel_size, user_chose)
 
 
 @pytest.mark.parametrize(("available", "weights", "training", "expected"), [
@@ -34,3 +35,12 @@ def test_args_only_on_cpu_and_only_without_a_choice(monkeypatch, tmp_path):
     assert kv_cache_args(str(tmp_path), ["--gpu-memory-utilization", "0.9"], training=True, env={}) == []
     monkeypatch.setattr(cpu_kv_cache, "on_cpu", lambda: False)
     assert kv_cache_args(str(tmp_path), [], training=True, env={}) == []
+
+
+def test_tensor_parallel_workers_share_the_memory():
+    # Each worker gets the size asked for and, with its trainer, its own reserve.
+    assert choose_kv_cache_bytes(20 * GiB, GiB, True, tp_size=3) == (20 * GiB - 2 * GiB - 3 * 4 * GiB) // 2 // 3
+    assert choose_kv_cache_bytes(20 * GiB, GiB, True, tp_size=1) == KV_MAX
+    for argv, size in ((["--tensor-parallel-size", "3"], 3), (["-tp=2"], 2), (["--tensor-parallel-size=4"], 4),
+                       (["--model", "m"], 1), (["-tp", "x"], 1)):
+        assert tensor_parallel_size(argv) == size, argv
