@@ -61,6 +61,7 @@ class TensorParallelGroup:
         self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if backend == "nccl" else self.group
         self._lock = threading.Lock()  # rank 0: one operation at a time, in one order for every rank
         self._last_op = time.monotonic()
+        self._stopped = False
         self.model = self.optimizer = None
         log.info("tensor-parallel rank %d of %d joined (%s)", shard.tp_rank, shard.tp_size, backend)
 
@@ -98,22 +99,33 @@ class TensorParallelGroup:
 
     def stop(self) -> None:
         """Release the other ranks (they exit), then leave the group."""
-        self._run(_STOP, {})
-        dist.destroy_process_group()
+        with self._lock:
+            if not self._stopped:
+                self._stopped = True
+                self._broadcast(_STOP, {})
+                dist.destroy_process_group()
 
     def _heartbeat(self) -> None:
         while True:
             time.sleep(HEARTBEAT_SECONDS / 4)
-            if time.monotonic() - self._last_op >= HEARTBEAT_SECONDS:
-                self._run(_HEARTBEAT, {})
+            with self._lock:
+                if self._stopped:
+                    return
+                if time.monotonic() - self._last_op >= HEARTBEAT_SECONDS:
+                    self._broadcast(_HEARTBEAT, {})
 
     def _run(self, op: str, args: dict[str, Any], **local: Any) -> Any:
         if self.shard.tp_rank != 0:
             raise RuntimeError("only rank 0 starts the group's operations")
         with self._lock:
-            dist.broadcast_object_list([op, args], src=0, group=self.control)
-            self._last_op = time.monotonic()
+            if self._stopped:
+                raise RuntimeError(f"the tensor-parallel group has stopped: cannot run {op!r}")
+            self._broadcast(op, args)
             return self._execute(op, args, **local)
+
+    def _broadcast(self, op: str, args: dict[str, Any]) -> None:
+        dist.broadcast_object_list([op, args], src=0, group=self.control)
+        self._last_op = time.monotonic()
 
     # -- every rank --------------------------------------------------------------------------------
     def _execute(self, op: str, args: dict[str, Any], **local: Any) -> Any:
