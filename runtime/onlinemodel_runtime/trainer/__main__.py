@@ -46,7 +46,7 @@ def build_service(cfg, counters=None):
         names = layout_for(AutoConfig.from_pretrained(cfg.model)).checkpoint_names
         store = CheckpointStore(cfg.checkpoint_dir, keep_last=cfg.checkpoint_keep, names=names)
     service = TrainerService(cfg, model, optimizer, store, pacer=make_pacer(cfg, model, device),
-                             probes=make_probes(cfg))
+                             probes=make_probes(cfg), anchors=make_anchors(cfg))
     service.restore(counters)
     return service
 
@@ -65,6 +65,17 @@ def make_probes(cfg):
                          "(vLLM serving on a Unix socket?)")
     return ProbeSet(cfg.guard, AutoTokenizer.from_pretrained(cfg.model),
                     ServedAnswers(cfg.serving_url, cfg.served_model_name))
+
+
+def make_anchors(cfg):
+    """The anchor term's conversations in the served model's chat template; None when it is off."""
+    if not cfg.anchor_weight:
+        return None
+    from transformers import AutoTokenizer
+
+    from onlinemodel_runtime.trainer.anchor import encode_anchors
+
+    return encode_anchors(AutoTokenizer.from_pretrained(cfg.model))
 
 
 def activation_recompute(cfg, device) -> bool:

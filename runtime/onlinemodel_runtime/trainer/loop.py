@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from onlinemodel_runtime.trainer.anchor import AnchorTerm
 from onlinemodel_runtime.trainer.loss import causal_lm_loss, loss_chunk_tokens
 from onlinemodel_runtime.trainer.memory import MemoryMonitor
 from onlinemodel_runtime.trainer.pacing import Pacer
@@ -14,7 +15,7 @@ from onlinemodel_runtime.trainer.pacing import Pacer
 
 @dataclass(frozen=True)
 class StepResult:
-    loss: float
+    loss: float  # the example's own loss (without the anchor term)
     tokens: int
     applied: bool
     # Parameters written in place by this step, even when it was skipped part way (hook mode): the
@@ -22,15 +23,17 @@ class StepResult:
     params_updated: int
     skipped_reason: str | None
     seconds: float
+    anchor_loss: float | None = None  # the anchor term added to it, if any
 
 
 def train_step(model: torch.nn.Module, optimizer, input_ids: list[int], labels: list[int], *,
                learning_rate: float | None = None, pacer: Pacer | None = None,
-               memory: MemoryMonitor | None = None) -> StepResult:
+               memory: MemoryMonitor | None = None, anchor: AnchorTerm | None = None) -> StepResult:
     """Forward (the loss over the vocabulary in chunks, loss.py), then backward with the optimizer's
     per-layer hooks: each layer's update is written as soon as its gradients are complete (HOGWILD: vLLM
     keeps serving from the same memory), so there is never a full-model gradient buffer. `pacer` yields
-    the GPU to serving at its hooks and tells them which pass runs; `memory` measures the step's peak.
+    the GPU to serving at its hooks and tells them which pass runs; `memory` measures the step's peak;
+    `anchor` (trainer/anchor.py), if enabled, adds its KL term to the loss that is differentiated.
     """
     started = time.perf_counter()
     if learning_rate is not None:
@@ -46,10 +49,12 @@ def train_step(model: torch.nn.Module, optimizer, input_ids: list[int], labels: 
     if pacer is not None:
         pacer.begin_forward()
     try:
-        loss = causal_lm_loss(model, ids, target, loss_chunk_tokens(head.out_features, bound))
+        chunk = loss_chunk_tokens(head.out_features, bound)
+        loss = causal_lm_loss(model, ids, target, chunk)
+        anchor_loss = anchor.loss(model, chunk) if anchor is not None and anchor.enabled else None
         if pacer is not None:
             pacer.begin_backward()
-        report = optimizer.backward_step(loss)
+        report = optimizer.backward_step(loss if anchor_loss is None else loss + anchor_loss)
     finally:
         if pacer is not None:
             pacer.end_step()
@@ -62,4 +67,5 @@ def train_step(model: torch.nn.Module, optimizer, input_ids: list[int], labels: 
         params_updated=report.params_updated,
         skipped_reason=report.reason if report.skipped else None,
         seconds=time.perf_counter() - started,
+        anchor_loss=None if anchor_loss is None else float(anchor_loss.detach()),
     )

@@ -28,9 +28,10 @@ from typing import Any
 from onlinemodel_protocol.api import (FINISHED_JOB_STATES, CheckpointRecord, CheckpointStatus, Job, JobCounts,
                                       ReplayStatus, TrainAccepted, TrainStatus, job_eta_seconds, utc_timestamp)
 from onlinemodel_protocol.config import RuntimeConfig
-from onlinemodel_protocol.limits import RECENT_JOBS, REPLAY_RESERVOIR_MAX_TOKENS
+from onlinemodel_protocol.limits import ANCHOR_PER_STEP, ANCHOR_TOP_K, RECENT_JOBS, REPLAY_RESERVOIR_MAX_TOKENS
 from onlinemodel_protocol.replication import Snapshot
 from onlinemodel_protocol.rpc import Counters, EncodedExample, TrainJob
+from onlinemodel_runtime.trainer.anchor import AnchorTerm
 from onlinemodel_runtime.trainer.early_stop import answer_predicted, job_schedule
 from onlinemodel_runtime.trainer.errors import JobRolledBack, TrainerError
 from onlinemodel_runtime.trainer.guard import Guard, ProbeSet
@@ -57,7 +58,8 @@ def _record(info) -> CheckpointRecord:
 
 
 class TrainerService(Rollbacks):
-    def __init__(self, cfg: RuntimeConfig, model, optimizer, store=None, pacer=None, probes: ProbeSet | None = None):
+    def __init__(self, cfg: RuntimeConfig, model, optimizer, store=None, pacer=None, probes: ProbeSet | None = None,
+                 anchors: list[EncodedExample] | None = None):
         self.cfg = cfg
         self.model = model
         self.optimizer = optimizer
@@ -82,6 +84,8 @@ class TrainerService(Rollbacks):
         self.loss_health = LossHealth(getattr(model.config.get_text_config(), "vocab_size", None))
         self.guard = Guard(probes, model, optimizer)
         self.replay = ReplayReservoir(cfg.replay_reservoir, REPLAY_RESERVOIR_MAX_TOKENS)
+        # `anchors`: the encoded conversations (trainer/anchor.py, encode_anchors); needed when the weight is not 0.
+        self.anchor = AnchorTerm(anchors or [], cfg.anchor_weight, ANCHOR_PER_STEP, ANCHOR_TOP_K)
         self._checkpoint_version = 0
         self._last_checkpoint_monotonic = time.monotonic()
         self._queue = JobQueue()
@@ -108,6 +112,7 @@ class TrainerService(Rollbacks):
             "loss_health": self.loss_health.state_dict(),
             "guard": self.guard.state_dict(),
             "replay": self.replay.state_dict(),
+            "anchor": self.anchor.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -125,6 +130,8 @@ class TrainerService(Rollbacks):
         self.guard.load_state_dict(state.get("guard", {}))
         if "replay" in state:
             self.replay.load_state_dict(state["replay"])
+        if "anchor" in state:
+            self.anchor.load_state_dict(state["anchor"])
         self._checkpoint_version = self.weight_version
 
     def restore(self, counters: Counters | None = None) -> None:
@@ -286,6 +293,10 @@ class TrainerService(Rollbacks):
             if job.guarded:
                 with self._weights_lock:
                     self.guard.before_job(self.weight_version)
+            if self.anchor.enabled and not self.anchor.recorded:
+                # Before the first step (or restored from a checkpoint): the weights as they are now.
+                with self._weights_lock:
+                    self.anchor.record(self.model)
             replayed = self.replay.sample(self.cfg.replay_examples)
             # The most steps the job can take (early stop ends it sooner): progress and ETA count these.
             job.steps_total = (len(examples) + len(replayed)) * job.epochs
@@ -298,7 +309,7 @@ class TrainerService(Rollbacks):
                     try:
                         result = train_step(self.model, self.optimizer, ex.input_ids, ex.labels,
                                             learning_rate=job.learning_rate, pacer=self.pacer,
-                                            memory=self.memory)
+                                            memory=self.memory, anchor=self.anchor)
                     except Exception:
                         # Backward may have written some parameters before it failed (e.g. out of
                         # memory): treat the weights as changed so caches and checkpoints follow.
@@ -334,7 +345,7 @@ class TrainerService(Rollbacks):
             self.state = "training" if self._queue.qsize() else "idle"
 
     def _learned(self, ex: EncodedExample) -> bool:
-        return answer_predicted(self.model, ex.input_ids, ex.labels)
+        return answer_predicted(self.model, ex.input_ids, ex.labels, self.cfg.early_stop_margin)
 
     def _record_step(self, job: Job, result: StepResult) -> None:
         job.steps += 1
