@@ -101,6 +101,7 @@ RECIPES = [
     replace(STOP, name="lr1e-5-stop-e20-replay4", lr=1e-5, epochs=20),
     replace(STOP, name="kl2-stop-e10-replay4", anchor_weight=2.0),
     replace(STOP, name="kl2-margin1-stop-e20-replay4", anchor_weight=2.0, margin=1.0, epochs=20),
+    replace(STOP, name="kl4-margin1-stop-e20-replay4", anchor_weight=4.0, margin=1.0, epochs=20),
 ]
 
 

@@ -127,6 +127,10 @@ class AnchorTerm:
             tokens += ids.shape[0]
         return total * (self.weight / tokens)
 
+    def summary(self) -> dict[str, Any]:
+        return {"weight": self.weight, "conversations": len(self.examples), "recorded": self.recorded,
+                "record_bytes": self.record_bytes}
+
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON (trainer_state.json): the record, if any, and whose turn is next."""
         record = None if self._record is None else [

@@ -25,8 +25,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from onlinemodel_protocol.api import (FINISHED_JOB_STATES, CheckpointRecord, CheckpointStatus, Job, JobCounts,
-                                      ReplayStatus, TrainAccepted, TrainStatus, job_eta_seconds, utc_timestamp)
+from onlinemodel_protocol.api import (FINISHED_JOB_STATES, AnchorStatus, CheckpointRecord, CheckpointStatus, Job,
+                                      JobCounts, ReplayStatus, TrainAccepted, TrainStatus, job_eta_seconds,
+                                      utc_timestamp)
 from onlinemodel_protocol.config import RuntimeConfig
 from onlinemodel_protocol.limits import ANCHOR_PER_STEP, ANCHOR_TOP_K, RECENT_JOBS, REPLAY_RESERVOIR_MAX_TOKENS
 from onlinemodel_protocol.replication import Snapshot
@@ -258,6 +259,7 @@ class TrainerService(Rollbacks):
             memory=self.memory.status(),
             guard=self.guard.status(),
             replay=ReplayStatus(**self.replay.summary()),
+            anchor=AnchorStatus(**self.anchor.summary()),
         )
 
     # -- training thread ---------------------------------------------------------------------

@@ -87,13 +87,15 @@ def test_the_anchor_term_records_the_weights_before_the_first_step_and_keeps_the
     anchors = encode_anchors(AutoTokenizer.from_pretrained(tiny_dir))
     ckpt = tmp_path / "ckpt"
     service = build(tiny_dir, tmp_path, anchors, checkpoint_dir=ckpt, anchor_weight=1.0)
-    assert service.anchor.enabled and not service.anchor.recorded
+    assert service.status().anchor.model_dump() == {"weight": 1.0, "conversations": len(anchors), "recorded": False,
+                                                    "record_bytes": 0}
     untouched = AnchorTerm(anchors, 1.0, limits.ANCHOR_PER_STEP, limits.ANCHOR_TOP_K)
     untouched.record(service.model)
     submit(service, EXAMPLE, epochs=3, learning_rate=2e-2)
     run_all(service)
     assert service.status().jobs[0].state == "succeeded"
     assert service.anchor.state_dict()["record"] == untouched.state_dict()["record"]
+    assert service.status().anchor.recorded and service.status().anchor.record_bytes == untouched.record_bytes > 0
     with torch.no_grad():
         assert float(service.anchor.loss(service.model)) > 0  # the weights moved away from the record
     info = service.checkpoint()
