@@ -10,7 +10,7 @@ At the untouched weights the term and its gradient are zero; they grow with the 
 
 Memory is bounded: per reply token, the `top_k` most likely token ids and their log-probabilities, and the
 log-probability of all the others together (the KL is taken between those k + 1 classes), kept as float32
-and int32 on the host: 8 k + 4 bytes a token, 125 KB for the default set (SmolLM2). The record is part of the
+and int32 on the host: 8 k + 4 bytes a token, 172 KB for the default set (SmolLM2). The record is part of the
 trainer's state (a checkpoint's trainer_state.json), so a restarted trainer keeps the original model as
 its anchor instead of the trained weights it restarts with.
 """
