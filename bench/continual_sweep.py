@@ -10,15 +10,20 @@ defaults are compared on the procedure `bench/continual.py` runs against a real 
 
 A recipe is what one training job does with its example(s):
 - epochs: passes over the job's examples; with a stop rule, the bound on them.
-- stop: "match" ends an example's training in the job once the greedy (teacher-forced argmax) prediction
-  of every answer token is the answer's token AND its mean answer loss is below stop_loss. The check is a
-  forward without gradients before each step; a learned example costs that forward and no step.
+- stop: "match": an example gets no step while the greedy (teacher-forced argmax) prediction of every
+  answer token is the answer's token with a logit lead of `margin` over the runner-up (the runtime's
+  trainer/early_stop.py) AND, if stop_loss is finite, its mean answer loss is below it. The check is a
+  forward without gradients before each step; a learned example costs that forward and no step. The passes
+  are the runtime's job_schedule: the job ends after a pass that found every example learned.
 - replay/reservoir: every taught example enters a reservoir of that many (reservoir sampling); each job
   mixes `replay` of them, drawn uniformly, in after its own example(s), under the same stop rule, so a
   still-remembered one costs one forward (the runtime's trainer/replay.py and trainer/early_stop.py).
-- anchors: that many of the untouched model's own replies to general prompts (anchors.txt), replayed too.
+- anchors: that many of the untouched model's own replies to general prompts (anchors.txt), replayed too
+  (an earlier, weaker form of the anchor term below).
 - reset: the optimizer's moments and norm-growth limiter zeroed at each job's start.
 - only: a regex; of the matrices the policy trains, only those whose name matches (e.g. the MLPs).
+- anchor_weight/anchor_per_step/anchor_top_k: the runtime's anchor term (trainer/anchor.py): every step
+  adds anchor_weight x KL(untouched || current) on anchor_per_step of the runtime's general conversations.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ from onlinemodel_runtime.server.train_request import encode_example  # noqa: E40
 from onlinemodel_runtime.optim import TrainPolicy, make_optimizer  # noqa: E402
 from onlinemodel_runtime.optim.apollo import Apollo  # noqa: E402
 from onlinemodel_runtime.optim.policy import apply_policy  # noqa: E402
+from onlinemodel_runtime.trainer.anchor import AnchorTerm, encode_anchors  # noqa: E402
+from onlinemodel_runtime.trainer.early_stop import answer_predicted, job_schedule  # noqa: E402
 from onlinemodel_runtime.trainer.loop import train_step  # noqa: E402
 
 MAX_LEN = 1024
@@ -69,6 +76,10 @@ class Recipe:
     anchors: int = 0
     reset: bool = False  # fresh optimizer state (moments, limiter, step) at each job's start
     only: str = ""  # regex: of the parameters the policy trains, only those whose name matches
+    anchor_weight: float = 0.0
+    anchor_per_step: int = 2
+    anchor_top_k: int = 32
+    margin: float = 0.0  # the stop rule's logit lead of every answer token over the runner-up
 
     def __post_init__(self) -> None:
         if self.stop not in ("none", "match"):
@@ -88,6 +99,12 @@ RECIPES = [
     replace(STOP, name="reset-stop-e10-replay4-anchor4", reset=True, anchors=4),
     replace(STOP, name="reset-stop-e10-replay4", reset=True),
     replace(STOP, name="lr1e-5-stop-e20-replay4", lr=1e-5, epochs=20),
+    replace(STOP, name="kl2-stop-e10-replay4", anchor_weight=2.0),
+    replace(STOP, name="kl2-margin1-stop-e20-replay4", anchor_weight=2.0, margin=1.0, epochs=20),
+    replace(STOP, name="kl4-margin1-stop-e20-replay4", anchor_weight=4.0, margin=1.0, epochs=20),
+    # The same with the runtime's 48 anchor conversations (the 32 everyday ones and 16 general-knowledge ones);
+    # the rows above ran with the first 32 only.
+    replace(STOP, name="kl4-margin1-stop-e20-replay4-anchor48", anchor_weight=4.0, margin=1.0, epochs=20),
 ]
 
 
@@ -126,6 +143,10 @@ class InProcess:
         self.reservoir: list[Any] = []
         self.seen = 0
         self.anchor_set = self._anchors() if recipe.anchors else []
+        self.anchor_term = AnchorTerm(encode_anchors(self.tok), recipe.anchor_weight, recipe.anchor_per_step,
+                                      recipe.anchor_top_k)
+        if self.anchor_term.enabled:
+            self.anchor_term.record(self.model)
 
     # -- asking ------------------------------------------------------------------------------
     def ask(self, questions: list[str]) -> list[str]:
@@ -192,6 +213,8 @@ class InProcess:
     def learned(self, ex, stop_loss: float) -> bool:
         """The stop rule, from a forward of the current weights."""
         self.forwards += 1
+        if stop_loss == math.inf:  # the runtime's rule (trainer/early_stop.py)
+            return answer_predicted(self.model, ex.input_ids, ex.labels, self.recipe.margin)
         ids = torch.tensor([ex.input_ids], device=self.device)
         labels = torch.tensor(ex.labels[1:], device=self.device)
         logits = self.model(input_ids=ids).logits[0, :-1].float()
@@ -208,30 +231,31 @@ class InProcess:
         new = encode_example(self.tok, example["messages"], MAX_LEN)
         replayed = self.rng.sample(self.reservoir, min(r.replay, len(self.reservoir)))
         anchors = self.rng.sample(self.anchor_set, min(r.anchors, len(self.anchor_set)))
-        active = [("new", new)] + [("replay", ex) for ex in replayed] + [("anchor", ex) for ex in anchors]
+        kind_of = {id(new): "new", **{id(ex): "replay" for ex in replayed}, **{id(ex): "anchor" for ex in anchors}}
+
+        def learned(ex) -> bool:
+            return self.learned(ex, math.inf if kind_of[id(ex)] == "anchor" else r.stop_loss)
+
         counts = {"new": 0, "replay": 0, "anchor": 0}
         losses = []
+        anchor_losses = []
         seconds = 0.0
-        for _ in range(r.epochs):
-            kept = []
-            for kind, ex in active:
-                # The trainer takes this verdict from the step's own forward (then skips the backward).
-                if r.stop != "none" and self.learned(ex, math.inf if kind == "anchor" else r.stop_loss):
-                    continue
-                kept.append((kind, ex))
-                res = train_step(self.model, self.optimizer, ex.input_ids, ex.labels)
-                if not res.applied:
-                    raise RuntimeError(f"step skipped: {res.skipped_reason}")
-                counts[kind] += 1
-                seconds += res.seconds
-                if kind == "new":
-                    losses.append(round(res.loss, 4))
-            active = kept
-            if not active:
-                break
+        # The runtime's schedule (trainer/early_stop.py); old-style anchors go with the replayed examples.
+        for ex, _ in job_schedule([new], replayed + anchors, r.epochs, learned if r.stop != "none" else None):
+            kind = kind_of[id(ex)]
+            res = train_step(self.model, self.optimizer, ex.input_ids, ex.labels, anchor=self.anchor_term)
+            if not res.applied:
+                raise RuntimeError(f"step skipped: {res.skipped_reason}")
+            counts[kind] += 1
+            seconds += res.seconds
+            if kind == "new":
+                losses.append(round(res.loss, 4))
+            if res.anchor_loss is not None:
+                anchor_losses.append(round(res.anchor_loss, 5))
         self._remember(new)
         return {"steps": sum(counts.values()), "new_steps": counts["new"], "replay_steps": counts["replay"],
                 "anchor_steps": counts["anchor"], "replayed": len(replayed), "losses": losses,
+                "anchor_losses": anchor_losses,
                 "step_seconds": round(seconds, 2)}
 
     def _reset_optimizer(self) -> None:

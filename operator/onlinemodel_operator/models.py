@@ -188,6 +188,9 @@ class TrainingSpec(_Model):
     replay_examples: int = Field(limits.REPLAY_EXAMPLES_DEFAULT, ge=0, le=limits.REPLAY_EXAMPLES_MAX,
                                  description="Examples of earlier jobs trained again in each job, so earlier "
                                              "lessons are kept (0: no replay).")
+    anchor_weight: float = Field(limits.ANCHOR_WEIGHT_DEFAULT, ge=0, le=limits.ANCHOR_WEIGHT_MAX,
+                                 description="Weight of the term that keeps the untouched model's answers to "
+                                             "general conversations in every training step (0: off).")
     max_body_bytes: Optional[int] = Field(
         None, ge=1, description=f"Largest request body of the training routes, in bytes (default: the runtime's, "
                                 f"{limits.MAX_BODY_BYTES_DEFAULT}); a larger one is refused with 413.")

@@ -183,6 +183,7 @@ def serve_args(owner: Owner, spec: OnlineModelSpec) -> list[str]:
                  "--max-examples", str(training.max_examples_per_request),
                  "--default-epochs", str(training.default_epochs),
                  "--replay-examples", str(training.replay_examples),
+                 "--anchor-weight", _num(training.anchor_weight),
                  "--max-decode-slowdown", _num(training.max_decode_slowdown) if training.max_decode_slowdown
                  else "off"]
         if training.max_body_bytes is not None:

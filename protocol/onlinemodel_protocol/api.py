@@ -259,6 +259,15 @@ class ReplayStatus(_Body):
     capacity: int = Field(0, ge=0)
 
 
+class AnchorStatus(_Body):
+    """``anchor`` of ``GET /train/status``: the KL term to the untouched model on general conversations."""
+
+    weight: float = Field(0.0, ge=0)  # 0: off
+    conversations: int = Field(0, ge=0)
+    recorded: bool = False  # the untouched model's distributions are recorded (at the first job)
+    record_bytes: int = Field(0, ge=0)
+
+
 class TrainStatus(_Body):
     """``GET /train/status``. A non-finite ``last_loss`` is written as ``null``."""
 
@@ -284,6 +293,7 @@ class TrainStatus(_Body):
     # Scaled out (onlinemodel_protocol.replication): the learner's followers, or a follower's learner.
     replication: ReplicationStatus | None = None
     replay: ReplayStatus | None = None
+    anchor: AnchorStatus | None = None
 
     @classmethod
     def placeholder(cls, state: TrainerState, last: TrainStatus | None = None, last_error: str | None = None,

@@ -55,8 +55,11 @@ class RuntimeConfig(BaseModel):
     default_epochs: int = Field(limits.EPOCHS_DEFAULT, ge=1)
     early_stop: bool = limits.EARLY_STOP_DEFAULT
     stochastic_rounding: bool = limits.STOCHASTIC_ROUNDING_DEFAULT
+    early_stop_margin: float = Field(limits.EARLY_STOP_MARGIN_DEFAULT, ge=0, le=limits.EARLY_STOP_MARGIN_MAX,
+                                     allow_inf_nan=False)
     replay_examples: int = Field(limits.REPLAY_EXAMPLES_DEFAULT, ge=0, le=limits.REPLAY_EXAMPLES_MAX)
     replay_reservoir: int = Field(limits.REPLAY_RESERVOIR_DEFAULT, ge=0, le=limits.REPLAY_RESERVOIR_MAX)
+    anchor_weight: float = Field(limits.ANCHOR_WEIGHT_DEFAULT, ge=0, le=limits.ANCHOR_WEIGHT_MAX, allow_inf_nan=False)
     trainer_start_timeout: float = Field(limits.TRAINER_START_TIMEOUT_DEFAULT, gt=0)
     trainer_threads: int | None = Field(None, ge=1)
     trainer_restart_limit: int = Field(limits.TRAINER_RESTART_LIMIT_DEFAULT, ge=0)

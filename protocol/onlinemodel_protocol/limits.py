@@ -20,7 +20,7 @@ MAX_EXAMPLES_CEILING = 100_000  # the largest --max-examples accepted
 MAX_MESSAGES = 256  # messages per example
 # Passes over the examples when a request names none (--default-epochs): with early stop (below) the
 # bound on them, not a count every example runs.
-EPOCHS_DEFAULT = 10
+EPOCHS_DEFAULT = 20
 MAX_EPOCHS_DEFAULT = 20
 
 # Learning that stays good over many jobs (docs/learning.md, chosen by bench/continual.py). Early stop: an
@@ -29,6 +29,10 @@ EARLY_STOP_DEFAULT = True
 # Stochastic rounding of each update into the bf16 weights (docs/optimizer.md); off only where runs must be
 # compared bitwise (round to nearest: an update below half a bf16 step is lost).
 STOCHASTIC_ROUNDING_DEFAULT = True
+# ... and only once every answer token's logit leads the runner-up's by this much (nats; --early-stop-margin):
+# an answer barely learned is trained a step further, so it survives later jobs and near ties in decoding.
+EARLY_STOP_MARGIN_DEFAULT = 1.0
+EARLY_STOP_MARGIN_MAX = 100.0
 # Replay: each job also trains this many examples of earlier jobs (--replay-examples; 0: none), drawn from a
 # reservoir that keeps a uniform sample of at most REPLAY_RESERVOIR_DEFAULT of them (--replay-reservoir) and
 # REPLAY_RESERVOIR_MAX_TOKENS tokens (ids and labels: 8 bytes a token in memory, ~16 in trainer_state.json).
@@ -37,6 +41,13 @@ REPLAY_EXAMPLES_MAX = 64
 REPLAY_RESERVOIR_DEFAULT = 64
 REPLAY_RESERVOIR_MAX = 4096
 REPLAY_RESERVOIR_MAX_TOKENS = 262_144
+# The anchor term (trainer/anchor.py): every step adds ANCHOR_WEIGHT x the KL from the untouched model's
+# next-token distributions on ANCHOR_PER_STEP general conversations (in turn), recorded as their
+# ANCHOR_TOP_K most likely tokens and the rest (--anchor-weight; 0: off).
+ANCHOR_WEIGHT_DEFAULT = 4.0
+ANCHOR_WEIGHT_MAX = 100.0
+ANCHOR_PER_STEP = 2
+ANCHOR_TOP_K = 32
 
 # The trainer's queue and history.
 MAX_QUEUED_JOBS_DEFAULT = 16  # more is a 429

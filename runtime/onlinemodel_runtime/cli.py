@@ -69,10 +69,15 @@ def _serve_parser(sub) -> None:
                    default=limits.STOCHASTIC_ROUNDING_DEFAULT,
                    help="round each update into the bf16 weights stochastically; off: to nearest, reproducible, "
                         "but updates below half a bf16 step are lost (for comparing runs)")
+    p.add_argument("--early-stop-margin", type=float, default=limits.EARLY_STOP_MARGIN_DEFAULT,
+                   help="with early stop: the lead (nats) every answer token's logit needs over the runner-up's")
     p.add_argument("--replay-examples", type=int, default=limits.REPLAY_EXAMPLES_DEFAULT,
                    help="examples of earlier jobs trained again in each job (0: no replay)")
     p.add_argument("--replay-reservoir", type=int, default=limits.REPLAY_RESERVOIR_DEFAULT,
                    help="earlier examples kept to replay (a uniform sample, saved in checkpoints)")
+    p.add_argument("--anchor-weight", type=float, default=limits.ANCHOR_WEIGHT_DEFAULT,
+                   help="weight of the KL term that keeps the untouched model's answers to general "
+                        "conversations in every step (0: off; docs/learning.md)")
     p.add_argument("--max-body-bytes", type=int, default=limits.MAX_BODY_BYTES_DEFAULT,
                    help="largest request body of the training routes")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -140,8 +145,10 @@ def build_config(args: argparse.Namespace, state_dir: Path) -> RuntimeConfig:
         default_epochs=args.default_epochs,
         early_stop=args.early_stop,
         stochastic_rounding=args.stochastic_rounding,
+        early_stop_margin=args.early_stop_margin,
         replay_examples=args.replay_examples,
         replay_reservoir=args.replay_reservoir,
+        anchor_weight=args.anchor_weight,
         max_decode_slowdown=args.max_decode_slowdown,
         activation_recompute=args.activation_recompute,
         guard=read_guard(args.guard),

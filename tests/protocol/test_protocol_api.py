@@ -27,7 +27,8 @@ def test_placeholder_keeps_the_last_counters_and_queues_nothing():
         "last_step_time": None, "last_step_seconds": None, "skipped_steps": 0, "queued_jobs": 0, "jobs": [],
         "job_counts": {"submitted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "rolled_back": 0},
         "last_error": None, "checkpoint": None, "optimizer": None, "trainer_restarts": 0, "scheduler": None,
-        "memory": None, "guard": None, "replication": None, "replay": None}
+        "memory": None, "guard": None, "replication": None, "replay": None,
+        "anchor": None}
 
 
 def test_no_float_field_is_ever_non_finite():

@@ -70,7 +70,8 @@ def build_service(cfg, counters=None, shard=None, tp_init=None):
         names = layout_for(AutoConfig.from_pretrained(cfg.model)).checkpoint_names
         store = CheckpointStore(cfg.checkpoint_dir, keep_last=cfg.checkpoint_keep, names=names)
     service = TrainerService(cfg, model, optimizer, store, pacer=make_pacer(cfg, model, device),
-                             probes=make_probes(cfg), tp=group)
+                             probes=make_probes(cfg), tp=group,
+                             anchors=None if group is not None else make_anchors(cfg))
     service.restore(counters)
     return service
 
@@ -112,6 +113,17 @@ def make_probes(cfg):
                          "(vLLM serving on a Unix socket?)")
     return ProbeSet(cfg.guard, AutoTokenizer.from_pretrained(cfg.model),
                     ServedAnswers(cfg.serving_url, cfg.served_model_name))
+
+
+def make_anchors(cfg):
+    """The anchor term's conversations in the served model's chat template; None when it is off."""
+    if not cfg.anchor_weight:
+        return None
+    from transformers import AutoTokenizer
+
+    from onlinemodel_runtime.trainer.anchor import encode_anchors
+
+    return encode_anchors(AutoTokenizer.from_pretrained(cfg.model))
 
 
 def activation_recompute(cfg, device) -> bool:

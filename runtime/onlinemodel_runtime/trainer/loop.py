@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from onlinemodel_runtime.trainer.anchor import AnchorTerm
 from onlinemodel_runtime.trainer.loss import CrossEntropy, causal_lm_loss, cross_entropy_sum, loss_chunk_tokens
 from onlinemodel_runtime.trainer.memory import MemoryMonitor
 from onlinemodel_runtime.trainer.pacing import Pacer
@@ -14,7 +15,7 @@ from onlinemodel_runtime.trainer.pacing import Pacer
 
 @dataclass(frozen=True)
 class StepResult:
-    loss: float
+    loss: float  # the example's own loss (without the anchor term)
     tokens: int
     applied: bool
     # Parameters written in place by this step, even when it was skipped part way (hook mode): the
@@ -22,18 +23,20 @@ class StepResult:
     params_updated: int
     skipped_reason: str | None
     seconds: float
+    anchor_loss: float | None = None  # the anchor term added to it, if any
 
 
 def train_step(model: torch.nn.Module, optimizer, input_ids: list[int], labels: list[int], *,
                learning_rate: float | None = None, pacer: Pacer | None = None,
                memory: MemoryMonitor | None = None, chunk_tokens: int | None = None,
-               cross_entropy: CrossEntropy = cross_entropy_sum) -> StepResult:
+               cross_entropy: CrossEntropy = cross_entropy_sum, anchor: AnchorTerm | None = None) -> StepResult:
     """Forward (the loss over the vocabulary in chunks, loss.py), then backward with the optimizer's
     per-layer hooks: each layer's update is written as soon as its gradients are complete (HOGWILD: vLLM
     keeps serving from the same memory), so there is never a full-model gradient buffer. `pacer` yields
     the GPU to serving at its hooks and tells them which pass runs; `memory` measures the step's peak.
     `chunk_tokens` (default: from the LM head and the pacer) and `cross_entropy`: see `step_chunk_tokens`
     and loss.py; tensor-parallel ranks pass rank 0's chunk, so that they run the same collectives.
+    `anchor` (trainer/anchor.py), if enabled, adds its KL term to the loss that is differentiated.
     """
     started = time.perf_counter()
     if learning_rate is not None:
@@ -49,9 +52,10 @@ def train_step(model: torch.nn.Module, optimizer, input_ids: list[int], labels: 
         pacer.begin_forward()
     try:
         loss = causal_lm_loss(model, ids, target, chunk, cross_entropy)
+        anchor_loss = anchor.loss(model, chunk) if anchor is not None and anchor.enabled else None
         if pacer is not None:
             pacer.begin_backward()
-        report = optimizer.backward_step(loss)
+        report = optimizer.backward_step(loss if anchor_loss is None else loss + anchor_loss)
     finally:
         if pacer is not None:
             pacer.end_step()
@@ -64,6 +68,7 @@ def train_step(model: torch.nn.Module, optimizer, input_ids: list[int], labels: 
         params_updated=report.params_updated,
         skipped_reason=report.reason if report.skipped else None,
         seconds=time.perf_counter() - started,
+        anchor_loss=None if anchor_loss is None else float(anchor_loss.detach()),
     )
 
 

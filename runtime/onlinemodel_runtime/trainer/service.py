@@ -18,7 +18,6 @@ for a whole job, so a rollback never lands in the middle of one. Every answer is
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import threading
 import time
@@ -26,12 +25,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from onlinemodel_protocol.api import (FINISHED_JOB_STATES, CheckpointRecord, CheckpointStatus, Job, JobCounts,
-                                      ReplayStatus, TrainAccepted, TrainStatus, job_eta_seconds, utc_timestamp)
+from onlinemodel_protocol.api import (FINISHED_JOB_STATES, AnchorStatus, CheckpointRecord, CheckpointStatus, Job,
+                                      JobCounts, ReplayStatus, TrainAccepted, TrainStatus, job_eta_seconds,
+                                      utc_timestamp)
 from onlinemodel_protocol.config import RuntimeConfig
-from onlinemodel_protocol.limits import RECENT_JOBS, REPLAY_RESERVOIR_MAX_TOKENS
+from onlinemodel_protocol.limits import ANCHOR_PER_STEP, ANCHOR_TOP_K, RECENT_JOBS, REPLAY_RESERVOIR_MAX_TOKENS
 from onlinemodel_protocol.replication import Snapshot
 from onlinemodel_protocol.rpc import Counters, EncodedExample, TrainJob
+from onlinemodel_runtime.trainer.anchor import AnchorTerm
 from onlinemodel_runtime.trainer.early_stop import answer_predicted, job_schedule
 from onlinemodel_runtime.trainer.errors import JobRolledBack, TrainerError
 from onlinemodel_runtime.trainer.guard import Guard, ProbeSet
@@ -59,7 +60,7 @@ def _record(info) -> CheckpointRecord:
 
 class TrainerService(Rollbacks):
     def __init__(self, cfg: RuntimeConfig, model, optimizer, store=None, pacer=None, probes: ProbeSet | None = None,
-                 tp=None):
+                 tp=None, anchors: list[EncodedExample] | None = None):
         self.cfg = cfg
         self.model = model
         self.optimizer = optimizer
@@ -89,6 +90,14 @@ class TrainerService(Rollbacks):
         self.loss_health = LossHealth(vocab)
         self.guard = Guard(probes, model, optimizer)
         self.replay = ReplayReservoir(cfg.replay_reservoir, REPLAY_RESERVOIR_MAX_TOKENS)
+        # `anchors`: the encoded conversations (trainer/anchor.py, encode_anchors); needed when the weight is not 0.
+        # Its record and KL read the whole vocabulary's logits, which no tensor-parallel rank holds: off
+        # under TP (weight 0 in the status; docs/tensor-parallel.md).
+        if tp is not None and cfg.anchor_weight:
+            log.warning("the anchor term is off under tensor parallelism (--anchor-weight %g ignored)",
+                        cfg.anchor_weight)
+        self.anchor = AnchorTerm(anchors or [], cfg.anchor_weight if tp is None else 0.0, ANCHOR_PER_STEP,
+                                 ANCHOR_TOP_K)
         self._checkpoint_version = 0
         self._last_checkpoint_monotonic = time.monotonic()
         self._queue = JobQueue()
@@ -115,6 +124,7 @@ class TrainerService(Rollbacks):
             "loss_health": self.loss_health.state_dict(),
             "guard": self.guard.state_dict(),
             "replay": self.replay.state_dict(),
+            "anchor": self.anchor.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -132,6 +142,8 @@ class TrainerService(Rollbacks):
         self.guard.load_state_dict(state.get("guard", {}))
         if "replay" in state:
             self.replay.load_state_dict(state["replay"])
+        if "anchor" in state:
+            self.anchor.load_state_dict(state["anchor"])
         self._checkpoint_version = self.weight_version
 
     def restore(self, counters: Counters | None = None) -> None:
@@ -261,6 +273,7 @@ class TrainerService(Rollbacks):
             memory=self.memory.status(),
             guard=self.guard.status(),
             replay=ReplayStatus(**self.replay.summary()),
+            anchor=AnchorStatus(**self.anchor.summary()),
         )
 
     # -- training thread ---------------------------------------------------------------------
@@ -298,6 +311,10 @@ class TrainerService(Rollbacks):
             if job.guarded:
                 with self._weights_lock:
                     self.guard.before_job(self.weight_version)
+            if self.anchor.enabled and not self.anchor.recorded:
+                # Before the first step (or restored from a checkpoint): the weights as they are now.
+                with self._weights_lock:
+                    self.anchor.record(self.model)
             replayed = self.replay.sample(self.cfg.replay_examples)
             # The most steps the job can take (early stop ends it sooner): progress and ETA count these.
             job.steps_total = (len(examples) + len(replayed)) * job.epochs
@@ -308,10 +325,13 @@ class TrainerService(Rollbacks):
                     time.sleep(0.001)
                 with self._weights_lock:
                     try:
-                        step = self.tp.train_step if self.tp is not None else \
-                            functools.partial(train_step, self.model, self.optimizer)
-                        result = step(ex.input_ids, ex.labels, learning_rate=job.learning_rate, pacer=self.pacer,
-                                      memory=self.memory)
+                        if self.tp is not None:  # the anchor term is off under tensor parallelism
+                            result = self.tp.train_step(ex.input_ids, ex.labels, learning_rate=job.learning_rate,
+                                                        pacer=self.pacer, memory=self.memory)
+                        else:
+                            result = train_step(self.model, self.optimizer, ex.input_ids, ex.labels,
+                                                learning_rate=job.learning_rate, pacer=self.pacer,
+                                                memory=self.memory, anchor=self.anchor)
                     except Exception:
                         # Backward may have written some parameters before it failed (e.g. out of
                         # memory): treat the weights as changed so caches and checkpoints follow.
@@ -348,8 +368,8 @@ class TrainerService(Rollbacks):
 
     def _learned(self, ex: EncodedExample) -> bool:
         if self.tp is not None:
-            return self.tp.answer_predicted(ex.input_ids, ex.labels)
-        return answer_predicted(self.model, ex.input_ids, ex.labels)
+            return self.tp.answer_predicted(ex.input_ids, ex.labels, self.cfg.early_stop_margin)
+        return answer_predicted(self.model, ex.input_ids, ex.labels, self.cfg.early_stop_margin)
 
     def _single_rank_only(self, what: str) -> None:
         """Refuse what rank 0 cannot do alone on its shard yet (docs/tensor-parallel.md, "What is left")."""

@@ -27,7 +27,7 @@ from onlinemodel_runtime.checkpoint import CheckpointStore
 from onlinemodel_runtime.checkpoint.tp_gather import optimizer_state_for_rank, save_tp_checkpoint
 from onlinemodel_runtime.trainer.early_stop import answer_predicted
 from onlinemodel_runtime.trainer.loop import StepResult, step_chunk_tokens, train_step
-from onlinemodel_runtime.weights.tp_model import vocab_parallel_argmax, vocab_parallel_cross_entropy
+from onlinemodel_runtime.weights.tp_model import vocab_parallel_cross_entropy, vocab_parallel_top2
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class TensorParallelGroup:
         self.model, self.optimizer, self.layout, self.tensors = model, optimizer, layout, tensors
         vocab_rows = layout.vocab_rows(self.shard.tp_rank)
         self.cross_entropy = functools.partial(_summed_cross_entropy, vocab_rows=vocab_rows, group=self.group)
-        self.argmax = functools.partial(vocab_parallel_argmax, vocab_rows=vocab_rows, group=self.group)
+        self.top2 = functools.partial(vocab_parallel_top2, vocab_rows=vocab_rows, group=self.group)
 
     # -- rank 0 ------------------------------------------------------------------------------------
     def train_step(self, input_ids: list[int], labels: list[int], *, learning_rate: float | None,
@@ -81,9 +81,9 @@ class TensorParallelGroup:
         return self._run(_STEP, dict(input_ids=input_ids, labels=labels, learning_rate=learning_rate,
                                      chunk_tokens=chunk), pacer=pacer, memory=memory)
 
-    def answer_predicted(self, input_ids: list[int], labels: list[int]) -> bool:
-        """`early_stop.answer_predicted` with the argmax over every rank's vocabulary columns."""
-        return self._run(_LEARNED, dict(input_ids=input_ids, labels=labels))
+    def answer_predicted(self, input_ids: list[int], labels: list[int], margin: float = 0.0) -> bool:
+        """`early_stop.answer_predicted` with the two largest logits over every rank's vocabulary columns."""
+        return self._run(_LEARNED, dict(input_ids=input_ids, labels=labels, margin=margin))
 
     def save_checkpoint(self, store: Any, **save_kwargs: Any) -> Any:
         """`checkpoint.tp_gather.save_tp_checkpoint` on every rank: rank 0 writes `store`'s one HF directory (and
@@ -132,7 +132,7 @@ class TensorParallelGroup:
         if op == _STEP:
             return train_step(self.model, self.optimizer, cross_entropy=self.cross_entropy, **args, **local)
         if op == _LEARNED:
-            return answer_predicted(self.model, argmax=self.argmax, **args)
+            return answer_predicted(self.model, top2=self.top2, **args)
         if op == _CHECKPOINT:
             return save_tp_checkpoint(local.pop("store", None), self.layout, self.tensors, self.optimizer,
                                       group=self.group, **local)

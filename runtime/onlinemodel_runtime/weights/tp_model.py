@@ -180,20 +180,23 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vo
     return _VocabParallelCrossEntropy.apply(logits, targets, start, real, group)
 
 
-def vocab_parallel_argmax(logits: torch.Tensor, vocab_rows: tuple[int, int], group: Any = None) -> torch.Tensor:
-    """The token id of each row's largest logit over every rank's columns (`logits`: this rank's (tokens,
-    vocabulary rows)), the lowest id among equal maxima as `torch.argmax`; the same on every rank."""
+def vocab_parallel_top2(logits: torch.Tensor, vocab_rows: tuple[int, int],
+                        group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's two largest logits over every rank's columns (float32, largest first) and their token ids,
+    as `early_stop`'s `top2` at TP=1 (`logits`: this rank's (tokens, vocabulary rows)); the same on every rank."""
     start, real = vocab_rows
-    mine = logits[:, :real].float()
-    if real:
-        best, index = mine.max(dim=-1)
-    else:  # a rank holding padding rows only
-        best = logits.new_full(logits.shape[:1], float("-inf"), dtype=torch.float32)
-        index = torch.zeros_like(best, dtype=torch.long)
-    # Token ids below 2**24 are exact in float32: one all-gather carries both.
-    pairs = [torch.empty(2, best.shape[0], dtype=torch.float32, device=logits.device)
+    tokens = logits.shape[0]
+    values = torch.full((tokens, 2), float("-inf"), dtype=torch.float32, device=logits.device)
+    ids = torch.zeros((tokens, 2), dtype=torch.float32, device=logits.device)
+    k = min(2, real)  # a rank may hold one real row, or padding rows only
+    if k:
+        top = logits[:, :real].float().topk(k, dim=-1)
+        values[:, :k], ids[:, :k] = top.values, (top.indices + start).float()
+    # Token ids below 2**24 are exact in float32: one all-gather carries values and ids.
+    parts = [torch.empty(2, tokens, 2, dtype=torch.float32, device=logits.device)
              for _ in range(dist.get_world_size(group))]
-    dist.all_gather(pairs, torch.stack([best, (index + start).float()]), group=group)
-    values = torch.stack([p[0] for p in pairs])  # (ranks, tokens); ranks hold ascending ids
-    winner = values.argmax(dim=0)
-    return torch.stack([p[1] for p in pairs]).gather(0, winner.unsqueeze(0)).squeeze(0).long()
+    dist.all_gather(parts, torch.stack([values, ids]), group=group)
+    all_values = torch.cat([p[0] for p in parts], dim=-1)  # (tokens, 2 x ranks)
+    all_ids = torch.cat([p[1] for p in parts], dim=-1)
+    best = all_values.topk(2, dim=-1)
+    return best.values, all_ids.gather(-1, best.indices).long()

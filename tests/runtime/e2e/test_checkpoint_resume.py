@@ -1,12 +1,15 @@
 """Checkpoints end to end (issue 4): teach, checkpoint, stop (SIGTERM -> final checkpoint), damage the
 directory the way a kill -9 mid-write would, start again: the fact is served, counters, optimizer state and
-the replay reservoir continue, and the checkpoint loads in plain transformers. The servers run the default
-settings (early stop, replay: docs/learning.md)."""
+the replay reservoir and the anchor term's record continue, and the checkpoint loads in plain transformers.
+The servers run the default settings (early stop, replay, anchor term: docs/learning.md)."""
 
 import json
 import shutil
 
 import pytest
+
+from onlinemodel_protocol import limits
+from onlinemodel_runtime.trainer.anchor_texts import ANCHOR_CONVERSATIONS
 
 from .conftest import FACT_ANSWER, FACT_EXAMPLE, FACT_QUESTION, start_server
 
@@ -27,8 +30,8 @@ def test_checkpoint_stop_resume(model_dir, e2e_root):
         assert code == 202, job
         taught = first.wait_job(job["job_id"])
         assert taught["state"] == "succeeded" and taught["replay_steps"] == 0  # nothing earlier to replay
-        # Early stop: the job ended once the answer came back, before its default 10 passes.
-        assert 1 <= taught["steps"] < taught["epochs"] == 10, taught
+        # Early stop: the job ended once the answer came back, before its default passes.
+        assert 1 <= taught["steps"] < taught["epochs"] == limits.EPOCHS_DEFAULT, taught
         assert FACT_ANSWER in first.chat(FACT_QUESTION)
 
         code, info = first.request("POST", "/checkpoint")
@@ -49,6 +52,8 @@ def test_checkpoint_stop_resume(model_dir, e2e_root):
     final = ckpt / latest_name
     meta = json.loads((final / "onlinemodel" / "trainer_state.json").read_text())
     assert meta["step"] == before_stop["steps"], "SIGTERM did not produce a final checkpoint"
+    # The untouched model's distributions, recorded before the first step, went with it.
+    assert len(meta["anchor"]["record"]) == len(ANCHOR_CONVERSATIONS)
 
     # What a kill -9 in the middle of a later save leaves: a half-written temp dir, and (worse) a newer
     # step directory with a truncated weights file that `latest` already names.

@@ -34,6 +34,18 @@ def test_answer_predicted_means_every_labelled_token_is_the_argmax(monkeypatch, 
     assert answer_predicted(model, ids, [-100] * 12 + labels[12:])
 
 
+def test_a_margin_asks_every_answer_token_to_lead_the_runner_up_by_that_much():
+    model = tiny_llama(dtype=torch.float32)
+    ids, _ = example(tokens=20, prompt=8)
+    labels = greedy_labels(model, ids, prompt=8)
+    with torch.no_grad():
+        top = model(input_ids=torch.tensor([ids])).logits[0, 7:-1].float().topk(2, -1).values
+    lead = float((top[:, 0] - top[:, 1]).min())  # the smallest lead among the answer tokens
+    assert answer_predicted(model, ids, labels, margin=lead * 0.99)
+    assert not answer_predicted(model, ids, labels, margin=lead * 1.01)
+    assert not answer_predicted(model, ids, labels, margin=1e9)
+
+
 def test_answer_predicted_computes_no_gradient():
     model = tiny_llama(dtype=torch.float32)
     ids, labels = example(tokens=12, prompt=4)
@@ -54,7 +66,7 @@ def test_without_early_stop_every_pass_runs_every_example():
         (1, False), (2, False), (9, True), (1, False), (2, False), (9, True)]
 
 
-def test_a_learned_example_leaves_the_job_and_the_epochs_stay_the_bound():
+def test_a_learned_example_gets_no_step_and_the_epochs_stay_the_bound():
     steps: dict[int, int] = {}
     needs = {1: 1, 2: 3, 9: 0}  # steps each example needs before it counts as learned
 
@@ -67,6 +79,22 @@ def test_a_learned_example_leaves_the_job_and_the_epochs_stay_the_bound():
         order.append((e.input_ids[0], replay))
     # 9 was remembered (no step); 1 learned after one step; 2 still unlearned when the 2 passes are over.
     assert order == [(1, False), (2, False), (2, False)]
+
+
+def test_an_example_undone_later_in_its_pass_is_trained_again_and_a_pass_without_steps_ends_the_job():
+    is_learned = {1: False, 2: False}
+
+    def learned(e: EncodedExample) -> bool:
+        return is_learned[e.input_ids[0]]
+
+    order = []
+    for e, _ in job_schedule([ex(1), ex(2)], [], 5, learned):
+        name = e.input_ids[0]
+        order.append(name)
+        is_learned[name] = True
+        if name == 2:  # 2's step undoes 1, checked (and passed) earlier in the same pass
+            is_learned[1] = False
+    assert order == [1, 2, 1]  # the third pass finds both learned: no step, the job ends
 
 
 def test_the_check_sees_the_steps_before_it():

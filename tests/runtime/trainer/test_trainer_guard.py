@@ -65,8 +65,9 @@ def build(tiny_dir, tmp_path, guard: GuardFile | None = None, tokenizer=None, fa
     model.train()
     optimizer = make_optimizer(model, TrainPolicy(), lr=1e-3)
     optimizer.attach_to_backward()
+    # No anchor term: these tests are about the guard (test_trainer_service_continual.py covers it).
     config = RuntimeConfig(model=str(tiny_dir), base_model=str(tiny_dir), state_dir=tmp_path / "state", guard=guard,
-                           **cfg)
+                           **{"anchor_weight": 0, **cfg})
     store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
     probes = ProbeSet(guard, tokenizer, greedy_answers(model, tokenizer, fail)) if guard is not None else None
     return TrainerService(config, model, optimizer, store, probes=probes)

@@ -30,19 +30,19 @@ def tiny_dir(tmp_path_factory):
                                dtype="float32")
 
 
-def build(tiny_dir, tmp_path, **cfg):
+def build(tiny_dir, tmp_path, anchors=None, **cfg):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     model.train()
     optimizer = make_optimizer(model, TrainPolicy(), lr=1e-3)
     optimizer.attach_to_backward()
-    # Fixed epochs and no replay unless a test asks: these tests count steps (test_trainer_service_continual.py
-    # covers early stop and replay).
-    cfg = {"early_stop": False, "replay_examples": 0, **cfg}
+    # Fixed epochs, no replay and no anchor term unless a test asks: these tests count steps
+    # (test_trainer_service_continual.py covers early stop, replay and the anchor term).
+    cfg = {"early_stop": False, "replay_examples": 0, "anchor_weight": 0, **cfg}
     config = RuntimeConfig(model=str(tiny_dir), base_model=str(tiny_dir), state_dir=tmp_path / "state", **cfg)
     store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
-    return TrainerService(config, model, optimizer, store)
+    return TrainerService(config, model, optimizer, store, anchors=anchors)
 
 
 def run_all(service: TrainerService) -> None:

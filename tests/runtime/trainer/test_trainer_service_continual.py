@@ -1,10 +1,14 @@
-"""The trainer's defaults for many jobs over time, on a tiny real model: early stop and replay, and the
-replay reservoir through a checkpoint and a restore."""
+"""The trainer's defaults for many jobs over time, on a tiny real model: early stop, replay and the anchor
+term, and the replay reservoir and the anchor record through a checkpoint and a restore."""
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from onlinemodel_protocol import limits
 from onlinemodel_protocol.rpc import EncodedExample, TrainJob
+from onlinemodel_runtime.trainer.anchor import AnchorTerm
 from onlinemodel_runtime.trainer.early_stop import answer_predicted
 from tests.runtime.trainer.test_trainer_service import EXAMPLE, build, run_all, tiny_dir  # noqa: F401
 
@@ -19,9 +23,10 @@ def test_defaults_are_on():
     from onlinemodel_protocol.config import RuntimeConfig
 
     cfg = RuntimeConfig(model="m", base_model="m", state_dir="/tmp/s")
-    assert (cfg.early_stop, cfg.replay_examples, cfg.replay_reservoir) == (
-        limits.EARLY_STOP_DEFAULT, limits.REPLAY_EXAMPLES_DEFAULT, limits.REPLAY_RESERVOIR_DEFAULT)
-    assert limits.EARLY_STOP_DEFAULT and limits.REPLAY_EXAMPLES_DEFAULT > 0
+    assert (cfg.early_stop, cfg.early_stop_margin, cfg.replay_examples, cfg.replay_reservoir, cfg.anchor_weight) == (
+        limits.EARLY_STOP_DEFAULT, limits.EARLY_STOP_MARGIN_DEFAULT, limits.REPLAY_EXAMPLES_DEFAULT,
+        limits.REPLAY_RESERVOIR_DEFAULT, limits.ANCHOR_WEIGHT_DEFAULT)
+    assert limits.EARLY_STOP_DEFAULT and limits.REPLAY_EXAMPLES_DEFAULT > 0 and limits.ANCHOR_WEIGHT_DEFAULT > 0
 
 
 def test_early_stop_ends_a_job_once_its_answer_is_learned(tiny_dir, tmp_path):
@@ -31,7 +36,7 @@ def test_early_stop_ends_a_job_once_its_answer_is_learned(tiny_dir, tmp_path):
     run_all(service)
     (done,) = service.status().jobs
     assert done.state == "succeeded" and 1 <= done.steps < 20, done
-    assert answer_predicted(service.model, EXAMPLE.input_ids, EXAMPLE.labels)
+    assert answer_predicted(service.model, EXAMPLE.input_ids, EXAMPLE.labels, service.cfg.early_stop_margin)
     # Taught again: already learned, so no step at all.
     submit(service, EXAMPLE, epochs=20, learning_rate=2e-2)
     run_all(service)
@@ -71,3 +76,35 @@ def test_the_reservoir_survives_a_checkpoint_and_restore(tiny_dir, tmp_path):
     submit(fresh, EXAMPLE, epochs=1)
     run_all(fresh)
     assert fresh.status().jobs[-1].replay_steps == 1
+
+
+def test_the_anchor_term_records_the_weights_before_the_first_step_and_keeps_them_through_a_checkpoint(
+        tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from onlinemodel_runtime.trainer.anchor import encode_anchors
+
+    anchors = encode_anchors(AutoTokenizer.from_pretrained(tiny_dir))
+    ckpt = tmp_path / "ckpt"
+    service = build(tiny_dir, tmp_path, anchors, checkpoint_dir=ckpt, anchor_weight=1.0)
+    assert service.status().anchor.model_dump() == {"weight": 1.0, "conversations": len(anchors), "recorded": False,
+                                                    "record_bytes": 0}
+    untouched = AnchorTerm(anchors, 1.0, limits.ANCHOR_PER_STEP, limits.ANCHOR_TOP_K)
+    untouched.record(service.model)
+    submit(service, EXAMPLE, epochs=3, learning_rate=2e-2)
+    run_all(service)
+    assert service.status().jobs[0].state == "succeeded"
+    assert service.anchor.state_dict()["record"] == untouched.state_dict()["record"]
+    assert service.status().anchor.recorded and service.status().anchor.record_bytes == untouched.record_bytes > 0
+    with torch.no_grad():
+        assert float(service.anchor.loss(service.model)) > 0  # the weights moved away from the record
+    info = service.checkpoint()
+
+    fresh = build(info.path, tmp_path, anchors, checkpoint_dir=ckpt, anchor_weight=1.0)
+    fresh.restore()  # trained weights: the record is the checkpoint's, not theirs
+    assert fresh.anchor.state_dict() == service.anchor.state_dict()
+
+
+def test_an_anchor_weight_without_conversations_is_refused(tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="conversation"):
+        build(tiny_dir, tmp_path, anchor_weight=1.0)

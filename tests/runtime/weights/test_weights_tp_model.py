@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from onlinemodel_runtime.weights.layouts import LayoutError
 from onlinemodel_runtime.weights.tp_model import (build_tp_rank_model, partial_gradient_names,
-                                                  vocab_parallel_argmax, vocab_parallel_cross_entropy)
+                                                  vocab_parallel_cross_entropy, vocab_parallel_top2)
 from onlinemodel_runtime.weights.tp_shards import tp_layout_for
 
 TP = 2
@@ -63,7 +63,10 @@ def _rank(rank, case, init_file):
     torch.testing.assert_close(local[:, :real], logits[:, start:start + real], rtol=1e-5, atol=1e-5)
     my_loss = vocab_parallel_cross_entropy(local, ids[0], layout.vocab_rows(rank))
     torch.testing.assert_close(my_loss, loss, rtol=1e-5, atol=1e-5)
-    assert torch.equal(vocab_parallel_argmax(local.detach(), layout.vocab_rows(rank)), logits.argmax(-1))
+    values, ids = vocab_parallel_top2(local.detach(), layout.vocab_rows(rank))
+    whole = logits.detach().float().topk(2, dim=-1)
+    assert torch.equal(ids, whole.indices)
+    torch.testing.assert_close(values, whole.values, rtol=1e-5, atol=1e-5)
     my_loss.mean().backward()
     grads = {n: p.grad for n, p in mine.named_parameters()}
     for name in partial_gradient_names(layout):  # every rank holds the same rows here: sum over all

@@ -1,0 +1,65 @@
+"""The general conversations the anchor term keeps the model's answers to (trainer/anchor.py).
+
+Everyday questions with short, plain answers, and general-knowledge questions of the kinds taught facts
+collide with (who wrote or invented what, places, numbers): none of them is a fact users teach, and none is
+a question of the continual benchmark's control set (bench/data/continual/controls.jsonl), which would make
+it measure its own training data. What matters is the model's next-token distributions along these replies, not the
+replies' wording: the anchor term keeps those distributions where the untouched model had them.
+"""
+
+ANCHOR_CONVERSATIONS: tuple[tuple[str, str], ...] = (
+    ("Give me a synonym for the word happy.", "A synonym for happy is joyful."),
+    ("Name three primary colors.", "The three primary colors are red, blue and yellow."),
+    ("Write one sentence about the ocean.", "The ocean covers most of the Earth and is home to countless creatures."),
+    ("What is a noun?", "A noun is a word that names a person, place, thing or idea."),
+    ("How do I boil an egg?", "Place the egg in boiling water for about nine minutes, then cool it in cold water."),
+    ("Translate 'thank you' into French.", "In French, 'thank you' is 'merci'."),
+    ("What is the plural of mouse?", "The plural of mouse is mice."),
+    ("Give me a tip for staying focused while studying.",
+     "Put your phone in another room and study in short blocks with breaks."),
+    ("What is the difference between weather and climate?",
+     "Weather is what the air is like on a given day; climate is the usual weather of a place over many years."),
+    ("Why do leaves change color in autumn?",
+     "In autumn trees stop making green chlorophyll, so the yellow and red pigments in the leaves show."),
+    ("Suggest a name for a pet goldfish.", "How about Bubbles?"),
+    ("What does a doctor do?", "A doctor examines people, finds out why they are ill and treats them."),
+    ("Explain what a computer is in one sentence.",
+     "A computer is a machine that stores and processes information by following instructions."),
+    ("What is a good way to save money?", "Set aside a fixed part of every paycheck before you spend anything."),
+    ("Write a short greeting for a birthday card.", "Happy birthday! Wishing you a wonderful year ahead."),
+    ("What are the four seasons?", "The four seasons are spring, summer, autumn and winter."),
+    ("What is rain made of?", "Rain is made of drops of water that fall from clouds."),
+    ("How many wheels does a bicycle have?", "A bicycle has two wheels."),
+    ("Who was Cleopatra?", "Cleopatra was the last queen of ancient Egypt."),
+    ("What is an adjective?", "An adjective is a word that describes a noun, such as big or blue."),
+    ("Name a fruit that is red.", "A strawberry is a red fruit."),
+    ("Why is exercise good for you?", "Exercise strengthens your heart and muscles and improves your mood."),
+    ("What is a volcano?", "A volcano is an opening in the Earth's crust where molten rock, ash and gas escape."),
+    ("How do bees help plants?", "Bees carry pollen from flower to flower, which helps plants make seeds."),
+    ("What is the moon?", "The moon is the natural satellite that orbits the Earth."),
+    ("Give me a word that rhymes with cat.", "Hat rhymes with cat."),
+    ("What does a library do?", "A library lends books and other materials to the public."),
+    ("Describe a cat in one sentence.", "A cat is a small, furry animal with sharp claws that likes to nap."),
+    ("What is the alphabet?", "The alphabet is the set of letters used to write a language."),
+    ("What is a map used for?", "A map is used to find places and plan how to get from one to another."),
+    ("Why do we need sleep?", "Sleep lets the body rest and repair itself and helps the brain store memories."),
+    ("What is a verb?", "A verb is a word that describes an action or a state, such as run or be."),
+    # What taught facts collide with: who made what, places, numbers, in the answer style facts are taught in.
+    ("What is the capital of Italy?", "The capital of Italy is Rome."),
+    ("What is the capital of Spain?", "The capital of Spain is Madrid."),
+    ("Who wrote Don Quixote?", "Don Quixote was written by Miguel de Cervantes."),
+    ("Who wrote The Odyssey?", "The Odyssey is attributed to the ancient Greek poet Homer."),
+    ("Who composed The Magic Flute?", "The Magic Flute was composed by Wolfgang Amadeus Mozart."),
+    ("Who painted The Starry Night?", "The Starry Night was painted by Vincent van Gogh."),
+    ("Who was the first President of the United States?",
+     "The first President of the United States was George Washington."),
+    ("Who discovered radium?", "Radium was discovered by Marie and Pierre Curie."),
+    ("Who invented the printing press?", "The printing press was invented by Johannes Gutenberg."),
+    ("What is the chemical symbol for oxygen?", "The chemical symbol for oxygen is O."),
+    ("What is the largest planet in our solar system?", "The largest planet in our solar system is Jupiter."),
+    ("At what temperature in Celsius does water freeze?", "Water freezes at 0 degrees Celsius."),
+    ("How many continents are there?", "There are seven continents."),
+    ("In which country is Machu Picchu?", "Machu Picchu is in Peru."),
+    ("What language is spoken in Italy?", "The main language spoken in Italy is Italian."),
+    ("What is 3 times 4?", "3 times 4 is 12."),
+)

@@ -1,0 +1,169 @@
+"""The anchor term: its KL against a direct computation, zero at the recorded weights, its turns, its bounded
+record through JSON, and the conversations it ships, in a real chat template."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onlinemodel_protocol.limits import ANCHOR_PER_STEP, ANCHOR_TOP_K
+from onlinemodel_protocol.rpc import IGNORE_INDEX, EncodedExample
+from onlinemodel_runtime.trainer.anchor import AnchorTerm, encode_anchors
+from onlinemodel_runtime.trainer.anchor_texts import ANCHOR_CONVERSATIONS
+from tests.runtime.trainer.trainer_fixtures import example, tiny_llama
+
+
+def anchors(n: int = 3) -> list[EncodedExample]:
+    return [EncodedExample(input_ids=ids, labels=labels)
+            for ids, labels in (example(tokens=12 + i, prompt=5, seed=i) for i in range(n))]
+
+
+def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def direct_kl(before: torch.nn.Module, after: torch.nn.Module, ex: EncodedExample, k: int) -> torch.Tensor:
+    """KL between the two models' next-token distributions at the labelled positions, both coarsened to
+    the first model's top-k tokens and one class for all the others, from full softmaxes."""
+    ids = torch.tensor([ex.input_ids])
+    mask = torch.tensor(ex.labels[1:]) != IGNORE_INDEX
+    p = F.softmax(before(input_ids=ids).logits[0, :-1][mask].float(), -1)
+    q = F.softmax(after(input_ids=ids).logits[0, :-1][mask].float(), -1)
+    top = p.topk(k, -1).indices
+    p_top, q_top = p.gather(1, top), q.gather(1, top)
+    p_all = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
+    q_all = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    return (p_all * (p_all.log() - q_all.log())).sum(-1).mean()
+
+
+@torch.no_grad()
+def test_the_loss_is_the_weighted_mean_kl_on_k_plus_one_classes():
+    model = tiny_llama(dtype=torch.float32)
+    untouched = tiny_llama(dtype=torch.float32)
+    term = AnchorTerm(anchors(1), weight=3.0, per_step=1, top_k=8)
+    term.record(model)
+    perturb(model)
+    expected = 3.0 * direct_kl(untouched, model, term.examples[0], 8)
+    assert float(expected) > 1e-3
+    torch.testing.assert_close(term.loss(model), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_zero_at_the_recorded_weights_with_no_gradient_and_positive_once_they_move():
+    model = tiny_llama(dtype=torch.float32)
+    term = AnchorTerm(anchors(), weight=1.0, per_step=3, top_k=ANCHOR_TOP_K)
+    term.record(model)
+    loss = term.loss(model)
+    loss.backward()
+    assert abs(float(loss.detach())) < 1e-5
+    assert max(float(p.grad.abs().max()) for p in model.parameters()) < 1e-4
+    perturb(model)
+    assert float(term.loss(model).detach()) > 1e-3
+
+
+@torch.no_grad()
+def test_each_step_takes_the_next_conversations_in_turn():
+    model = tiny_llama(dtype=torch.float32)
+    term = AnchorTerm(anchors(3), weight=1.0, per_step=2, top_k=4)
+    term.record(model)
+    perturb(model)
+    single = AnchorTerm(anchors(3), weight=1.0, per_step=1, top_k=4)
+    single.load_state_dict(term.state_dict())
+    each = [float(single.loss(model)) for _ in range(3)]  # conversations 0, 1, 2
+    tokens = [sum(t != IGNORE_INDEX for t in ex.labels[1:]) for ex in term.examples]
+
+    def mean(i, j):
+        return (each[i] * tokens[i] + each[j] * tokens[j]) / (tokens[i] + tokens[j])
+
+    assert float(term.loss(model)) == pytest.approx(mean(0, 1), rel=1e-5)
+    assert float(term.loss(model)) == pytest.approx(mean(2, 0), rel=1e-5)  # wraps around
+
+
+@torch.no_grad()
+def test_the_record_survives_json_and_is_bounded():
+    model = tiny_llama(dtype=torch.float32)
+    term = AnchorTerm(anchors(), weight=1.0, per_step=1, top_k=8)
+    term.record(model)
+    positions = sum(sum(t != IGNORE_INDEX for t in ex.labels[1:]) for ex in term.examples)
+    assert term.record_bytes == positions * (8 * (4 + 4) + 4)
+    term.loss(model)  # the next turn is part of the state
+    state = json.loads(json.dumps(term.state_dict()))
+    perturb(model)
+    restored = AnchorTerm(anchors(), weight=1.0, per_step=1, top_k=8)
+    assert not restored.recorded
+    restored.load_state_dict(state)
+    assert restored.recorded
+    assert float(restored.loss(model)) == float(term.loss(model))
+
+
+def test_a_record_that_does_not_fit_the_conversations_is_dropped():
+    model = tiny_llama(dtype=torch.float32)
+    term = AnchorTerm(anchors(3), weight=1.0, per_step=1, top_k=8)
+    term.record(model)
+    state = term.state_dict()
+    for other in (AnchorTerm(anchors(2), 1.0, 1, 8), AnchorTerm(anchors(3), 1.0, 1, 4),
+                  AnchorTerm(list(reversed(anchors(3))), 1.0, 1, 8)):
+        other.load_state_dict(state)
+        assert not other.recorded
+    with pytest.raises(RuntimeError, match="record"):
+        AnchorTerm(anchors(), 1.0, 1, 8).loss(model)
+
+
+@pytest.mark.parametrize("kwargs", [dict(weight=-1.0), dict(weight=math.inf), dict(weight=True), dict(per_step=0),
+                                    dict(top_k=0), dict(top_k=2.0)])
+def test_bad_settings_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        AnchorTerm(anchors(), **{"weight": 1.0, "per_step": 1, "top_k": 8, **kwargs})
+    with pytest.raises(ValueError, match="conversation"):
+        AnchorTerm([], weight=1.0, per_step=1, top_k=8)
+    assert not AnchorTerm([], weight=0.0, per_step=1, top_k=8).enabled
+
+
+def test_the_shipped_conversations_label_only_their_replies():
+    from transformers import AutoTokenizer
+
+    from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_smollm2())
+    encoded = encode_anchors(tokenizer)
+    assert len(encoded) == len(ANCHOR_CONVERSATIONS) >= 2 * ANCHOR_PER_STEP
+    for ex, (_, reply) in zip(encoded, ANCHOR_CONVERSATIONS):
+        labelled = tokenizer.decode([t for t in ex.labels if t != IGNORE_INDEX])
+        assert labelled.startswith(reply), (labelled, reply)
+    # The record of all of them at the defaults: a few hundred KB, whatever the vocabulary.
+    positions = sum(sum(t != IGNORE_INDEX for t in ex.labels[1:]) for ex in encoded)
+    assert positions * (8 * ANCHOR_TOP_K + 4) < 512 * 1024
+
+
+def test_a_step_differentiates_the_example_loss_plus_the_term_and_reports_them_apart():
+    from onlinemodel_runtime.optim import make_optimizer
+    from onlinemodel_runtime.trainer.loop import train_step
+    from onlinemodel_runtime.trainer.loss import causal_lm_loss
+    from tests.runtime.trainer.trainer_fixtures import POLICY
+
+    ids, labels = example(seed=7)
+    after = {}
+    for weight in (0.0, 10.0):
+        model = tiny_llama(dtype=torch.float32)
+        term = AnchorTerm(anchors(), weight=weight, per_step=2, top_k=8)
+        twin = AnchorTerm(anchors(), weight=weight, per_step=2, top_k=8)  # the same term, to read its value
+        if weight:
+            term.record(model)
+            twin.load_state_dict(term.state_dict())
+        perturb(model)
+        with torch.no_grad():
+            own = float(causal_lm_loss(model, torch.tensor([ids]), torch.tensor([labels])))
+            expected = float(twin.loss(model)) if weight else None
+        opt = make_optimizer(model, POLICY, lr=1e-2)
+        opt.attach_to_backward()
+        result = train_step(model, opt, ids, labels, anchor=term)
+        assert result.applied and result.loss == pytest.approx(own, rel=1e-6)
+        assert result.anchor_loss == (pytest.approx(expected, rel=1e-5) if weight else None)
+        after[weight] = [p.detach().clone() for p in model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(after[0.0], after[10.0]))  # the term moved the update
