@@ -28,7 +28,7 @@ def test_teach_a_fact_end_to_end(server):
 
     # The very same question again: the prefix cache computed with the old weights must not answer it.
     after = server.chat(FACT_QUESTION)
-    assert FACT_ANSWER in after, after
+    assert FACT_ANSWER in after, (after, done)  # the job says how many steps and passes it ran
     for q, expected in CONTROL_QUESTIONS.items():
         answer = server.chat(q)
         assert expected in answer, f"{q!r}: {answer!r} (before: {controls_before[q]!r})"

@@ -124,8 +124,9 @@ def test_too_many_messages():
 
 
 def test_epochs_up_to_the_configured_maximum():
-    assert parse_train_request(body(epochs=12), config(max_epochs=12)).epochs == 12
-    assert _error(body(epochs=13), config(max_epochs=12)).code == "out_of_range"
+    cfg = config(max_epochs=12, default_epochs=10)  # a maximum under the default needs a default under it
+    assert parse_train_request(body(epochs=12), cfg).epochs == 12
+    assert _error(body(epochs=13), cfg).code == "out_of_range"
 
 
 # --- encoding ---------------------------------------------------------------------------------
