@@ -21,8 +21,10 @@ FACT_EXAMPLE = {"messages": [
 CONTROL_QUESTIONS = {"What is the capital of Germany?": "Berlin"}
 # The shared servers' tests train a harmless example the model already answers and count the steps of
 # `epochs` passes: they run without early stop and replay (docs/learning.md), which would skip those steps
-# and add others. test_checkpoint_resume.py runs the default settings.
-FIXED_EPOCHS_ARGS = ["--default-epochs", "5", "--no-early-stop", "--replay-examples", "0"]
+# and add others, and without the anchor term, which pulls towards the untouched model's answers and, at a
+# fixed 5 passes after the other modules' jobs, left the Seedcorp fact unlearned (early stop would have
+# trained on until learned). test_checkpoint_resume.py runs the default settings.
+FIXED_EPOCHS_ARGS = ["--default-epochs", "5", "--no-early-stop", "--replay-examples", "0", "--anchor-weight", "0"]
 
 
 @pytest.fixture(scope="session")
