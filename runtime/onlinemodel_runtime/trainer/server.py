@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import logging
 import os
@@ -135,6 +136,7 @@ def run_process(role: str, build_service: Callable[[RuntimeConfig, Counters | No
     parser.add_argument("--shard", default=None, help="tensor parallelism: this process's WorkerShard (JSON)")
     parser.add_argument("--tp-init", default=None, help="tensor parallelism: the group's torch.distributed init URL")
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a native crash (a signal) still leaves every thread's Python stack in the log
     shard = WorkerShard.model_validate_json(args.shard) if args.shard else WorkerShard()
     logging.basicConfig(level=logging.INFO, format=f"[onlinemodel {role} %(process)d rank {shard.tp_rank}] "
                                                    "%(levelname)s %(message)s")

@@ -56,9 +56,12 @@ class TensorParallelGroup:
             torch.cuda.set_device(device)
         dist.init_process_group(backend, init_method=init_method, rank=shard.tp_rank, world_size=shard.tp_size,
                                 timeout=CONTROL_TIMEOUT)
-        self.group = dist.group.WORLD
+        # The default group, named by None rather than held: torch.distributed's own reference stays the only
+        # one, so `_leave` frees its communicators and joins their threads then, not during the
+        # interpreter's teardown (the likely cause of a rank aborting after the stop: exit -6).
+        self.group = None
         # The operations' arguments are Python objects: broadcast over gloo, also beside NCCL.
-        self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if backend == "nccl" else self.group
+        self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if backend == "nccl" else None
         self._lock = threading.Lock()  # rank 0: one operation at a time, in one order for every rank
         self._last_op = time.monotonic()
         self._stopped = False
@@ -103,7 +106,7 @@ class TensorParallelGroup:
             if not self._stopped:
                 self._stopped = True
                 self._broadcast(_STOP, {})
-                dist.destroy_process_group()
+                self._leave()
 
     def _heartbeat(self) -> None:
         while True:
@@ -155,8 +158,15 @@ class TensorParallelGroup:
             op, args = message
             self._execute(op, args)
             if op == _STOP:
-                dist.destroy_process_group()
+                self._leave()
                 return 0
+
+    def _leave(self) -> None:
+        """Every rank, after the stop: once all are past their last collective (none closes a connection
+        another still reads), destroy the groups, which frees their communicators now (see __init__)."""
+        dist.barrier(group=self.control)
+        self.control = None
+        dist.destroy_process_group()
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -39,6 +39,12 @@ def optimizer_of(model, tp=None):
     return optimizer
 
 
+def comm_threads():
+    """This process's threads of torch.distributed's gloo backend (Linux names them)."""
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return [n for n in names if "gloo" in n]
+
+
 def _rank(rank, tmp, restarted):
     """First run: steps, then a checkpoint. `restarted`: new processes on the checkpoint's weights with a fresh
     optimizer load its state (as trainers restarting at TP=2 from it), then train on."""
@@ -54,8 +60,10 @@ def _rank(rank, tmp, restarted):
     tensors = layout.split_hf_state_dict(hf, rank)  # this rank's vLLM tensors, which the model views
     model = build_tp_rank_model(CONFIG, tensors, rank, TP, group.group, expected_dtype=torch.float32, train=True)
     group.bind(model, optimizer_of(model, TensorParallel.from_layout(layout, group.group)), layout, tensors)
+    assert comm_threads()  # what the stop must end, so that none runs during the interpreter's teardown
     if rank > 0:
         assert group.follow(os.getppid()) == 0
+        assert not comm_threads()
         torch.save(tensors, f"{tmp}/weights{rank}.pt")
         return
     if not restarted:
@@ -69,6 +77,7 @@ def _rank(rank, tmp, restarted):
         torch.save(group.answer_predicted(IDS, LABELS), f"{tmp}/learned.pt")
     torch.save(losses, f"{tmp}/losses{int(restarted)}.pt")
     group.stop()
+    assert not comm_threads()
     torch.save(tensors, f"{tmp}/weights0.pt")
 
 
