@@ -21,9 +21,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from onlinemodel_protocol import limits
+from onlinemodel_protocol.config_file import parse_config_file
 
 
 class GuardFileError(ValueError):
@@ -82,19 +83,5 @@ class GuardFile(_Strict):
 
 def parse_guard_file(text: str | bytes, source: str = "guard file") -> GuardFile:
     """The guard file `text` (YAML or JSON), validated; GuardFileError naming `source` otherwise."""
-    import yaml
-
-    if len(text) > limits.GUARD_FILE_MAX_BYTES:
-        raise GuardFileError(f"{source}: larger than {limits.GUARD_FILE_MAX_BYTES} bytes")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise GuardFileError(f"{source}: not YAML or JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise GuardFileError(f"{source}: must be a mapping with 'probes' and/or 'heldout'")
-    try:
-        return GuardFile.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'guard'}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors(include_url=False))
-        raise GuardFileError(f"{source}: {problems}") from None
+    return parse_config_file(text, GuardFile, source=source, max_bytes=limits.GUARD_FILE_MAX_BYTES, what="guard",
+                             shape="'probes' and/or 'heldout'", error=GuardFileError)
