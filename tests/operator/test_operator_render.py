@@ -269,13 +269,38 @@ def test_guard_configmap_is_mounted_read_only_and_passed() -> None:
     assert "--guard" not in serve_args(OWNER, parse_spec(base()))
 
 
-def test_the_guard_files_text_is_part_of_the_spec_hash() -> None:
-    spec = parse_spec(base(training={"guard": {"configMapRef": {"name": "probes"}}}))
-    a, b = "probes: [{messages: [{role: user, content: a}], expect: a}]", "heldout: {text: b}"
-    assert spec_hash(spec, a) == spec_hash(spec, a) != spec_hash(spec, b)
-    assert spec_hash(spec, a) != spec_hash(spec)
-    desired = render_all(OWNER, spec, a)
-    assert desired.pod["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == desired.spec_hash == spec_hash(spec, a)
+def test_anchors_configmap_is_mounted_read_only_and_passed_next_to_the_guards() -> None:
+    both = {"guard": {"configMapRef": {"name": "probes"}}, "anchors": {"configMapRef": {"name": "ours", "key": "a.json"}}}
+    spec = parse_spec(base(training=both))
+    pod = render_pod(OWNER, spec)
+    (container,) = pod["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--anchor-file") + 1] == "/etc/onlinemodel/anchors/anchors.yaml"
+    assert args[args.index("--guard") + 1] == "/etc/onlinemodel/guard/guard.yaml"
+    assert {"name": "anchors", "mountPath": "/etc/onlinemodel/anchors", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "anchors", "configMap": {"name": "ours", "items": [{"key": "a.json", "path": "anchors.yaml"}]}} \
+        in pod["spec"]["volumes"]
+    default_key = parse_spec(base(training={"anchors": {"configMapRef": {"name": "ours"}}}))
+    assert default_key.training.anchors.config_map_ref.key == "anchors.yaml"
+    off = parse_spec(base(training={"enabled": False, "anchors": {"configMapRef": {"name": "ours"}}}))
+    assert "--anchor-file" not in serve_args(OWNER, off)
+    assert all(v["name"] != "anchors" for v in render_pod(OWNER, off)["spec"]["volumes"])
+    assert "--anchor-file" not in serve_args(OWNER, parse_spec(base()))
+
+
+@pytest.mark.parametrize("field, a, b", [
+    ("guard", "probes: [{messages: [{role: user, content: a}], expect: a}]", "heldout: {text: b}"),
+    ("anchors", "conversations: [{messages: [{role: user, content: a}, {role: assistant, content: a}]}]",
+     "conversations: [{messages: [{role: user, content: b}, {role: assistant, content: b}]}]"),
+])
+def test_a_config_files_text_is_part_of_the_spec_hash(field: str, a: str, b: str) -> None:
+    spec = parse_spec(base(training={field: {"configMapRef": {"name": "cm"}}}))
+    assert spec_hash(spec, {field: a}) == spec_hash(spec, {field: a}) != spec_hash(spec, {field: b})
+    assert spec_hash(spec, {field: a}) != spec_hash(spec)
+    desired = render_all(OWNER, spec, {field: a})
+    assert desired.pod["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == desired.spec_hash == \
+        spec_hash(spec, {field: a})
+
 
 
 # --- tensor parallelism (resources.gpus > 1) -------------------------------------------------------------
