@@ -18,21 +18,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from onlinemodel_protocol import limits
-from onlinemodel_protocol.config_file import parse_config_file
+from onlinemodel_protocol.config_file import Strict, parse_config_file
 
 
 class AnchorFileError(ValueError):
     """An anchor file that cannot be used; the message says where and why."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class AnchorMessage(_Strict):
+class AnchorMessage(Strict):
     role: Literal["system", "user", "assistant"]
     content: str
 
@@ -44,7 +40,7 @@ class AnchorMessage(_Strict):
         return content
 
 
-class AnchorConversation(_Strict):
+class AnchorConversation(Strict):
     messages: list[AnchorMessage] = Field(min_length=2)
 
     @field_validator("messages")
@@ -66,7 +62,7 @@ class AnchorConversation(_Strict):
                                                           else {})} for i, m in enumerate(self.messages)]
 
 
-class AnchorFile(_Strict):
+class AnchorFile(Strict):
     conversations: list[AnchorConversation] = Field(min_length=1, max_length=limits.ANCHOR_FILE_MAX_CONVERSATIONS)
     builtin: bool = True  # false: the file's conversations replace the built-in ones
 

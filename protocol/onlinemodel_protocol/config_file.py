@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 Model = TypeVar("Model", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    """A part of a config file: immutable, unknown keys refused (a typo is an error, not a default)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 def parse_config_file(text: str | bytes, model: type[Model], *, source: str, max_bytes: int, what: str, shape: str,

@@ -21,26 +21,22 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from onlinemodel_protocol import limits
-from onlinemodel_protocol.config_file import parse_config_file
+from onlinemodel_protocol.config_file import Strict, parse_config_file
 
 
 class GuardFileError(ValueError):
     """A guard file that cannot be used; the message says where and why."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ProbeMessage(_Strict):
+class ProbeMessage(Strict):
     role: Literal["system", "user", "assistant"]
     content: str = Field(min_length=1)
 
 
-class ChatProbe(_Strict):
+class ChatProbe(Strict):
     name: str = Field("", max_length=128)
     messages: list[ProbeMessage] = Field(min_length=1)
     expect: str = Field(min_length=1)
@@ -57,12 +53,12 @@ class ChatProbe(_Strict):
         return self.expect.casefold() in answer.casefold()
 
 
-class HeldOut(_Strict):
+class HeldOut(Strict):
     text: str = Field(min_length=1)
     max_increase: float = Field(limits.GUARD_HELDOUT_MAX_INCREASE_DEFAULT, ge=0, allow_inf_nan=False)
 
 
-class GuardFile(_Strict):
+class GuardFile(Strict):
     probes: list[ChatProbe] = Field(default_factory=list, max_length=limits.GUARD_MAX_PROBES)
     heldout: HeldOut | None = None
     every_steps: int = Field(0, ge=0)

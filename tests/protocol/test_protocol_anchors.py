@@ -13,26 +13,28 @@ from onlinemodel_protocol.anchors import AnchorFileError, parse_anchor_file
 QA = [{"role": "user", "content": "How do I reset my password?"},
       {"role": "assistant", "content": "Open Settings, then Security."}]
 
-
-def conversations(*messages: list[dict[str, str]]) -> dict:
-    return {"conversations": [{"messages": m} for m in messages]}
-
-
-def test_yaml_and_json_give_the_same_file_and_only_the_last_reply_is_labelled():
-    text = """
+# Two conversations, the first with an earlier reply that is context only (tests/runtime/trainer use it too).
+SUPPORT = """
 conversations:
   - messages:
       - {role: system, content: You are the support assistant of Acme.}
       - {role: user, content: "How do I reset my password?"}
       - {role: assistant, content: "Which account?"}
       - {role: user, content: My Acme account.}
-      - {role: assistant, content: "Open Settings, then Security."}
+      - {role: assistant, content: "Open Settings, then Security, then Reset password."}
   - messages: [{role: user, content: "What is Acme?"}, {role: assistant, content: Acme makes anvils.}]
 """
-    anchors = parse_anchor_file(text)
+
+
+def conversations(*messages: list[dict[str, str]]) -> dict:
+    return {"conversations": [{"messages": m} for m in messages]}
+
+
+def test_yaml_and_json_give_the_same_file_and_only_the_last_reply_is_labelled():
+    anchors = parse_anchor_file(SUPPORT)
     assert anchors.builtin and len(anchors.conversations) == 2
     assert parse_anchor_file(json.dumps(anchors.model_dump())) == anchors
-    assert not parse_anchor_file(text + "builtin: false\n").builtin
+    assert not parse_anchor_file(SUPPORT + "builtin: false\n").builtin
     assert [m.get("weight") for m in anchors.conversations[0].chat()] == [None, None, 0, None, None]
     assert anchors.conversations[1].chat() == [{"role": "user", "content": "What is Acme?"},
                                                {"role": "assistant", "content": "Acme makes anvils."}]

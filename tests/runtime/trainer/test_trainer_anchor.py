@@ -213,26 +213,17 @@ def test_an_anchor_files_conversations_are_added_or_alone_and_only_their_last_re
     from onlinemodel_protocol.anchors import parse_anchor_file
     from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
     from onlinemodel_runtime.trainer import anchor
+    from tests.protocol.test_protocol_anchors import SUPPORT
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_smollm2())
-    text = """
-conversations:
-  - messages:
-      - {role: system, content: You are the support assistant of Acme.}
-      - {role: user, content: "How do I reset my password?"}
-      - {role: assistant, content: "Which account?"}
-      - {role: user, content: My Acme account.}
-      - {role: assistant, content: "Open Settings, then Security, then Reset password."}
-  - messages: [{role: user, content: "What is Acme?"}, {role: assistant, content: Acme makes anvils.}]
-"""
-    added = encode_anchors(tokenizer, parse_anchor_file(text))
-    alone = encode_anchors(tokenizer, parse_anchor_file(text + "builtin: false\n"))
+    added = encode_anchors(tokenizer, parse_anchor_file(SUPPORT))
+    alone = encode_anchors(tokenizer, parse_anchor_file(SUPPORT + "builtin: false\n"))
     assert len(added) == len(ANCHOR_CONVERSATIONS) + 2 and added[-2:] == alone and len(alone) == 2
     labelled = tokenizer.decode([t for t in alone[0].labels if t != IGNORE_INDEX])
     assert labelled.startswith("Open Settings, then Security, then Reset password.") and "Which" not in labelled
     monkeypatch.setattr(anchor, "ANCHOR_CONVERSATION_MAX_TOKENS", 40)
     with pytest.raises(ValueError, match=r"--anchor-file conversations\.0: example is \d+ tokens long"):
-        encode_anchors(tokenizer, parse_anchor_file(text + "builtin: false\n"))
+        encode_anchors(tokenizer, parse_anchor_file(SUPPORT + "builtin: false\n"))
 
 
 def test_a_step_differentiates_the_example_loss_plus_the_term_and_reports_them_apart():
