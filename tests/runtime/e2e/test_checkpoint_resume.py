@@ -53,7 +53,8 @@ def test_checkpoint_stop_resume(model_dir, e2e_root):
     meta = json.loads((final / "onlinemodel" / "trainer_state.json").read_text())
     assert meta["step"] == before_stop["steps"], "SIGTERM did not produce a final checkpoint"
     # The untouched model's distributions, recorded before the first step, went with it.
-    assert len(meta["anchor"]["record"]) == len(ANCHOR_CONVERSATIONS)
+    records = meta["anchor"]["records"]
+    assert len(records) == len(ANCHOR_CONVERSATIONS) and all(r["untouched"] for r in records.values())
 
     # What a kill -9 in the middle of a later save leaves: a half-written temp dir, and (worse) a newer
     # step directory with a truncated weights file that `latest` already names.
