@@ -167,10 +167,10 @@ class AnchorTerm:
         return total * (self.weight / tokens)
 
     def summary(self) -> dict[str, Any]:
-        untouched = sum(r.untouched for r in self._records.values())
+        recorded = [self._records[key].untouched for key in self.keys if key in self._records]
         return {"weight": self.weight, "conversations": len(self.examples), "from_file": self.from_file,
-                "recorded": self.recorded, "recorded_untouched": untouched,
-                "recorded_trained": len(self._records) - untouched, "record_bytes": self.record_bytes}
+                "recorded": self.recorded, "recorded_untouched": sum(recorded),
+                "recorded_trained": len(recorded) - sum(recorded), "record_bytes": self.record_bytes}
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON (trainer_state.json): the records by conversation key, and whose turn is next."""
