@@ -252,40 +252,29 @@ def test_user_env_wins_over_the_cache_defaults() -> None:
     assert hf_home == [{"name": "HF_HOME", "value": "/models/hf"}]
 
 
-def test_guard_configmap_is_mounted_read_only_and_passed() -> None:
-    spec = parse_spec(base(training={"guard": {"configMapRef": {"name": "probes", "key": "g.yaml"}}}))
+@pytest.mark.parametrize("field, flag, name", [("guard", "--guard", "guard"), ("anchors", "--anchor-file", "anchors")])
+def test_a_config_files_configmap_is_mounted_read_only_and_passed(field: str, flag: str, name: str) -> None:
+    spec = parse_spec(base(training={field: {"configMapRef": {"name": "cm", "key": "k.json"}}}))
     pod = render_pod(OWNER, spec)
     (container,) = pod["spec"]["containers"]
     args = container["args"]
-    assert args[args.index("--guard") + 1] == "/etc/onlinemodel/guard/guard.yaml"
-    assert {"name": "guard", "mountPath": "/etc/onlinemodel/guard", "readOnly": True} in container["volumeMounts"]
-    assert {"name": "guard", "configMap": {"name": "probes", "items": [{"key": "g.yaml", "path": "guard.yaml"}]}} \
+    assert args[args.index(flag) + 1] == f"/etc/onlinemodel/{name}/{name}.yaml"
+    assert {"name": name, "mountPath": f"/etc/onlinemodel/{name}", "readOnly": True} in container["volumeMounts"]
+    assert {"name": name, "configMap": {"name": "cm", "items": [{"key": "k.json", "path": f"{name}.yaml"}]}} \
         in pod["spec"]["volumes"]
-    default_key = parse_spec(base(training={"guard": {"configMapRef": {"name": "probes"}}}))
-    assert default_key.training.guard.config_map_ref.key == "guard.yaml"
-    off = parse_spec(base(training={"enabled": False, "guard": {"configMapRef": {"name": "probes"}}}))
-    assert "--guard" not in serve_args(OWNER, off)
-    assert all(v["name"] != "guard" for v in render_pod(OWNER, off)["spec"]["volumes"])
-    assert "--guard" not in serve_args(OWNER, parse_spec(base()))
+    default_key = parse_spec(base(training={field: {"configMapRef": {"name": "cm"}}}))
+    assert getattr(default_key.training, field).config_map_ref.key == f"{name}.yaml"
+    off = parse_spec(base(training={"enabled": False, field: {"configMapRef": {"name": "cm"}}}))
+    assert flag not in serve_args(OWNER, off)
+    assert all(v["name"] != name for v in render_pod(OWNER, off)["spec"]["volumes"])
+    assert flag not in serve_args(OWNER, parse_spec(base()))
 
 
-def test_anchors_configmap_is_mounted_read_only_and_passed_next_to_the_guards() -> None:
-    both = {"guard": {"configMapRef": {"name": "probes"}}, "anchors": {"configMapRef": {"name": "ours", "key": "a.json"}}}
-    spec = parse_spec(base(training=both))
+def test_the_guard_and_anchor_files_go_together() -> None:
+    spec = parse_spec(base(training={"guard": {"configMapRef": {"name": "g"}}, "anchors": {"configMapRef": {"name": "a"}}}))
     pod = render_pod(OWNER, spec)
-    (container,) = pod["spec"]["containers"]
-    args = container["args"]
-    assert args[args.index("--anchor-file") + 1] == "/etc/onlinemodel/anchors/anchors.yaml"
-    assert args[args.index("--guard") + 1] == "/etc/onlinemodel/guard/guard.yaml"
-    assert {"name": "anchors", "mountPath": "/etc/onlinemodel/anchors", "readOnly": True} in container["volumeMounts"]
-    assert {"name": "anchors", "configMap": {"name": "ours", "items": [{"key": "a.json", "path": "anchors.yaml"}]}} \
-        in pod["spec"]["volumes"]
-    default_key = parse_spec(base(training={"anchors": {"configMapRef": {"name": "ours"}}}))
-    assert default_key.training.anchors.config_map_ref.key == "anchors.yaml"
-    off = parse_spec(base(training={"enabled": False, "anchors": {"configMapRef": {"name": "ours"}}}))
-    assert "--anchor-file" not in serve_args(OWNER, off)
-    assert all(v["name"] != "anchors" for v in render_pod(OWNER, off)["spec"]["volumes"])
-    assert "--anchor-file" not in serve_args(OWNER, parse_spec(base()))
+    assert {"--guard", "--anchor-file"} <= set(pod["spec"]["containers"][0]["args"])
+    assert {"guard", "anchors"} <= {v["name"] for v in pod["spec"]["volumes"]}
 
 
 @pytest.mark.parametrize("field, a, b", [
