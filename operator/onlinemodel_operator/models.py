@@ -31,6 +31,7 @@ API_TOKEN_ENV = ENV_API_TOKEN  # the runtime reads its bearer token from it
 MAX_NAME_LENGTH = 63
 RESOURCE_NAME_RE = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 GUARD_KEY_DEFAULT = "guard.yaml"
+ANCHORS_KEY_DEFAULT = "anchors.yaml"
 # /dev/shm (a memory-backed emptyDir) when resources.shmSize is unset: what one device needs, and with
 # tensor parallelism (gpus > 1) this much more per GPU for NCCL's shared-memory segments (vLLM's group and
 # the trainers' group) and vLLM's shared-memory broadcast to its workers (docs/operator.md).
@@ -154,12 +155,22 @@ class ServingSpec(_Model):
         return self
 
 
+def _config_map_key(default: str, what: str) -> Any:
+    return Field(default, min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
+                 description=f"Key in the ConfigMap holding the {what}.")
+
+
 class ConfigMapKeyRef(_Model):
     """A key of a ConfigMap in the OnlineModel's namespace."""
 
     name: str = Field(min_length=1, max_length=253, description="Name of the ConfigMap.")
-    key: str = Field(GUARD_KEY_DEFAULT, min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
-                     description="Key in the ConfigMap holding the guard file.")
+    key: str = _config_map_key(GUARD_KEY_DEFAULT, "guard file")
+
+
+class AnchorsConfigMapKeyRef(ConfigMapKeyRef):
+    """A key of a ConfigMap in the OnlineModel's namespace."""
+
+    key: str = _config_map_key(ANCHORS_KEY_DEFAULT, "anchor file")
 
 
 class GuardSpec(_Model):
@@ -169,12 +180,23 @@ class GuardSpec(_Model):
     config_map_ref: ConfigMapKeyRef = Field(description="ConfigMap key holding the guard file (YAML or JSON).")
 
 
+class AnchorsSpec(_Model):
+    """The deployment's own anchor conversations (docs/learning.md, "Your own anchor conversations"): every
+    training step keeps the model's replies to them, with the built-in ones or instead of them. The ConfigMap is
+    validated before the pod starts and read by the runtime at start."""
+
+    config_map_ref: AnchorsConfigMapKeyRef = Field(
+        description="ConfigMap key holding the anchor file (YAML or JSON).")
+
+
 class TrainingSpec(_Model):
     """Online training settings. Defaults and bounds are the runtime's own (onlinemodel_protocol.limits)."""
 
     CEL = (cel("!has(self.maxDecodeSlowdown) || double(self.maxDecodeSlowdown) == 0.0 "
                "|| double(self.maxDecodeSlowdown) >= 1.0",
-               "training.maxDecodeSlowdown: a factor of at least 1, or 0 (off)"),)
+               "training.maxDecodeSlowdown: a factor of at least 1, or 0 (off)"),
+           cel("!has(self.anchors) || !has(self.anchorWeight) || double(self.anchorWeight) > 0.0",
+               "training.anchors: anchor conversations need the anchor term (anchorWeight > 0)"))
     enabled: bool = Field(True, description="Run the trainer next to vLLM (false: serve only).")
     learning_rate: float = Field(limits.LEARNING_RATE_DEFAULT, gt=0, le=limits.LEARNING_RATE_MAX,
                                  description="Learning rate of the optimizer (a request may ask for another).")
@@ -199,15 +221,20 @@ class TrainingSpec(_Model):
                           "/train/status require. Absent: the operator creates the Secret <name>-api-token with a "
                           "random token (key token) and names it in status.apiTokenSecret.")
     guard: Optional[GuardSpec] = Field(None, description="Probes that every training job must keep passing.")
+    anchors: Optional[AnchorsSpec] = Field(
+        None, description="The deployment's own anchor conversations, whose replies every training step keeps "
+                          "(with the built-in ones, or instead of them).")
     max_decode_slowdown: float = Field(
         limits.MAX_DECODE_SLOWDOWN_DEFAULT, ge=limits.DECODE_SLOWDOWN_OFF, le=limits.MAX_DECODE_SLOWDOWN_MAX,
         description="Serving first: how much slower (p99 per token) decode may get while training runs "
                     "(a factor of at least 1; 0: training is not paced).")
 
     @model_validator(mode="after")
-    def _slowdown_factor(self) -> "TrainingSpec":
+    def _cel_twins(self) -> "TrainingSpec":
         if 0 < self.max_decode_slowdown < 1:
             raise ValueError(self.CEL[0]["message"])
+        if self.anchors is not None and not self.anchor_weight:
+            raise ValueError(self.CEL[1]["message"])
         return self
 
 

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from onlinemodel_operator.clock import rfc3339, utcnow
 from onlinemodel_operator import FOLLOWER, NAME_LABEL, ROLE_LABEL
 from onlinemodel_operator.config import OperatorConfig
+from onlinemodel_operator.config_files import config_file_error, config_file_refs
 from onlinemodel_operator.decide import (
     AlreadyHandled,
     CreatePod,
@@ -33,7 +34,6 @@ from onlinemodel_operator.decide import (
 from onlinemodel_operator.kube import (CLAIMS, CONFIGMAPS, ONLINEMODELS, PODS, SECRETS, SERVICES, Conflict, KubeApi,
                                        KubeError)
 from onlinemodel_operator.models import (
-    ConfigMapKeyRef,
     FailureStatus,
     ModelChangedStatus,
     OnlineModelSpec,
@@ -57,22 +57,8 @@ from onlinemodel_operator.status import (
     previous_status,
     with_saved_checkpoint,
 )
-from onlinemodel_protocol.guard import GuardFileError, parse_guard_file
 
 EventSink = Callable[[Mapping[str, Any], Transition], None]
-
-
-def guard_error(text: Optional[str], namespace: str, ref: ConfigMapKeyRef) -> Optional[str]:
-    """Why the guard file `text` (the key `ref` of the ConfigMap; None if either is missing) cannot be used,
-    or None."""
-    where = f"spec.training.guard.configMapRef: ConfigMap {namespace}/{ref.name}"
-    if text is None:
-        return f"{where} does not exist or has no key {ref.key!r}"
-    try:
-        parse_guard_file(text, source=f"{where} key {ref.key!r}")
-    except GuardFileError as exc:
-        return str(exc)
-    return None
 
 
 @dataclass(frozen=True)
@@ -148,9 +134,9 @@ class Reconciler:
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             return Outcome(gone=True)  # owner references let the garbage collector take the rest
         owner = Owner.from_body(body)
-        spec, refused, guard_file = await self._parse(body, owner)
+        spec, refused, files = await self._parse(body, owner)
         pod = await self.kube.get(PODS, namespace, name)
-        desired = render_all(owner, spec, guard_file) if spec is not None else None
+        desired = render_all(owner, spec, files) if spec is not None else None
         token_secret = None
         if desired is not None:
             if desired.generates_token:
@@ -199,7 +185,7 @@ class Reconciler:
             pod = await self._create_pod(desired.pod)
             events(body, Transition("Normal", "PodCreated", f"created pod {name} (spec {desired.spec_hash})"))
 
-        # Followers run no guard: their pods' hash leaves the guard file out (render_follower).
+        # Followers read no config file (they do not train): their pods' hash leaves those out (render_follower).
         followers = await self._followers(owner, spec, spec_hash(spec), body, events)
         runtime = await self._poll(pod)
         status = compute_status(body, pod, runtime, self.clock(), desired_hash=desired.spec_hash,
@@ -211,16 +197,16 @@ class Reconciler:
         return outcome
 
     async def _parse(self, body: Mapping[str, Any], owner: Owner
-                     ) -> tuple[Optional[OnlineModelSpec], Optional[str], Optional[str]]:
-        """(the parsed spec, or None and why it is refused (schema, CEL twins, missing references); the text
-        of its guard file, when it has one)."""
+                     ) -> tuple[Optional[OnlineModelSpec], Optional[str], dict[str, str]]:
+        """(the parsed spec, or None and why it is refused (schema, CEL twins, missing references, a bad config
+        file); the texts of its config files by field, config_files.py)."""
         error = name_error(owner.name)
         if error:
-            return None, error, None
+            return None, error, {}
         try:
             spec = parse_spec(body.get("spec"))
         except ValidationError as exc:
-            return None, format_validation_error(exc), None
+            return None, format_validation_error(exc), {}
         ns = owner.namespace
         refs = []
         if spec.training.api_token_secret_ref is not None:
@@ -231,9 +217,9 @@ class Reconciler:
         for path, ref in refs:
             value = await self.kube.read_secret_key(ns, ref.name, ref.key)
             if value is None:
-                return None, f"{path}: Secret {ns}/{ref.name} does not exist or has no key {ref.key!r}", None
+                return None, f"{path}: Secret {ns}/{ref.name} does not exist or has no key {ref.key!r}", {}
             if not value.strip():  # the runtime refuses an empty token rather than serve without one
-                return None, f"{path}: key {ref.key!r} of Secret {ns}/{ref.name} is empty", None
+                return None, f"{path}: key {ref.key!r} of Secret {ns}/{ref.name} is empty", {}
         claims = []
         if spec.model.source.volume is not None:
             claims.append(("spec.model.source.volume.claimName", spec.model.source.volume.claim_name))
@@ -241,15 +227,15 @@ class Reconciler:
             claims.append(("spec.checkpoint.volume.existingClaim", spec.checkpoint.volume.existing_claim))
         for path, claim in claims:
             if await self.kube.get(CLAIMS, ns, claim) is None:
-                return None, f"{path}: PersistentVolumeClaim {ns}/{claim} does not exist", None
-        guard_file = None
-        if spec.training.enabled and spec.training.guard is not None:
-            ref = spec.training.guard.config_map_ref
-            guard_file = ((await self.kube.get(CONFIGMAPS, ns, ref.name) or {}).get("data") or {}).get(ref.key)
-            error = guard_error(guard_file, ns, ref)
+                return None, f"{path}: PersistentVolumeClaim {ns}/{claim} does not exist", {}
+        files = {}
+        for file, ref in config_file_refs(spec):
+            text = ((await self.kube.get(CONFIGMAPS, ns, ref.name) or {}).get("data") or {}).get(ref.key)
+            error = config_file_error(file, text, ns, ref)
             if error:
-                return None, error, None
-        return spec, None, guard_file
+                return None, error, {}
+            files[file.field] = text
+        return spec, None, files
 
     # --- children -------------------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from onlinemodel_operator import (
     ROLE_LABEL,
     SPEC_HASH_ANNOTATION,
 )
+from onlinemodel_operator.config_files import config_file_args, config_file_hashes, config_file_volumes
 from onlinemodel_operator.models import (API_TOKEN_ENV, SHM_ONE_DEVICE_GIB, SHM_PER_TP_GPU_GIB, OnlineModelSpec,
                                          Quantity, SecretKeyRef)
 
@@ -33,10 +34,6 @@ CONTAINER_NAME = "runtime"
 PORT_NAME = "http"
 CHECKPOINT_DIR = "/var/lib/onlinemodel/checkpoints"
 MODEL_VOLUME_DIR = "/var/lib/onlinemodel/model"
-# The guard ConfigMap's key, mounted read-only (spec.training.guard).
-GUARD_DIR = "/etc/onlinemodel/guard"
-GUARD_VOLUME = "guard"
-GUARD_FILE = "guard.yaml"
 DEFAULT_CHECKPOINT_SIZE = "20Gi"
 STARTUP_PROBE_PERIOD = 10
 HEALTH_PATH = "/health"
@@ -123,17 +120,17 @@ def common_labels(owner: Owner) -> dict[str, str]:
     }
 
 
-def spec_hash(spec: OnlineModelSpec, guard_file: str | None = None) -> str:
+def spec_hash(spec: OnlineModelSpec, files: Mapping[str, str] | None = None) -> str:
     """Hash of everything in the spec that shapes the pod (suspend, the claim's deletion policy, the number
-    of replicas and the lag bound do not: scaling never restarts a pod), and of the guard file the pod reads
-    at start (`guard_file`: the ConfigMap's text): an edit of it replaces the pod like a spec change does."""
+    of replicas and the lag bound do not: scaling never restarts a pod), and of the config files the pod reads
+    at start (`files`: the ConfigMaps' texts by field, config_files.py): an edit of one replaces the pod like a
+    spec change does."""
     data = spec.to_dict()
     data.pop("suspend", None)
     data.pop("replicas", None)
     data.get("replication", {}).pop("maxLagSeconds", None)
     data.get("checkpoint", {}).get("volume", {}).pop("deleteWithModel", None)
-    if guard_file is not None:
-        data["guardFile"] = hashlib.sha256(guard_file.encode()).hexdigest()
+    data.update(config_file_hashes(files or {}))
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -188,8 +185,7 @@ def serve_args(owner: Owner, spec: OnlineModelSpec) -> list[str]:
                  else "off"]
         if training.max_body_bytes is not None:
             args += ["--max-body-bytes", str(training.max_body_bytes)]
-        if training.guard is not None:
-            args += ["--guard", f"{GUARD_DIR}/{GUARD_FILE}"]
+        args += config_file_args(spec)
         args += ["--sync-interval", _num(spec.replication.sync_interval_seconds)]
     if spec.serving.max_model_len is not None:
         args += ["--max-model-len", str(spec.serving.max_model_len)]
@@ -270,7 +266,7 @@ CONTAINER_SECURITY_CONTEXT = {
 }
 
 
-def render_pod(owner: Owner, spec: OnlineModelSpec, guard_file: str | None = None) -> dict[str, Any]:
+def render_pod(owner: Owner, spec: OnlineModelSpec, files: Mapping[str, str] | None = None) -> dict[str, Any]:
     port = spec.serving.port
     mounts = [{"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
               {"name": "dshm", "mountPath": "/dev/shm"},
@@ -288,11 +284,9 @@ def render_pod(owner: Owner, spec: OnlineModelSpec, guard_file: str | None = Non
         mounts.append({"name": "model", "mountPath": MODEL_VOLUME_DIR, "readOnly": True})
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": source.volume.claim_name,
                                                                     "readOnly": True}})
-    guard = spec.training.guard if spec.training.enabled else None
-    if guard is not None:
-        mounts.append({"name": GUARD_VOLUME, "mountPath": GUARD_DIR, "readOnly": True})
-        volumes.append({"name": GUARD_VOLUME, "configMap": {"name": guard.config_map_ref.name, "items": [
-            {"key": guard.config_map_ref.key, "path": GUARD_FILE}]}})
+    file_volumes, file_mounts = config_file_volumes(spec)
+    volumes += file_volumes
+    mounts += file_mounts
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": spec.image,
@@ -349,7 +343,7 @@ def render_pod(owner: Owner, spec: OnlineModelSpec, guard_file: str | None = Non
             "name": pod_name(owner),
             "namespace": owner.namespace,
             "labels": {**overrides.labels, **common_labels(owner), ROLE_LABEL: LEARNER},
-            "annotations": {**overrides.annotations, SPEC_HASH_ANNOTATION: spec_hash(spec, guard_file)},
+            "annotations": {**overrides.annotations, SPEC_HASH_ANNOTATION: spec_hash(spec, files)},
             "ownerReferences": [owner.reference()],
         },
         "spec": pod_spec,
@@ -419,9 +413,10 @@ class Desired:
     generates_token: bool  # the operator owns the token's Secret (no apiTokenSecretRef)
 
 
-def render_all(owner: Owner, spec: OnlineModelSpec, guard_file: str | None = None) -> Desired:
-    """Everything an OnlineModel is made of; `guard_file`: the text of its guard ConfigMap key, if it has one."""
-    return Desired(pod=render_pod(owner, spec, guard_file), service=render_service(owner, spec),
+def render_all(owner: Owner, spec: OnlineModelSpec, files: Mapping[str, str] | None = None) -> Desired:
+    """Everything an OnlineModel is made of; `files`: the texts of its config files' ConfigMap keys, by field
+    (config_files.py)."""
+    return Desired(pod=render_pod(owner, spec, files), service=render_service(owner, spec),
                    train_service=render_train_service(owner, spec), pvc=render_pvc(owner, spec),
-                   spec_hash=spec_hash(spec, guard_file), endpoint=endpoint(owner, spec),
+                   spec_hash=spec_hash(spec, files), endpoint=endpoint(owner, spec),
                    api_token=token_secret_ref(owner, spec), generates_token=spec.training.api_token_secret_ref is None)

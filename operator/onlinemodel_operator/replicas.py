@@ -21,10 +21,9 @@ from onlinemodel_operator import FOLLOWER, NAME_LABEL, ROLE_LABEL
 from onlinemodel_operator.models import FollowerReplicaStatus, OnlineModelSpec, ReplicasStatus
 from onlinemodel_operator.pod import analyze_pod, finished_phase, is_terminating, spec_hash_of
 from onlinemodel_operator.status import Verdict
+from onlinemodel_operator.config_files import CONFIG_FILES
 from onlinemodel_operator.render import (
     CHECKPOINT_DIR,
-    GUARD_DIR,
-    GUARD_VOLUME,
     Owner,
     render_pod,
     train_service_name,
@@ -35,7 +34,7 @@ from onlinemodel_protocol.replication import READY_PATH
 _SERVE_ONLY = ("--checkpoint-dir", "--checkpoint-keep", "--checkpoint-every-steps", "--checkpoint-every-seconds",
                "--final-checkpoint-timeout", "--sync-interval", "--learning-rate", "--optimizer-rank",
                "--max-examples", "--default-epochs", "--max-decode-slowdown", "--max-body-bytes",
-               "--replay-examples", "--anchor-weight", "--guard")
+               "--replay-examples", "--anchor-weight", *(f.flag for f in CONFIG_FILES))
 
 
 def follower_pod_name(owner: Owner, index: int) -> str:
@@ -83,11 +82,13 @@ def render_follower(owner: Owner, spec: OnlineModelSpec, index: int) -> dict[str
     meta["name"] = follower_pod_name(owner, index)
     meta["labels"][ROLE_LABEL] = FOLLOWER
     pod_spec = pod["spec"]
-    # No checkpoints and no guard: the learner trains, keeps and guards; a follower serves its weights.
-    pod_spec["volumes"] = [v for v in pod_spec["volumes"] if v["name"] not in ("checkpoints", GUARD_VOLUME)]
+    # No checkpoints and no config files (guard, anchors): the learner trains, keeps and guards; a follower
+    # serves its weights.
+    pod_spec["volumes"] = [v for v in pod_spec["volumes"]
+                           if v["name"] not in ("checkpoints", *(f.volume for f in CONFIG_FILES))]
     container = pod_spec["containers"][0]
     container["volumeMounts"] = [m for m in container["volumeMounts"]
-                                 if m["mountPath"] not in (CHECKPOINT_DIR, GUARD_DIR)]
+                                 if m["mountPath"] not in (CHECKPOINT_DIR, *(f.dir for f in CONFIG_FILES))]
     container["args"] = follower_args(container["args"], owner, spec, index)
     del container["lifecycle"]  # nothing to checkpoint; SIGTERM stops it at once
     if spec.training.enabled:  # ready once it serves the learner's weights, not the base model's

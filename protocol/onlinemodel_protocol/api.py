@@ -260,11 +260,15 @@ class ReplayStatus(_Body):
 
 
 class AnchorStatus(_Body):
-    """``anchor`` of ``GET /train/status``: the KL term to the untouched model on general conversations."""
+    """``anchor`` of ``GET /train/status``: the KL term to the untouched model on the anchor conversations."""
 
     weight: float = Field(0.0, ge=0)  # 0: off
     conversations: int = Field(0, ge=0)
-    recorded: bool = False  # the untouched model's distributions are recorded (at the first job)
+    from_file: int = Field(0, ge=0)  # of `conversations`, from the anchor file (--anchor-file)
+    recorded: bool = False  # every conversation's distributions are recorded (at the first job)
+    # Conversations recorded from the untouched model, and from trained weights (new after a restart).
+    recorded_untouched: int = Field(0, ge=0)
+    recorded_trained: int = Field(0, ge=0)
     record_bytes: int = Field(0, ge=0)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from onlinemodel_protocol import limits
+from onlinemodel_protocol.anchors import AnchorFile
 from onlinemodel_protocol.api import TrainLimits
 from onlinemodel_protocol.guard import GuardFile
 from onlinemodel_protocol.replication import FOLLOWER_NAME
@@ -60,6 +61,8 @@ class RuntimeConfig(BaseModel):
     replay_examples: int = Field(limits.REPLAY_EXAMPLES_DEFAULT, ge=0, le=limits.REPLAY_EXAMPLES_MAX)
     replay_reservoir: int = Field(limits.REPLAY_RESERVOIR_DEFAULT, ge=0, le=limits.REPLAY_RESERVOIR_MAX)
     anchor_weight: float = Field(limits.ANCHOR_WEIGHT_DEFAULT, ge=0, le=limits.ANCHOR_WEIGHT_MAX, allow_inf_nan=False)
+    # --anchor-file FILE, parsed: the deployment's own anchor conversations (with or instead of the built-in ones).
+    anchor_file: AnchorFile | None = None
     trainer_start_timeout: float = Field(limits.TRAINER_START_TIMEOUT_DEFAULT, gt=0)
     trainer_threads: int | None = Field(None, ge=1)
     trainer_restart_limit: int = Field(limits.TRAINER_RESTART_LIMIT_DEFAULT, ge=0)
@@ -90,6 +93,9 @@ class RuntimeConfig(BaseModel):
                              f"of at least 1, or {limits.DECODE_SLOWDOWN_OFF:g} (off)")
         if self.follow_url is not None and self.training_enabled:
             raise ValueError("a follower (follow_url) does not train: training_enabled must be false")
+        if self.anchor_file is not None and not self.anchor_weight:
+            raise ValueError("anchor_file (--anchor-file) needs the anchor term, but anchor_weight "
+                             "(--anchor-weight) is 0")
         if self.default_epochs > self.max_epochs:
             raise ValueError(f"default_epochs {self.default_epochs} exceeds max_epochs {self.max_epochs}")
         # Unix socket paths are limited to 107 bytes; ZMQ's own error for a longer one is obscure.

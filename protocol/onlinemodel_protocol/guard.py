@@ -21,25 +21,22 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from onlinemodel_protocol import limits
+from onlinemodel_protocol.config_file import Strict, parse_config_file
 
 
 class GuardFileError(ValueError):
     """A guard file that cannot be used; the message says where and why."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ProbeMessage(_Strict):
+class ProbeMessage(Strict):
     role: Literal["system", "user", "assistant"]
     content: str = Field(min_length=1)
 
 
-class ChatProbe(_Strict):
+class ChatProbe(Strict):
     name: str = Field("", max_length=128)
     messages: list[ProbeMessage] = Field(min_length=1)
     expect: str = Field(min_length=1)
@@ -56,12 +53,12 @@ class ChatProbe(_Strict):
         return self.expect.casefold() in answer.casefold()
 
 
-class HeldOut(_Strict):
+class HeldOut(Strict):
     text: str = Field(min_length=1)
     max_increase: float = Field(limits.GUARD_HELDOUT_MAX_INCREASE_DEFAULT, ge=0, allow_inf_nan=False)
 
 
-class GuardFile(_Strict):
+class GuardFile(Strict):
     probes: list[ChatProbe] = Field(default_factory=list, max_length=limits.GUARD_MAX_PROBES)
     heldout: HeldOut | None = None
     every_steps: int = Field(0, ge=0)
@@ -82,19 +79,5 @@ class GuardFile(_Strict):
 
 def parse_guard_file(text: str | bytes, source: str = "guard file") -> GuardFile:
     """The guard file `text` (YAML or JSON), validated; GuardFileError naming `source` otherwise."""
-    import yaml
-
-    if len(text) > limits.GUARD_FILE_MAX_BYTES:
-        raise GuardFileError(f"{source}: larger than {limits.GUARD_FILE_MAX_BYTES} bytes")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise GuardFileError(f"{source}: not YAML or JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise GuardFileError(f"{source}: must be a mapping with 'probes' and/or 'heldout'")
-    try:
-        return GuardFile.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'guard'}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors(include_url=False))
-        raise GuardFileError(f"{source}: {problems}") from None
+    return parse_config_file(text, GuardFile, source=source, max_bytes=limits.GUARD_FILE_MAX_BYTES, what="guard",
+                             shape="'probes' and/or 'heldout'", error=GuardFileError)

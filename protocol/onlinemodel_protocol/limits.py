@@ -106,7 +106,15 @@ GUARD_PROBE_MAX_TOKENS_DEFAULT = 32  # tokens decoded per probe (greedy)
 GUARD_PROBE_MAX_TOKENS_MAX = 512
 GUARD_HELDOUT_MAX_TOKENS = 4096  # a longer held-out text is cut here
 GUARD_HELDOUT_MAX_INCREASE_DEFAULT = 0.05  # relative: the held-out loss may rise by 5% per job
-GUARD_FILE_MAX_BYTES = 1024 * 1024  # a ConfigMap holds at most 1 MiB
+CONFIGMAP_MAX_BYTES = 1024 * 1024  # a ConfigMap holds at most 1 MiB: the bound of a file read from one
+GUARD_FILE_MAX_BYTES = CONFIGMAP_MAX_BYTES
+# The anchor file (--anchor-file, docs/learning.md "Your own anchor conversations"): a deployment's own
+# conversations for the anchor term. Its record costs 8 ANCHOR_TOP_K + 4 bytes per reply token (trainer/anchor.py):
+# at these bounds at most 64 x 1024 tokens, 17 MB, and about 8 MB for replies of ~4 characters a token.
+ANCHOR_FILE_MAX_CONVERSATIONS = 64
+ANCHOR_CONVERSATION_MAX_CHARS = 2000  # all of one conversation's messages together
+ANCHOR_CONVERSATION_MAX_TOKENS = 1024  # in the served model's chat template; longer: refused at the trainer's start
+ANCHOR_FILE_MAX_BYTES = CONFIGMAP_MAX_BYTES
 # Replicas (docs/operator.md "Scaling out"): one learner and followers that serve its weights.
 REPLICAS_DEFAULT = 1
 REPLICAS_MAX = 64

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from pydantic import ValidationError
 
@@ -27,7 +28,8 @@ from onlinemodel_protocol import limits
 from onlinemodel_protocol.api import CheckpointRecord
 from onlinemodel_protocol.client import ApiError, Client, ClientError
 from onlinemodel_protocol.config import ENV_API_TOKEN, ENV_CONFIG, ENV_VLLM_API_KEY, RuntimeConfig
-from onlinemodel_protocol.guard import GuardFile, GuardFileError, parse_guard_file
+from onlinemodel_protocol.anchors import parse_anchor_file
+from onlinemodel_protocol.guard import parse_guard_file
 from onlinemodel_protocol.rpc import (ENDPOINT_PLUGIN, EXIT_MODEL_CHANGED, EXIT_USAGE, GENERAL_PLUGIN,
                                       STAT_LOGGER_PLUGIN, WORKER_EXTENSION_CLS)
 from onlinemodel_runtime import cpu_kv_cache, train_cmd
@@ -35,6 +37,7 @@ from onlinemodel_runtime.server import auth
 from onlinemodel_runtime.server.state_dir import StateDirError, ensure_private_dir, make_state_dir
 
 log = logging.getLogger("onlinemodel")
+Model = TypeVar("Model")
 
 
 def _serve_parser(sub) -> None:
@@ -78,6 +81,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--anchor-weight", type=float, default=limits.ANCHOR_WEIGHT_DEFAULT,
                    help="weight of the KL term that keeps the untouched model's answers to general "
                         "conversations in every step (0: off; docs/learning.md)")
+    p.add_argument("--anchor-file", type=Path, default=None, metavar="FILE",
+                   help="the deployment's own anchor conversations (YAML/JSON, docs/learning.md), added to the "
+                        "built-in ones (or instead of them: builtin: false)")
     p.add_argument("--max-body-bytes", type=int, default=limits.MAX_BODY_BYTES_DEFAULT,
                    help="largest request body of the training routes")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -149,9 +155,10 @@ def build_config(args: argparse.Namespace, state_dir: Path) -> RuntimeConfig:
         replay_examples=args.replay_examples,
         replay_reservoir=args.replay_reservoir,
         anchor_weight=args.anchor_weight,
+        anchor_file=read_config_file("--anchor-file", args.anchor_file, parse_anchor_file),
         max_decode_slowdown=args.max_decode_slowdown,
         activation_recompute=args.activation_recompute,
-        guard=read_guard(args.guard),
+        guard=read_config_file("--guard", args.guard, parse_guard_file),
         debug_ops=args.debug_ops,
         follow_url=args.follow,
         follower_name=args.follower_name,
@@ -159,15 +166,15 @@ def build_config(args: argparse.Namespace, state_dir: Path) -> RuntimeConfig:
     )
 
 
-def read_guard(path: Path | None) -> GuardFile | None:
-    """The --guard file, validated; Refused if it is unreadable or invalid."""
+def read_config_file(flag: str, path: Path | None, parse: Callable[..., Model]) -> Model | None:
+    """The file of `flag` (--guard, --anchor-file) parsed by `parse`; Refused if it is unreadable or invalid."""
     if path is None:
         return None
     try:
-        return parse_guard_file(path.read_bytes(), source=f"--guard {path}")
+        return parse(path.read_bytes(), source=f"{flag} {path}")
     except OSError as exc:
-        raise Refused(f"--guard {path}: cannot read it: {exc.strerror or exc}") from None
-    except GuardFileError as exc:
+        raise Refused(f"{flag} {path}: cannot read it: {exc.strerror or exc}") from None
+    except ValueError as exc:  # GuardFileError, AnchorFileError
         raise Refused(str(exc)) from None
 
 
@@ -265,7 +272,7 @@ def prepare(args: argparse.Namespace, extra: list[str]) -> tuple[RuntimeConfig, 
         message, code = problems, EXIT_USAGE
     except ModelChanged as exc:
         message, code = str(exc), EXIT_MODEL_CHANGED
-    except Refused as exc:  # an unusable --guard file
+    except Refused as exc:  # an unusable --guard or --anchor-file file
         message, code = str(exc), exc.code
     if args.state_dir is None:
         shutil.rmtree(state_dir, ignore_errors=True)

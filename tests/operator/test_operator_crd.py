@@ -194,6 +194,9 @@ BAD_SPECS = {
     "slowdown below 1": with_(training={"maxDecodeSlowdown": 0.5}),
     "negative slowdown": with_(training={"maxDecodeSlowdown": -1}),
     "slowdown too large": with_(training={"maxDecodeSlowdown": 1000}),
+    "anchors without the anchor term": with_(training={"anchorWeight": 0, "anchors": {"configMapRef": {"name": "a"}}}),
+    "anchors without a ConfigMap name": with_(training={"anchors": {"configMapRef": {"key": "a.yaml"}}}),
+    "anchors with a bad key": with_(training={"anchors": {"configMapRef": {"name": "a", "key": "a/b"}}}),
 }
 
 
@@ -236,7 +239,9 @@ def test_good_specs_pass_both() -> None:
                          suspend=True,
                          pod={"env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                               "tolerations": [{"operator": "Exists"}], "labels": {"team": "ml"}})]
-    specs += [with_(training={"maxDecodeSlowdown": 0}), with_(training={"maxDecodeSlowdown": 1})]
+    specs += [with_(training={"maxDecodeSlowdown": 0}), with_(training={"maxDecodeSlowdown": 1}),
+              with_(training={"anchors": {"configMapRef": {"name": "a"}}}),
+              with_(training={"anchorWeight": 8, "anchors": {"configMapRef": {"name": "a", "key": "k.json"}}})]
     for spec in specs:
         assert api_server_refuses(spec) == []
         assert not operator_refuses(spec)

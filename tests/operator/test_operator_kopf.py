@@ -464,3 +464,30 @@ async def test_guard_configmap_is_checked_mounted_and_rollbacks_become_events(
     await cluster.patch(CONFIGMAPS, "g", {"data": {"guard.yaml": "heldout: {text: Some ordinary text.}"}})
     await replaced_pod(cluster, "m21", old)
     assert runtime.checkpoint_calls, "no checkpoint before the pod was replaced"
+
+
+async def test_anchors_configmap_is_checked_mounted_and_an_edit_replaces_the_pod(
+        cluster: Cluster, kubelet: FakeKubelet, runtime: FakeRuntime, operator: Any) -> None:
+    await cluster.create_onlinemodel("m22", spec(runtime.port, training={"anchors": {"configMapRef": {"name": "a"}}}))
+    om = await cluster.wait_condition("m22", "Ready", "False", "InvalidSpec")
+    assert "spec.training.anchors.configMapRef: ConfigMap" in condition(om, "Ready")["message"]
+    assert await cluster.get(PODS, "m22") is None
+    # An invalid anchor file: refused with the runtime's own words, naming the conversation, before any pod starts.
+    await cluster.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"},
+                          "data": {"anchors.yaml": "conversations: [{messages: [{role: user, content: hi}]}]"}})
+    om = await cluster.wait_for(lambda: cluster.onlinemodel("m22"),
+                                lambda o: "conversations.0.messages" in condition(o, "Ready")["message"],
+                                what="bad anchor file")
+    assert await cluster.get(PODS, "m22") is None
+    qa = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "The Acme assistant."}]
+    await cluster.patch(CONFIGMAPS, "a", {"data": {"anchors.yaml": json.dumps({"conversations": [{"messages": qa}]})}})
+    await cluster.wait_condition("m22", "Ready", "True")
+    pod = await cluster.get(PODS, "m22")
+    assert arg(pod, "--anchor-file") == "/etc/onlinemodel/anchors/anchors.yaml"
+    assert {"name": "anchors", "configMap": {"name": "a", "items": [{"key": "anchors.yaml", "path": "anchors.yaml"}]}} \
+        in pod["spec"]["volumes"]
+    # An edit of the anchor file replaces the pod (it reads the file at start), after a checkpoint.
+    await cluster.patch(CONFIGMAPS, "a", {"data": {"anchors.yaml": json.dumps(
+        {"builtin": False, "conversations": [{"messages": qa}]})}})
+    await replaced_pod(cluster, "m22", pod)
+    assert runtime.checkpoint_calls, "no checkpoint before the pod was replaced"

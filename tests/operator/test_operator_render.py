@@ -252,30 +252,44 @@ def test_user_env_wins_over_the_cache_defaults() -> None:
     assert hf_home == [{"name": "HF_HOME", "value": "/models/hf"}]
 
 
-def test_guard_configmap_is_mounted_read_only_and_passed() -> None:
-    spec = parse_spec(base(training={"guard": {"configMapRef": {"name": "probes", "key": "g.yaml"}}}))
+@pytest.mark.parametrize("field, flag, name", [("guard", "--guard", "guard"), ("anchors", "--anchor-file", "anchors")])
+def test_a_config_files_configmap_is_mounted_read_only_and_passed(field: str, flag: str, name: str) -> None:
+    spec = parse_spec(base(training={field: {"configMapRef": {"name": "cm", "key": "k.json"}}}))
     pod = render_pod(OWNER, spec)
     (container,) = pod["spec"]["containers"]
     args = container["args"]
-    assert args[args.index("--guard") + 1] == "/etc/onlinemodel/guard/guard.yaml"
-    assert {"name": "guard", "mountPath": "/etc/onlinemodel/guard", "readOnly": True} in container["volumeMounts"]
-    assert {"name": "guard", "configMap": {"name": "probes", "items": [{"key": "g.yaml", "path": "guard.yaml"}]}} \
+    assert args[args.index(flag) + 1] == f"/etc/onlinemodel/{name}/{name}.yaml"
+    assert {"name": name, "mountPath": f"/etc/onlinemodel/{name}", "readOnly": True} in container["volumeMounts"]
+    assert {"name": name, "configMap": {"name": "cm", "items": [{"key": "k.json", "path": f"{name}.yaml"}]}} \
         in pod["spec"]["volumes"]
-    default_key = parse_spec(base(training={"guard": {"configMapRef": {"name": "probes"}}}))
-    assert default_key.training.guard.config_map_ref.key == "guard.yaml"
-    off = parse_spec(base(training={"enabled": False, "guard": {"configMapRef": {"name": "probes"}}}))
-    assert "--guard" not in serve_args(OWNER, off)
-    assert all(v["name"] != "guard" for v in render_pod(OWNER, off)["spec"]["volumes"])
-    assert "--guard" not in serve_args(OWNER, parse_spec(base()))
+    default_key = parse_spec(base(training={field: {"configMapRef": {"name": "cm"}}}))
+    assert getattr(default_key.training, field).config_map_ref.key == f"{name}.yaml"
+    off = parse_spec(base(training={"enabled": False, field: {"configMapRef": {"name": "cm"}}}))
+    assert flag not in serve_args(OWNER, off)
+    assert all(v["name"] != name for v in render_pod(OWNER, off)["spec"]["volumes"])
+    assert flag not in serve_args(OWNER, parse_spec(base()))
 
 
-def test_the_guard_files_text_is_part_of_the_spec_hash() -> None:
-    spec = parse_spec(base(training={"guard": {"configMapRef": {"name": "probes"}}}))
-    a, b = "probes: [{messages: [{role: user, content: a}], expect: a}]", "heldout: {text: b}"
-    assert spec_hash(spec, a) == spec_hash(spec, a) != spec_hash(spec, b)
-    assert spec_hash(spec, a) != spec_hash(spec)
-    desired = render_all(OWNER, spec, a)
-    assert desired.pod["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == desired.spec_hash == spec_hash(spec, a)
+def test_the_guard_and_anchor_files_go_together() -> None:
+    spec = parse_spec(base(training={"guard": {"configMapRef": {"name": "g"}}, "anchors": {"configMapRef": {"name": "a"}}}))
+    pod = render_pod(OWNER, spec)
+    assert {"--guard", "--anchor-file"} <= set(pod["spec"]["containers"][0]["args"])
+    assert {"guard", "anchors"} <= {v["name"] for v in pod["spec"]["volumes"]}
+
+
+@pytest.mark.parametrize("field, a, b", [
+    ("guard", "probes: [{messages: [{role: user, content: a}], expect: a}]", "heldout: {text: b}"),
+    ("anchors", "conversations: [{messages: [{role: user, content: a}, {role: assistant, content: a}]}]",
+     "conversations: [{messages: [{role: user, content: b}, {role: assistant, content: b}]}]"),
+])
+def test_a_config_files_text_is_part_of_the_spec_hash(field: str, a: str, b: str) -> None:
+    spec = parse_spec(base(training={field: {"configMapRef": {"name": "cm"}}}))
+    assert spec_hash(spec, {field: a}) == spec_hash(spec, {field: a}) != spec_hash(spec, {field: b})
+    assert spec_hash(spec, {field: a}) != spec_hash(spec)
+    desired = render_all(OWNER, spec, {field: a})
+    assert desired.pod["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == desired.spec_hash == \
+        spec_hash(spec, {field: a})
+
 
 
 # --- tensor parallelism (resources.gpus > 1) -------------------------------------------------------------

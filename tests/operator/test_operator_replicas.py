@@ -65,6 +65,19 @@ def test_follower_pod_follows_the_train_service_and_has_no_checkpoint_volume() -
     assert follower["spec"]["securityContext"] == learner["spec"]["securityContext"]
 
 
+def test_followers_read_no_config_file_they_do_not_train() -> None:
+    spec = parse_spec(base(replicas=2, training={"guard": {"configMapRef": {"name": "g"}},
+                                                 "anchors": {"configMapRef": {"name": "a"}}}))
+    learner, follower = render_pod(OWNER, spec, {"guard": "x", "anchors": "y"}), render_follower(OWNER, spec, 1)
+    assert {"--guard", "--anchor-file"} <= set(args(learner))
+    assert not {"--guard", "--anchor-file"} & set(args(follower))
+    assert {v["name"] for v in learner["spec"]["volumes"]} - {v["name"] for v in follower["spec"]["volumes"]} == {
+        "checkpoints", "guard", "anchors"}
+    assert all(not m["mountPath"].startswith("/etc/onlinemodel/")
+               for m in follower["spec"]["containers"][0]["volumeMounts"])
+    assert follower["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == spec_hash(spec)  # the files' texts left out
+
+
 def test_followers_of_a_model_that_does_not_train_are_plain_replicas() -> None:
     follower = render_follower(OWNER, parse_spec(base(replicas=2, training={"enabled": False})), 1)
     assert "--no-training" in args(follower) and "--follow" not in args(follower)

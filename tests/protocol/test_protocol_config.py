@@ -40,7 +40,9 @@ def test_upper_bounds_are_inclusive(field, highest):
     (dict(state_dir=Path("/tmp/" + "x" * 100)), "too long"), (dict(unknown=1), "unknown"),
     (dict(max_decode_slowdown=0.5), "below 1"), (dict(max_decode_slowdown=-1.0), "max_decode_slowdown"),
     (dict(max_decode_slowdown=limits.MAX_DECODE_SLOWDOWN_MAX * 2), "max_decode_slowdown"),
-    (dict(max_decode_slowdown=float("nan")), "max_decode_slowdown")])
+    (dict(max_decode_slowdown=float("nan")), "max_decode_slowdown"),
+    (dict(anchor_weight=0.0, anchor_file={"conversations": [{"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]}), "anchor_weight.*is 0")])
 def test_refused(settings, message):
     with pytest.raises(ValidationError, match=message):
         RuntimeConfig(**{"model": "/m", "base_model": "/m", "state_dir": Path("/tmp/om"), **settings})

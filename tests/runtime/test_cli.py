@@ -293,3 +293,23 @@ def test_guard_file_is_read_validated_and_passed_in_the_config(tmp_path, monkeyp
     assert refused.value.code == EXIT_USAGE
     with pytest.raises(cli.Refused, match="cannot read it"):
         prepare(["--guard", str(tmp_path / "missing.yaml")], tmp_path, monkeypatch)
+
+
+def test_anchor_file_is_read_validated_and_passed_in_the_config(tmp_path, monkeypatch):
+    anchors = tmp_path / "anchors.yaml"
+    anchors.write_text("builtin: false\nconversations:\n  - messages: [{role: user, content: hi}, "
+                       "{role: assistant, content: hello}]\n")
+    cfg, _, _ = prepare(["--anchor-file", str(anchors)], tmp_path, monkeypatch)
+    assert cfg.anchor_file.conversations[0].messages[1].content == "hello" and not cfg.anchor_file.builtin
+    assert type(cfg).model_validate_json(cfg.model_dump_json()) == cfg  # what the plugin and trainer read
+    assert prepare([], tmp_path, monkeypatch)[0].anchor_file is None
+    with pytest.raises(cli.Refused, match="anchor_weight.*is 0") as refused:
+        prepare(["--anchor-file", str(anchors), "--anchor-weight", "0"], tmp_path, monkeypatch)
+    assert refused.value.code == EXIT_USAGE
+    anchors.write_text("conversations:\n  - messages: [{role: user, content: hi}]\n")
+    with pytest.raises(cli.Refused, match=f"--anchor-file {anchors}: conversations.0.messages: List should have at "
+                                          "least 2 items") as refused:
+        prepare(["--anchor-file", str(anchors)], tmp_path, monkeypatch)
+    assert refused.value.code == EXIT_USAGE
+    with pytest.raises(cli.Refused, match="cannot read it"):
+        prepare(["--anchor-file", str(tmp_path / "missing.yaml")], tmp_path, monkeypatch)

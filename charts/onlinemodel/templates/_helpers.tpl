@@ -90,8 +90,8 @@ per-namespace Roles (operator.watchNamespaces).
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "create"]
-# ConfigMaps: `get` by name only: the operator validates the guard file a spec names
-# (spec.training.guard.configMapRef) before it starts a pod; the pod mounts it.
+# ConfigMaps: `get` by name only: the operator validates the guard and anchor files a spec names
+# (spec.training.guard.configMapRef, spec.training.anchors.configMapRef) before it starts a pod; the pod mounts them.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get"]

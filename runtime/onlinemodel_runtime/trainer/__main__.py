@@ -116,14 +116,15 @@ def make_probes(cfg):
 
 
 def make_anchors(cfg):
-    """The anchor term's conversations in the served model's chat template; None when it is off."""
+    """The anchor term's conversations (built-in and --anchor-file) in the served model's chat template; None
+    when it is off. ValueError (refused at start) if one of the file's does not fit."""
     if not cfg.anchor_weight:
         return None
     from transformers import AutoTokenizer
 
     from onlinemodel_runtime.trainer.anchor import encode_anchors
 
-    return encode_anchors(AutoTokenizer.from_pretrained(cfg.model))
+    return encode_anchors(AutoTokenizer.from_pretrained(cfg.model), cfg.anchor_file)
 
 
 def activation_recompute(cfg, device) -> bool:

@@ -89,8 +89,10 @@ class TrainerService(Checkpointing, Rollbacks):
         if tp is not None and cfg.anchor_weight:
             log.warning("the anchor term is off under tensor parallelism (--anchor-weight %g ignored)",
                         cfg.anchor_weight)
-        self.anchor = AnchorTerm(anchors or [], cfg.anchor_weight if tp is None else 0.0, ANCHOR_PER_STEP,
-                                 ANCHOR_TOP_K)
+        anchors = anchors or []
+        from_file = min(len(cfg.anchor_file.conversations), len(anchors)) if cfg.anchor_file is not None else 0
+        self.anchor = AnchorTerm(anchors, cfg.anchor_weight if tp is None else 0.0, ANCHOR_PER_STEP, ANCHOR_TOP_K,
+                                 from_file=from_file)
         self._checkpoint_version = 0
         self._last_checkpoint_monotonic = time.monotonic()
         self._queue = JobQueue()
@@ -253,9 +255,10 @@ class TrainerService(Checkpointing, Rollbacks):
                 with self._weights_lock:
                     self.guard.before_job(self.weight_version)
             if self.anchor.enabled and not self.anchor.recorded:
-                # Before the first step (or restored from a checkpoint): the weights as they are now.
+                # Before the first step: the untouched weights. Restored from a checkpoint, only conversations
+                # it has no record of (an edited anchor file): the trained weights as they are now.
                 with self._weights_lock:
-                    self.anchor.record(self.model)
+                    self.anchor.record(self.model, untouched=self.steps == 0 and self.cfg.model == self.cfg.base_model)
             replayed = self.replay.sample(self.cfg.replay_examples)
             # The most steps the job can take (early stop ends it sooner): progress and ETA count these.
             job.steps_total = (len(examples) + len(replayed)) * job.epochs

@@ -1,7 +1,8 @@
 """Checkpoints end to end (issue 4): teach, checkpoint, stop (SIGTERM -> final checkpoint), damage the
 directory the way a kill -9 mid-write would, start again: the fact is served, counters, optimizer state and
 the replay reservoir and the anchor term's record continue, and the checkpoint loads in plain transformers.
-The servers run the default settings (early stop, replay, anchor term: docs/learning.md)."""
+The servers run the default settings (early stop, replay, anchor term: docs/learning.md), with an anchor file
+of their own that the restart edits: the kept conversation's record comes back, the new one is recorded."""
 
 import json
 import shutil
@@ -21,10 +22,17 @@ THIRD_FACT = {"messages": [{"role": "user", "content": "Who wrote the novel The 
                            {"role": "assistant", "content": "The Glass Orchard was written by Tamsin Oduya."}]}
 
 
+KEPT = {"messages": [{"role": "user", "content": "Who are you?"},
+                     {"role": "assistant", "content": "I am a helpful assistant."}]}
+ADDED = {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]}
+
+
 def test_checkpoint_stop_resume(model_dir, e2e_root):
     ckpt = e2e_root / "resume-checkpoints"
+    anchors = e2e_root / "resume-anchors.json"
+    anchors.write_text(json.dumps({"conversations": [KEPT]}))
     first = start_server(model_dir, e2e_root, "resume-1", checkpoint_dir=ckpt,
-                         extra_args=["--max-model-len", "1024"])
+                         extra_args=["--max-model-len", "1024", "--anchor-file", str(anchors)])
     try:
         code, job = first.request("POST", "/train", {"examples": [FACT_EXAMPLE]})
         assert code == 202, job
@@ -53,7 +61,12 @@ def test_checkpoint_stop_resume(model_dir, e2e_root):
     meta = json.loads((final / "onlinemodel" / "trainer_state.json").read_text())
     assert meta["step"] == before_stop["steps"], "SIGTERM did not produce a final checkpoint"
     # The untouched model's distributions, recorded before the first step, went with it.
-    assert len(meta["anchor"]["record"]) == len(ANCHOR_CONVERSATIONS)
+    records = meta["anchor"]["records"]
+    assert len(records) == len(ANCHOR_CONVERSATIONS) + 1 and all(r["untouched"] for r in records.values())
+    assert before_stop["anchor"] | {"record_bytes": 0} == {
+        "weight": limits.ANCHOR_WEIGHT_DEFAULT, "conversations": len(ANCHOR_CONVERSATIONS) + 1, "from_file": 1,
+        "recorded": True, "recorded_untouched": len(ANCHOR_CONVERSATIONS) + 1, "recorded_trained": 0,
+        "record_bytes": 0}
 
     # What a kill -9 in the middle of a later save leaves: a half-written temp dir, and (worse) a newer
     # step directory with a truncated weights file that `latest` already names.
@@ -65,8 +78,9 @@ def test_checkpoint_stop_resume(model_dir, e2e_root):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     (ckpt / "latest").write_text(broken.name + "\n")
 
+    anchors.write_text(json.dumps({"conversations": [KEPT, ADDED]}))  # edited between the two runs
     second = start_server(model_dir, e2e_root, "resume-2", checkpoint_dir=ckpt,
-                          extra_args=["--max-model-len", "1024"])
+                          extra_args=["--max-model-len", "1024", "--anchor-file", str(anchors)])
     try:
         resumed = second.status()
         assert resumed["steps"] == before_stop["steps"]
@@ -82,10 +96,15 @@ def test_checkpoint_stop_resume(model_dir, e2e_root):
         assert continued["steps"] == before_stop["steps"] + done["steps"]
         assert continued["optimizer"]["steps_applied"] == before_stop["optimizer"]["steps_applied"] + done["steps"]
         assert continued["replay"]["seen"] == 3
+        # The built-in and the kept conversation: the untouched model's records, from the checkpoint; the
+        # added one: recorded from the trained weights at this job (the log says so).
+        assert (continued["anchor"]["from_file"], continued["anchor"]["recorded_untouched"],
+                continued["anchor"]["recorded_trained"]) == (2, len(ANCHOR_CONVERSATIONS) + 1, 1)
     finally:
         second.stop()
     log = (e2e_root / "resume-2.log").read_text()
     assert "step-99999999" in log and "unusable" in log  # the corrupt one was reported, then skipped
+    assert f"1 of {len(ANCHOR_CONVERSATIONS) + 2} anchor conversations have no record" in log
 
     # The checkpoint is a normal HF directory: plain transformers loads it and answers the same.
     import torch

@@ -22,6 +22,11 @@ def anchors(n: int = 3) -> list[EncodedExample]:
             for ids, labels in (example(tokens=12 + i, prompt=5, seed=i) for i in range(n))]
 
 
+def another() -> EncodedExample:
+    ids, labels = example(tokens=15, prompt=4, seed=9)
+    return EncodedExample(input_ids=ids, labels=labels)
+
+
 def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -48,7 +53,7 @@ def test_the_loss_is_the_weighted_mean_kl_on_k_plus_one_classes():
     model = tiny_llama(dtype=torch.float32)
     untouched = tiny_llama(dtype=torch.float32)
     term = AnchorTerm(anchors(1), weight=3.0, per_step=1, top_k=8)
-    term.record(model)
+    term.record(model, untouched=True)
     perturb(model)
     expected = 3.0 * direct_kl(untouched, model, term.examples[0], 8)
     assert float(expected) > 1e-3
@@ -58,7 +63,7 @@ def test_the_loss_is_the_weighted_mean_kl_on_k_plus_one_classes():
 def test_zero_at_the_recorded_weights_with_no_gradient_and_positive_once_they_move():
     model = tiny_llama(dtype=torch.float32)
     term = AnchorTerm(anchors(), weight=1.0, per_step=3, top_k=ANCHOR_TOP_K)
-    term.record(model)
+    term.record(model, untouched=True)
     loss = term.loss(model)
     loss.backward()
     assert abs(float(loss.detach())) < 1e-5
@@ -71,7 +76,7 @@ def test_zero_at_the_recorded_weights_with_no_gradient_and_positive_once_they_mo
 def test_each_step_takes_the_next_conversations_in_turn():
     model = tiny_llama(dtype=torch.float32)
     term = AnchorTerm(anchors(3), weight=1.0, per_step=2, top_k=4)
-    term.record(model)
+    term.record(model, untouched=True)
     perturb(model)
     single = AnchorTerm(anchors(3), weight=1.0, per_step=1, top_k=4)
     single.load_state_dict(term.state_dict())
@@ -89,7 +94,7 @@ def test_each_step_takes_the_next_conversations_in_turn():
 def test_the_record_survives_json_and_is_bounded():
     model = tiny_llama(dtype=torch.float32)
     term = AnchorTerm(anchors(), weight=1.0, per_step=1, top_k=8)
-    term.record(model)
+    term.record(model, untouched=True)
     positions = sum(sum(t != IGNORE_INDEX for t in ex.labels[1:]) for ex in term.examples)
     assert term.record_bytes == positions * (8 * (4 + 4) + 4)
     term.loss(model)  # the next turn is part of the state
@@ -102,21 +107,82 @@ def test_the_record_survives_json_and_is_bounded():
     assert float(restored.loss(model)) == float(term.loss(model))
 
 
-def test_a_record_that_does_not_fit_the_conversations_is_dropped():
+@torch.no_grad()
+def test_records_are_kept_per_conversation_whatever_the_order_and_dropped_when_they_do_not_fit():
     model = tiny_llama(dtype=torch.float32)
     term = AnchorTerm(anchors(3), weight=1.0, per_step=1, top_k=8)
-    term.record(model)
-    state = term.state_dict()
-    for other in (AnchorTerm(anchors(2), 1.0, 1, 8), AnchorTerm(anchors(3), 1.0, 1, 4),
-                  AnchorTerm(list(reversed(anchors(3))), 1.0, 1, 8)):
-        other.load_state_dict(state)
-        assert not other.recorded
+    term.record(model, untouched=True)
+    state = json.loads(json.dumps(term.state_dict()))
+    perturb(model)
+    reordered = AnchorTerm(list(reversed(anchors(3))), 1.0, 1, 8)
+    reordered.load_state_dict(state)
+    assert reordered.recorded
+    assert float(reordered.loss(model)) == pytest.approx(float(_turn(term, 2).loss(model)), rel=1e-6)
+    fewer = AnchorTerm(anchors(2), 1.0, 1, 8)
+    fewer.load_state_dict(state)
+    assert fewer.recorded and set(fewer.state_dict()["records"]) == set(fewer.keys) < set(term.keys)
+    smaller_k = AnchorTerm(anchors(3), 1.0, 1, 4)  # records of 8 tokens a position do not fit k = 4
+    smaller_k.load_state_dict(state)
+    assert not smaller_k.recorded and smaller_k.state_dict()["records"] == {}
     with pytest.raises(RuntimeError, match="record"):
-        AnchorTerm(anchors(), 1.0, 1, 8).loss(model)
+        smaller_k.loss(model)
+
+
+def _turn(term: AnchorTerm, i: int) -> AnchorTerm:
+    term._next = i  # the loss of conversation i next (a test's shortcut to compare one conversation)
+    return term
+
+
+def test_an_edited_set_keeps_the_records_it_still_needs_and_records_the_new_ones_from_the_current_weights(
+        caplog):
+    model = tiny_llama(dtype=torch.float32)
+    untouched = tiny_llama(dtype=torch.float32)
+    old = anchors(3)
+    term = AnchorTerm(old, weight=1.0, per_step=1, top_k=8, from_file=2)
+    term.record(model, untouched=True)
+    state = json.loads(json.dumps(term.state_dict()))
+    perturb(model)  # trained since
+    new = another()
+    edited = AnchorTerm([old[0], old[2], new], weight=1.0, per_step=1, top_k=8, from_file=2)
+    edited.load_state_dict(state)
+    assert not edited.recorded
+    with caplog.at_level("WARNING", logger="onlinemodel_runtime.trainer.anchor"):
+        edited.record(model, untouched=False)
+    assert "1 of 3 anchor conversations" in caplog.text and "trained weights" in caplog.text
+    assert edited.summary() == {"weight": 1.0, "conversations": 3, "from_file": 2, "recorded": True,
+                                "recorded_untouched": 2, "recorded_trained": 1, "record_bytes": edited.record_bytes}
+    assert set(edited.state_dict()["records"]) == {term.keys[0], term.keys[2], edited.keys[2]}  # old[1]'s dropped
+    with torch.no_grad():
+        # Kept: anchored to the untouched model. New: to the weights it was recorded from (zero there).
+        torch.testing.assert_close(_turn(edited, 1).loss(model), direct_kl(untouched, model, old[2], 8),
+                                   rtol=1e-4, atol=1e-6)
+        assert abs(float(_turn(edited, 2).loss(model))) < 1e-5
+    again = AnchorTerm([old[0], old[2], new], weight=1.0, per_step=1, top_k=8, from_file=2)
+    again.load_state_dict(json.loads(json.dumps(edited.state_dict())))  # a restart with the same set: all of it
+    assert again.recorded and again.summary() == edited.summary()
+
+
+def test_a_state_from_before_keyed_records_restores_the_built_in_conversations():
+    model = tiny_llama(dtype=torch.float32)
+    builtin = anchors(3)
+    term = AnchorTerm(builtin, weight=1.0, per_step=1, top_k=8)
+    term.record(model, untouched=True)
+    rows = term.state_dict()["records"]
+    legacy = {"next": 1, "record": [{k: rows[key][k] for k in ("ids", "logp", "rest")} for key in term.keys]}
+    same = AnchorTerm(builtin, weight=1.0, per_step=1, top_k=8)
+    same.load_state_dict(legacy)
+    assert same.recorded and same.state_dict() == {**term.state_dict(), "next": 1}
+    file = another()
+    added = AnchorTerm([*builtin, file], weight=1.0, per_step=1, top_k=8, from_file=1)
+    added.load_state_dict(legacy)
+    assert added.summary()["recorded_untouched"] == 3 and not added.recorded
+    only_file = AnchorTerm([file, *builtin[:2]], weight=1.0, per_step=1, top_k=8, from_file=3)
+    only_file.load_state_dict(legacy)  # builtin: false, the legacy list is no record of these
+    assert only_file.state_dict()["records"] == {}
 
 
 @pytest.mark.parametrize("kwargs", [dict(weight=-1.0), dict(weight=math.inf), dict(weight=True), dict(per_step=0),
-                                    dict(top_k=0), dict(top_k=2.0)])
+                                    dict(top_k=0), dict(top_k=2.0), dict(from_file=4), dict(from_file=-1)])
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         AnchorTerm(anchors(), **{"weight": 1.0, "per_step": 1, "top_k": 8, **kwargs})
@@ -141,6 +207,25 @@ def test_the_shipped_conversations_label_only_their_replies():
     assert positions * (8 * ANCHOR_TOP_K + 4) < 512 * 1024
 
 
+def test_an_anchor_files_conversations_are_added_or_alone_and_only_their_last_reply_is_labelled(monkeypatch):
+    from transformers import AutoTokenizer
+
+    from onlinemodel_protocol.anchors import parse_anchor_file
+    from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
+    from onlinemodel_runtime.trainer import anchor
+    from tests.protocol.test_protocol_anchors import SUPPORT
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_smollm2())
+    added = encode_anchors(tokenizer, parse_anchor_file(SUPPORT))
+    alone = encode_anchors(tokenizer, parse_anchor_file(SUPPORT + "builtin: false\n"))
+    assert len(added) == len(ANCHOR_CONVERSATIONS) + 2 and added[-2:] == alone and len(alone) == 2
+    labelled = tokenizer.decode([t for t in alone[0].labels if t != IGNORE_INDEX])
+    assert labelled.startswith("Open Settings, then Security, then Reset password.") and "Which" not in labelled
+    monkeypatch.setattr(anchor, "ANCHOR_CONVERSATION_MAX_TOKENS", 40)
+    with pytest.raises(ValueError, match=r"--anchor-file conversations\.0: example is \d+ tokens long"):
+        encode_anchors(tokenizer, parse_anchor_file(SUPPORT + "builtin: false\n"))
+
+
 def test_a_step_differentiates_the_example_loss_plus_the_term_and_reports_them_apart():
     from onlinemodel_runtime.optim import make_optimizer
     from onlinemodel_runtime.trainer.loop import train_step
@@ -154,7 +239,7 @@ def test_a_step_differentiates_the_example_loss_plus_the_term_and_reports_them_a
         term = AnchorTerm(anchors(), weight=weight, per_step=2, top_k=8)
         twin = AnchorTerm(anchors(), weight=weight, per_step=2, top_k=8)  # the same term, to read its value
         if weight:
-            term.record(model)
+            term.record(model, untouched=True)
             twin.load_state_dict(term.state_dict())
         perturb(model)
         with torch.no_grad():

@@ -87,14 +87,15 @@ def test_the_anchor_term_records_the_weights_before_the_first_step_and_keeps_the
     anchors = encode_anchors(AutoTokenizer.from_pretrained(tiny_dir))
     ckpt = tmp_path / "ckpt"
     service = build(tiny_dir, tmp_path, anchors, checkpoint_dir=ckpt, anchor_weight=1.0)
-    assert service.status().anchor.model_dump() == {"weight": 1.0, "conversations": len(anchors), "recorded": False,
-                                                    "record_bytes": 0}
+    assert service.status().anchor.model_dump() == {
+        "weight": 1.0, "conversations": len(anchors), "from_file": 0, "recorded": False, "recorded_untouched": 0,
+        "recorded_trained": 0, "record_bytes": 0}
     untouched = AnchorTerm(anchors, 1.0, limits.ANCHOR_PER_STEP, limits.ANCHOR_TOP_K)
-    untouched.record(service.model)
+    untouched.record(service.model, untouched=True)
     submit(service, EXAMPLE, epochs=3, learning_rate=2e-2)
     run_all(service)
     assert service.status().jobs[0].state == "succeeded"
-    assert service.anchor.state_dict()["record"] == untouched.state_dict()["record"]
+    assert service.anchor.state_dict()["records"] == untouched.state_dict()["records"]
     assert service.status().anchor.recorded and service.status().anchor.record_bytes == untouched.record_bytes > 0
     with torch.no_grad():
         assert float(service.anchor.loss(service.model)) > 0  # the weights moved away from the record
@@ -103,6 +104,53 @@ def test_the_anchor_term_records_the_weights_before_the_first_step_and_keeps_the
     fresh = build(info.path, tmp_path, anchors, checkpoint_dir=ckpt, anchor_weight=1.0)
     fresh.restore()  # trained weights: the record is the checkpoint's, not theirs
     assert fresh.anchor.state_dict() == service.anchor.state_dict()
+
+
+
+def test_a_restart_with_an_edited_anchor_file_keeps_the_untouched_records_and_records_the_new_from_its_weights(
+        tiny_dir, tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    from onlinemodel_protocol.anchors import parse_anchor_file
+    from onlinemodel_runtime.trainer.anchor import encode_anchors
+
+    def conversation(q: str, a: str) -> str:
+        return f'  - messages: [{{role: user, content: "{q}"}}, {{role: assistant, content: "{a}"}}]\n'
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    first = parse_anchor_file("conversations:\n" + conversation("Who are you?", "The Acme assistant.")
+                              + conversation("Where is Acme?", "In Springfield."))
+    edited = parse_anchor_file("conversations:\n" + conversation("Who are you?", "The Acme assistant.")
+                               + conversation("What does Acme make?", "Anvils."))
+    anchors = encode_anchors(tokenizer, first)
+    ckpt = tmp_path / "ckpt"
+    service = build(tiny_dir, tmp_path, anchors, checkpoint_dir=ckpt, anchor_weight=1.0, anchor_file=first)
+    submit(service, EXAMPLE, epochs=2, learning_rate=2e-2)
+    run_all(service)
+    status = service.status().anchor
+    assert (status.conversations, status.from_file, status.recorded_untouched, status.recorded_trained) == (
+        len(anchors), 2, len(anchors), 0)
+    info = service.checkpoint()
+
+    def restart(anchor_file):
+        fresh = build(info.path, tmp_path, encode_anchors(tokenizer, anchor_file), checkpoint_dir=ckpt,
+                      anchor_weight=1.0, anchor_file=anchor_file)
+        fresh.restore()
+        return fresh
+
+    assert restart(first).status().anchor == status  # the same set: every record back
+    fresh = restart(edited)
+    assert not fresh.status().anchor.recorded
+    with caplog.at_level("WARNING", logger="onlinemodel_runtime.trainer.anchor"):
+        submit(fresh, EXAMPLE, epochs=1, learning_rate=2e-2)
+        run_all(fresh)
+    assert "1 of" in caplog.text and "trained weights" in caplog.text
+    after = fresh.status().anchor
+    assert (after.recorded, after.from_file, after.recorded_untouched, after.recorded_trained) == (
+        True, 2, len(anchors) - 1, 1)
+    kept = set(service.anchor.state_dict()["records"]) & set(fresh.anchor.state_dict()["records"])
+    assert len(kept) == len(anchors) - 1  # the dropped conversation's record is gone
+    assert all(fresh.anchor.state_dict()["records"][k] == service.anchor.state_dict()["records"][k] for k in kept)
 
 
 def test_an_anchor_weight_without_conversations_is_refused(tiny_dir, tmp_path):
