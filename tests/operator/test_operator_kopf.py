@@ -52,6 +52,8 @@ def arg(pod: dict[str, Any], flag: str) -> str:
 
 
 async def event_reasons(cluster: Cluster, name: str) -> set[str]:
+    """Reasons of `name`'s Events so far: kopf posts them from a queue, after the status patch that may have
+    been waited for, so a test waits for them with `cluster.wait_for`."""
     return {e.get("reason") for e in cluster.api.live("v1/events", cluster.namespace)
             if e.get("involvedObject", {}).get("name") == name}
 
@@ -277,7 +279,8 @@ async def test_generated_api_token_is_owned_mounted_reused_and_used(cluster: Clu
     await cluster.wait_condition("m14", "Ready", "True")
     again = await cluster.get(SECRETS, "m14-api-token")
     assert again["metadata"]["uid"] == secret["metadata"]["uid"] and secret_value(again) == token
-    assert "ApiTokenCreated" in await event_reasons(cluster, "m14")
+    await cluster.wait_for(lambda: event_reasons(cluster, "m14"), lambda r: "ApiTokenCreated" in r,
+                           what="ApiTokenCreated event")
     # Never written anywhere else: not in the resource, its Events, or the operator's log.
     events = cluster.api.live("v1/events", cluster.namespace)
     assert token not in json.dumps(await cluster.onlinemodel("m14")) + json.dumps(events)
@@ -303,7 +306,8 @@ async def test_a_changed_model_is_held_until_the_user_decides(cluster: Cluster, 
     await cluster.wait_for(lambda: cluster.get(PODS, "m16"), lambda p: p is None, what="the refused pod deleted")
     await asyncio.sleep(1.5)  # five poll intervals
     assert await cluster.get(PODS, "m16") is None
-    assert "ModelChanged" in await event_reasons(cluster, "m16")
+    await cluster.wait_for(lambda: event_reasons(cluster, "m16"), lambda r: "ModelChanged" in r,
+                           what="ModelChanged event")
     # The user decides: start over from the new model (the runtime moves the old checkpoints aside).
     await cluster.patch(ONLINEMODELS, "m16", {"spec": {"checkpoint": {"startOver": True}}})
     new = await cluster.wait_for(lambda: cluster.get(PODS, "m16"), lambda p: p is not None, what="a new pod")

@@ -33,6 +33,6 @@ async def test_two_gpus_render_tensor_parallel_pods_and_vllms_refusal_is_reporte
     om = await cluster.wait_condition("tp", "Degraded", "True", "CrashLoopBackOff")
     assert "must be divisible by tensor parallel size (2)" in om["status"]["lastFailure"]["message"]
     assert condition(om, "Ready")["status"] == "False" and om["status"]["phase"] == "Failed"
-    assert "CrashLoopBackOff" in await event_reasons(cluster, "tp")
+    await cluster.wait_for(lambda: event_reasons(cluster, "tp"), lambda r: "CrashLoopBackOff" in r, what="the event")
     # The pod is the kubelet's to restart (restartPolicy Always); the operator leaves it to the user's fix.
     assert (await cluster.get(PODS, "tp"))["metadata"]["uid"] == pods["tp"]["metadata"]["uid"]
