@@ -110,6 +110,7 @@ RECIPES = [
     replace(STOP, name="kl4-per4-margin1-stop-e20-replay4", anchor_weight=4.0, anchor_per_step=4, margin=1.0,
             epochs=20),
     replace(STOP, name="kl8-margin1-stop-e20-replay4", anchor_weight=8.0, margin=1.0, epochs=20),
+    replace(STOP, name="kl6-margin1-stop-e20-replay4", anchor_weight=6.0, margin=1.0, epochs=20),
 ]
 
 
