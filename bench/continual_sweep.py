@@ -152,7 +152,7 @@ class InProcess:
         self.anchor_term = AnchorTerm(encode_anchors(self.tok), recipe.anchor_weight, recipe.anchor_per_step,
                                       recipe.anchor_top_k)
         if self.anchor_term.enabled:
-            self.anchor_term.record(self.model)
+            self.anchor_term.record(self.model, untouched=True)  # just loaded
 
     # -- asking ------------------------------------------------------------------------------
     def ask(self, questions: list[str]) -> list[str]:

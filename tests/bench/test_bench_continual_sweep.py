@@ -1,0 +1,35 @@
+"""bench/continual_sweep.py trains with the runtime's own pieces (job schedule, step, anchor term), so a change
+of their signatures must not leave it broken (it did once: the anchor term's `record` gained an argument).
+One job of the recipe that chose the defaults, on SmolLM2, and that recipe is the runtime's defaults."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import continual_set as cs  # noqa: E402
+import continual_sweep as sweep  # noqa: E402
+
+from onlinemodel_protocol import limits  # noqa: E402
+from onlinemodel_runtime.devtools.model_prep import ensure_smollm2  # noqa: E402
+
+DEFAULTS = {r.name: r for r in sweep.RECIPES}["kl4-margin1-stop-e20-replay4-anchor48"]
+
+
+def test_the_defaults_recipe_is_the_runtimes_defaults():
+    assert (DEFAULTS.lr, DEFAULTS.epochs, DEFAULTS.margin, DEFAULTS.replay, DEFAULTS.reservoir) == (
+        limits.LEARNING_RATE_DEFAULT, limits.EPOCHS_DEFAULT, limits.EARLY_STOP_MARGIN_DEFAULT,
+        limits.REPLAY_EXAMPLES_DEFAULT, limits.REPLAY_RESERVOIR_DEFAULT)
+    assert (DEFAULTS.anchor_weight, DEFAULTS.anchor_per_step, DEFAULTS.anchor_top_k) == (
+        limits.ANCHOR_WEIGHT_DEFAULT, limits.ANCHOR_PER_STEP, limits.ANCHOR_TOP_K)
+
+
+def test_one_job_trains_the_fact_with_the_anchor_term():
+    backend = sweep.InProcess(ensure_smollm2(), DEFAULTS, seed=0, device="cpu", batch=1)
+    assert backend.anchor_term.recorded
+    fact = cs.load_facts()[0]
+    job = backend.teach(fact.example)
+    assert job["new_steps"] >= 1 and len(job["anchor_losses"]) == job["steps"]
+    assert job["losses"][-1] < job["losses"][0]
