@@ -105,7 +105,7 @@ RECIPES = [
     # The same with the runtime's 48 anchor conversations (the 32 everyday ones and 16 general-knowledge ones);
     # the rows above ran with the first 32 only.
     replace(STOP, name="kl4-margin1-stop-e20-replay4-anchor48", anchor_weight=4.0, margin=1.0, epochs=20),
-    # For the controls (87.7% above): twice the conversations per step, or twice the weight (neither beat the
+    # For the controls (87.7% above): twice the conversations per step, or a weight of 8 or 6 (none beat the
     # defaults on all four targets: docs/learning.md).
     replace(STOP, name="kl4-per4-margin1-stop-e20-replay4", anchor_weight=4.0, anchor_per_step=4, margin=1.0,
             epochs=20),
