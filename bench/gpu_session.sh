@@ -16,7 +16,9 @@
 #   bash bench/gpu_session.sh tests     the GPU tests alone, with $PYTHON (what `make test-gpu` runs)
 #
 # Environment: OUT (results; default ./gpu-out), PYTHON (default python3), GPU_TESTS (step A's and `tests`'
-# paths, default tests/gpu: the whole of step A took over its 500 s on 2026-12-01), ONLINEMODEL_TOKENIZER_DIR
+# paths, default tests/gpu. The whole of tests/gpu takes longer than one device call: on 2026-12-02 it passed
+# in three, GPU_TESTS=tests/gpu/serving/test_serving_qwen3{,5,5_moe}.py (548 s, the MoE's restart cut),
+# the MoE module's teach test alone (475 s) and tests/gpu/optim tests/gpu/trainer (95 s)), ONLINEMODEL_TOKENIZER_DIR
 # (default .gpu/tokenizer if present), UTIL, PHASES and BUDGETS (step B's --gpu-memory-utilization, default
 # 0.55, --phases, default decode,train,checkpoint, and --budgets, default `default`: one server start; `default,off`
 # adds the unpaced comparison and a second start). Run B last: a server it leaves after a timeout stays.

@@ -37,8 +37,9 @@ ARCHITECTURES = {
 }
 # A fifth of the card each (vLLM only checks it is free at start), a fixed KV cache instead of
 # profiling (which would count the other servers' allocations as its own), few CUDA graph sizes.
-# --max-num-batched-tokens: vLLM's first warm-up run is a batch of this many tokens (8192 by default: 101 s
-# of a 235 s start for the MoE shape on the H200); the tests never batch more than one model length.
+# --max-num-batched-tokens: the tests never batch more than one model length. It does not shorten vLLM's
+# first profiling/warm-up run for the MoE shape much (101 s at 8192 tokens, 91.5 s at 1024 on the H200):
+# that run is spent compiling kernels, not on the batch's size.
 GPU_ARGS = ["--gpu-memory-utilization", "0.2", "--kv-cache-memory-bytes", str(2 << 30), "--max-num-seqs", "8",
             "--max-model-len", "1024", "--max-num-batched-tokens", "1024"]
 
