@@ -1,12 +1,13 @@
 """The onlinemodel Kubernetes operator: the OnlineModel resource and the kopf handlers that run it.
 
-Pure parts (no I/O): `models` (the resource, spec and status, as pydantic models), `crd` (the CRD
-generated from them), `render` (spec -> Pod/Service/PVC/API-token Secret), `pod` (reading a live pod
-back), `decide` (what was observed -> the one action of a pass), `replicas` (followers: render, decide, status),
-`status` (pod + runtime answer -> OnlineModelStatus), `events` (old and new status -> the Events worth posting),
-`clock` (UTC, RFC 3339). I/O parts: `kube` (Kubernetes API), `runtime_client` (the pod's HTTP API),
-`reconcile` (one idempotent pass that executes `decide`'s action), `handlers` (thin kopf handlers),
-`config` and `main` (the `onlinemodel-operator` entry point).
+Pure parts (no I/O): `models` (the resource, as pydantic models; its spec in `models_spec`, its status in
+`models_status`, their shared base in `models_base`), `crd` (the CRD generated from them), `render` (spec ->
+Pod/Service/PVC/API-token Secret), `pod` (reading a live pod back), `decide` (what was observed -> the one
+action of a pass), `replicas` (followers: render, decide, status), `status` (pod + runtime answer ->
+OnlineModelStatus), `events` (old and new status -> the Events worth posting), `clock` (UTC, RFC 3339). I/O
+parts: `kube` (Kubernetes API), `runtime_client` (the pod's HTTP API), `reconcile` (one idempotent pass that
+executes `decide`'s action), `handlers` (thin kopf handlers), `config` and `main` (the `onlinemodel-operator`
+entry point).
 """
 
 GROUP = "onlinemodel.dev"

@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
-from onlinemodel_operator.models import ConfigMapKeyRef, OnlineModelSpec
+from onlinemodel_operator.models_spec import ConfigMapKeyRef, OnlineModelSpec
 from onlinemodel_protocol.anchors import parse_anchor_file
 from onlinemodel_protocol.guard import parse_guard_file
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from onlinemodel_operator.models import GuardStatus, JobStatus, OnlineModelStatus
+from onlinemodel_operator.models_status import GuardStatus, JobStatus, OnlineModelStatus
 from onlinemodel_operator.pod import FAILING_POD_REASONS
 
 WARNING_REASONS = FAILING_POD_REASONS | {"TrainerError", "CheckpointFailed", "InvalidSpec", "RuntimeUnreachable",

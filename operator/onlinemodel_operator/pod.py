@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
 from onlinemodel_operator import SPEC_HASH_ANNOTATION
-from onlinemodel_operator.models import API_TOKEN_ENV, FailureStatus
+from onlinemodel_operator.models_spec import API_TOKEN_ENV
+from onlinemodel_operator.models_status import FailureStatus
 from onlinemodel_operator.render import CONTAINER_NAME, PORT_NAME
 from onlinemodel_protocol.rpc import EXIT_MODEL_CHANGED
 

@@ -33,16 +33,9 @@ from onlinemodel_operator.decide import (
 )
 from onlinemodel_operator.kube import (CLAIMS, CONFIGMAPS, ONLINEMODELS, PODS, SECRETS, SERVICES, Conflict, KubeApi,
                                        KubeError)
-from onlinemodel_operator.models import (
-    FailureStatus,
-    ModelChangedStatus,
-    OnlineModelSpec,
-    OnlineModelStatus,
-    SecretKeyStatus,
-    format_validation_error,
-    name_error,
-    parse_spec,
-)
+from onlinemodel_operator.models import name_error
+from onlinemodel_operator.models_spec import OnlineModelSpec, format_validation_error, parse_spec
+from onlinemodel_operator.models_status import FailureStatus, ModelChangedStatus, OnlineModelStatus, SecretKeyStatus
 from onlinemodel_operator.pod import analyze_pod, api_token_ref, pod_failure, runtime_url
 from onlinemodel_operator.replicas import (CreateFollower, decide_followers, follower_index, follower_pod_name,
                                            render_follower, replicas_status)

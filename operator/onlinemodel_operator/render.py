@@ -27,8 +27,9 @@ from onlinemodel_operator import (
     SPEC_HASH_ANNOTATION,
 )
 from onlinemodel_operator.config_files import config_file_args, config_file_hashes, config_file_volumes
-from onlinemodel_operator.models import (API_TOKEN_ENV, SHM_ONE_DEVICE_GIB, SHM_PER_TP_GPU_GIB, OnlineModelSpec,
-                                         Quantity, SecretKeyRef)
+from onlinemodel_operator.models_base import Quantity
+from onlinemodel_operator.models_spec import (API_TOKEN_ENV, SHM_ONE_DEVICE_GIB, SHM_PER_TP_GPU_GIB, OnlineModelSpec,
+                                              SecretKeyRef)
 
 CONTAINER_NAME = "runtime"
 PORT_NAME = "http"
@@ -238,7 +239,7 @@ def _resources(spec: OnlineModelSpec) -> dict[str, Any]:
 
 def shm_size(spec: OnlineModelSpec) -> Quantity:
     """The /dev/shm size limit: the spec's, else what one device needs plus NCCL's share per GPU under tensor
-    parallelism (models.SHM_PER_TP_GPU_GIB says why)."""
+    parallelism (models_spec.SHM_PER_TP_GPU_GIB says why)."""
     res = spec.resources
     if res.shm_size is not None:
         return res.shm_size

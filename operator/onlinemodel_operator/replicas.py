@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Union
 
 from onlinemodel_operator import FOLLOWER, NAME_LABEL, ROLE_LABEL
-from onlinemodel_operator.models import FollowerReplicaStatus, OnlineModelSpec, ReplicasStatus
+from onlinemodel_operator.models_spec import OnlineModelSpec
+from onlinemodel_operator.models_status import FollowerReplicaStatus, ReplicasStatus
 from onlinemodel_operator.pod import analyze_pod, finished_phase, is_terminating, spec_hash_of
 from onlinemodel_operator.status import Verdict
 from onlinemodel_operator.config_files import CONFIG_FILES

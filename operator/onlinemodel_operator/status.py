@@ -3,7 +3,7 @@
 The status tells the truth about the live pod and trainer at this moment: all five conditions are always
 present (and FollowersInSync while scaled out), every condition and the status carry the generation they describe, and a condition keeps its
 lastTransitionTime while its status does not change. Reads the raw OnlineModel, so an invalid spec still
-gets a status; builds the `models.OnlineModelStatus` the API receives (its `to_dict()`).
+gets a status; builds the `models_status.OnlineModelStatus` the API receives (its `to_dict()`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 from pydantic import ValidationError
 
 from onlinemodel_operator.clock import parse_time, rfc3339
-from onlinemodel_operator.models import (
+from onlinemodel_operator.models_status import (
     CONDITION_TYPES,
     FOLLOWERS_CONDITION,
     CheckpointStatus,

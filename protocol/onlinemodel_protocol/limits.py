@@ -1,7 +1,7 @@
 """Every default and bound of a training setting, defined once.
 
 ``RuntimeConfig`` (the ``onlinemodel serve`` flags), the ``POST /train`` parser and the operator's CRD
-(``operator/onlinemodel_operator/models.py``) read these, so all three accept the same values
+(``operator/onlinemodel_operator/models_spec.py``) read these, so all three accept the same values
 (tests/protocol/test_protocol_limits.py checks that they do).
 """
 

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from chart_helpers import EXAMPLES_DIR, KUBE_VERSIONS, load_crd_source
-from onlinemodel_operator.models import OnlineModel, parse_spec
+from onlinemodel_operator.models import OnlineModel
+from onlinemodel_operator.models_spec import parse_spec
 from onlinemodel_operator.render import Owner, render_all, render_token_secret
 
 EXAMPLE_FILES = sorted(EXAMPLES_DIR.glob("*.yaml"))

@@ -15,9 +15,10 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from onlinemodel_operator import models
 from onlinemodel_operator.crd import CRD_FILENAME, build_crd, render_crd_yaml
-from onlinemodel_operator.models import OnlineModel, parse_spec
+from onlinemodel_operator.models import OnlineModel
+from onlinemodel_operator.models_spec import parse_spec
+from onlinemodel_operator.models_status import ModelChangedStatus, OnlineModelStatus, SecretKeyStatus
 from onlinemodel_protocol import limits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -327,14 +328,14 @@ def test_status_schema_accepts_what_the_operator_writes() -> None:
 
     body = {"metadata": {"name": "m", "generation": 2}, "spec": GOOD, "status": {}}
     status = compute_status(body, None, None, datetime.now(timezone.utc), endpoint="http://m.ns.svc:8000",
-                            desired_hash="h", api_token_secret=models.SecretKeyStatus(name="m-api-token", key="token"),
-                            model_changed=models.ModelChangedStatus(spec_hash="h", message="another base model",
-                                                                    time="2026-11-26T05:00:00Z")).to_dict()
+                            desired_hash="h", api_token_secret=SecretKeyStatus(name="m-api-token", key="token"),
+                            model_changed=ModelChangedStatus(spec_hash="h", message="another base model",
+                                                             time="2026-11-26T05:00:00Z")).to_dict()
     assert {"apiTokenSecret", "modelChanged"} <= set(status)
     obj = full_object(GOOD)
     obj["status"] = status
     assert [e.message for e in validator().iter_errors(obj)] == []
-    assert models.OnlineModelStatus.model_validate(status).conditions[0].type == "Ready"
+    assert OnlineModelStatus.model_validate(status).conditions[0].type == "Ready"
 
 
 def test_build_crd_shape() -> None:

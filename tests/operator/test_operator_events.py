@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from onlinemodel_operator.events import transitions
-from onlinemodel_operator.models import CheckpointStatus, OnlineModelStatus
+from onlinemodel_operator.models_status import CheckpointStatus, OnlineModelStatus
 from onlinemodel_operator.status import compute_status
 from onlinemodel_protocol.api import TrainStatus
 from test_operator_status import HASH, LATER, NOW, om, pod, runtime

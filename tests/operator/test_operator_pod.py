@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from onlinemodel_operator.models import FailureStatus
+from onlinemodel_operator.models_status import FailureStatus
 from onlinemodel_operator.pod import api_token_ref, pod_failure, runtime_container, runtime_url
 
 SIDECAR = {"name": "proxy", "ports": [{"name": "http", "containerPort": 1234}],

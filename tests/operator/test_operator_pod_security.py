@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import pytest
 
-from onlinemodel_operator.models import parse_spec
+from onlinemodel_operator.models_spec import parse_spec
 from onlinemodel_operator.render import Owner, render_pod
 from pod_security import CONTROLS, violations
 

@@ -11,9 +11,9 @@ from typing import Any, Optional
 import pytest
 
 from onlinemodel_operator.crd import PRINTER_COLUMNS, build_crd
-from onlinemodel_operator.models import CheckpointStatus
+from onlinemodel_operator.models_status import CheckpointStatus
 from onlinemodel_operator.status import RuntimeUnavailable, compute_status
-from onlinemodel_operator.models import parse_spec
+from onlinemodel_operator.models_spec import parse_spec
 from onlinemodel_operator.replicas import replicas_status
 from test_operator_replicas import OWNER, UP, base, learner_status, seen
 from test_operator_status import HASH, NOW, om, pod, runtime

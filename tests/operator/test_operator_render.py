@@ -9,7 +9,7 @@ import base64
 import pytest
 
 from onlinemodel_operator import MANAGED_BY_LABEL, NAME_LABEL, SPEC_HASH_ANNOTATION
-from onlinemodel_operator.models import parse_spec
+from onlinemodel_operator.models_spec import parse_spec
 from onlinemodel_operator.render import (
     CACHE_ENV,
     CHECKPOINT_DIR,

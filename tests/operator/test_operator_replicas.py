@@ -9,7 +9,7 @@ from typing import Any, Optional
 import pytest
 
 from onlinemodel_operator import FOLLOWER, LEARNER, NAME_LABEL, ROLE_LABEL, SPEC_HASH_ANNOTATION
-from onlinemodel_operator.models import parse_spec
+from onlinemodel_operator.models_spec import parse_spec
 from onlinemodel_operator.render import CHECKPOINT_DIR, Owner, render_all, render_pod, spec_hash
 from onlinemodel_operator.replicas import (
     CreateFollower,

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import pytest
 
 from onlinemodel_operator import SPEC_HASH_ANNOTATION
-from onlinemodel_operator.models import (
+from onlinemodel_operator.models_status import (
     PHASES,
     CheckpointStatus,
     ModelChangedStatus,
