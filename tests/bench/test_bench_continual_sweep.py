@@ -15,7 +15,7 @@ import continual_sweep as sweep  # noqa: E402
 from onlinemodel_protocol import limits  # noqa: E402
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2  # noqa: E402
 
-DEFAULTS = {r.name: r for r in sweep.RECIPES}["kl4-margin1-stop-e20-replay4-anchor48"]
+DEFAULTS = {r.name: r for r in sweep.RECIPES}["kl4-margin1-stop-e40-replay4"]
 
 
 def test_the_defaults_recipe_is_the_runtimes_defaults():

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from onlinemodel_protocol.config import RuntimeConfig
-from onlinemodel_protocol.limits import MAX_MESSAGES
+from onlinemodel_protocol.limits import MAX_EPOCHS_DEFAULT, MAX_MESSAGES
 from onlinemodel_protocol.rpc import IGNORE_INDEX
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 from onlinemodel_runtime.server.train_request import (
@@ -81,8 +81,9 @@ def test_valid_request_gets_the_configured_defaults():
      "examples[0].messages[0].content", "invalid_content", 400, "content must be a string, found null"),
     (body([{"messages": [QA[0], {"role": "assistant"}]}]),
      "examples[0].messages[1].content", "missing", 400, "field required"),
-    (body(epochs=0), "epochs", "out_of_range", 400, "epochs must be between 1 and 20, got 0"),
-    (body(epochs=21), "epochs", "out_of_range", 400, "epochs must be between 1 and 20, got 21"),
+    (body(epochs=0), "epochs", "out_of_range", 400, f"epochs must be between 1 and {MAX_EPOCHS_DEFAULT}, got 0"),
+    (body(epochs=MAX_EPOCHS_DEFAULT + 1), "epochs", "out_of_range", 400,
+     f"epochs must be between 1 and {MAX_EPOCHS_DEFAULT}, got {MAX_EPOCHS_DEFAULT + 1}"),
     (body(epochs=2.5), "epochs", "invalid_type", 400, "epochs must be an integer"),
     (body(epochs=True), "epochs", "invalid_type", 400, "epochs must be an integer"),
     (body(learning_rate=0), "learning_rate", "out_of_range", 400, "learning_rate must be > 0.0 and <= 1.0, got 0"),
