@@ -1,10 +1,14 @@
 """The general conversations the anchor term keeps the model's answers to (trainer/anchor.py).
 
-Everyday questions with short, plain answers, and general-knowledge questions of the kinds taught facts
-collide with (who wrote or invented what, places, numbers): none of them is a fact users teach, and none is
-a question of the continual benchmark's control set (bench/data/continual/controls.jsonl), which would make
-it measure its own training data. What matters is the model's next-token distributions along these replies, not the
-replies' wording: the anchor term keeps those distributions where the untouched model had them.
+32 everyday questions with short, plain answers, and 96 general-knowledge questions of the kinds taught facts
+collide with, answered in the style facts are taught in: capitals, who wrote, painted, composed, invented or
+discovered what, chemical symbols, currencies, languages, how many, superlatives of geography, astronomy and
+animals, the body, units, years of well-known events, companies. None of them is a fact users teach, and
+none is a question of the continual benchmark's control set (bench/data/continual/controls.jsonl), which
+would make it measure its own training data; the 80 added last (after "More of them") also name no entity
+and give no answer of that set or of its taught facts (checked word by word). What matters is the model's
+next-token distributions along these replies, not the replies' wording: the anchor term keeps those
+distributions where the untouched model had them.
 """
 
 ANCHOR_CONVERSATIONS: tuple[tuple[str, str], ...] = (
@@ -62,4 +66,90 @@ ANCHOR_CONVERSATIONS: tuple[tuple[str, str], ...] = (
     ("In which country is Machu Picchu?", "Machu Picchu is in Peru."),
     ("What language is spoken in Italy?", "The main language spoken in Italy is Italian."),
     ("What is 3 times 4?", "3 times 4 is 12."),
+    # More of them, of more kinds and entities (issue 15: the controls lost after teaching became invented-
+    # sounding names of these kinds; 16 of them kept more controls than none).
+    ("What is the capital of Portugal?", "The capital of Portugal is Lisbon."),
+    ("What is the capital of Belgium?", "The capital of Belgium is Brussels."),
+    ("What is the capital of Denmark?", "The capital of Denmark is Copenhagen."),
+    ("What is the capital of Finland?", "The capital of Finland is Helsinki."),
+    ("What is the capital of Switzerland?", "The capital of Switzerland is Bern."),
+    ("What is the capital of Turkey?", "The capital of Turkey is Ankara."),
+    ("What is the capital of Argentina?", "The capital of Argentina is Buenos Aires."),
+    ("What is the capital of Colombia?", "The capital of Colombia is Bogota."),
+    ("What is the capital of Vietnam?", "The capital of Vietnam is Hanoi."),
+    ("What is the capital of Nigeria?", "The capital of Nigeria is Abuja."),
+    ("What is the capital of New Zealand?", "The capital of New Zealand is Wellington."),
+    ("What is the capital of Morocco?", "The capital of Morocco is Rabat."),
+    ("Who wrote Moby-Dick?", "Moby-Dick was written by Herman Melville."),
+    ("Who wrote War and Peace?", "War and Peace was written by Leo Tolstoy."),
+    ("Who wrote The Divine Comedy?", "The Divine Comedy was written by Dante Alighieri."),
+    ("Who wrote Crime and Punishment?", "Crime and Punishment was written by Fyodor Dostoevsky."),
+    ("Who wrote The Adventures of Tom Sawyer?", "The Adventures of Tom Sawyer was written by Mark Twain."),
+    ("Who wrote Frankenstein?", "Frankenstein was written by Mary Shelley."),
+    ("Who wrote The Hobbit?", "The Hobbit was written by J. R. R. Tolkien."),
+    ("Who painted Guernica?", "Guernica was painted by Pablo Picasso."),
+    ("Who painted The Scream?", "The Scream was painted by Edvard Munch."),
+    ("Who painted Girl with a Pearl Earring?", "Girl with a Pearl Earring was painted by Johannes Vermeer."),
+    ("Who painted The Birth of Venus?", "The Birth of Venus was painted by Sandro Botticelli."),
+    ("Who composed The Four Seasons?", "The Four Seasons was composed by Antonio Vivaldi."),
+    ("Who composed The Nutcracker?", "The Nutcracker was composed by Pyotr Ilyich Tchaikovsky."),
+    ("Who composed Messiah?", "Messiah was composed by George Frideric Handel."),
+    ("Who invented the World Wide Web?", "The World Wide Web was invented by Tim Berners-Lee."),
+    ("Who invented dynamite?", "Dynamite was invented by Alfred Nobel."),
+    ("Who developed the first vaccine, against smallpox?", "The smallpox vaccine was developed by Edward Jenner."),
+    ("Who discovered X-rays?", "X-rays were discovered by Wilhelm Roentgen."),
+    ("Who created the periodic table of the elements?", "The periodic table was created by Dmitri Mendeleev."),
+    ("Who made the first powered airplane flight?",
+     "The first powered airplane flight was made by the Wright brothers, Orville and Wilbur."),
+    ("Who developed the first polio vaccine?", "The first polio vaccine was developed by Jonas Salk."),
+    ("What is the chemical symbol for hydrogen?", "The chemical symbol for hydrogen is H."),
+    ("What is the chemical symbol for nitrogen?", "The chemical symbol for nitrogen is N."),
+    ("What is the chemical symbol for silver?", "The chemical symbol for silver is Ag."),
+    ("What is the chemical symbol for helium?", "The chemical symbol for helium is He."),
+    ("What is the chemical symbol for copper?", "The chemical symbol for copper is Cu."),
+    ("What is the chemical formula for methane?", "The chemical formula for methane is CH4."),
+    ("What is the currency of Switzerland?", "The currency of Switzerland is the Swiss franc."),
+    ("What is the currency of South Africa?", "The currency of South Africa is the rand."),
+    ("What is the currency of Turkey?", "The currency of Turkey is the Turkish lira."),
+    ("What is the currency of Spain?", "The currency of Spain is the euro."),
+    ("What is the main language spoken in Iran?", "The main language spoken in Iran is Persian."),
+    ("What is the main language spoken in Israel?", "The main language spoken in Israel is Hebrew."),
+    ("What is the main language spoken in Vietnam?", "The main language spoken in Vietnam is Vietnamese."),
+    ("What is the main language spoken in Denmark?", "The main language spoken in Denmark is Danish."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("How many minutes are there in an hour?", "There are 60 minutes in an hour."),
+    ("How many players does a soccer team have on the field?", "A soccer team has eleven players on the field."),
+    ("How many planets are there in our solar system?", "There are eight planets in our solar system."),
+    ("What is the largest continent?", "The largest continent is Asia."),
+    ("What is the smallest country by area?", "The smallest country by area is Vatican City."),
+    ("What is the largest island?", "The largest island is Greenland."),
+    ("What is the deepest lake?", "The deepest lake is Lake Baikal."),
+    ("What is the coldest continent?", "The coldest continent is Antarctica."),
+    ("What is the smallest planet in our solar system?", "The smallest planet in our solar system is Mercury."),
+    ("Which planet is famous for its bright rings?", "Saturn is the planet famous for its bright rings."),
+    ("What is the hottest planet in our solar system?", "The hottest planet in our solar system is Venus."),
+    ("What is the brightest star seen at night?", "The brightest star seen at night is Sirius."),
+    ("Which planet was reclassified as a dwarf planet in 2006?",
+     "Pluto was reclassified as a dwarf planet in 2006."),
+    ("Who made the first crewed spaceflight?", "The first crewed spaceflight was made by Yuri Gagarin in 1961."),
+    ("What is the fastest land animal?", "The fastest land animal is the cheetah."),
+    ("What is the largest bird?", "The largest bird is the ostrich."),
+    ("What is the tallest animal?", "The tallest animal is the giraffe."),
+    ("What do giant pandas mainly eat?", "Giant pandas mainly eat bamboo."),
+    ("Which organ pumps blood?", "The heart pumps blood."),
+    ("Which organs do we breathe with?", "We breathe with our lungs."),
+    ("Which organs filter the blood?", "The kidneys filter the blood."),
+    ("How many grams are there in a kilogram?", "There are 1,000 grams in a kilogram."),
+    ("What is the unit of electrical resistance?", "The unit of electrical resistance is the ohm."),
+    ("What does a barometer measure?", "A barometer measures atmospheric pressure."),
+    ("In what year did the Second World War end?", "The Second World War ended in 1945."),
+    ("In what year did Christopher Columbus first reach the Americas?",
+     "Christopher Columbus first reached the Americas in 1492."),
+    ("In what year did the Titanic sink?", "The Titanic sank in 1912."),
+    ("In what year was the American Declaration of Independence signed?",
+     "The American Declaration of Independence was signed in 1776."),
+    ("Which company makes the PlayStation?", "The PlayStation is made by Sony."),
+    ("Who founded Facebook?", "Facebook was founded by Mark Zuckerberg."),
+    ("Who founded Google?", "Google was founded by Larry Page and Sergey Brin."),
+    ("Who founded the Ford Motor Company?", "The Ford Motor Company was founded by Henry Ford."),
 )
