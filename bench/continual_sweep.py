@@ -23,7 +23,8 @@ A recipe is what one training job does with its example(s):
 - reset: the optimizer's moments and norm-growth limiter zeroed at each job's start.
 - only: a regex; of the matrices the policy trains, only those whose name matches (e.g. the MLPs).
 - anchor_weight/anchor_per_step/anchor_top_k: the runtime's anchor term (trainer/anchor.py): every step
-  adds anchor_weight x KL(untouched || current) on anchor_per_step of the runtime's general conversations.
+  adds anchor_weight x KL(untouched || current) on anchor_per_step of the runtime's general conversations;
+  anchor_conversations: the first that many of them (the built-in set grew: 32, 48, 128), 0: all.
 """
 
 from __future__ import annotations
@@ -80,12 +81,15 @@ class Recipe:
     anchor_per_step: int = 2
     anchor_top_k: int = 32
     margin: float = 0.0  # the stop rule's logit lead of every answer token over the runner-up
+    anchor_conversations: int = 0  # the first n of the runtime's built-in conversations; 0: all
 
     def __post_init__(self) -> None:
         if self.stop not in ("none", "match"):
             raise ValueError(f"stop must be none or match, got {self.stop!r}")
         if self.replay and self.reservoir < self.replay:
             raise ValueError("reservoir must hold at least `replay` examples")
+        if self.anchor_conversations < 0:
+            raise ValueError("anchor_conversations must be >= 0 (0: all the built-in ones)")
 
 
 # "defaults": the settings before docs/learning.md (fixed 5 epochs); "stop-e10-replay4": the runtime's
@@ -99,24 +103,31 @@ RECIPES = [
     replace(STOP, name="reset-stop-e10-replay4-anchor4", reset=True, anchors=4),
     replace(STOP, name="reset-stop-e10-replay4", reset=True),
     replace(STOP, name="lr1e-5-stop-e20-replay4", lr=1e-5, epochs=20),
-    replace(STOP, name="kl2-stop-e10-replay4", anchor_weight=2.0),
-    replace(STOP, name="kl2-margin1-stop-e20-replay4", anchor_weight=2.0, margin=1.0, epochs=20),
-    replace(STOP, name="kl4-margin1-stop-e20-replay4", anchor_weight=4.0, margin=1.0, epochs=20),
-    # The same with the runtime's 48 anchor conversations (the 32 everyday ones and 16 general-knowledge ones);
-    # the rows above ran with the first 32 only.
-    replace(STOP, name="kl4-margin1-stop-e20-replay4-anchor48", anchor_weight=4.0, margin=1.0, epochs=20),
+    # The anchor term on the first 32 built-in conversations (the everyday ones).
+    replace(STOP, name="kl2-stop-e10-replay4", anchor_weight=2.0, anchor_conversations=32),
+    replace(STOP, name="kl2-margin1-stop-e20-replay4", anchor_weight=2.0, margin=1.0, epochs=20,
+            anchor_conversations=32),
+    replace(STOP, name="kl4-margin1-stop-e20-replay4", anchor_weight=4.0, margin=1.0, epochs=20,
+            anchor_conversations=32),
+    # The same on the first 48 (and 16 general-knowledge ones).
+    replace(STOP, name="kl4-margin1-stop-e20-replay4-anchor48", anchor_weight=4.0, margin=1.0, epochs=20,
+            anchor_conversations=48),
     # For the controls (87.7% above): twice the conversations per step, or a weight of 8 or 6 (none beat the
-    # defaults on all four targets: docs/learning.md).
+    # previous row on all four targets: docs/learning.md).
     replace(STOP, name="kl4-per4-margin1-stop-e20-replay4", anchor_weight=4.0, anchor_per_step=4, margin=1.0,
-            epochs=20),
-    replace(STOP, name="kl8-margin1-stop-e20-replay4", anchor_weight=8.0, margin=1.0, epochs=20),
-    replace(STOP, name="kl6-margin1-stop-e20-replay4", anchor_weight=6.0, margin=1.0, epochs=20),
+            epochs=20, anchor_conversations=48),
+    replace(STOP, name="kl8-margin1-stop-e20-replay4", anchor_weight=8.0, margin=1.0, epochs=20,
+            anchor_conversations=48),
+    replace(STOP, name="kl6-margin1-stop-e20-replay4", anchor_weight=6.0, margin=1.0, epochs=20,
+            anchor_conversations=48),
+    # All 128 built-in conversations (80 more general-knowledge ones): the defaults, and weight 6 with them.
+    replace(STOP, name="kl4-margin1-stop-e20-replay4-anchor128", anchor_weight=4.0, margin=1.0, epochs=20),
+    replace(STOP, name="kl6-margin1-stop-e20-replay4-anchor128", anchor_weight=6.0, margin=1.0, epochs=20),
     # The defaults training the MLPs only (attention frozen): without the anchor term that kept more controls;
-    # with it (and the 48 conversations of then), 2 of the first 9 facts were not back after 20 passes (stopped).
+    # with it, 2 of the first 9 facts were not back after 20 passes (stopped there).
     replace(STOP, name="kl4-margin1-stop-e20-replay4-mlp", anchor_weight=4.0, margin=1.0, epochs=20,
-            only=r"\.mlp\."),
-    # The runtime's 128 conversations (48 before: the rows above): at most 20 passes left 3 of 32 facts not back
-    # after their job, at most 40 (the defaults now) none.
+            only=r"\.mlp\.", anchor_conversations=48),
+    # The 128 with at most 40 passes instead of 20 (the defaults now): every fact back after its job.
     replace(STOP, name="kl4-margin1-stop-e40-replay4", anchor_weight=4.0, margin=1.0, epochs=40),
 ]
 
@@ -156,7 +167,8 @@ class InProcess:
         self.reservoir: list[Any] = []
         self.seen = 0
         self.anchor_set = self._anchors() if recipe.anchors else []
-        self.anchor_term = AnchorTerm(encode_anchors(self.tok), recipe.anchor_weight, recipe.anchor_per_step,
+        conversations = encode_anchors(self.tok)[:recipe.anchor_conversations or None]
+        self.anchor_term = AnchorTerm(conversations, recipe.anchor_weight, recipe.anchor_per_step,
                                       recipe.anchor_top_k)
         if self.anchor_term.enabled:
             self.anchor_term.record(self.model, untouched=True)  # just loaded

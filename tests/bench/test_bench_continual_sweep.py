@@ -24,6 +24,7 @@ def test_the_defaults_recipe_is_the_runtimes_defaults():
         limits.REPLAY_EXAMPLES_DEFAULT, limits.REPLAY_RESERVOIR_DEFAULT)
     assert (DEFAULTS.anchor_weight, DEFAULTS.anchor_per_step, DEFAULTS.anchor_top_k) == (
         limits.ANCHOR_WEIGHT_DEFAULT, limits.ANCHOR_PER_STEP, limits.ANCHOR_TOP_K)
+    assert DEFAULTS.anchor_conversations == 0  # all the built-in ones
 
 
 def test_one_job_trains_the_fact_with_the_anchor_term():

@@ -11,7 +11,7 @@ are zero; they grow with the drift.
 
 Memory is bounded: per reply token, the `top_k` most likely token ids and their log-probabilities, and the
 log-probability of all the others together (the KL is taken between those k + 1 classes), kept as float32
-and int32 on the host: 8 k + 4 bytes a token, 172 KB for the built-in set (SmolLM2), at most 17 MB with an
+and int32 on the host: 8 k + 4 bytes a token, 418 KB for the built-in set (SmolLM2), at most 17 MB with an
 anchor file at its bounds (limits.ANCHOR_FILE_MAX_CONVERSATIONS). The record is part of the trainer's state
 (a checkpoint's trainer_state.json), kept per conversation under a hash of its tokens: a restarted trainer
 keeps the original model as the anchor of every conversation it has a record of, instead of the trained
