@@ -99,9 +99,12 @@ async def test_failed_pod_is_recreated_and_failure_reported(cluster: Cluster, ku
     old = await cluster.get(PODS, "m3")
     await kubelet.mark_failed("m3", exit_code=137, reason="OOMKilled")
     await replaced_pod(cluster, "m3", old)
-    om = await cluster.wait_condition("m3", "Ready", "True")
+    # Ready may still read True from before the failure when the new pod is seen: wait for the failure itself.
+    om = await cluster.wait_for(lambda: cluster.onlinemodel("m3"), lambda om: "lastFailure" in om["status"],
+                                what="status.lastFailure on m3")
     assert om["status"]["lastFailure"]["exitCode"] == 137
     assert om["status"]["lastFailure"]["reason"] == "OOMKilled"
+    await cluster.wait_condition("m3", "Ready", "True")
 
 
 async def test_image_pull_backoff_is_reported(cluster: Cluster, kubelet: FakeKubelet, runtime: FakeRuntime,
