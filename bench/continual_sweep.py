@@ -120,7 +120,7 @@ RECIPES = [
             anchor_conversations=48),
     replace(STOP, name="kl6-margin1-stop-e20-replay4", anchor_weight=6.0, margin=1.0, epochs=20,
             anchor_conversations=48),
-    # All 128 built-in conversations (80 more general-knowledge ones): the defaults, and weight 6 with them.
+    # All 128 built-in conversations (80 more general-knowledge ones), at weight 4 and 6, at most 20 passes.
     replace(STOP, name="kl4-margin1-stop-e20-replay4-anchor128", anchor_weight=4.0, margin=1.0, epochs=20),
     replace(STOP, name="kl6-margin1-stop-e20-replay4-anchor128", anchor_weight=6.0, margin=1.0, epochs=20),
     # The defaults training the MLPs only (attention frozen): without the anchor term that kept more controls;
