@@ -82,6 +82,10 @@ class Recipe:
     anchor_top_k: int = 32
     margin: float = 0.0  # the stop rule's logit lead of every answer token over the runner-up
     anchor_conversations: int = 0  # the first n of the runtime's built-in conversations; 0: all
+    # > 0: each matrix's learning rate times (||its gradient|| / the step's largest) ** grad_scale, so that
+    # matrices the step hardly concerns move less (APOLLO-Mini moves them all by about the same norm).
+    grad_scale: float = 0.0
+    anchor_near: int = 0  # conversations per step (besides anchor_per_step) among those most like the example
 
     def __post_init__(self) -> None:
         if self.stop not in ("none", "match"):
@@ -129,6 +133,20 @@ RECIPES = [
             only=r"\.mlp\.", anchor_conversations=48),
     # The 128 with at most 40 passes instead of 20 (the defaults now): every fact back after its job.
     replace(STOP, name="kl4-margin1-stop-e40-replay4", anchor_weight=4.0, margin=1.0, epochs=40),
+    # For the controls (90.1% above): APOLLO at rank 64 (channel scale, the seed's trainer), and updates scaled
+    # per matrix by the gradient's norm relative to the step's largest.
+    replace(STOP, name="kl4-margin1-stop-e40-replay4-rank64", anchor_weight=4.0, margin=1.0, epochs=40, rank=64),
+    replace(STOP, name="kl4-margin1-stop-e40-replay4-rank256", anchor_weight=4.0, margin=1.0, epochs=40, rank=256),
+    replace(STOP, name="kl4-margin1-stop-e40-replay4-gradscale1", anchor_weight=4.0, margin=1.0, epochs=40,
+            grad_scale=1.0),
+    # Of each step's conversations, some among those whose prompts are most like the trained example's
+    # (trainer/anchor.py's PromptSimilarity): 2 in turn + 1 such, and 1 + 1 (the defaults' cost).
+    replace(STOP, name="kl4-near1-margin1-stop-e40-replay4", anchor_weight=4.0, margin=1.0, epochs=40,
+            anchor_near=1),
+    replace(STOP, name="kl4-per1-near1-margin1-stop-e40-replay4", anchor_weight=4.0, margin=1.0, epochs=40,
+            anchor_per_step=1, anchor_near=1),
+    replace(STOP, name="kl4-near1-margin1-stop-e40-replay4-rank64", anchor_weight=4.0, margin=1.0, epochs=40,
+            anchor_near=1, rank=64),
 ]
 
 
@@ -159,9 +177,14 @@ class InProcess:
             for n, p in self.model.named_parameters():
                 p.requires_grad_(p.requires_grad and bool(re.search(recipe.only, n)))
             self.optimizer = Apollo([g for g in groups if g["params"]], lr=recipe.lr, rank=recipe.rank, seed=seed)
+        elif recipe.grad_scale:  # a group per matrix: each gets its own learning rate at every step
+            groups = [dict(g, params=[p], param_names=[n]) for g in apply_policy(self.model, policy)
+                      for n, p in zip(g["param_names"], g["params"])]
+            self.optimizer = Apollo(groups, lr=recipe.lr, rank=recipe.rank, seed=seed)
         else:
             self.optimizer = make_optimizer(self.model, policy, lr=recipe.lr, rank=recipe.rank, seed=seed)
-        self.optimizer.attach_to_backward()
+        if not recipe.grad_scale:
+            self.optimizer.attach_to_backward()
         self.rng = random.Random(seed)
         self.forwards = 0
         self.reservoir: list[Any] = []
@@ -169,7 +192,7 @@ class InProcess:
         self.anchor_set = self._anchors() if recipe.anchors else []
         conversations = encode_anchors(self.tok)[:recipe.anchor_conversations or None]
         self.anchor_term = AnchorTerm(conversations, recipe.anchor_weight, recipe.anchor_per_step,
-                                      recipe.anchor_top_k)
+                                      recipe.anchor_top_k, near=recipe.anchor_near)
         if self.anchor_term.enabled:
             self.anchor_term.record(self.model, untouched=True)  # just loaded
 
@@ -268,7 +291,8 @@ class InProcess:
         # The runtime's schedule (trainer/early_stop.py); old-style anchors go with the replayed examples.
         for ex, _ in job_schedule([new], replayed + anchors, r.epochs, learned if r.stop != "none" else None):
             kind = kind_of[id(ex)]
-            res = train_step(self.model, self.optimizer, ex.input_ids, ex.labels, anchor=self.anchor_term)
+            step = self._scaled_step if r.grad_scale else train_step
+            res = step(self.model, self.optimizer, ex.input_ids, ex.labels, anchor=self.anchor_term)
             if not res.applied:
                 raise RuntimeError(f"step skipped: {res.skipped_reason}")
             counts[kind] += 1
@@ -282,6 +306,32 @@ class InProcess:
                 "anchor_steps": counts["anchor"], "replayed": len(replayed), "losses": losses,
                 "anchor_losses": anchor_losses,
                 "step_seconds": round(seconds, 2)}
+
+    def _scaled_step(self, model, optimizer, input_ids, labels, *, anchor):
+        """train_step's loss and anchor term, but a whole backward first and then step(), each matrix's
+        learning rate scaled by its gradient's norm relative to the step's largest."""
+        from onlinemodel_runtime.trainer.loop import StepResult, step_chunk_tokens
+        from onlinemodel_runtime.trainer.loss import causal_lm_loss, cross_entropy_sum
+
+        started = time.perf_counter()
+        ids = torch.tensor([input_ids], device=self.device)
+        target = torch.tensor([labels], device=self.device)
+        chunk = step_chunk_tokens(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss = causal_lm_loss(model, ids, target, chunk, cross_entropy_sum)
+        anchor_loss = anchor.loss(model, chunk, (input_ids, labels)) if anchor.enabled else None
+        (loss if anchor_loss is None else loss + anchor_loss).backward()
+        norms = [float(g["params"][0].grad.float().norm()) if g["params"][0].grad is not None else 0.0
+                 for g in optimizer.param_groups]
+        top = max(norms) or 1.0
+        for g, n in zip(optimizer.param_groups, norms):
+            g["lr"] = self.recipe.lr * (n / top) ** self.recipe.grad_scale
+        optimizer.step()
+        report = optimizer.last_report
+        return StepResult(loss=float(loss.detach()), tokens=len(input_ids), applied=report.applied,
+                          params_updated=report.params_updated, skipped_reason=report.reason if report.skipped
+                          else None, seconds=time.perf_counter() - started,
+                          anchor_loss=None if anchor_loss is None else float(anchor_loss.detach()))
 
     def _reset_optimizer(self) -> None:
         """As if each job were the first: zero the moments and the limiter's reference in place (the
@@ -352,6 +402,7 @@ def main() -> int:
     ap.add_argument("--seeds", default="0", help="comma-separated; 0 = the file's fact order")
     ap.add_argument("--facts", type=int, default=32)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", type=Path, default=None, help="model directory (default: SmolLM2-135M-Instruct, bundled)")
     ap.add_argument("--threads", type=int, default=2)
     # Batched generation (left padding) changed 5 of 86 control replies of the untouched model on CPU
     # compared with one question at a time, which is what a server answering one request computes.
@@ -360,7 +411,7 @@ def main() -> int:
     ap.add_argument("--table", action="store_true", help="only print the table of what --out holds")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model_dir = ensure_smollm2()
+    model_dir = args.model or ensure_smollm2()
     if args.check_data:
         return check_data(args, model_dir)
     by_name = {r.name: r for r in RECIPES}

@@ -10,8 +10,10 @@
 LEARNING_RATE_DEFAULT = 3e-5
 LEARNING_RATE_MAX = 1.0
 
-# Rank of the optimizer's low-rank state (1: APOLLO-Mini).
-OPTIMIZER_RANK_DEFAULT = 1
+# Rank of the optimizer's low-rank state for the 2-D matrices (1: APOLLO-Mini; above 1: APOLLO with a scale per
+# channel). 64, the seed's own trainer's: over 32 facts taught one by one it kept more of what the model knew than
+# rank 1 (bench/continual_sweep.py, docs/learning.md). MoE experts stay APOLLO-Mini (optim/policy.py).
+OPTIMIZER_RANK_DEFAULT = 64
 OPTIMIZER_RANK_MAX = 4096
 
 # Per POST /train request.

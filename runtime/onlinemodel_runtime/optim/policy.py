@@ -14,6 +14,9 @@ Five classes of parameters in a decoder-only transformer:
               DeltaNet's conv1d kernels (C, 1, K), A_log and dt_bias. Tiny; AdamW for them costs nothing.
 Each class is "apollo" (matrices and batches of them), "adamw" (dense, float32 moments) or "frozen"
 (requires_grad=False: no gradient is computed or stored for it); norms are never "apollo".
+Experts trained with "apollo" get a group of their own that is always APOLLO-Mini (rank 1, tensor
+scale, alpha sqrt(128)), whatever rank the other matrices get: a rank-r state per expert costs E times
+a matrix's (rank 64 at the 35B-A3B shape would be ~32 GB), and bench/moe_optim.py chose Mini for them.
 The defaults were chosen by bench/teach_fact_optimizers.py and bench/moe_optim.py
 (docs/optimizer.md).
 """
@@ -71,18 +74,22 @@ def apply_policy(model: torch.nn.Module, policy: TrainPolicy) -> list[dict[str, 
     Frozen parameters get requires_grad=False; the rest are grouped by algorithm. Pass the
     result to Apollo(groups, lr=...); group-level keys override the constructor's defaults.
     """
+    from .hyperparams import MINI_ALPHA
+
     classes = classify(model)
-    groups: dict[str, dict[str, list[Any]]] = {}
+    groups: dict[tuple[str, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         choice = getattr(policy, classes[name])
         if choice == "frozen":
             p.requires_grad_(False)
             continue
         p.requires_grad_(True)
-        g = groups.setdefault(choice, {"params": [], "param_names": []})
+        mini = choice == "apollo" and classes[name] == "experts"
+        g = groups.setdefault((choice, mini), {"algorithm": choice, "params": [], "param_names": [],
+                                               **(dict(rank=1, scale="tensor", alpha=MINI_ALPHA) if mini else {})})
         g["params"].append(p)
         g["param_names"].append(name)
-    return [dict(algorithm=alg, **g) for alg, g in groups.items()]
+    return list(groups.values())
 
 
 def make_optimizer(model: torch.nn.Module, policy: TrainPolicy | None = None, **hparams: Any):

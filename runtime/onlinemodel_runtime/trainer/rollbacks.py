@@ -23,9 +23,12 @@ class Rollbacks:
     ``weight_version``, ``_weights_lock``, ``_job_lock``, ``_checkpoint_version`` and ``periodic_checkpoint``."""
 
     def _optimizer_misfit(self, optimizer_state: dict[str, Any] | None) -> str | None:
-        saved_rank = (optimizer_state or {}).get("param_groups", [{}])[0].get("rank")
-        if optimizer_state is not None and saved_rank not in (None, self.cfg.optimizer_rank):
-            return f"the checkpoint's optimizer state has rank {saved_rank}, the configured rank is {self.cfg.optimizer_rank}"
+        if optimizer_state is None:
+            return None
+        saved = [g.get("rank") for g in optimizer_state.get("param_groups", [])]
+        ranks = [g["rank"] for g in self.optimizer.param_groups]
+        if None not in saved and saved != ranks:
+            return f"the checkpoint's optimizer state has ranks {saved}, the configured ones are {ranks}"
         return None
 
     def _guard_check(self, job: Job, health_before: dict[str, Any], checkpoint_before: int) -> None:

@@ -177,7 +177,9 @@ def test_router_switch(router):
     opt = make_optimizer(model, TrainPolicy(router=router), lr=1e-3)
     gate = model.model.layers[0].mlp.gate.weight
     assert gate.requires_grad == (router != "frozen")
-    algorithms = {g["algorithm"]: g["param_names"] for g in opt.param_groups}
+    algorithms: dict[str, list[str]] = {}
+    for g in opt.param_groups:
+        algorithms.setdefault(g["algorithm"], []).extend(g["param_names"])
     if router != "frozen":
         assert "model.layers.0.mlp.gate.weight" in algorithms[router]
     assert "model.layers.0.mlp.experts.gate_up_proj" in algorithms["apollo"]
@@ -185,3 +187,22 @@ def test_router_switch(router):
         TrainPolicy(router="sgd")
     with pytest.raises(ValueError, match="TrainPolicy.norms must be one of"):
         TrainPolicy(norms="apollo")
+
+
+def test_experts_stay_apollo_mini_whatever_the_rank_of_the_other_matrices():
+    """A rank-r state per expert would cost E times a matrix's: the experts get a group of their own at rank 1."""
+    model = tiny_qwen3_moe()
+    opt = make_optimizer(model, TrainPolicy(router="apollo"), lr=1e-3, rank=64)
+    by_kind = {("experts" if ".experts." in g["param_names"][0] else "other", g["algorithm"]): g
+               for g in opt.param_groups}
+    experts, other = by_kind[("experts", "apollo")], by_kind[("other", "apollo")]
+    assert all(".experts." in n for n in experts["param_names"])
+    assert not any(".experts." in n for n in other["param_names"])
+    assert "model.layers.0.mlp.gate.weight" in other["param_names"]
+    assert (experts["rank"], experts["scale"], experts["alpha"]) == (1, "tensor", math.sqrt(128.0))
+    assert (other["rank"], other["scale"], other["alpha"]) == (64, "channel", 1.0)
+    ids = torch.randint(0, 64, (1, 12))
+    opt.attach_to_backward()
+    assert opt.backward_step(model(ids, labels=ids).loss).applied
+    gate_up = model.model.layers[0].mlp.experts.gate_up_proj
+    assert opt.state[gate_up]["exp_avg"].shape[-2:] in ((1, gate_up.shape[-1]), (gate_up.shape[-2], 1))
