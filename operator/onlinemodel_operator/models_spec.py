@@ -165,7 +165,8 @@ class TrainingSpec(FrozenCamelModel):
     learning_rate: float = Field(limits.LEARNING_RATE_DEFAULT, gt=0, le=limits.LEARNING_RATE_MAX,
                                  description="Learning rate of the optimizer (a request may ask for another).")
     optimizer_rank: int = Field(limits.OPTIMIZER_RANK_DEFAULT, ge=1, le=limits.OPTIMIZER_RANK_MAX,
-                                description="Rank of the low-rank optimizer state (APOLLO; 1 is APOLLO-Mini).")
+                                description="Rank of the 2-D matrices' low-rank optimizer state (APOLLO; 1 is "
+                                            "APOLLO-Mini; MoE experts are always APOLLO-Mini).")
     max_examples_per_request: int = Field(limits.MAX_EXAMPLES_DEFAULT, ge=1, le=limits.MAX_EXAMPLES_CEILING,
                                           description="Largest number of examples one POST /train may carry.")
     default_epochs: int = Field(limits.EPOCHS_DEFAULT, ge=1, le=limits.MAX_EPOCHS_DEFAULT,

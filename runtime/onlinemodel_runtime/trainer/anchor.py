@@ -78,54 +78,6 @@ def conversation_key(ex: EncodedExample) -> str:
     return hashlib.sha256(json.dumps([ex.input_ids, ex.labels]).encode()).hexdigest()[:32]
 
 
-# `near` conversations of a step are taken in turn among this many most like the trained example's prompt.
-NEAR_POOL = 8
-
-
-class PromptSimilarity:
-    """Which anchor conversations ask something like a trained example: the cosine of their prompts' token
-    counts weighted by inverse document frequency over the anchor conversations (a token every conversation
-    has, the chat template's, weighs nothing), so "What is the capital of Veloria?" is nearest to the
-    conversations about capitals. Deterministic and without the model, so it needs no record of its own."""
-
-    def __init__(self, examples: Sequence[EncodedExample]) -> None:
-        prompts = [self._prompt(ex.input_ids, ex.labels) for ex in examples]
-        df: dict[int, int] = {}
-        for counts in prompts:
-            for t in counts:
-                df[t] = df.get(t, 0) + 1
-        self._idf = {t: math.log(len(prompts) / n) for t, n in df.items()}
-        self._vectors = [self._vector(c) for c in prompts]
-        self._cache: dict[tuple[int, ...], list[int]] = {}
-
-    @staticmethod
-    def _prompt(input_ids: Sequence[int], labels: Sequence[int]) -> dict[int, int]:
-        """Token counts of the prompt: the tokens before the first labelled one."""
-        end = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
-        counts: dict[int, int] = {}
-        for t in input_ids[:end]:
-            counts[t] = counts.get(t, 0) + 1
-        return counts
-
-    def _vector(self, counts: dict[int, int]) -> dict[int, float]:
-        v = {t: n * self._idf.get(t, 0.0) for t, n in counts.items()}
-        norm = math.sqrt(sum(x * x for x in v.values())) or 1.0
-        return {t: x / norm for t, x in v.items() if x}
-
-    def ranked(self, input_ids: Sequence[int], labels: Sequence[int]) -> list[int]:
-        """Indices of the conversations, most similar first (ties: in order) to the example's prompt; cached
-        per prompt."""
-        counts = self._prompt(input_ids, labels)
-        key = tuple(sorted(counts.items()))
-        if key not in self._cache:
-            v = self._vector(counts)
-            scores = [sum(x * w.get(t, 0.0) for t, x in v.items()) for w in self._vectors]
-            if len(self._cache) >= 256:
-                self._cache.clear()
-            self._cache[key] = sorted(range(len(scores)), key=lambda i: -scores[i])
-        return self._cache[key]
-
-
 class _Record(NamedTuple):
     ids: torch.Tensor  # int32 [labelled tokens, k]: the top-k token ids
     logp: torch.Tensor  # float32 [labelled tokens, k]: their log-probabilities
@@ -138,7 +90,7 @@ class AnchorTerm:
     file) and, once recorded, the model's distributions on them, per conversation."""
 
     def __init__(self, examples: Sequence[EncodedExample], weight: float, per_step: int, top_k: int,
-                 from_file: int = 0, near: int = 0) -> None:
+                 from_file: int = 0) -> None:
         if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 <= weight < math.inf):
             raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
         for name, value in (("per_step", per_step), ("top_k", top_k)):
@@ -148,13 +100,8 @@ class AnchorTerm:
             raise ValueError("an anchor term with a weight needs at least one conversation")
         if isinstance(from_file, bool) or not isinstance(from_file, int) or not 0 <= from_file <= len(examples):
             raise ValueError(f"from_file must be an integer in [0, {len(examples)}], got {from_file!r}")
-        if isinstance(near, bool) or not isinstance(near, int) or near < 0:
-            raise ValueError(f"near must be an integer >= 0, got {near!r}")
         self.examples = list(examples)
         self.keys = [conversation_key(ex) for ex in self.examples]
-        self.near = min(near, len(self.examples))
-        self._similar = PromptSimilarity(self.examples)
-        self._near_next = 0  # which of the NEAR_POOL most similar conversations is next
         self.weight = float(weight)
         self.per_step = min(per_step, len(self.examples)) if self.examples else 0
         self.top_k = top_k
@@ -194,25 +141,9 @@ class AnchorTerm:
             rest = _rest_logp(logp, ids)
             self._records[key] = _Record(ids.to(torch.int32).cpu(), top.cpu(), rest.cpu(), untouched)
 
-    def share(self, example: tuple[Sequence[int], Sequence[int]] | None = None) -> list[int]:
-        """The conversations of one step: the next `per_step` in turn, and `near` more among the NEAR_POOL
-        whose prompts are most like the trained `example`'s ((input_ids, labels); in turn among those; none
-        without an example)."""
-        picked = []
-        for _ in range(self.per_step):
-            picked.append(self._next)
-            self._next = (self._next + 1) % len(self.examples)
-        if self.near and example is not None:
-            pool = [i for i in self._similar.ranked(*example) if i not in picked][:NEAR_POOL]
-            for _ in range(min(self.near, len(pool))):
-                picked.append(pool[self._near_next % len(pool)])
-                self._near_next += 1
-        return picked
-
-    def loss(self, model: torch.nn.Module, chunk_tokens: int | None = None,
-             example: tuple[Sequence[int], Sequence[int]] | None = None) -> torch.Tensor:
-        """`weight` x the mean per-token KL on this step's share of the conversations (`share`); LM head in
-        chunks, each recomputed in backward, as the example's loss."""
+    def loss(self, model: torch.nn.Module, chunk_tokens: int | None = None) -> torch.Tensor:
+        """`weight` x the mean per-token KL on this step's share of the conversations (the next `per_step`
+        of them, in turn); LM head in chunks, each recomputed in backward, as the example's loss."""
         if not self.recorded:
             raise RuntimeError("the anchor term has no record of every conversation: call record() before the "
                                "first step")
@@ -222,7 +153,8 @@ class AnchorTerm:
         part = functools.partial(_kl_sum, head)
         total = torch.zeros((), dtype=torch.float32, device=device)
         tokens = 0
-        for i in self.share(example):
+        for _ in range(self.per_step):
+            i, self._next = self._next, (self._next + 1) % len(self.examples)
             ex = self.examples[i]
             record = self._records[self.keys[i]]
             ids, logp, rest = (t.to(device) for t in (record.ids, record.logp, record.rest))
@@ -242,7 +174,7 @@ class AnchorTerm:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON (trainer_state.json): the records by conversation key, and whose turn is next."""
-        return {"next": self._next, "near_next": self._near_next, "records": {
+        return {"next": self._next, "records": {
             key: {"ids": r.ids.tolist(), "logp": r.logp.tolist(), "rest": r.rest.tolist(), "untouched": r.untouched}
             for key, r in self._records.items()}}
 
@@ -252,7 +184,6 @@ class AnchorTerm:
         finds. A state from before records had keys (`record`: a list in the built-in set's order) restores
         the built-in conversations'."""
         self._next = int(state.get("next", 0)) % max(len(self.examples), 1)
-        self._near_next = int(state.get("near_next", 0)) % NEAR_POOL
         self._records = {}
         saved = state.get("records") or {}
         legacy = state.get("record")

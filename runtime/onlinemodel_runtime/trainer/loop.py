@@ -52,8 +52,7 @@ def train_step(model: torch.nn.Module, optimizer, input_ids: list[int], labels: 
         pacer.begin_forward()
     try:
         loss = causal_lm_loss(model, ids, target, chunk, cross_entropy)
-        anchor_loss = (anchor.loss(model, chunk, (input_ids, labels))
-                       if anchor is not None and anchor.enabled else None)
+        anchor_loss = anchor.loss(model, chunk) if anchor is not None and anchor.enabled else None
         if pacer is not None:
             pacer.begin_backward()
         report = optimizer.backward_step(loss if anchor_loss is None else loss + anchor_loss)
