@@ -116,14 +116,15 @@ def test_train_a_file_follow_it_and_serve_the_answer_with_metrics(plain_server, 
     assert FACT_ANSWER not in plain_server.chat(FACT_QUESTION)
     path = tmp_path / "fact.jsonl"
     path.write_text(json.dumps(FACT_EXAMPLE) + "\n")
-    done = train_cli(plain_server, path, "--epochs", "5")
+    # 20 passes at most: at the default rank 64 this fact takes about 8 steps (5 was enough at rank 1).
+    done = train_cli(plain_server, path, "--epochs", "20")
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
-    assert "1 examples in 1 request(s), at most 5 steps" in out
+    assert "1 examples in 1 request(s), at most 20 steps" in out
     assert [line for line in out.splitlines() if line.startswith("progress: ")], out  # plain lines: not a TTY
-    # Early stop may end the job before its 5 steps (the answer learned): the progress counts toward 5.
-    assert re.search(r"^progress: [1-5]/5 steps", out, re.M)
-    steps = int(re.search(r"^done: 1 of 1 jobs succeeded, (\d) steps", out, re.M).group(1))
+    # Early stop ends the job before its 20 steps (the answer learned): the progress counts toward 20.
+    assert re.search(r"^progress: ([1-9]|1[0-9]|20)/20 steps", out, re.M)
+    steps = int(re.search(r"^done: 1 of 1 jobs succeeded, (\d+) steps", out, re.M).group(1))
     assert FACT_ANSWER in plain_server.chat(FACT_QUESTION)
     after = metrics(plain_server)
     assert steps >= 1
