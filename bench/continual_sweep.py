@@ -25,6 +25,8 @@ A recipe is what one training job does with its example(s):
 - anchor_weight/anchor_per_step/anchor_top_k: the runtime's anchor term (trainer/anchor.py): every step
   adds anchor_weight x KL(untouched || current) on anchor_per_step of the runtime's general conversations;
   anchor_conversations: the first that many of them (the built-in set grew: 32, 48, 128), 0: all.
+- rank: the optimizer's (1: APOLLO-Mini; the runtime's default is 64); grad_scale: each matrix's learning rate
+  times its gradient's norm relative to the step's largest, to that power (a whole backward, then step()).
 """
 
 from __future__ import annotations
@@ -130,10 +132,11 @@ RECIPES = [
     # with it, 2 of the first 9 facts were not back after 20 passes (stopped there).
     replace(STOP, name="kl4-margin1-stop-e20-replay4-mlp", anchor_weight=4.0, margin=1.0, epochs=20,
             only=r"\.mlp\.", anchor_conversations=48),
-    # The 128 with at most 40 passes instead of 20 (the defaults now): every fact back after its job.
+    # The 128 with at most 40 passes instead of 20 (the defaults before rank 64): every fact back after its job.
     replace(STOP, name="kl4-margin1-stop-e40-replay4", anchor_weight=4.0, margin=1.0, epochs=40),
-    # For the controls (90.1% above): APOLLO at rank 64 (channel scale, the seed's trainer), and updates scaled
-    # per matrix by the gradient's norm relative to the step's largest.
+    # For the controls (90.1% above): APOLLO at rank 64 (channel scale, the seed's trainer; the defaults now) and
+    # 256, anchor weight 8 at rank 64, and updates scaled per matrix by the gradient's norm relative to the
+    # step's largest (stopped after 8 facts).
     replace(STOP, name="kl4-margin1-stop-e40-replay4-rank64", anchor_weight=4.0, margin=1.0, epochs=40, rank=64),
     replace(STOP, name="kl4-margin1-stop-e40-replay4-rank256", anchor_weight=4.0, margin=1.0, epochs=40, rank=256),
     replace(STOP, name="kl8-margin1-stop-e40-replay4-rank64", anchor_weight=8.0, margin=1.0, epochs=40, rank=64),

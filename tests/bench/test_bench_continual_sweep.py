@@ -15,7 +15,7 @@ import continual_sweep as sweep  # noqa: E402
 from onlinemodel_protocol import limits  # noqa: E402
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2  # noqa: E402
 
-DEFAULTS = {r.name: r for r in sweep.RECIPES}["kl4-margin1-stop-e40-replay4"]
+DEFAULTS = {r.name: r for r in sweep.RECIPES}["kl4-margin1-stop-e40-replay4-rank64"]
 
 
 def test_the_defaults_recipe_is_the_runtimes_defaults():
@@ -25,6 +25,7 @@ def test_the_defaults_recipe_is_the_runtimes_defaults():
     assert (DEFAULTS.anchor_weight, DEFAULTS.anchor_per_step, DEFAULTS.anchor_top_k) == (
         limits.ANCHOR_WEIGHT_DEFAULT, limits.ANCHOR_PER_STEP, limits.ANCHOR_TOP_K)
     assert DEFAULTS.anchor_conversations == 0  # all the built-in ones
+    assert (DEFAULTS.rank, DEFAULTS.policy) == (limits.OPTIMIZER_RANK_DEFAULT, "apollo,frozen,frozen")
 
 
 def test_one_job_trains_the_fact_with_the_anchor_term():
