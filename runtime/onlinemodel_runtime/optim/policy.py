@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from .hyperparams import MINI_ALPHA
+
 CHOICES_2D = ("apollo", "adamw", "frozen")
 CHOICES_1D = ("adamw", "frozen")
 # Module attribute names of gates that are plain linears (not a `...Router` module).
@@ -74,8 +76,6 @@ def apply_policy(model: torch.nn.Module, policy: TrainPolicy) -> list[dict[str, 
     Frozen parameters get requires_grad=False; the rest are grouped by algorithm. Pass the
     result to Apollo(groups, lr=...); group-level keys override the constructor's defaults.
     """
-    from .hyperparams import MINI_ALPHA
-
     classes = classify(model)
     groups: dict[tuple[str, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
