@@ -23,8 +23,12 @@ CONTROL_QUESTIONS = {"What is the capital of Germany?": "Berlin"}
 # `epochs` passes: they run without early stop and replay (docs/learning.md), which would skip those steps
 # and add others, and without the anchor term, which pulls towards the untouched model's answers and, at a
 # fixed 5 passes after the other modules' jobs, left the Seedcorp fact unlearned (early stop would have
-# trained on until learned). test_checkpoint_resume.py runs the default settings.
-FIXED_EPOCHS_ARGS = ["--default-epochs", "5", "--no-early-stop", "--replay-examples", "0", "--anchor-weight", "0"]
+# trained on until learned). Rank 1 (APOLLO-Mini): 5 fixed passes teach the Seedcorp fact after the other
+# modules' jobs at rank 1; at the default rank 64 they did not (a fresh-clone run, 2026-12-02), which early stop
+# would again have trained on until learned. test_checkpoint_resume.py, test_guard.py and test_train_cli.py's
+# plain server run the default settings.
+FIXED_EPOCHS_ARGS = ["--default-epochs", "5", "--no-early-stop", "--replay-examples", "0", "--anchor-weight", "0",
+                     "--optimizer-rank", "1"]
 
 
 @pytest.fixture(scope="session")
