@@ -29,7 +29,7 @@ from .compiled_buckets import CompiledBuckets
 from .functional import const_row, effective_rank, grad_norm, projected_shape
 from .gate import StepGate
 from .hooks import BackwardHooks
-from .hyperparams import DEFAULT_LR, MINI_ALPHA, StepReport, check_group
+from .hyperparams import DEFAULT_LR, StepReport, check_group, rank_defaults
 from .projections import Projections
 from .rounding import DEFAULT_CHUNK_ELEMS, RoundingGenerators
 from .streams import SideStreams
@@ -92,8 +92,8 @@ class Apollo(torch.optim.Optimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
             weight_decay=weight_decay, rank=rank,
-            scale=scale if scale is not None else ("tensor" if rank == 1 else "channel"),
-            alpha=alpha if alpha is not None else (MINI_ALPHA if rank == 1 else 1.0),
+            scale=scale if scale is not None else rank_defaults(rank)["scale"],
+            alpha=alpha if alpha is not None else rank_defaults(rank)["alpha"],
             update_proj_gap=update_proj_gap, norm_growth_limit=norm_growth_limit,
             stochastic_rounding=stochastic_rounding, algorithm=algorithm, seed=seed,
         )

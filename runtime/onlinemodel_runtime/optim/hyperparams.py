@@ -13,6 +13,12 @@ from onlinemodel_protocol.limits import LEARNING_RATE_DEFAULT
 SCALES = ("tensor", "channel")
 ALGORITHMS = ("apollo", "adamw")
 MINI_ALPHA = math.sqrt(128.0)
+
+
+def rank_defaults(rank: int) -> dict[str, Any]:
+    """The scale and alpha a rank implies: rank 1 is APOLLO-Mini (tensor scale, alpha sqrt(128)), any other
+    rank a scale per channel and alpha 1 (the paper's settings)."""
+    return {"scale": "tensor", "alpha": MINI_ALPHA} if rank == 1 else {"scale": "channel", "alpha": 1.0}
 # The trainer's default rate is the optimizer's too (see limits.py for why it is not torch's 1e-3).
 DEFAULT_LR = LEARNING_RATE_DEFAULT
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .hyperparams import MINI_ALPHA
+from .hyperparams import rank_defaults
 
 CHOICES_2D = ("apollo", "adamw", "frozen")
 CHOICES_1D = ("adamw", "frozen")
@@ -86,7 +86,7 @@ def apply_policy(model: torch.nn.Module, policy: TrainPolicy) -> list[dict[str, 
         p.requires_grad_(True)
         mini = choice == "apollo" and classes[name] == "experts"
         g = groups.setdefault((choice, mini), {"algorithm": choice, "params": [], "param_names": [],
-                                               **(dict(rank=1, scale="tensor", alpha=MINI_ALPHA) if mini else {})})
+                                               **(dict(rank=1, **rank_defaults(1)) if mini else {})})
         g["params"].append(p)
         g["param_names"].append(name)
     return list(groups.values())
