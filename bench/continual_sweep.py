@@ -148,6 +148,27 @@ RECIPES = [
 ]
 
 
+class GradScaled:
+    """The optimizer as train_step drives it (`backward_step`), but a whole backward first, then each matrix's
+    learning rate times its gradient's norm relative to the step's largest, to the power `power`, then step()
+    (the optimizer has one group per matrix and no backward hooks)."""
+
+    def __init__(self, optimizer: Apollo, lr: float, power: float):
+        self.optimizer, self.lr, self.power = optimizer, lr, power
+
+    def backward_step(self, loss: torch.Tensor):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        groups = self.optimizer.param_groups
+        norms = [float(g["params"][0].grad.float().norm()) if g["params"][0].grad is not None else 0.0
+                 for g in groups]
+        top = max(norms) or 1.0
+        for g, n in zip(groups, norms):
+            g["lr"] = self.lr * (n / top) ** self.power
+        self.optimizer.step()
+        return self.optimizer.last_report
+
+
 class InProcess:
     """`continual_set.Backend` over a transformers model trained the way the trainer trains it."""
 
@@ -289,8 +310,8 @@ class InProcess:
         # The runtime's schedule (trainer/early_stop.py); old-style anchors go with the replayed examples.
         for ex, _ in job_schedule([new], replayed + anchors, r.epochs, learned if r.stop != "none" else None):
             kind = kind_of[id(ex)]
-            step = self._scaled_step if r.grad_scale else train_step
-            res = step(self.model, self.optimizer, ex.input_ids, ex.labels, anchor=self.anchor_term)
+            optimizer = GradScaled(self.optimizer, r.lr, r.grad_scale) if r.grad_scale else self.optimizer
+            res = train_step(self.model, optimizer, ex.input_ids, ex.labels, anchor=self.anchor_term)
             if not res.applied:
                 raise RuntimeError(f"step skipped: {res.skipped_reason}")
             counts[kind] += 1
@@ -304,32 +325,6 @@ class InProcess:
                 "anchor_steps": counts["anchor"], "replayed": len(replayed), "losses": losses,
                 "anchor_losses": anchor_losses,
                 "step_seconds": round(seconds, 2)}
-
-    def _scaled_step(self, model, optimizer, input_ids, labels, *, anchor):
-        """train_step's loss and anchor term, but a whole backward first and then step(), each matrix's
-        learning rate scaled by its gradient's norm relative to the step's largest."""
-        from onlinemodel_runtime.trainer.loop import StepResult, step_chunk_tokens
-        from onlinemodel_runtime.trainer.loss import causal_lm_loss, cross_entropy_sum
-
-        started = time.perf_counter()
-        ids = torch.tensor([input_ids], device=self.device)
-        target = torch.tensor([labels], device=self.device)
-        chunk = step_chunk_tokens(model)
-        optimizer.zero_grad(set_to_none=True)
-        loss = causal_lm_loss(model, ids, target, chunk, cross_entropy_sum)
-        anchor_loss = anchor.loss(model, chunk) if anchor.enabled else None
-        (loss if anchor_loss is None else loss + anchor_loss).backward()
-        norms = [float(g["params"][0].grad.float().norm()) if g["params"][0].grad is not None else 0.0
-                 for g in optimizer.param_groups]
-        top = max(norms) or 1.0
-        for g, n in zip(optimizer.param_groups, norms):
-            g["lr"] = self.recipe.lr * (n / top) ** self.recipe.grad_scale
-        optimizer.step()
-        report = optimizer.last_report
-        return StepResult(loss=float(loss.detach()), tokens=len(input_ids), applied=report.applied,
-                          params_updated=report.params_updated, skipped_reason=report.reason if report.skipped
-                          else None, seconds=time.perf_counter() - started,
-                          anchor_loss=None if anchor_loss is None else float(anchor_loss.detach()))
 
     def _reset_optimizer(self) -> None:
         """As if each job were the first: zero the moments and the limiter's reference in place (the
