@@ -10,6 +10,9 @@ what the served weights give (vLLM's prompt logprobs on /v1/completions). Data a
     .venv/bin/python bench/continual.py --facts 32 --json /tmp/continual.json
     # a running server (a GPU's; its token in ONLINEMODEL_API_TOKEN):
     python3 bench/continual.py --url http://127.0.0.1:8000 --facts 32
+    # the same in bounded sessions (a device call's 10 minutes): each stops starting facts after 400 s and
+    # exits 3; the next, against the same server, carries on from the progress file
+    python3 bench/continual.py --url http://127.0.0.1:8000 --progress /tmp/p.json --stop-after 400
     # serve flags pass through, e.g. the defaults before docs/learning.md:
     .venv/bin/python bench/continual.py --label "fixed 5 epochs" --serve-arg=--default-epochs=5 \
         --serve-arg=--no-early-stop --serve-arg=--replay-examples=0
@@ -110,6 +113,11 @@ def main() -> int:
     ap.add_argument("--label", default="defaults", help="the run's name in the table")
     ap.add_argument("--job-timeout", type=float, default=900.0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--progress", type=Path, default=None,
+                    help="state after each fact; a run given an existing one carries on from it (with --url: the "
+                         "same server, still up)")
+    ap.add_argument("--stop-after", type=float, default=None,
+                    help="seconds after which no further fact is started; exits 3, to be carried on with --progress")
     args = ap.parse_args()
     fields = {k: v for k, v in (("epochs", args.epochs), ("learning_rate", args.learning_rate)) if v is not None}
 
@@ -132,8 +140,12 @@ def main() -> int:
         settings = {"train_fields": fields, "serve_args": args.serve_arg, "model": model or backend.model,
                     "optimizer": status.get("optimizer"), "replay": status.get("replay")}
         print(f"settings: {settings}", flush=True)
-        result = cs.run(backend, cs.ordered(cs.load_facts(), args.seed), cs.load_controls(), args.facts,
-                        log=lambda s: print(s, flush=True))
+        try:
+            result = cs.run(backend, cs.ordered(cs.load_facts(), args.seed), cs.load_controls(), args.facts,
+                            log=lambda s: print(s, flush=True), progress=args.progress, stop_after=args.stop_after)
+        except cs.Paused as paused:
+            print(f"paused: {paused}; carry on with the same --progress {args.progress}", flush=True)
+            return 3
     finally:
         if server is not None:
             server.stop()

@@ -99,36 +99,60 @@ class Backend(Protocol):
         """Mean next-token loss (nats) over the text's tokens, from the weights being served."""
 
 
+class Paused(Exception):
+    """`run` stopped between two facts at its `stop_after`; its progress file holds what was done."""
+
+
 def run(backend: Backend, facts: list[Fact], controls: list[Control], k: int, *,
-        log=print) -> dict[str, Any]:
+        log=print, progress: Path | None = None, stop_after: float | None = None) -> dict[str, Any]:
     """Teach k facts one job each, asking each back right after; then ask everything again.
 
     Facts the untouched model already answers (question or paraphrase) are skipped, in order, until k
     remain. Controls count only if the untouched model answers them right here too.
+
+    `progress`: a JSON file written after each fact; a run given one that exists carries on from it (the
+    same backend, still holding the weights it taught: a server that stayed up). `stop_after`: seconds
+    after which no further fact is started (Paused), so that a run can span several bounded sessions.
     """
     heldout = load_heldout()
     t0 = time.perf_counter()
-    before = backend.ask([f.question for f in facts] + [f.paraphrase for f in facts] + [c.question for c in controls])
+    state = json.loads(progress.read_text()) if progress is not None and progress.exists() else None
     n = len(facts)
-    known = {f.id for i, f in enumerate(facts) if hit(before[i], f.expect) or hit(before[n + i], f.expect)}
+    if state is None:
+        before = backend.ask([f.question for f in facts] + [f.paraphrase for f in facts]
+                             + [c.question for c in controls])
+        known = {f.id for i, f in enumerate(facts) if hit(before[i], f.expect) or hit(before[n + i], f.expect)}
+        state = {"before": before, "known": sorted(known), "loss_before": backend.heldout_loss(heldout),
+                 "per_fact": [], "steps": 0, "teach_seconds": 0.0, "seconds": 0.0}
+        right = sum(hit(reply, c.expect) for c, reply in zip(controls, before[2 * n:]))
+        log(f"untouched: {len(known)} facts already known (skipped), {right}/{len(controls)} controls right, "
+            f"held-out loss {state['loss_before']:.4f} ({time.perf_counter() - t0:.0f}s)")
+    else:
+        log(f"carrying on from {progress}: {len(state['per_fact'])} facts taught")
+    before, known = state["before"], set(state["known"])
     taught = [f for f in facts if f.id not in known][:k]
     if len(taught) < k:
         raise ValueError(f"only {len(taught)} facts are unknown to the model; asked for {k}")
-    right = sum(hit(reply, c.expect) for c, reply in zip(controls, before[2 * n:]))
-    loss_before = backend.heldout_loss(heldout)
-    log(f"untouched: {len(known)} facts already known (skipped), {right}/{len(controls)} controls right, "
-        f"held-out loss {loss_before:.4f} ({time.perf_counter() - t0:.0f}s)")
 
-    per_fact: list[dict[str, Any]] = []
-    steps = 0
-    t_teach = time.perf_counter()
+    def save() -> None:
+        if progress is not None:
+            progress.write_text(json.dumps({**state, "seconds": state["seconds"] + time.perf_counter() - t0}))
+
+    per_fact: list[dict[str, Any]] = state["per_fact"]
     for i, fact in enumerate(taught):
+        if i < len(per_fact):
+            continue
+        if stop_after is not None and time.perf_counter() - t0 > stop_after:
+            save()
+            raise Paused(f"stopped after {i} of {k} facts")
+        t_fact = time.perf_counter()
         job = backend.teach(fact.example)
-        steps += job["steps"]
+        state["steps"] += job["steps"]
         reply = backend.ask([fact.question])[0]
+        state["teach_seconds"] += time.perf_counter() - t_fact  # the job and the question asked after it
         per_fact.append({"id": fact.id, "expect": fact.expect, "job": job, "immediate_reply": reply})
+        save()
         log(f"[{i + 1}/{k}] {fact.id}: {job['steps']} steps, recalled={hit(reply, fact.expect)} {reply[:60]!r}")
-    teach_seconds = time.perf_counter() - t_teach
 
     replies = backend.ask([f.question for f in taught] + [f.paraphrase for f in taught]
                           + [c.question for c in controls])
@@ -141,11 +165,11 @@ def run(backend: Backend, facts: list[Fact], controls: list[Control], k: int, *,
         "facts": per_fact,
         "controls": [{"question": c.question, "before": b, "after": a}
                      for c, b, a in zip(controls, before[2 * n:], replies[2 * k:])],
-        "heldout_loss_before": loss_before,
+        "heldout_loss_before": state["loss_before"],
         "heldout_loss_after": loss_after,
-        "steps": steps,
-        "teach_seconds": round(teach_seconds, 1),
-        "seconds": round(time.perf_counter() - t0, 1),
+        "steps": state["steps"],
+        "teach_seconds": round(state["teach_seconds"], 1),
+        "seconds": round(state["seconds"] + time.perf_counter() - t0, 1),
     }
 
 

@@ -25,6 +25,11 @@ A recipe is what one training job does with its example(s):
 - anchor_weight/anchor_per_step/anchor_top_k: the runtime's anchor term (trainer/anchor.py): every step
   adds anchor_weight x KL(untouched || current) on anchor_per_step of the runtime's general conversations;
   anchor_conversations: the first that many of them (the built-in set grew: 32, 48, 128), 0: all.
+- null_space: the runtime's null-space projection (trainer/null_space.py): every gradient projected off the
+  directions holding that share of each matrix's inputs' energy on the anchor conversations; 0: off.
+- each result also holds `drift` (how far the run moved the trained matrices, relative to their norms) and
+  `noise_floor` (the controls that Gaussian noise of each matrix's own change, added to the untouched weights,
+  loses): what a random update of the same size would cost.
 - rank: the optimizer's (1: APOLLO-Mini; the runtime's default is 64); grad_scale: each matrix's learning rate
   times its gradient's norm relative to the step's largest, to that power (a whole backward, then step()).
 """
@@ -51,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 import continual_set as cs  # noqa: E402
 # Every use of the runtime's modules is here (they move in the runtime regrouping).
+from onlinemodel_protocol.limits import NULL_SPACE_MAX_BYTES  # noqa: E402
 from onlinemodel_protocol.rpc import IGNORE_INDEX, EncodedExample  # noqa: E402
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2  # noqa: E402
 from onlinemodel_runtime.server.train_request import encode_example  # noqa: E402
@@ -60,6 +66,7 @@ from onlinemodel_runtime.optim.policy import apply_policy  # noqa: E402
 from onlinemodel_runtime.trainer.anchor import AnchorTerm, encode_anchors  # noqa: E402
 from onlinemodel_runtime.trainer.early_stop import answer_predicted, job_schedule  # noqa: E402
 from onlinemodel_runtime.trainer.loop import train_step  # noqa: E402
+from onlinemodel_runtime.trainer.null_space import NullSpace  # noqa: E402
 
 MAX_LEN = 1024
 ANCHOR_TOKENS = 48
@@ -87,6 +94,9 @@ class Recipe:
     # > 0: each matrix's learning rate times (||its gradient|| / the step's largest) ** grad_scale, so that
     # matrices the step hardly concerns move less (APOLLO-Mini moves them all by about the same norm).
     grad_scale: float = 0.0
+    # > 0: every gradient projected off the directions holding this share of the energy of each matrix's
+    # inputs on the anchor conversations (trainer/null_space.py)
+    null_space: float = 0.0
 
     def __post_init__(self) -> None:
         if self.stop not in ("none", "match"):
@@ -142,6 +152,12 @@ RECIPES = [
     replace(STOP, name="kl8-margin1-stop-e40-replay4-rank64", anchor_weight=8.0, margin=1.0, epochs=40, rank=64),
     replace(STOP, name="kl4-margin1-stop-e40-replay4-gradscale1", anchor_weight=4.0, margin=1.0, epochs=40,
             grad_scale=1.0),
+    # Gradients projected off the anchor conversations' input directions (trainer/null_space.py), at 0.9 (the
+    # defaults now) and 0.97 of their energy.
+    replace(STOP, name="kl4-margin1-stop-e40-replay4-rank64-ns90", anchor_weight=4.0, margin=1.0, epochs=40,
+            rank=64, null_space=0.9),
+    replace(STOP, name="kl4-margin1-stop-e40-replay4-rank64-ns97", anchor_weight=4.0, margin=1.0, epochs=40,
+            rank=64, null_space=0.97),
     # Measured with a prototype not kept (commit 057fd77, trainer/anchor.py `near=`): a third conversation per
     # step among the 8 whose prompts are most like the trained example's (TF-IDF of prompt tokens), at rank 1
     # and rank 64: controls 90.1% both (docs/learning.md).
@@ -182,6 +198,7 @@ class InProcess:
         self.untouched_path = untouched
         self.untouched = json.loads(untouched.read_text()) if untouched and untouched.exists() else {}
         self.trained = False
+        self.initial: dict[str, torch.Tensor] = {}
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.tok.padding_side = "left"
         # SmolLM2 has no dropout, so eval mode trains exactly as the trainer's train mode does.
@@ -212,8 +229,15 @@ class InProcess:
         conversations = encode_anchors(self.tok)[:recipe.anchor_conversations or None]
         self.anchor_term = AnchorTerm(conversations, recipe.anchor_weight, recipe.anchor_per_step,
                                       recipe.anchor_top_k)
-        if self.anchor_term.enabled:
-            self.anchor_term.record(self.model, untouched=True)  # just loaded
+        # The runtime's projection (trainer/null_space.py), built as the trainer builds it at the first job.
+        self.null_space = NullSpace(conversations, recipe.null_space, NULL_SPACE_MAX_BYTES)
+        with self.null_space.gathering(self.model):
+            if self.anchor_term.enabled:
+                self.anchor_term.record(self.model, untouched=True)  # just loaded
+        self.null_space.build(self.model)
+        self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        if recipe.null_space:
+            print(f"  null space: {self.null_space.summary()}", flush=True)
 
     # -- asking ------------------------------------------------------------------------------
     def ask(self, questions: list[str]) -> list[str]:
@@ -326,6 +350,33 @@ class InProcess:
                 "anchor_losses": anchor_losses,
                 "step_seconds": round(seconds, 2)}
 
+    @torch.no_grad()
+    def drift(self) -> dict[str, float]:
+        """How far training moved the trained matrices: ||W - W0|| / ||W0||, median and largest."""
+        rel = sorted(float((p.float() - self.initial[n].float()).norm() / self.initial[n].float().norm())
+                     for n, p in self.model.named_parameters() if n in self.initial and p.dim() == 2)
+        return {"median": round(rel[len(rel) // 2], 6), "max": round(rel[-1], 6), "matrices": len(rel)}
+
+    @torch.no_grad()
+    def noise_floor(self, controls: list[cs.Control], seed: int) -> dict[str, Any]:
+        """The controls a random update of the trained one's size loses: the untouched weights plus Gaussian
+        noise of the same norm as each matrix's change (a baseline for what `controls_kept` measures)."""
+        trained = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in self.initial}
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        for n, p in self.model.named_parameters():
+            if n in self.initial and p.dim() == 2:
+                w0 = self.initial[n].float()
+                noise = torch.randn(p.shape, generator=g, device=self.device)
+                p.copy_(w0 + noise * ((trained[n].float() - w0).norm() / noise.norm()))
+        base = [self.untouched[c.question] for c in controls]
+        replies = self._generate([c.question for c in controls])
+        lost = [c.question for c, b, r in zip(controls, base, replies)
+                if cs.hit(b, c.expect) and not cs.hit(r, c.expect)]
+        for n, p in self.model.named_parameters():
+            if n in trained:
+                p.copy_(trained[n])
+        return {"lost": lost, "kept_of": sum(cs.hit(b, c.expect) for c, b in zip(controls, base))}
+
     def _reset_optimizer(self) -> None:
         """As if each job were the first: zero the moments and the limiter's reference in place (the
         addresses stay, as a captured CUDA graph needs) and restart the step count, so the job's first
@@ -367,6 +418,9 @@ def run_recipe(recipe: Recipe, seed: int, args, model_dir: Path) -> dict[str, An
     t0 = time.perf_counter()
     result = cs.run(backend, facts, cs.load_controls(), args.facts, log=lambda s: print(f"  {recipe.name}: {s}",
                                                                                         flush=True))
+    result.update(drift=backend.drift(), noise_floor=backend.noise_floor(cs.load_controls(), seed))
+    print(f"  drift {result['drift']}; a random update of that size loses {len(result['noise_floor']['lost'])} "
+          f"controls: {result['noise_floor']['lost']}", flush=True)
     result.update(recipe=asdict(recipe), seed=seed, device=args.device, machine=machine(),
                   check_forwards=backend.forwards, wall_seconds=round(time.perf_counter() - t0, 1),
                   date=time.strftime("%Y-%m-%d"))

@@ -13,6 +13,12 @@
 #                                        (4 layers; bench/moe_optim.py): state and step time vs fused AdamW
 #   bash bench/gpu_session.sh G         same machine, carrying .gpu/tokenizer: the guard's
 #                                        snapshot/restore and POST /rollback at the 1.7B and 8B shapes
+#   bash bench/gpu_session.sh L         same machine, carrying .gpu/tokenizer, MODEL=a model directory there: the
+#                                        continual benchmark served (bench/continual.py) over several calls: the
+#                                        first starts `onlinemodel serve` in a session of its own, which outlives
+#                                        the call while the machine stays warm; each call teaches facts for at most
+#                                        STOP_AFTER s (default 380) and exits 3 until the run is done; run it again
+#                                        at once (within the machine's 30 s) to carry on; SERVE_ARGS: more flags
 #   bash bench/gpu_session.sh tests     the GPU tests alone, with $PYTHON (what `make test-gpu` runs)
 #
 # Environment: OUT (results; default ./gpu-out), PYTHON (default python3), GPU_TESTS (step A's and `tests`'
@@ -117,6 +123,29 @@ G)
             --out "$OUT/guard-rollback-$shape.json" > "$OUT/guard-rollback-$shape.out" 2>&1 || status=$?
         tail -3 "$OUT/guard-rollback-$shape.out"
     done
+    exit $status
+    ;;
+L)
+    gpu_env
+    model=${MODEL:?MODEL: the model directory on the GPU machine}
+    url=http://127.0.0.1:8011
+    progress=/tmp/continual-progress.json
+    up() { curl -sf -H "Authorization: Bearer $TOKEN" "$url/v1/models" > /dev/null; }
+    if ! up; then
+        # A run carried on against a new server would mix two models' answers: start over instead.
+        [ ! -f "$progress" ] || { echo "the server of $progress is gone: rm it to start over"; exit 1; }
+        # shellcheck disable=SC2086
+        setsid nohup "$PYTHON" -m onlinemodel_runtime.cli serve --model "$model" --host 127.0.0.1 --port 8011 \
+            --max-model-len 1024 --enforce-eager ${SERVE_ARGS:-} > /tmp/continual-server.log 2>&1 < /dev/null &
+        for _ in $(seq 300); do up && break; sleep 1; done
+        up || { tail -30 /tmp/continual-server.log; exit 1; }
+    fi
+    status=0
+    timeout 560 "$PYTHON" bench/continual.py --url "$url" --facts 32 --progress "$progress" \
+        --stop-after "${STOP_AFTER:-380}" --label "defaults, served, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+        --json "$OUT/continual-served.json" > "$OUT/continual-served.out" 2>&1 || status=$?
+    cp /tmp/continual-server.log "$OUT/" 2>/dev/null || true
+    tail -8 "$OUT/continual-served.out"
     exit $status
     ;;
 tests)

@@ -178,6 +178,10 @@ class TrainingSpec(FrozenCamelModel):
     anchor_weight: float = Field(limits.ANCHOR_WEIGHT_DEFAULT, ge=0, le=limits.ANCHOR_WEIGHT_MAX,
                                  description="Weight of the term that keeps the untouched model's answers to "
                                              "general conversations in every training step (0: off).")
+    null_space_energy: float = Field(limits.NULL_SPACE_ENERGY_DEFAULT, ge=0, le=limits.NULL_SPACE_ENERGY_MAX,
+                                     description="Keep updates out of the directions that hold this share of each "
+                                                 "trained matrix's inputs on the anchor conversations, so what is "
+                                                 "learned changes less of the rest (0: off).")
     max_body_bytes: Optional[int] = Field(
         None, ge=1, description=f"Largest request body of the training routes, in bytes (default: the runtime's, "
                                 f"{limits.MAX_BODY_BYTES_DEFAULT}); a larger one is refused with 413.")

@@ -182,6 +182,7 @@ def serve_args(owner: Owner, spec: OnlineModelSpec) -> list[str]:
                  "--default-epochs", str(training.default_epochs),
                  "--replay-examples", str(training.replay_examples),
                  "--anchor-weight", _num(training.anchor_weight),
+                 "--null-space-energy", _num(training.null_space_energy),
                  "--max-decode-slowdown", _num(training.max_decode_slowdown) if training.max_decode_slowdown
                  else "off"]
         if training.max_body_bytes is not None:

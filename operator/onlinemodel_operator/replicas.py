@@ -35,7 +35,7 @@ from onlinemodel_protocol.replication import READY_PATH
 _SERVE_ONLY = ("--checkpoint-dir", "--checkpoint-keep", "--checkpoint-every-steps", "--checkpoint-every-seconds",
                "--final-checkpoint-timeout", "--sync-interval", "--learning-rate", "--optimizer-rank",
                "--max-examples", "--default-epochs", "--max-decode-slowdown", "--max-body-bytes",
-               "--replay-examples", "--anchor-weight", *(f.flag for f in CONFIG_FILES))
+               "--replay-examples", "--anchor-weight", "--null-space-energy", *(f.flag for f in CONFIG_FILES))
 
 
 def follower_pod_name(owner: Owner, index: int) -> str:

@@ -272,6 +272,17 @@ class AnchorStatus(_Body):
     record_bytes: int = Field(0, ge=0)
 
 
+class NullSpaceStatus(_Body):
+    """``null_space`` of ``GET /train/status``: updates kept out of the anchor conversations' input directions."""
+
+    energy: float = Field(0.0, ge=0)  # 0: off
+    enabled: bool = False  # false once `reason` says why it is off
+    matrices: int = Field(0, ge=0)  # trained matrices whose gradients are projected (built at the first job)
+    directions: int = Field(0, ge=0)  # kept out of updates, over all the distinct bases
+    basis_bytes: int = Field(0, ge=0)
+    reason: str | None = None
+
+
 class TrainStatus(_Body):
     """``GET /train/status``. A non-finite ``last_loss`` is written as ``null``."""
 
@@ -298,6 +309,7 @@ class TrainStatus(_Body):
     replication: ReplicationStatus | None = None
     replay: ReplayStatus | None = None
     anchor: AnchorStatus | None = None
+    null_space: NullSpaceStatus | None = None
 
     @classmethod
     def placeholder(cls, state: TrainerState, last: TrainStatus | None = None, last_error: str | None = None,

@@ -61,6 +61,8 @@ class RuntimeConfig(BaseModel):
     replay_examples: int = Field(limits.REPLAY_EXAMPLES_DEFAULT, ge=0, le=limits.REPLAY_EXAMPLES_MAX)
     replay_reservoir: int = Field(limits.REPLAY_RESERVOIR_DEFAULT, ge=0, le=limits.REPLAY_RESERVOIR_MAX)
     anchor_weight: float = Field(limits.ANCHOR_WEIGHT_DEFAULT, ge=0, le=limits.ANCHOR_WEIGHT_MAX, allow_inf_nan=False)
+    null_space_energy: float = Field(limits.NULL_SPACE_ENERGY_DEFAULT, ge=0, le=limits.NULL_SPACE_ENERGY_MAX,
+                                     allow_inf_nan=False)
     # --anchor-file FILE, parsed: the deployment's own anchor conversations (with or instead of the built-in ones).
     anchor_file: AnchorFile | None = None
     trainer_start_timeout: float = Field(limits.TRAINER_START_TIMEOUT_DEFAULT, gt=0)

@@ -51,6 +51,12 @@ ANCHOR_WEIGHT_DEFAULT = 4.0
 ANCHOR_WEIGHT_MAX = 100.0
 ANCHOR_PER_STEP = 2
 ANCHOR_TOP_K = 32
+# Updates kept out of the directions general inputs use (trainer/null_space.py): per trained matrix, the
+# directions holding this share of its inputs' energy on the anchor conversations (--null-space-energy; 0: off).
+NULL_SPACE_ENERGY_DEFAULT = 0.9
+NULL_SPACE_ENERGY_MAX = 0.999
+# What gathering those directions may hold (float32 second moments of the inputs); a larger model trains without.
+NULL_SPACE_MAX_BYTES = 2 * 1024**3
 
 # The trainer's queue and history.
 MAX_QUEUED_JOBS_DEFAULT = 16  # more is a 429

@@ -81,6 +81,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--anchor-weight", type=float, default=limits.ANCHOR_WEIGHT_DEFAULT,
                    help="weight of the KL term that keeps the untouched model's answers to general "
                         "conversations in every step (0: off; docs/learning.md)")
+    p.add_argument("--null-space-energy", type=float, default=limits.NULL_SPACE_ENERGY_DEFAULT,
+                   help="keep updates out of the directions that hold this share of each trained matrix's inputs "
+                        "on the anchor conversations (0: off; docs/learning.md)")
     p.add_argument("--anchor-file", type=Path, default=None, metavar="FILE",
                    help="the deployment's own anchor conversations (YAML/JSON, docs/learning.md), added to the "
                         "built-in ones (or instead of them: builtin: false)")
@@ -155,6 +158,7 @@ def build_config(args: argparse.Namespace, state_dir: Path) -> RuntimeConfig:
         replay_examples=args.replay_examples,
         replay_reservoir=args.replay_reservoir,
         anchor_weight=args.anchor_weight,
+        null_space_energy=args.null_space_energy,
         anchor_file=read_config_file("--anchor-file", args.anchor_file, parse_anchor_file),
         max_decode_slowdown=args.max_decode_slowdown,
         activation_recompute=args.activation_recompute,

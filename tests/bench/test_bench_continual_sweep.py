@@ -15,7 +15,7 @@ import continual_sweep as sweep  # noqa: E402
 from onlinemodel_protocol import limits  # noqa: E402
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2  # noqa: E402
 
-DEFAULTS = {r.name: r for r in sweep.RECIPES}["kl4-margin1-stop-e40-replay4-rank64"]
+DEFAULTS = {r.name: r for r in sweep.RECIPES}["kl4-margin1-stop-e40-replay4-rank64-ns90"]
 
 
 def test_the_defaults_recipe_is_the_runtimes_defaults():
@@ -26,11 +26,12 @@ def test_the_defaults_recipe_is_the_runtimes_defaults():
         limits.ANCHOR_WEIGHT_DEFAULT, limits.ANCHOR_PER_STEP, limits.ANCHOR_TOP_K)
     assert DEFAULTS.anchor_conversations == 0  # all the built-in ones
     assert (DEFAULTS.rank, DEFAULTS.policy) == (limits.OPTIMIZER_RANK_DEFAULT, "apollo,frozen,frozen")
+    assert DEFAULTS.null_space == limits.NULL_SPACE_ENERGY_DEFAULT
 
 
 def test_one_job_trains_the_fact_with_the_anchor_term():
     backend = sweep.InProcess(ensure_smollm2(), DEFAULTS, seed=0, device="cpu", batch=1)
-    assert backend.anchor_term.recorded
+    assert backend.anchor_term.recorded and backend.null_space.ready
     fact = cs.load_facts()[0]
     job = backend.teach(fact.example)
     assert job["new_steps"] >= 1 and len(job["anchor_losses"]) == job["steps"]

@@ -277,6 +277,7 @@ LIMITS = {
     "training.defaultEpochs": (limits.EPOCHS_DEFAULT, 1, limits.MAX_EPOCHS_DEFAULT),
     "training.replayExamples": (limits.REPLAY_EXAMPLES_DEFAULT, 0, limits.REPLAY_EXAMPLES_MAX),
     "training.anchorWeight": (limits.ANCHOR_WEIGHT_DEFAULT, 0, limits.ANCHOR_WEIGHT_MAX),
+    "training.nullSpaceEnergy": (limits.NULL_SPACE_ENERGY_DEFAULT, 0, limits.NULL_SPACE_ENERGY_MAX),
     "checkpoint.keepLast": (limits.CHECKPOINT_KEEP_DEFAULT, 1, limits.CHECKPOINT_KEEP_MAX),
     "checkpoint.everySteps": (limits.CHECKPOINT_EVERY_STEPS_DEFAULT, 0, None),
     "checkpoint.everySeconds": (limits.CHECKPOINT_EVERY_SECONDS_DEFAULT, 0, None),
@@ -317,6 +318,7 @@ def test_the_highest_values_are_accepted_by_the_runtime_config() -> None:
                             ("default_epochs", "training.defaultEpochs"), ("checkpoint_keep", "checkpoint.keepLast"),
                             ("replay_examples", "training.replayExamples"),
                             ("anchor_weight", "training.anchorWeight"),
+                            ("null_space_energy", "training.nullSpaceEnergy"),
                             ("max_decode_slowdown", "training.maxDecodeSlowdown"))})
     assert cfg.learning_rate == limits.LEARNING_RATE_MAX
 

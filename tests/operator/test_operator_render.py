@@ -74,13 +74,13 @@ def test_serve_args_default_and_full() -> None:
         "--learning-rate", repr(limits.LEARNING_RATE_DEFAULT), "--optimizer-rank", str(limits.OPTIMIZER_RANK_DEFAULT),
         "--max-examples", str(limits.MAX_EXAMPLES_DEFAULT), "--default-epochs", str(limits.EPOCHS_DEFAULT),
         "--replay-examples", str(limits.REPLAY_EXAMPLES_DEFAULT), "--anchor-weight", f"{limits.ANCHOR_WEIGHT_DEFAULT:g}",
-        "--max-decode-slowdown", str(limits.MAX_DECODE_SLOWDOWN_DEFAULT),
+        "--null-space-energy", f"{limits.NULL_SPACE_ENERGY_DEFAULT:g}", "--max-decode-slowdown", str(limits.MAX_DECODE_SLOWDOWN_DEFAULT),
         "--sync-interval", str(int(limits.SYNC_INTERVAL_DEFAULT))]
     full = parse_spec(base(
         model={"source": {"huggingFace": {"id": "Qwen/Qwen3-0.6B", "revision": "main"}}, "servedName": "qwen"},
         serving={"port": 9000, "maxModelLen": 4096, "gpuMemoryUtilization": 0.85, "extraArgs": ["--enforce-eager"]},
         training={"learningRate": 1e-5, "optimizerRank": 4, "maxExamplesPerRequest": 16, "defaultEpochs": 2,
-                  "replayExamples": 0, "anchorWeight": 0.5, "maxBodyBytes": 1048576, "maxDecodeSlowdown": 0},
+                  "replayExamples": 0, "anchorWeight": 0.5, "nullSpaceEnergy": 0, "maxBodyBytes": 1048576, "maxDecodeSlowdown": 0},
         checkpoint={"everySteps": 50, "everySeconds": 600.5, "keepLast": 2, "startOver": True},
         replication={"syncIntervalSeconds": 5}))
     assert serve_args(OWNER, full) == [
@@ -89,7 +89,7 @@ def test_serve_args_default_and_full() -> None:
         "--checkpoint-every-steps", "50", "--checkpoint-every-seconds", "600.5", "--final-checkpoint-timeout", "90",
         "--start-over",
         "--learning-rate", "1e-05", "--optimizer-rank", "4", "--max-examples", "16", "--default-epochs", "2",
-        "--replay-examples", "0", "--anchor-weight", "0.5", "--max-decode-slowdown", "off", "--max-body-bytes", "1048576", "--sync-interval", "5",
+        "--replay-examples", "0", "--anchor-weight", "0.5", "--null-space-energy", "0", "--max-decode-slowdown", "off", "--max-body-bytes", "1048576", "--sync-interval", "5",
         "--max-model-len", "4096", "--gpu-memory-utilization", "0.85",
         "--", "--revision", "main", "--enforce-eager"]
 

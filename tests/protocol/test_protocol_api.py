@@ -28,7 +28,7 @@ def test_placeholder_keeps_the_last_counters_and_queues_nothing():
         "job_counts": {"submitted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "rolled_back": 0},
         "last_error": None, "checkpoint": None, "optimizer": None, "trainer_restarts": 0, "scheduler": None,
         "memory": None, "guard": None, "replication": None, "replay": None,
-        "anchor": None}
+        "anchor": None, "null_space": None}
 
 
 def test_no_float_field_is_ever_non_finite():

@@ -116,9 +116,10 @@ def make_probes(cfg):
 
 
 def make_anchors(cfg):
-    """The anchor term's conversations (built-in and --anchor-file) in the served model's chat template; None
-    when it is off. ValueError (refused at start) if one of the file's does not fit."""
-    if not cfg.anchor_weight:
+    """The anchor term's conversations (built-in and --anchor-file) in the served model's chat template, which
+    the null-space projection also reads; None when both are off. ValueError (refused at start) if one of the
+    file's does not fit."""
+    if not cfg.anchor_weight and not cfg.null_space_energy:
         return None
     from transformers import AutoTokenizer
 

@@ -26,13 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from onlinemodel_protocol.api import (FINISHED_JOB_STATES, AnchorStatus, CheckpointRecord, CheckpointStatus, Job,
-                                      JobCounts, ReplayStatus, TrainAccepted, TrainStatus, job_eta_seconds,
-                                      utc_timestamp)
+                                      JobCounts, NullSpaceStatus, ReplayStatus, TrainAccepted, TrainStatus,
+                                      job_eta_seconds, utc_timestamp)
 from onlinemodel_protocol.config import RuntimeConfig
-from onlinemodel_protocol.limits import ANCHOR_PER_STEP, ANCHOR_TOP_K, RECENT_JOBS, REPLAY_RESERVOIR_MAX_TOKENS
+from onlinemodel_protocol.limits import (ANCHOR_PER_STEP, ANCHOR_TOP_K, NULL_SPACE_MAX_BYTES, RECENT_JOBS,
+                                         REPLAY_RESERVOIR_MAX_TOKENS)
 from onlinemodel_protocol.replication import Snapshot
 from onlinemodel_protocol.rpc import EncodedExample, TrainJob
 from onlinemodel_runtime.trainer.anchor import AnchorTerm
+from onlinemodel_runtime.trainer.null_space import NullSpace
 from onlinemodel_runtime.trainer.early_stop import answer_predicted, job_schedule
 from onlinemodel_runtime.trainer.errors import JobRolledBack, TrainerError
 from onlinemodel_runtime.trainer.guard import Guard, ProbeSet
@@ -93,6 +95,12 @@ class TrainerService(Checkpointing, Rollbacks):
         from_file = min(len(cfg.anchor_file.conversations), len(anchors)) if cfg.anchor_file is not None else 0
         self.anchor = AnchorTerm(anchors, cfg.anchor_weight if tp is None else 0.0, ANCHOR_PER_STEP, ANCHOR_TOP_K,
                                  from_file=from_file)
+        # Its bases are built on the same conversations, at the first job; off under tensor parallelism too (a
+        # rank holds a shard of each matrix's inputs).
+        if tp is not None and cfg.null_space_energy:
+            log.warning("the null-space projection is off under tensor parallelism (--null-space-energy %g ignored)",
+                        cfg.null_space_energy)
+        self.null_space = NullSpace(anchors, cfg.null_space_energy if tp is None else 0.0, NULL_SPACE_MAX_BYTES)
         self._checkpoint_version = 0
         self._last_checkpoint_monotonic = time.monotonic()
         self._queue = JobQueue()
@@ -217,6 +225,7 @@ class TrainerService(Checkpointing, Rollbacks):
             guard=self.guard.status(),
             replay=ReplayStatus(**self.replay.summary()),
             anchor=AnchorStatus(**self.anchor.summary()),
+            null_space=NullSpaceStatus(**self.null_space.summary()),
         )
 
     # -- training thread ---------------------------------------------------------------------
@@ -254,11 +263,17 @@ class TrainerService(Checkpointing, Rollbacks):
             if job.guarded:
                 with self._weights_lock:
                     self.guard.before_job(self.weight_version)
-            if self.anchor.enabled and not self.anchor.recorded:
+            if (self.anchor.enabled and not self.anchor.recorded) or (self.null_space.enabled
+                                                                     and not self.null_space.ready):
                 # Before the first step: the untouched weights. Restored from a checkpoint, only conversations
-                # it has no record of (an edited anchor file): the trained weights as they are now.
+                # it has no record of (an edited anchor file): the trained weights as they are now. The
+                # null-space bases come from the same forwards when the record runs them all, else their own.
                 with self._weights_lock:
-                    self.anchor.record(self.model, untouched=self.steps == 0 and self.cfg.model == self.cfg.base_model)
+                    with self.null_space.gathering(self.model):
+                        if self.anchor.enabled and not self.anchor.recorded:
+                            self.anchor.record(self.model,
+                                               untouched=self.steps == 0 and self.cfg.model == self.cfg.base_model)
+                    self.null_space.build(self.model)
             replayed = self.replay.sample(self.cfg.replay_examples)
             # The most steps the job can take (early stop ends it sooner): progress and ETA count these.
             job.steps_total = (len(examples) + len(replayed)) * job.epochs

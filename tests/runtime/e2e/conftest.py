@@ -28,7 +28,7 @@ CONTROL_QUESTIONS = {"What is the capital of Germany?": "Berlin"}
 # would again have trained on until learned. test_checkpoint_resume.py, test_guard.py and test_train_cli.py's
 # plain server run the default settings.
 FIXED_EPOCHS_ARGS = ["--default-epochs", "5", "--no-early-stop", "--replay-examples", "0", "--anchor-weight", "0",
-                     "--optimizer-rank", "1"]
+                     "--null-space-energy", "0", "--optimizer-rank", "1"]
 
 
 @pytest.fixture(scope="session")

@@ -67,7 +67,7 @@ def build(tiny_dir, tmp_path, guard: GuardFile | None = None, tokenizer=None, fa
     optimizer.attach_to_backward()
     # No anchor term: these tests are about the guard (test_trainer_service_continual.py covers it).
     config = RuntimeConfig(model=str(tiny_dir), base_model=str(tiny_dir), state_dir=tmp_path / "state", guard=guard,
-                           **{"anchor_weight": 0, **cfg})
+                           **{"anchor_weight": 0, "null_space_energy": 0, **cfg})
     store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
     probes = ProbeSet(guard, tokenizer, greedy_answers(model, tokenizer, fail)) if guard is not None else None
     return TrainerService(config, model, optimizer, store, probes=probes)
@@ -162,12 +162,18 @@ def test_weights_the_guard_cannot_judge_are_not_kept(tiny_dir, tmp_path, tokeniz
 
 
 def test_held_out_loss_guard(tiny_dir, tmp_path, tokenizer):
-    guard = GuardFile(heldout={"text": "The quick brown fox jumps over the lazy dog. " * 4, "max_increase": 0.0})
+    text = "The quick brown fox jumps over the lazy dog. " * 4
+    guard = GuardFile(heldout={"text": text, "max_increase": 0.0}, allow_job_opt_out=True)
     service = build(tiny_dir, tmp_path, guard, tokenizer)
+    # The random model's loss on any text is near log(vocab), and a destructive job moved it by 0.3%, up on one
+    # CPU and down on another: the model first learns the text (unguarded), so that the job has something to undo.
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    service.submit(TrainJob(examples=[EncodedExample(input_ids=ids, labels=ids)], epochs=20, learning_rate=1e-2,
+                            guard=False))
     service.submit(destructive())
     run_all(service)
-    (job,) = service.status().jobs
-    assert job.state == "rolled_back" and job.guard.regressed == [HELDOUT]
+    learned, job = service.status().jobs
+    assert learned.state == "succeeded" and job.state == "rolled_back" and job.guard.regressed == [HELDOUT]
     assert job.guard.heldout_loss > job.guard.heldout_loss_before > 0
 
 

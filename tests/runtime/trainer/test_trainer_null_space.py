@@ -1,0 +1,130 @@
+"""trainer/null_space.py on a tiny real model: the bases are orthonormal directions of each matrix's inputs, every
+gradient is projected off them (so a plain SGD step leaves the layer's output on those directions unchanged),
+a model too large for the memory bound trains without it, and the trainer builds it at the first job."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onlinemodel_runtime.trainer.null_space import NullSpace, input_bases, moment_bytes
+from tests.runtime.trainer.test_trainer_service import EXAMPLE, build, run_all, tiny_dir  # noqa: F401
+from tests.runtime.trainer.test_trainer_service_continual import submit
+
+
+@pytest.fixture(scope="module")
+def anchors(tiny_dir):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    from onlinemodel_runtime.trainer.anchor import encode_anchors
+
+    return encode_anchors(AutoTokenizer.from_pretrained(tiny_dir))[:16]
+
+
+def tiny(tiny_dir):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    return model
+
+
+def test_the_bases_are_orthonormal_and_shared_by_matrices_that_read_the_same_input(tiny_dir, anchors):  # noqa: F811
+    model = tiny(tiny_dir)
+    bases = input_bases(model, anchors, 0.9)
+    layer = "model.layers.0"
+    assert {f"{layer}.self_attn.{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj")} <= set(bases)
+    assert bases[f"{layer}.self_attn.q_proj.weight"] is bases[f"{layer}.self_attn.v_proj.weight"]
+    assert bases[f"{layer}.mlp.gate_proj.weight"] is bases[f"{layer}.mlp.up_proj.weight"]
+    assert bases[f"{layer}.self_attn.o_proj.weight"] is not bases[f"{layer}.self_attn.q_proj.weight"]
+    for u in bases.values():
+        assert 1 <= u.shape[1] < u.shape[0]
+        torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1]), atol=1e-4, rtol=0)
+    # More energy, more directions
+    more = input_bases(model, anchors, 0.99)
+    assert all(more[n].shape[1] >= u.shape[1] for n, u in bases.items())
+    assert sum(more[n].shape[1] for n in bases) > sum(u.shape[1] for u in bases.values())
+
+
+def test_a_step_leaves_each_matrix_unchanged_on_its_kept_directions(tiny_dir, anchors):  # noqa: F811
+    model = tiny(tiny_dir)
+    space = NullSpace(anchors, 0.9, max_bytes=2**30)
+    space.build(model)
+    assert space.ready and space.summary()["matrices"] == len(space._bases) > 0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    ids = torch.tensor([EXAMPLE.input_ids])
+    model(input_ids=ids, labels=torch.tensor([EXAMPLE.labels])).loss.backward()
+    sgd.step()
+    moved = 0
+    for name, p in model.named_parameters():
+        if name in space._bases:
+            delta = p.detach() - before[name]
+            u = space._bases[name]
+            assert float((delta @ u).norm()) <= 1e-5 * max(float(delta.norm()), 1e-12), name
+            moved += float(delta.norm()) > 0
+    assert moved == len(space._bases)  # every projected matrix still learns, in the other directions
+
+    space.detach()  # without the hooks the same step moves the kept directions too
+    model.zero_grad()
+    model(input_ids=ids, labels=torch.tensor([EXAMPLE.labels])).loss.backward()
+    name = "model.layers.0.mlp.down_proj.weight"
+    g = dict(model.named_parameters())[name].grad
+    assert float((g @ space._bases[name]).norm()) > 1e-3 * float(g.norm())
+
+
+def test_a_model_past_the_memory_bound_trains_without_it(tiny_dir, anchors):  # noqa: F811
+    model = tiny(tiny_dir)
+    space = NullSpace(anchors, 0.9, max_bytes=moment_bytes(model) - 1)
+    space.build(model)
+    assert not space.enabled and not space.ready and "GiB" in space.summary()["reason"]
+
+
+@pytest.mark.parametrize("energy", [-0.1, 1.0, 2, True, "0.9"])
+def test_an_energy_outside_zero_to_one_is_refused(anchors, energy):
+    with pytest.raises(ValueError, match="energy"):
+        NullSpace(anchors, energy, max_bytes=2**30)
+
+
+def test_an_energy_without_conversations_is_refused():
+    with pytest.raises(ValueError, match="conversation"):
+        NullSpace([], 0.9, max_bytes=2**30)
+    assert NullSpace([], 0.0, max_bytes=2**30).summary()["reason"] == "off (energy 0)"
+
+
+def test_the_trainer_builds_it_at_the_first_job_and_learns(tiny_dir, tmp_path, anchors):  # noqa: F811
+    service = build(tiny_dir, tmp_path, anchors, null_space_energy=0.9)
+    with torch.no_grad():
+        untouched_loss = float(service.model(input_ids=torch.tensor([EXAMPLE.input_ids]),
+                                             labels=torch.tensor([EXAMPLE.labels])).loss)
+    assert service.status().null_space.model_dump() == {
+        "energy": 0.9, "enabled": True, "matrices": 0, "directions": 0, "basis_bytes": 0, "reason": None}
+    submit(service, EXAMPLE, epochs=20, learning_rate=2e-2)
+    run_all(service)
+    status = service.status()
+    assert status.jobs[0].state == "succeeded" and status.jobs[0].steps == 20
+    assert status.null_space.matrices > 0 and status.null_space.directions > 0 and status.null_space.basis_bytes > 0
+    assert status.jobs[0].last_loss < 0.5 * untouched_loss
+
+
+def test_the_anchor_records_forwards_build_the_same_bases(tiny_dir, anchors):  # noqa: F811
+    from onlinemodel_protocol import limits
+    from onlinemodel_runtime.trainer.anchor import AnchorTerm
+
+    model = tiny(tiny_dir)
+    own = NullSpace(anchors, 0.9, max_bytes=2**30)
+    own.build(model)
+    shared = NullSpace(anchors, 0.9, max_bytes=2**30)
+    with shared.gathering(model):
+        AnchorTerm(anchors, 1.0, limits.ANCHOR_PER_STEP, limits.ANCHOR_TOP_K).record(model, untouched=True)
+    assert shared.ready
+    assert shared._bases.keys() == own._bases.keys()
+    for name, u in own._bases.items():  # the same subspaces (eigenvectors up to sign)
+        torch.testing.assert_close(shared._bases[name] @ shared._bases[name].T, u @ u.T, atol=1e-4, rtol=0)
+    # A record that ran only some of the conversations (the rest restored): the bases need their own pass.
+    partial = NullSpace(anchors, 0.9, max_bytes=2**30)
+    with partial.gathering(model):
+        AnchorTerm(anchors[:3], 1.0, limits.ANCHOR_PER_STEP, limits.ANCHOR_TOP_K).record(model, untouched=True)
+    assert not partial.ready
+    partial.build(model)
+    assert partial.ready
