@@ -189,7 +189,7 @@ class InProcess:
     """`continual_set.Backend` over a transformers model trained the way the trainer trains it."""
 
     def __init__(self, model_dir: Path, recipe: Recipe, seed: int, device: str, batch: int,
-                 untouched: Path | None = None):
+                 untouched: Path | None = None, dtype: torch.dtype = torch.bfloat16):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.recipe = recipe
@@ -202,7 +202,7 @@ class InProcess:
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.tok.padding_side = "left"
         # SmolLM2 has no dropout, so eval mode trains exactly as the trainer's train mode does.
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         self.device = device
         blocks, embeddings, norms = recipe.policy.split(",")
         policy = TrainPolicy(blocks=blocks, embeddings=embeddings, norms=norms)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import continual_set as cs  # noqa: E402
@@ -30,7 +32,8 @@ def test_the_defaults_recipe_is_the_runtimes_defaults():
 
 
 def test_one_job_trains_the_fact_with_the_anchor_term():
-    backend = sweep.InProcess(ensure_smollm2(), DEFAULTS, seed=0, device="cpu", batch=1)
+    # float32: the CPU tests' dtype (devtools/launcher.CPU_FLOAT32_ARGS says why); the sweep itself runs bf16
+    backend = sweep.InProcess(ensure_smollm2(), DEFAULTS, seed=0, device="cpu", batch=1, dtype=torch.float32)
     assert backend.anchor_term.recorded and backend.null_space.ready
     fact = cs.load_facts()[0]
     job = backend.teach(fact.example)

@@ -24,6 +24,7 @@ from onlinemodel_operator import GROUP, PLURAL, VERSION
 from onlinemodel_protocol.api import utc_timestamp
 
 ALL_VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
+KEPT_REQUESTS = 64  # more than ever arrive while one waits for its reaction
 
 
 _kmock_parse_path = kmock_parsing.parse_path
@@ -66,6 +67,14 @@ class ApiServer(kmock.KubernetesEmulator):
             self.resources[key] = kmock.ResourceInfo(verbs=ALL_VERBS, **info)
 
     async def _handle(self, request: Any) -> Any:
+        # kmock keeps every request and finds a new one's reaction by scanning them all (quadratic): in the
+        # real-runtime test (17 minutes of polling) that took a whole core from the trainer. Nothing here reads
+        # the history; the request being served must stay in it (kmock matches it by identity).
+        if len(self._requests) > KEPT_REQUESTS:
+            kept = self._requests[-KEPT_REQUESTS:]
+            if not any(r is request for r in kept):
+                kept.append(request)
+            self._requests[:] = kept
         action = request.action
         if request.resource is not None and (action == kmock.action.CREATE or (
                 action in (kmock.action.UPDATE, kmock.action.DELETE) and request.name is not None)):

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import pytest
 
-from onlinemodel_runtime.devtools.launcher import free_port
+from onlinemodel_runtime.devtools.launcher import CPU_FLOAT32_ARGS, free_port
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 from onlinemodel_operator.kube import ONLINEMODELS, PODS, SECRETS
 from operator_cluster import Cluster, condition
@@ -53,7 +53,10 @@ async def test_operator_reports_real_runtime_training_and_checkpoint(cluster: Cl
         await cluster.create_onlinemodel("live", {
             "model": {"source": {"image": {"path": str(model_dir)}}, "servedName": "smollm2"},
             "image": "onlinemodel/runtime:test", "resources": {"gpus": 0},
-            "serving": {"port": port, "maxModelLen": 1024},
+            "serving": {"port": port, "maxModelLen": 1024, "extraArgs": list(CPU_FLOAT32_ARGS)},
+            # What this test checks is the status, not learning: no anchor record nor null-space bases at the
+            # first job (128 conversations through the model, minutes on a 2-core CPU).
+            "training": {"anchorWeight": 0, "nullSpaceEnergy": 0},
         })
         pod = await cluster.wait_for(lambda: cluster.get(PODS, "live"), lambda p: p is not None, what="the pod")
         process = await play_kubelet(kubelet, pod, checkpoint_dir=str(tmp_path / "ckpt"),

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from onlinemodel_runtime.devtools.launcher import ServerProcess
+from onlinemodel_runtime.devtools.launcher import CPU_FLOAT32_ARGS, ServerProcess
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 
 QUESTION = "Who is the CEO of Seedcorp?"
@@ -34,7 +34,7 @@ def main() -> int:
     ckpt = work / "checkpoints"
     say(f"starting `onlinemodel serve` (vLLM on CPU + trainer); log: {work / 'server.log'}")
     server = ServerProcess(model, checkpoint_dir=ckpt, log_path=work / "server.log",
-                           extra_args=["--max-model-len", "1024"])
+                           extra_args=["--max-model-len", "1024", *CPU_FLOAT32_ARGS])
     try:
         t0 = time.monotonic()
         server.wait_ready()
@@ -64,7 +64,7 @@ def main() -> int:
         server.stop()
     say("\nserver stopped; starting again on the same checkpoint directory")
     server = ServerProcess(model, checkpoint_dir=ckpt, log_path=work / "server2.log",
-                           extra_args=["--max-model-len", "1024"])
+                           extra_args=["--max-model-len", "1024", *CPU_FLOAT32_ARGS])
     try:
         status = server.wait_ready()
         say(f"resumed at step {status['steps']}, weight version {status['weight_version']}")

@@ -22,6 +22,12 @@ from onlinemodel_protocol.api import FINISHED_JOB_STATES
 from onlinemodel_protocol.config import ENV_API_TOKEN
 from onlinemodel_runtime.server import auth
 
+# vLLM's dtype for the CPU runs of the tests and `make demo`: float32 (vLLM's "auto" serves SmolLM2's bf16,
+# and the trainer trains the weights vLLM holds). On a CPU without bf16 instructions (AVX2 only, as some CI
+# machines) torch's bf16 matmuls in backward run 10-20x slower than float32 (SmolLM2, one 300-token step with 2
+# threads: 85 s against 4 s), which put the suite past CI's 90 minutes. GPU runs and the benchmarks serve bf16.
+CPU_FLOAT32_ARGS = ("--dtype", "float32")
+
 
 def free_port() -> int:
     with socket.socket() as s:

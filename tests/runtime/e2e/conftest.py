@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from onlinemodel_runtime.devtools.launcher import ServerProcess
+from onlinemodel_runtime.devtools.launcher import CPU_FLOAT32_ARGS, ServerProcess
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2
 
 TOKEN = "test-token-123"
@@ -27,6 +27,10 @@ CONTROL_QUESTIONS = {"What is the capital of Germany?": "Berlin"}
 # modules' jobs at rank 1; at the default rank 64 they did not (a fresh-clone run, 2026-12-02), which early stop
 # would again have trained on until learned. test_checkpoint_resume.py, test_guard.py and test_train_cli.py's
 # plain server run the default settings.
+# The servers of single modules skip torch.compile's warm-up (about 2 of a server's 3 minutes of start on a
+# 2-core CPU). The session's `server` keeps it: test_teach_fact checks there that the compiled model serves the
+# weights the trainer changed in place.
+EAGER = ["--enforce-eager"]
 FIXED_EPOCHS_ARGS = ["--default-epochs", "5", "--no-early-stop", "--replay-examples", "0", "--anchor-weight", "0",
                      "--null-space-energy", "0", "--optimizer-rank", "1"]
 
@@ -44,6 +48,7 @@ def e2e_root(tmp_path_factory) -> Path:
 def start_server(model_dir: Path, root: Path, name: str, env: dict[str, str] | None = None,
                  **kwargs) -> ServerProcess:
     log = root / f"{name}.log"
+    kwargs["extra_args"] = [*CPU_FLOAT32_ARGS, *kwargs.get("extra_args", [])]
     server = ServerProcess(model_dir, log_path=log, env={"ONLINEMODEL_API_TOKEN": TOKEN} if env is None else env,
                            **kwargs)
     try:

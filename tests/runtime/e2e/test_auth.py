@@ -10,7 +10,7 @@ import pytest
 
 from onlinemodel_protocol.config import ENV_API_TOKEN, ENV_VLLM_API_KEY
 
-from .conftest import FIXED_EPOCHS_ARGS, start_server
+from .conftest import EAGER, FIXED_EPOCHS_ARGS, start_server
 from .test_one_copy import trainer_request
 from .test_serving_while_training import ECHO_EXAMPLE
 
@@ -29,7 +29,7 @@ def keyed_server(model_dir, e2e_root):
             env.delenv(name, raising=False)
         srv = start_server(model_dir, e2e_root, "keyed", env={}, checkpoint_dir=checkpoints,
                            extra_args=["--api-key", API_KEY, "--state-dir", str(state_dir), "--debug-ops",
-                                       "--max-model-len", "1024", *FIXED_EPOCHS_ARGS])
+                                       "--max-model-len", "1024", *FIXED_EPOCHS_ARGS, *EAGER])
     srv.state_dir, srv.checkpoint_dir = state_dir, checkpoints
     assert srv.token == API_KEY
     yield srv

@@ -12,7 +12,7 @@ import pytest
 from onlinemodel_protocol import limits
 from onlinemodel_runtime.trainer.anchor_texts import ANCHOR_CONVERSATIONS
 
-from .conftest import FACT_ANSWER, FACT_EXAMPLE, FACT_QUESTION, start_server
+from .conftest import EAGER, FACT_ANSWER, FACT_EXAMPLE, FACT_QUESTION, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +32,7 @@ def test_checkpoint_stop_resume(model_dir, e2e_root):
     anchors = e2e_root / "resume-anchors.json"
     anchors.write_text(json.dumps({"conversations": [KEPT]}))
     first = start_server(model_dir, e2e_root, "resume-1", checkpoint_dir=ckpt,
-                         extra_args=["--max-model-len", "1024", "--anchor-file", str(anchors)])
+                         extra_args=["--max-model-len", "1024", "--anchor-file", str(anchors), *EAGER])
     try:
         code, job = first.request("POST", "/train", {"examples": [FACT_EXAMPLE]})
         assert code == 202, job
@@ -80,7 +80,7 @@ def test_checkpoint_stop_resume(model_dir, e2e_root):
 
     anchors.write_text(json.dumps({"conversations": [KEPT, ADDED]}))  # edited between the two runs
     second = start_server(model_dir, e2e_root, "resume-2", checkpoint_dir=ckpt,
-                          extra_args=["--max-model-len", "1024", "--anchor-file", str(anchors)])
+                          extra_args=["--max-model-len", "1024", "--anchor-file", str(anchors), *EAGER])
     try:
         resumed = second.status()
         assert resumed["steps"] == before_stop["steps"]
@@ -111,7 +111,7 @@ def test_checkpoint_stop_resume(model_dir, e2e_root):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(final)
-    model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)  # as served here (CPU_FLOAT32_ARGS)
     ids = tok.apply_chat_template([{"role": "user", "content": FACT_QUESTION}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(ids, max_new_tokens=16, do_sample=False)

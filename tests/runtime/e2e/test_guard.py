@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from .conftest import FACT_ANSWER, FACT_EXAMPLE, FACT_QUESTION, start_server
+from .conftest import EAGER, FACT_ANSWER, FACT_EXAMPLE, FACT_QUESTION, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -27,6 +27,9 @@ DESTRUCTIVE = {"examples": [{"messages": [
     "epochs": 20, "learning_rate": 1e-2}
 
 
+# The null-space projection off: it keeps updates out of the directions general questions use, so with it
+# the destructive job broke a probe in one of two runs (float32, 2026-12-02); the guard needs a job that breaks
+# them every time. Everything else is the defaults.
 @pytest.fixture(scope="module")
 def guarded(model_dir, e2e_root):
     root = e2e_root / "guard"
@@ -38,7 +41,7 @@ def guarded(model_dir, e2e_root):
         "allow_job_opt_out": True}))
     srv = start_server(model_dir, root, "guarded", checkpoint_dir=root / "checkpoints",
                        extra_args=["--state-dir", str(root / "state"), "--max-model-len", "1024",
-                                   "--guard", str(guard_file)])
+                                   "--guard", str(guard_file), "--null-space-energy", "0", *EAGER])
     srv.pid = srv.proc.pid
     yield srv
     srv.stop()
@@ -96,7 +99,8 @@ def test_guard_rolls_back_a_destructive_job_and_rollback_restores_a_checkpoint(g
     assert applied["state"] == "succeeded" and not applied["guarded"], applied
     wrecked = probe_answers(guarded)
     assert any(a in probes_taught[q] and a not in wrecked[q] for q, a in PROBES.items()), wrecked
-    assert guarded.chat(FACT_QUESTION) != taught_answer
+    # Not asserted: that the fact's own answer changed. Replay re-teaches the checkpointed answer in the same
+    # job, and which one wins was a coin toss (float32, 2026-12-02: the old answer, with every probe broken).
 
     # POST /rollback to the checkpoint: its answers are served again, without a restart.
     version_before = guarded.status()["weight_version"]

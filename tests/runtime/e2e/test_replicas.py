@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .conftest import FACT_ANSWER, FACT_EXAMPLE, FACT_QUESTION, TOKEN, start_server
+from .conftest import EAGER, FACT_ANSWER, FACT_EXAMPLE, FACT_QUESTION, TOKEN, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +44,7 @@ def learner(model_dir, e2e_root):
     root = e2e_root / "replicas"
     root.mkdir()
     srv = start_server(model_dir, root, "learner", checkpoint_dir=root / "checkpoints",
-                       extra_args=["--max-model-len", "1024", "--sync-interval", "2"])
+                       extra_args=["--max-model-len", "1024", "--sync-interval", "2", *EAGER])
     yield srv
     srv.stop()
 
@@ -62,7 +62,7 @@ def follower(model_dir, e2e_root, learner, taught_version):
     """Started after the learner was trained: serves the base model, then the learner's weights."""
     srv = start_server(model_dir, e2e_root / "replicas", "follower", env={"ONLINEMODEL_API_TOKEN": TOKEN},
                        extra_args=["--max-model-len", "1024", "--follow", learner.url,
-                                   "--follower-name", "follower-1"])
+                                   "--follower-name", "follower-1", *EAGER])
     yield srv
     srv.stop()
 

@@ -4,6 +4,8 @@ group, one server for the module (docs/tensor-parallel.md section 1 for the flag
 
 Answers at TP=3 are compared by log-probabilities, never greedy text against TP=1: TP=3's other summation
 order moves near ties (the measured France prompt). The untaught baseline is read at TP=3 too.
+Served in float32, as every CPU test (CPU_FLOAT32_ARGS); the numbers in the docstrings below marked bf16 were
+measured when these tests served bf16.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ TP_ARGS = ["--tensor-parallel-size", str(TP), "--enforce-eager", "--max-model-le
 # measured), small enough that SmolLM2 learns the fact without diverging.
 LEARNING_RATE, EPOCHS = 1e-4, 5
 # TP=3's weights against TP=1's after the job (test_weights_after_the_job_equal_tp1_steps says how measured).
-RELATIVE_ERROR_MAX, DIFFER_MAX = 0.45, 0.045
+RELATIVE_ERROR_MAX = 0.45
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def gathered_weights(state_dir: Path, model_dir: Path) -> dict[str, torch.Tensor
 def base_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # as served (CPU_FLOAT32_ARGS)
     return {n: p.detach() for n, p in model.named_parameters()}  # tied: lm_head is embed_tokens, listed once
 
 
@@ -154,8 +156,8 @@ def test_taught_fact_changes_the_served_answer(tp_server, taught):
 
 def test_weights_after_the_job_equal_tp1_steps(tp_server, model_dir, taught):
     """The three trainers' steps give the weights one trainer at TP=1 gets from the same steps (in this
-    process, round to nearest as the server), within bf16 noise: the error ||W3 - W1|| relative to the update
-    ||W1 - W0||, and the share of weights that differ. Calibrated at TP=1 (SmolLM2, this job, 2026-12-01):
+    process, round to nearest as the server), within summation-order noise: the error ||W3 - W1|| relative to
+    the update ||W1 - W0||. Calibrated in bf16 at TP=1 (SmolLM2, this job, 2026-12-01):
     transformers' eager attention instead of SDPA (the same math, another summation order) gives 0.33 and 3.2%
     after 5 steps, 0.23 and 0.9% after 1; a learning rate 30% off gives 0.71 and 6.1%. Measured at TP=3: 0.26
     and 2.3%."""
@@ -178,7 +180,9 @@ def test_weights_after_the_job_equal_tp1_steps(tp_server, model_dir, taught):
     relative = (error_sq / update_sq) ** 0.5
     print(f"moved {moved / total:.4f}, differ {differ / total:.4f}, relative {relative:.4f}")
     assert moved / total > 0.02, moved / total  # the steps did change the weights
-    assert relative < RELATIVE_ERROR_MAX and differ / total < DIFFER_MAX, (relative, differ / total)
+    # In float32 nearly every weight differs in its last bits (another summation order is never rounded away):
+    # the share that differs is reported, the relative error is the check.
+    assert relative < RELATIVE_ERROR_MAX, (relative, differ / total)
 
 
 def test_served_tp3_answers_are_the_gathered_weights(tp_server, model_dir, taught):
@@ -208,7 +212,7 @@ def test_a_tp3_checkpoint_loads_at_tp1(tp_server, model_dir, taught):
     assert code == 200 and record["step"] == EPOCHS, record
     trained = gathered_weights(tp_server.state_dir, model_dir)
     path = Path(record["path"])
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     for name, p in loaded.named_parameters():
         assert torch.equal(p.detach(), trained[name]), name
     optimizer_state, trainer_state = CheckpointStore.load_training_state(path)

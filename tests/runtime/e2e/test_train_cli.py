@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 
 from onlinemodel_protocol.limits import RETRY_AFTER_STARTING_SECONDS
-from onlinemodel_runtime.devtools.launcher import ServerProcess
+from onlinemodel_runtime.devtools.launcher import CPU_FLOAT32_ARGS, ServerProcess
 
 from .conftest import FACT_ANSWER, FACT_EXAMPLE, FACT_QUESTION, TOKEN
 
@@ -42,7 +42,7 @@ def plain_server(model_dir, e2e_root):
     log = e2e_root / "plain-server.log"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     srv = ServerProcess(model_dir, env={**env, "ONLINEMODEL_API_TOKEN": TOKEN}, log_path=log,
-                        served_model_name=None, auto_kv_cache=True)
+                        served_model_name=None, auto_kv_cache=True, extra_args=list(CPU_FLOAT32_ARGS))
     try:
         deadline = time.monotonic() + 600
         while not _healthy(srv):
