@@ -117,7 +117,9 @@ def base_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 def tp1_model(model_dir: Path, hf: dict[str, torch.Tensor], train: bool = False):
     """The trainer's TP=1 model (hf_model.py) on fresh copies of `hf`."""
     config = AutoConfig.from_pretrained(model_dir)
-    return build_hf_model(model_dir, pack_hf_state_dict(config, {n: t.clone() for n, t in hf.items()}), train=train)
+    dtype = next(iter(hf.values())).dtype  # as served (CPU_FLOAT32_ARGS), not the config's bf16
+    return build_hf_model(model_dir, pack_hf_state_dict(config, {n: t.clone() for n, t in hf.items()}), dtype,
+                          train=train)
 
 
 def tp1_optimizer(model):
