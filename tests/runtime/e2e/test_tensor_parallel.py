@@ -48,7 +48,7 @@ TP_ARGS = ["--tensor-parallel-size", str(TP), "--enforce-eager", "--max-model-le
 # measured), small enough that SmolLM2 learns the fact without diverging.
 LEARNING_RATE, EPOCHS = 1e-4, 5
 # TP=3's weights against TP=1's after the job (test_weights_after_the_job_equal_tp1_steps says how measured).
-RELATIVE_ERROR_MAX = 0.45
+RELATIVE_ERROR_MAX = 0.05  # float32; bf16 needed 0.45
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_weights_after_the_job_equal_tp1_steps(tp_server, model_dir, taught):
     the update ||W1 - W0||. Calibrated in bf16 at TP=1 (SmolLM2, this job, 2026-12-01):
     transformers' eager attention instead of SDPA (the same math, another summation order) gives 0.33 and 3.2%
     after 5 steps, 0.23 and 0.9% after 1; a learning rate 30% off gives 0.71 and 6.1%. Measured at TP=3: 0.26
-    and 2.3%."""
+    and 2.3%. In float32 (2026-12-02): 0.0022 at TP=3, with 91% of the weights differing in their last bits."""
     base = base_weights(model_dir)
     model = tp1_model(model_dir, base, train=True)
     tp1_steps(model, tp1_optimizer(model), model_dir, EPOCHS)
