@@ -9,7 +9,7 @@ import pytest
 from onlinemodel_runtime.devtools import served_checks as sc
 from onlinemodel_runtime.devtools.model_prep import make_tiny_model_dir
 
-from .conftest import start_server
+from .conftest import EAGER, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -18,7 +18,7 @@ def test_served_tiny_qwen3_logits_teach_checkpoint_restart(model_dir, e2e_root):
     tiny = make_tiny_model_dir("qwen3", e2e_root / "tiny-qwen3", tokenizer_dir=model_dir)
     ckpt, state = e2e_root / "tiny-checkpoints", e2e_root / "tiny-state"
     server = start_server(tiny, e2e_root, "tiny-1", checkpoint_dir=ckpt,
-                          extra_args=["--max-model-len", "1024", "--state-dir", str(state)])
+                          extra_args=["--max-model-len", "1024", "--state-dir", str(state), *EAGER])
     try:
         sc.randomize_served(state, tiny)  # as the GPU tests do with vLLM's dummy weights
         compared = sc.compare_served_logprobs(server, state, tiny, sc.PROMPT)
@@ -37,7 +37,7 @@ def test_served_tiny_qwen3_logits_teach_checkpoint_restart(model_dir, e2e_root):
     finally:
         server.stop()
     server = start_server(tiny, e2e_root, "tiny-2", checkpoint_dir=ckpt,
-                          extra_args=["--max-model-len", "1024", "--state-dir", str(e2e_root / "tiny-state-2")])
+                          extra_args=["--max-model-len", "1024", "--state-dir", str(e2e_root / "tiny-state-2"), *EAGER])
     try:
         after = server.status()
         assert (after["steps"], after["weight_version"]) == (before["steps"], before["weight_version"])
