@@ -24,8 +24,9 @@ from onlinemodel_runtime.server import auth
 
 # vLLM's dtype for the CPU runs of the tests and `make demo`: float32 (vLLM's "auto" serves SmolLM2's bf16,
 # and the trainer trains the weights vLLM holds). On a CPU without bf16 instructions (AVX2 only, as some CI
-# machines) torch's bf16 matmuls in backward run 10-20x slower than float32 (SmolLM2, one 300-token step with 2
-# threads: 85 s against 4 s), which put the suite past CI's 90 minutes. GPU runs and the benchmarks serve bf16.
+# machines) torch's bf16 matmuls in backward run over 20x slower than float32 (SmolLM2, one 300-token step with
+# 2 threads: 73 s against 3 s, docs/benchmarks.md), which put the suite past CI's 90 minutes. GPU runs and the
+# benchmarks serve bf16.
 CPU_FLOAT32_ARGS = ("--dtype", "float32")
 
 
