@@ -15,6 +15,7 @@ import continual_set as cs  # noqa: E402
 import continual_sweep as sweep  # noqa: E402
 
 from onlinemodel_protocol import limits  # noqa: E402
+from onlinemodel_runtime.devtools.launcher import CPU_DTYPE  # noqa: E402
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2  # noqa: E402
 
 DEFAULTS = {r.name: r for r in sweep.RECIPES}["kl4-margin1-stop-e40-replay4-rank64-ns90"]
@@ -32,8 +33,9 @@ def test_the_defaults_recipe_is_the_runtimes_defaults():
 
 
 def test_one_job_trains_the_fact_with_the_anchor_term():
-    # float32: the CPU tests' dtype (devtools/launcher.CPU_FLOAT32_ARGS says why); the sweep itself runs bf16
-    backend = sweep.InProcess(ensure_smollm2(), DEFAULTS, seed=0, device="cpu", batch=1, dtype=torch.float32)
+    # The CPU tests' dtype (devtools/launcher.CPU_FLOAT32_ARGS says why); the sweep itself runs bf16
+    backend = sweep.InProcess(ensure_smollm2(), DEFAULTS, seed=0, device="cpu", batch=1,
+                              dtype=getattr(torch, CPU_DTYPE))
     assert backend.anchor_term.recorded and backend.null_space.ready
     fact = cs.load_facts()[0]
     job = backend.teach(fact.example)

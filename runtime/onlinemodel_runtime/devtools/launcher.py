@@ -27,7 +27,8 @@ from onlinemodel_runtime.server import auth
 # machines) torch's bf16 matmuls in backward run over 20x slower than float32 (SmolLM2, one 300-token step with
 # 2 threads: 73 s against 3 s, docs/benchmarks.md), which put the suite past CI's 90 minutes. GPU runs and the
 # benchmarks serve bf16.
-CPU_FLOAT32_ARGS = ("--dtype", "float32")
+CPU_DTYPE = "float32"  # what tests that read the served weights load them as
+CPU_FLOAT32_ARGS = ("--dtype", CPU_DTYPE)
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from onlinemodel_protocol import limits
+from onlinemodel_runtime.devtools.launcher import CPU_DTYPE
 from onlinemodel_runtime.trainer.anchor_texts import ANCHOR_CONVERSATIONS
 
 from .conftest import EAGER, FACT_ANSWER, FACT_EXAMPLE, FACT_QUESTION, start_server
@@ -111,7 +112,7 @@ def test_checkpoint_stop_resume(model_dir, e2e_root):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(final)
-    model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)  # as served here (CPU_FLOAT32_ARGS)
+    model = AutoModelForCausalLM.from_pretrained(final, dtype=getattr(torch, CPU_DTYPE))  # as served
     ids = tok.apply_chat_template([{"role": "user", "content": FACT_QUESTION}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(ids, max_new_tokens=16, do_sample=False)

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from onlinemodel_protocol.rpc import WorkerShard
+from onlinemodel_runtime.devtools.launcher import CPU_DTYPE
 from onlinemodel_runtime.devtools.served_checks import logprob_difference, prompt_logprobs, reference_logprobs
 from onlinemodel_runtime.weights import shared
 from onlinemodel_runtime.weights.hf_model import build_hf_model
@@ -110,7 +111,7 @@ def gathered_weights(state_dir: Path, model_dir: Path) -> dict[str, torch.Tensor
 def base_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # as served (CPU_FLOAT32_ARGS)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, CPU_DTYPE))  # as served
     return {n: p.detach() for n, p in model.named_parameters()}  # tied: lm_head is embed_tokens, listed once
 
 
@@ -214,7 +215,7 @@ def test_a_tp3_checkpoint_loads_at_tp1(tp_server, model_dir, taught):
     assert code == 200 and record["step"] == EPOCHS, record
     trained = gathered_weights(tp_server.state_dir, model_dir)
     path = Path(record["path"])
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, CPU_DTYPE))
     for name, p in loaded.named_parameters():
         assert torch.equal(p.detach(), trained[name]), name
     optimizer_state, trainer_state = CheckpointStore.load_training_state(path)
