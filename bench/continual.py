@@ -60,8 +60,13 @@ class Served:
         self.train_fields = train_fields
         self.job_timeout = job_timeout
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, body: dict[str, Any], wait_unavailable: float = 0.0) -> dict[str, Any]:
+        deadline = time.monotonic() + wait_unavailable
         resp = self.http.post(path, json=body)
+        # 503 while the trainer starts (it loads after vLLM serves): asked again after its Retry-After.
+        while resp.status_code == 503 and time.monotonic() < deadline:
+            time.sleep(float(resp.headers.get("Retry-After", POLL_SECONDS)))
+            resp = self.http.post(path, json=body)
         if resp.status_code >= 300:
             raise RuntimeError(f"POST {path} answered {resp.status_code}: {resp.text[:500]}")
         return resp.json()
@@ -81,7 +86,8 @@ class Served:
             return list(pool.map(one, questions))
 
     def teach(self, example: dict[str, Any]) -> dict[str, Any]:
-        job_id = self._post("/train", {"examples": [example], **self.train_fields})["job_id"]
+        job_id = self._post("/train", {"examples": [example], **self.train_fields},
+                            wait_unavailable=self.job_timeout)["job_id"]
         deadline = time.monotonic() + self.job_timeout
         while time.monotonic() < deadline:
             job = next((j for j in self._get("/train/status")["jobs"] if j["id"] == job_id), None)

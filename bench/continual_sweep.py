@@ -408,12 +408,15 @@ def machine() -> dict[str, Any]:
 
 def untouched_cache(args) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
-    return args.out / f"untouched-{args.device}-batch{args.batch}.json"
+    # Replies differ between dtypes (bf16 and float32 answer some controls differently): one cache per dtype.
+    suffix = "" if args.dtype == "bfloat16" else f"-{args.dtype}"
+    return args.out / f"untouched-{args.device}-batch{args.batch}{suffix}.json"
 
 
 def run_recipe(recipe: Recipe, seed: int, args, model_dir: Path) -> dict[str, Any]:
     torch.manual_seed(seed)
-    backend = InProcess(model_dir, recipe, seed, args.device, args.batch, untouched_cache(args))
+    backend = InProcess(model_dir, recipe, seed, args.device, args.batch, untouched_cache(args),
+                        dtype=getattr(torch, args.dtype))
     facts = cs.ordered(cs.load_facts(), seed)
     t0 = time.perf_counter()
     result = cs.run(backend, facts, cs.load_controls(), args.facts, log=lambda s: print(f"  {recipe.name}: {s}",
@@ -421,7 +424,7 @@ def run_recipe(recipe: Recipe, seed: int, args, model_dir: Path) -> dict[str, An
     result.update(drift=backend.drift(), noise_floor=backend.noise_floor(cs.load_controls(), seed))
     print(f"  drift {result['drift']}; a random update of that size loses {len(result['noise_floor']['lost'])} "
           f"controls: {result['noise_floor']['lost']}", flush=True)
-    result.update(recipe=asdict(recipe), seed=seed, device=args.device, machine=machine(),
+    result.update(recipe=asdict(recipe), seed=seed, device=args.device, dtype=args.dtype, machine=machine(),
                   check_forwards=backend.forwards, wall_seconds=round(time.perf_counter() - t0, 1),
                   date=time.strftime("%Y-%m-%d"))
     return result
@@ -429,7 +432,8 @@ def run_recipe(recipe: Recipe, seed: int, args, model_dir: Path) -> dict[str, An
 
 def check_data(args, model_dir: Path) -> int:
     """Ask the untouched model every fact and control; list facts it knows and controls it misses."""
-    backend = InProcess(model_dir, BASE, 0, args.device, args.batch, untouched_cache(args))
+    backend = InProcess(model_dir, BASE, 0, args.device, args.batch, untouched_cache(args),
+                        dtype=getattr(torch, args.dtype))
     facts, controls = cs.load_facts(), cs.load_controls()
     replies = backend.ask([f.question for f in facts] + [f.paraphrase for f in facts] + [c.question for c in controls])
     n = len(facts)
@@ -451,6 +455,9 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", type=Path, default=None, help="model directory (default: SmolLM2-135M-Instruct, bundled)")
     ap.add_argument("--threads", type=int, default=2)
+    # float32 on a CPU without bf16 instructions (AVX2 only: a bf16 step is ~24x slower there,
+    # docs/benchmarks.md), as the CPU tests and `make demo` serve.
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     # Batched generation (left padding) changed 5 of 86 control replies of the untouched model on CPU
     # compared with one question at a time, which is what a server answering one request computes.
     ap.add_argument("--batch", type=int, default=1, help="questions per generate call")

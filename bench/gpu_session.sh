@@ -13,6 +13,9 @@
 #                                        (4 layers; bench/moe_optim.py): state and step time vs fused AdamW
 #   bash bench/gpu_session.sh G         same machine, carrying .gpu/tokenizer: the guard's
 #                                        snapshot/restore and POST /rollback at the 1.7B and 8B shapes
+#   bash bench/gpu_session.sh N         same machine, carrying .gpu/tokenizer: the null-space projection's bases
+#                                        at the 1.7B and 8B shapes (bench/null_space_build.py: passes, seconds,
+#                                        memory, a step with and without it)
 #   bash bench/gpu_session.sh L         same machine, carrying .gpu/tokenizer, MODEL=a model directory there: the
 #                                        continual benchmark served (bench/continual.py) over several calls: the
 #                                        first starts `onlinemodel serve` in a session of its own, which outlives
@@ -125,6 +128,15 @@ G)
     done
     exit $status
     ;;
+N)
+    gpu_env
+    status=0
+    timeout 540 "$PYTHON" bench/null_space_build.py --shape 1.7B 8B --tokenizer "$ONLINEMODEL_TOKENIZER_DIR" \
+        --device cuda --step --threads 8 --out "$OUT/null-space-build.json" > "$OUT/null-space-build.out" 2>&1 \
+        || status=$?
+    tail -4 "$OUT/null-space-build.out"
+    exit $status
+    ;;
 L)
     gpu_env
     model=${MODEL:?MODEL: the model directory on the GPU machine}
@@ -153,7 +165,7 @@ tests)
     gpu_tests "$@"
     ;;
 *)
-    sed -n '2,22p' "$0"
+    sed -n '2,25p' "$0"
     exit 2
     ;;
 esac

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_shapes import SHAPES, write_random_model_dir  # noqa: E402
+from model_shapes import add_model_arguments, load_bf16_model, model_dirs  # noqa: E402
 
 # Ordinary prose (written for this benchmark), ~250 tokens.
 HELDOUT = ("The river runs through the middle of the town, and on summer evenings people walk along its banks. "
@@ -38,7 +38,7 @@ HELDOUT = ("The river runs through the middle of the town, and on summer evening
 
 
 def build_service(model_dir: Path, device: str, work: Path, guard=None):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from onlinemodel_protocol.config import RuntimeConfig
     from onlinemodel_runtime.checkpoint import CheckpointStore
@@ -48,11 +48,7 @@ def build_service(model_dir: Path, device: str, work: Path, guard=None):
     from onlinemodel_runtime.weights.layouts import layout_for
 
     config = AutoConfig.from_pretrained(model_dir)
-    if any(model_dir.glob("*.safetensors")):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
-    else:  # a shape: random weights
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = load_bf16_model(model_dir, device)
     model.train()
     model.config.use_cache = False
     optimizer = make_optimizer(model, TrainPolicy(), lr=1e-5)
@@ -132,21 +128,15 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="a model directory with weights")
-    parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a real shape (needs --tokenizer)")
-    parser.add_argument("--tokenizer", type=Path, help="a model directory whose tokenizer a --shape uses")
-    parser.add_argument("--layers", type=int, default=None, help="a --shape with this many decoder layers (smoke tests)")
+    add_model_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if (args.model is None) == (args.shape is None) or (args.shape and not args.tokenizer):
-        parser.error("give --model DIR, or --shape NAME with --tokenizer DIR")
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or write_random_model_dir(Path(tmp) / args.shape, args.shape, args.tokenizer,
-                                                         args.layers)
+        [(_, model_dir)] = model_dirs(parser, args, Path(tmp))
         result = measure(model_dir, args.device)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

@@ -7,6 +7,7 @@ tokenizer and chat template of a real small model (SmolLM2). `layers` shrinks a 
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -88,3 +89,34 @@ def write_random_model_dir(out: Path, name: str, tokenizer_dir: Path, layers: in
         eos = json.loads(gen.read_text()).get("eos_token_id")
     (out / "config.json").write_text(json.dumps(config_dict(name, layers, eos), indent=1))
     return out
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
+    """--model DIR (weights), or --shape NAME (`several`: NAME...) with --tokenizer DIR and --layers N."""
+    parser.add_argument("--model", type=Path, help="a model directory with weights")
+    parser.add_argument("--shape", nargs="+" if several else None, choices=sorted(SHAPES),
+                        help="random weights of a real shape (needs --tokenizer)")
+    parser.add_argument("--tokenizer", type=Path, help="a model directory whose tokenizer a --shape uses")
+    parser.add_argument("--layers", type=int, default=None, help="a --shape with this many decoder layers")
+
+
+def model_dirs(parser: argparse.ArgumentParser, args: argparse.Namespace, tmp: Path) -> list[tuple[str, Path]]:
+    """(label, model directory) for what add_model_arguments' flags name (random shapes written under `tmp`);
+    a usage error if they name neither or both."""
+    if (args.model is None) == (args.shape is None) or (args.shape and not args.tokenizer):
+        parser.error("give --model DIR, or --shape NAME with --tokenizer DIR")
+    if args.model is not None:
+        return [(args.model.name, args.model)]
+    shapes = args.shape if isinstance(args.shape, list) else [args.shape]
+    return [(s, write_random_model_dir(Path(tmp) / s, s, args.tokenizer, args.layers)) for s in shapes]
+
+
+def load_bf16_model(model_dir: Path, device: str):
+    """The model in bf16 on `device`: its weights, or random ones of its config when it has none (a shape)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if any(Path(model_dir).glob("*.safetensors")):
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16)

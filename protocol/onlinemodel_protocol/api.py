@@ -280,6 +280,8 @@ class NullSpaceStatus(_Body):
     matrices: int = Field(0, ge=0)  # trained matrices whose gradients are projected (built at the first job)
     directions: int = Field(0, ge=0)  # kept out of updates, over all the distinct bases
     basis_bytes: int = Field(0, ge=0)
+    passes: int = Field(0, ge=0)  # over the anchor conversations, each gathering at most limits.NULL_SPACE_MAX_BYTES
+    skipped: int = Field(0, ge=0)  # matrices left unprojected: their inputs' second moment alone exceeds that
     reason: str | None = None
 
 

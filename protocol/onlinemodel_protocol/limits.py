@@ -55,7 +55,8 @@ ANCHOR_TOP_K = 32
 # directions holding this share of its inputs' energy on the anchor conversations (--null-space-energy; 0: off).
 NULL_SPACE_ENERGY_DEFAULT = 0.9
 NULL_SPACE_ENERGY_MAX = 0.999
-# What gathering those directions may hold (float32 second moments of the inputs); a larger model trains without.
+# What one pass gathering those directions may hold (float32 second moments of the inputs): a larger model takes
+# more passes over the anchor conversations.
 NULL_SPACE_MAX_BYTES = 2 * 1024**3
 
 # The trainer's queue and history.

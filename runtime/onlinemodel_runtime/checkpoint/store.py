@@ -18,9 +18,6 @@ killed at any moment therefore leaves `latest` naming a complete checkpoint. A s
 not all finite, or whose caller says the loss is unhealthy, is renamed `unhealthy-step-...` instead and
 `latest` is left alone: only healthy checkpoints are ever promoted, and pruning (which counts only those)
 never removes the newest of them.
-
-Over ~400 lines on purpose: one class whose save sequence (and the crash-safety order of its steps)
-reads top to bottom in one place; the on-disk format, streaming and file helpers are separate modules.
 """
 
 from __future__ import annotations

@@ -9,19 +9,23 @@ those inputs as little as the basis allows, and the example is learned in the di
 APOLLO's channel scale, applied after the projection, lets a little of the update back into U for the matrices
 it scales by column (docs/learning.md, "Updates out of the general directions").
 
-Measured (bench/continual_sweep.py, H200, SmolLM2, K = 32): energy 0.9 kept 77 of 78 controls where the same
-settings without it kept 74, held-out loss -0.03% instead of +0.64%, every fact learned and kept.
+Measured (bench/continual_sweep.py, H200, SmolLM2, K = 32, seed 0): energy 0.9 kept 77 of 78 controls where the
+same settings without it kept 74, held-out loss -0.03% instead of +0.64%, every fact learned and kept
+(docs/learning.md for the other seeds and the served run).
 
-Memory: the inputs' second moments (in_features^2 float32 per input space, q/k/v and gate/up sharing theirs)
-while gathering, then the bases (in_features x k). A model whose second moments would exceed `max_bytes`
-trains without the projection (a warning, and `reason` in the status): a scalable gathering for large models is
-future work.
+Memory: gathering holds float32 second moments (in_features^2 per input space, q/k/v and gate/up sharing theirs)
+of at most `max_bytes` at once: the input spaces are gathered in as many passes over the anchor conversations as
+that takes (one for SmolLM2; measured for larger shapes by bench/null_space_build.py), each pass's moments
+turned into bases and freed before the next. Then the bases (in_features x k) stay on the weights' device, in their
+dtype (in bf16 0.4% of a gradient is left in the kept directions on a tiny model, against 48% unprojected). An
+input space whose own moment exceeds `max_bytes` is left unprojected (`skipped` in the status).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -30,20 +34,73 @@ from onlinemodel_protocol.rpc import EncodedExample
 
 log = logging.getLogger(__name__)
 
-
-def _trained_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
-    return [(f"{name}.weight", m) for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and m.weight.dim() == 2]
+# Tokens of the first conversation run to find which matrices read the same tensor (input_spaces()).
+_DISCOVERY_TOKENS = 32
 
 
-def moment_bytes(model: torch.nn.Module) -> int:
-    """At most the float32 second moments gathering keeps: one per trained matrix (matrices that read the same
-    tensor share one, so fewer are kept: 400 MB of this 522 MB bound for SmolLM2)."""
-    return sum(4 * m.in_features ** 2 for _, m in _trained_linears(model))
+def _trained_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    return {f"{name}.weight": m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and m.weight.dim() == 2}
+
+
+def _body_forward(model: torch.nn.Module, ids: Sequence[int], device: torch.device) -> None:
+    # The body only, as the loss runs it (trainer/loss.py): the LM head is never trained
+    model.base_model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False)
+
+
+@torch.no_grad()
+def input_spaces(model: torch.nn.Module, ids: Sequence[int]) -> list[list[str]]:
+    """The trained matrices grouped by the tensor they read, in forward order, the first reader first: one forward
+    of `ids` (q/k/v read one tensor, gate/up another). A matrix the forward does not run is in no group."""
+    linears = _trained_linears(model)
+    first_reader: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor is held so that its id is not reused
+    spaces: dict[str, list[str]] = {}
+
+    def hook(name: str):
+        def record(_module, args) -> None:
+            owner = first_reader.setdefault(id(args[0]), (name, args[0]))[0]
+            spaces.setdefault(owner, []).append(name)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
+    try:
+        _body_forward(model, ids, next(model.parameters()).device)
+    finally:
+        for h in handles:
+            h.remove()
+    return [list(dict.fromkeys(readers)) for readers in spaces.values()]
+
+
+def moment_bytes(model: torch.nn.Module, space: Sequence[str]) -> int:
+    """The float32 second moment of one input space's inputs."""
+    return 4 * _trained_linears(model)[space[0]].in_features ** 2
+
+
+def plan_passes(model: torch.nn.Module, spaces: list[list[str]], max_bytes: int
+                ) -> tuple[list[list[list[str]]], list[list[str]]]:
+    """(passes, skipped): consecutive input spaces packed into passes whose moments hold at most `max_bytes`
+    together; the spaces whose own moment exceeds it, skipped."""
+    passes: list[list[list[str]]] = []
+    skipped: list[list[str]] = []
+    current: list[list[str]] = []
+    used = 0
+    for space in spaces:
+        need = moment_bytes(model, space)
+        if need > max_bytes:
+            skipped.append(space)
+            continue
+        if current and used + need > max_bytes:
+            passes.append(current)
+            current, used = [], 0
+        current.append(space)
+        used += need
+    if current:
+        passes.append(current)
+    return passes, skipped
 
 
 def _top_directions(moment: torch.Tensor, energy: float) -> torch.Tensor:
-    """The orthonormal eigenvectors (columns, float32) of a PSD `moment` holding `energy` of its trace."""
+    """The orthonormal eigenvectors (columns, the moment's dtype) of a PSD `moment` holding `energy` of its trace."""
     vals, vecs = torch.linalg.eigh(moment)
     vals, vecs = vals.flip(0).clamp(min=0), vecs.flip(1)
     total = float(vals.sum())
@@ -54,31 +111,25 @@ def _top_directions(moment: torch.Tensor, energy: float) -> torch.Tensor:
 
 
 class _Gathering:
-    """While installed: every forward of the model's body adds each trained nn.Linear's inputs to that matrix's
-    second moment (float32, on its device). Matrices fed the same tensor in one forward (q/k/v, gate/up) share
-    the first one's moment."""
+    """While installed: every forward of the model's body adds the inputs of each of `spaces`' first matrix to
+    that space's second moment (float32, on its device)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, spaces: list[list[str]]) -> None:
+        self.spaces = spaces
         self.moments: dict[str, torch.Tensor] = {}
-        self.shared: dict[str, str] = {}  # weight name -> the name whose moment holds its input
-        # id of an input tensor -> (the first weight that read it, the tensor: held so that its id is not reused)
-        self._first_reader: dict[int, tuple[str, torch.Tensor]] = {}
         self.forwards = 0
+        linears = _trained_linears(model)
+        self.dtypes = {space[0]: linears[space[0]].weight.dtype for space in spaces}
         self._handles = [model.base_model.register_forward_pre_hook(self._new_forward)]
-        self._handles += [m.register_forward_pre_hook(self._hook(name)) for name, m in _trained_linears(model)]
+        self._handles += [linears[space[0]].register_forward_pre_hook(self._hook(space[0])) for space in spaces]
 
     def _new_forward(self, _module, _args) -> None:
-        self._first_reader.clear()
         self.forwards += 1
 
     def _hook(self, name: str):
         @torch.no_grad()
         def gather(_module, args):
             x = args[0]
-            owner = self._first_reader.setdefault(id(x), (name, x))[0]
-            if owner != name:
-                self.shared[name] = owner
-                return
             flat = x.reshape(-1, x.shape[-1]).float()
             if name in self.moments:
                 self.moments[name].addmm_(flat.T, flat)
@@ -89,38 +140,48 @@ class _Gathering:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        self._first_reader.clear()
 
     def bases(self, energy: float) -> dict[str, torch.Tensor]:
-        bases = {name: _top_directions(moment, energy) for name, moment in self.moments.items()}
-        self.moments.clear()
-        bases.update({name: bases[owner] for name, owner in self.shared.items()})
+        """{weight name: basis} for every matrix of the spaces, one tensor per space; frees the moments."""
+        bases: dict[str, torch.Tensor] = {}
+        for space in self.spaces:
+            moment = self.moments.pop(space[0], None)
+            if moment is not None:
+                # Kept and applied in the weights' dtype: a bf16 model's projection in float32 made a step of the
+                # 8B shape 7x slower on an H200 (1.8x in bf16; docs/benchmarks.md).
+                u = _top_directions(moment, energy).to(self.dtypes[space[0]])
+                del moment
+                bases.update({name: u for name in space})
         return bases
 
 
-@torch.no_grad()
-def input_bases(model: torch.nn.Module, examples: Sequence[EncodedExample], energy: float
-                ) -> dict[str, torch.Tensor]:
-    """{weight name: U (in_features, k), float32, on the weight's device}: for every trained nn.Linear, the top
-    eigenvectors of its inputs' second moment over every token of `examples` holding `energy` (0-1) of its
-    trace. Matrices fed the same tensor (q/k/v, gate/up) share one basis."""
-    if not 0 < energy < 1:
-        raise ValueError(f"energy must be in (0, 1), got {energy!r}")
+def _gather(model: torch.nn.Module, examples: Sequence[EncodedExample], spaces: list[list[str]], energy: float
+            ) -> dict[str, torch.Tensor]:
     device = next(model.parameters()).device
-    gathering = _Gathering(model)
+    gathering = _Gathering(model, spaces)
     try:
         for ex in examples:
-            # The body only, as the loss runs it (trainer/loss.py): the LM head is never trained
-            model.base_model(input_ids=torch.tensor([ex.input_ids], device=device), use_cache=False)
+            _body_forward(model, ex.input_ids, device)
     finally:
         gathering.remove()
     return gathering.bases(energy)
 
 
+@torch.no_grad()
+def input_bases(model: torch.nn.Module, examples: Sequence[EncodedExample], energy: float
+                ) -> dict[str, torch.Tensor]:
+    """{weight name: U (in_features, k), in the weight's dtype and on its device}: for every trained nn.Linear, the top
+    eigenvectors of its inputs' second moment over every token of `examples` holding `energy` (0-1) of its
+    trace, in one pass. Matrices fed the same tensor (q/k/v, gate/up) share one basis."""
+    if not 0 < energy < 1:
+        raise ValueError(f"energy must be in (0, 1), got {energy!r}")
+    return _gather(model, examples, input_spaces(model, examples[0].input_ids[:_DISCOVERY_TOKENS]), energy)
+
+
 class NullSpace:
     """The projection of every trained matrix's gradient off its inputs' general directions: built once, from
     the weights at the first job (the untouched model, or a checkpoint's weights after a restart), on the
-    anchor conversations."""
+    anchor conversations, in as many passes over them as `max_bytes` of moments at once allows."""
 
     def __init__(self, examples: Sequence[EncodedExample], energy: float, max_bytes: int) -> None:
         if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 <= energy < 1:
@@ -133,6 +194,11 @@ class NullSpace:
         self.energy = float(energy)
         self.max_bytes = max_bytes
         self.reason: str | None = None if energy else "off (energy 0)"
+        self._passes: list[list[list[str]]] | None = None  # planned at the first gathering
+        self._skipped = 0  # matrices whose input space alone exceeds max_bytes
+        self._gathered: dict[str, torch.Tensor] = {}  # bases of the passes done so far
+        self._passes_done = 0
+        self._build_seconds = 0.0
         self._bases: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
@@ -144,45 +210,65 @@ class NullSpace:
     def ready(self) -> bool:
         return bool(self._handles)
 
-    def _fits(self, model: torch.nn.Module) -> bool:
-        need = moment_bytes(model)
-        if need > self.max_bytes:
-            self.reason = (f"the inputs' second moments would take {need / 2**30:.1f} GiB, more than the "
-                           f"{self.max_bytes / 2**30:.1f} GiB allowed")
-            log.warning("null-space projection off: %s", self.reason)
-        return self.reason is None
+    def _plan(self, model: torch.nn.Module) -> list[list[list[str]]]:
+        if self._passes is None:
+            spaces = input_spaces(model, self.examples[0].input_ids[:_DISCOVERY_TOKENS])
+            self._passes, skipped = plan_passes(model, spaces, self.max_bytes)
+            self._skipped = sum(len(space) for space in skipped)
+            if skipped:
+                log.warning("null-space projection: %d matrices left unprojected, their inputs' second moment "
+                            "alone exceeds %.2f GiB", self._skipped, self.max_bytes / 2**30)
+            if not self._passes:
+                self.reason = (f"no input space's second moment fits the {self.max_bytes / 2**30:.2f} GiB "
+                               f"allowed at once")
+                log.warning("null-space projection off: %s", self.reason)
+        return self._passes
 
     @contextlib.contextmanager
     def gathering(self, model: torch.nn.Module) -> Iterator[None]:
-        """While open, the body's forwards gather the bases' moments: the anchor term's record, which runs the same
-        conversations through the same weights, so that the first job runs them once. Used only if exactly
-        `examples` were run (a record restored from a checkpoint runs none of them): else build() runs its own."""
-        if not self.enabled or self.ready or not self._fits(model):
+        """While open, the body's forwards gather the first pass's moments: the anchor term's record, which runs
+        the same conversations through the same weights, so that the first pass costs no forwards of its own. Used
+        only if exactly `examples` were run (a record restored from a checkpoint runs none of them); build()
+        runs the passes left."""
+        if not self.enabled or self.ready or self._passes_done or not self._plan(model):
             yield
             return
-        gathering = _Gathering(model)
+        gathering = _Gathering(model, self._passes[0])
         try:
             yield
         finally:
             gathering.remove()
         if gathering.forwards == len(self.examples):
-            self._attach(model, gathering.bases(self.energy))
+            # The record's forwards count as the record's time: only the eigendecompositions as this pass's.
+            started = time.perf_counter()
+            self._gathered.update(gathering.bases(self.energy))
+            self._passes_done = 1
+            self._build_seconds += time.perf_counter() - started
+            if len(self._passes) == 1:
+                self._attach(model)
 
+    @torch.no_grad()
     def build(self, model: torch.nn.Module) -> None:
-        """Gather the bases from the model's current weights (a forward of every conversation) and hook every
-        trained matrix's gradient, unless gathering() did; or turn the projection off, with the reason, if
-        gathering would take more than `max_bytes`."""
-        if not self.enabled or self.ready or not self._fits(model):
+        """Gather the bases of the passes gathering() did not (a forward of every conversation each) from the
+        model's current weights and hook every trained matrix's gradient; or turn the projection off, with the
+        reason, if no input space fits `max_bytes`."""
+        if not self.enabled or self.ready or not self._plan(model):
             return
-        self._attach(model, input_bases(model, self.examples, self.energy))
+        started = time.perf_counter()
+        for spaces in self._passes[self._passes_done:]:
+            self._gathered.update(_gather(model, self.examples, spaces, self.energy))
+            self._passes_done += 1
+        self._build_seconds += time.perf_counter() - started
+        self._attach(model)
 
-    def _attach(self, model: torch.nn.Module, bases: dict[str, torch.Tensor]) -> None:
-        self._bases = bases
-        for name, p in model.named_parameters():
-            if name in self._bases:
-                self._handles.append(p.register_hook(_projector(self._bases[name].to(p.device))))
-        log.info("null-space projection on %d matrices (energy %g): %d directions kept out of updates, %.1f MB",
-                 len(self._handles), self.energy, self.directions, self.basis_bytes / 1e6)
+    def _attach(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        self._bases, self._gathered = self._gathered, {}
+        for name, u in self._bases.items():
+            self._handles.append(params[name].register_hook(_projector(u)))
+        log.info("null-space projection on %d matrices (energy %g): %d directions kept out of updates, %.1f MB, "
+                 "%d pass(es) over %d conversations, %.1f s", len(self._handles), self.energy, self.directions,
+                 self.basis_bytes / 1e6, self._passes_done, len(self.examples), self._build_seconds)
 
     def detach(self) -> None:
         for h in self._handles:
@@ -202,11 +288,11 @@ class NullSpace:
 
     def summary(self) -> dict[str, Any]:
         return {"energy": self.energy, "enabled": self.enabled, "matrices": len(self._handles),
-                "directions": self.directions, "basis_bytes": self.basis_bytes, "reason": self.reason}
+                "directions": self.directions, "basis_bytes": self.basis_bytes, "passes": self._passes_done,
+                "skipped": self._skipped, "reason": self.reason}
 
 
 def _projector(u: torch.Tensor):
     def project(grad: torch.Tensor) -> torch.Tensor:
-        g = grad.float()
-        return (g - (g @ u) @ u.T).to(grad.dtype)
+        return grad - (grad @ u) @ u.T
     return project
