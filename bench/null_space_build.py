@@ -64,7 +64,7 @@ def measure(model_dir: Path, device: str, energy: float, max_bytes: int, step: b
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     anchors = encode_anchors(tokenizer)[:conversations]
     model = _load(model_dir, device)
-    spaces = input_spaces(model, anchors[0].input_ids[:32])
+    spaces = input_spaces(model, anchors[0].input_ids)
     result: dict = {"model": str(model_dir), "device": device, "energy": energy, "max_bytes": max_bytes,
                     "conversations": len(anchors), "tokens": sum(len(a.input_ids) for a in anchors),
                     "trained_matrices": sum(len(s) for s in spaces), "input_spaces": len(spaces),

@@ -34,10 +34,6 @@ from onlinemodel_protocol.rpc import EncodedExample
 
 log = logging.getLogger(__name__)
 
-# Tokens of the first conversation run to find which matrices read the same tensor (input_spaces()).
-_DISCOVERY_TOKENS = 32
-
-
 def _trained_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     return {f"{name}.weight": m for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and m.weight.dim() == 2}
@@ -175,7 +171,7 @@ def input_bases(model: torch.nn.Module, examples: Sequence[EncodedExample], ener
     trace, in one pass. Matrices fed the same tensor (q/k/v, gate/up) share one basis."""
     if not 0 < energy < 1:
         raise ValueError(f"energy must be in (0, 1), got {energy!r}")
-    return _gather(model, examples, input_spaces(model, examples[0].input_ids[:_DISCOVERY_TOKENS]), energy)
+    return _gather(model, examples, input_spaces(model, examples[0].input_ids), energy)
 
 
 class NullSpace:
@@ -212,7 +208,7 @@ class NullSpace:
 
     def _plan(self, model: torch.nn.Module) -> list[list[list[str]]]:
         if self._passes is None:
-            spaces = input_spaces(model, self.examples[0].input_ids[:_DISCOVERY_TOKENS])
+            spaces = input_spaces(model, self.examples[0].input_ids)
             self._passes, skipped = plan_passes(model, spaces, self.max_bytes)
             self._skipped = sum(len(space) for space in skipped)
             if skipped:
