@@ -1,8 +1,8 @@
 """CheckpointStore: atomic, pruned, self-validating checkpoints under one root directory.
 
-(Over 450 lines on purpose: the commit protocol - write, verify, promote ``latest``, prune, set aside - is
-what makes a crash at any point safe, and it is checked by reading it whole; the format, file system and
-health parts are already their own modules.)
+The commit protocol - write, verify, promote ``latest``, prune, set aside - is what makes a crash at any
+point safe, and it is checked by reading it whole, so it stays in one class; what the files hold (format.py,
+contents.py), the file system (fsutil.py) and health (health.py) are their own modules.
 
     ROOT/
         step-00000010/  step-00000012/      complete checkpoints (see format.py)
@@ -29,7 +29,6 @@ import itertools
 import json
 import logging
 import os
-import pickle
 import shutil
 import threading
 import time
@@ -42,10 +41,12 @@ import torch
 from onlinemodel_protocol.api import utc_timestamp
 
 from .base_weights import BaseWeights
+from .contents import (base_model_of, copy_base_files, load_training_state, trainer_state_json, write_bytes,
+                       write_optimizer_state)
 from .errors import CheckpointBusy, CheckpointError, describe_os_error
-from .fsutil import NEW_FILE, HashingFile, atomic_write_text, copy_file_hashed, fsync_path, fsync_tree
+from .fsutil import NEW_FILE, atomic_write_text, fsync_path, fsync_tree
 from .format import (FORMAT, FORMAT_VERSION, META_DIR, META_FILE, OPTIMIZER_FILE, STEP_DIR_RE,
-                     TRAINER_STATE_FILE, UNHEALTHY_PREFIX, CheckpointInfo, is_weight_file, sort_key, step_dir_name,
+                     TRAINER_STATE_FILE, UNHEALTHY_PREFIX, CheckpointInfo, sort_key, step_dir_name,
                      validate_checkpoint)
 from .health import FiniteScan
 from .model_tensors import CheckpointNames
@@ -137,15 +138,15 @@ class CheckpointStore:
         base_dir = Path(base_model_dir)
         if not (base_dir / "config.json").is_file():
             raise CheckpointError(f"base model directory {base_dir} has no config.json to copy")
-        trainer_json = self._to_json(trainer_state, "trainer_state")
-        self._to_json(extra_metadata or {}, "extra_metadata")
+        trainer_json = trainer_state_json(trainer_state, "trainer_state")
+        trainer_state_json(extra_metadata or {}, "extra_metadata")
         if isinstance(tensors, Mapping):
             tensors = list(tensors.items())
         if specs is None:
             tensors = list(tensors)  # (name, view) pairs: metadata only, no tensor data copied
             specs = specs_of(tensors)
         tensors, specs = self._checkpoint_tensors(tensors, specs, base_dir)
-        recorded_base = base_model or self._base_model_of(base_dir)
+        recorded_base = base_model or base_model_of(base_dir)
 
         with self._exclusive():
             self._remove_leftovers()
@@ -153,11 +154,11 @@ class CheckpointStore:
             try:
                 os.mkdir(tmp, 0o755)
                 os.mkdir(tmp / META_DIR, 0o755)
-                files = self._copy_base_files(base_dir, tmp)
+                files = copy_base_files(base_dir, tmp)
                 self._phase("base_files")
                 if optimizer_state is not None:
-                    files[f"{META_DIR}/{OPTIMIZER_FILE}"] = self._write_optimizer(optimizer_state, tmp)
-                files[f"{META_DIR}/{TRAINER_STATE_FILE}"] = self._write_bytes(
+                    files[f"{META_DIR}/{OPTIMIZER_FILE}"] = write_optimizer_state(optimizer_state, tmp)
+                files[f"{META_DIR}/{TRAINER_STATE_FILE}"] = write_bytes(
                     tmp / META_DIR / TRAINER_STATE_FILE, trainer_json.encode())
                 self._phase("optimizer")
                 scan = FiniteScan(tensors)
@@ -183,7 +184,7 @@ class CheckpointStore:
                     "extra": dict(extra_metadata or {}),
                     "health": {"healthy": not reasons, "reasons": reasons},
                 }
-                self._write_bytes(tmp / META_DIR / META_FILE, json.dumps(meta, indent=2).encode())
+                write_bytes(tmp / META_DIR / META_FILE, json.dumps(meta, indent=2).encode())
                 fsync_tree(tmp)
                 self._phase("synced")
                 final = self._free_name(step) if not reasons else self._unhealthy_name(step)
@@ -254,24 +255,7 @@ class CheckpointStore:
     def validate(self, path: Path, *, verify_hash: bool = False) -> CheckpointInfo:
         return validate_checkpoint(Path(path), verify_hash=verify_hash)
 
-    @staticmethod
-    def load_training_state(info: CheckpointInfo | Path, map_location: Any = "cpu"
-                            ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-        """(optimizer_state or None if none was saved, trainer_state) of a checkpoint."""
-        path = info.path if isinstance(info, CheckpointInfo) else Path(info)
-        meta_dir = path / META_DIR
-        try:
-            trainer_state = json.loads((meta_dir / TRAINER_STATE_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: cannot read {META_DIR}/{TRAINER_STATE_FILE}: {exc}") from exc
-        opt_path = meta_dir / OPTIMIZER_FILE
-        if not opt_path.exists():
-            return None, trainer_state
-        try:
-            optimizer_state = torch.load(opt_path, weights_only=True, map_location=map_location)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot load {META_DIR}/{OPTIMIZER_FILE}: {exc}") from exc
-        return optimizer_state, trainer_state
+    load_training_state = staticmethod(load_training_state)
 
     def set_aside(self, name: str) -> Path | None:
         """Move every checkpoint, `latest` and any unhealthy one into ROOT/`name`/ (nothing is deleted);
@@ -313,25 +297,6 @@ class CheckpointStore:
             values.append(value)
         return values[0], values[1], values[2]
 
-    @staticmethod
-    def _to_json(value: Any, what: str) -> str:
-        try:
-            # NaN allowed: a skipped step's loss may be NaN; Python's json reads it back.
-            return json.dumps(value, indent=2, sort_keys=True)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{what} is not JSON-serializable: {exc}") from exc
-
-    @staticmethod
-    def _base_model_of(base_dir: Path) -> str:
-        """The original base model: a checkpoint used as base (resume) passes its own on."""
-        meta_path = base_dir / META_DIR / META_FILE
-        if meta_path.is_file():
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                recorded = json.loads(meta_path.read_text())["base_model"]
-                if isinstance(recorded, str) and recorded:
-                    return recorded
-        return str(base_dir.resolve())
-
     def _checkpoint_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]], specs: Sequence[TensorSpec],
                             base_dir: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], list[TensorSpec]]:
         """The given tensors under the checkpoint's names, then the base tensors `names` carries."""
@@ -344,38 +309,6 @@ class CheckpointStore:
             log.warning("%s has no safetensors weights: the checkpoint holds the trained model only, none of "
                         "the tensors under %s", base_dir, ", ".join(self.names.carried))
         return itertools.chain(self.names.tensors(tensors), base.tensors(carried)), specs + carried
-
-    @staticmethod
-    def _copy_base_files(base_dir: Path, dest: Path) -> dict[str, tuple[int, str]]:
-        """Copy the base dir's top-level non-weight files (config, tokenizer, templates, ...)."""
-        files = {}
-        for src in sorted(base_dir.iterdir()):
-            if src.name.startswith(".") or not src.is_file() or is_weight_file(src.name):
-                continue
-            files[src.name] = copy_file_hashed(src, dest / src.name)
-        return files
-
-    @staticmethod
-    def _write_bytes(path: Path, data: bytes) -> tuple[int, str]:
-        with HashingFile(path) as f:
-            f.write(data)
-        return f.size, f.sha256
-
-    @staticmethod
-    def _write_optimizer(state: Mapping[str, Any], tmp: Path) -> tuple[int, str]:
-        path = tmp / META_DIR / OPTIMIZER_FILE
-        with HashingFile(path) as f:
-            try:
-                torch.save(dict(state), f)
-            except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                raise CheckpointError(f"optimizer_state cannot be saved with torch.save: {exc}") from exc
-        try:
-            # mmap: checks what weights_only accepts without reading the tensor data back.
-            torch.load(path, weights_only=True, mmap=True, map_location="cpu")
-        except Exception as exc:
-            raise CheckpointError("optimizer_state cannot be loaded with torch.load(weights_only=True); "
-                                  f"keep it to tensors, numbers, strings and containers: {exc}") from exc
-        return f.size, f.sha256
 
     def _unhealthy_name(self, step: int) -> Path:
         path = self.root / f"{UNHEALTHY_PREFIX}{step_dir_name(step)}"
