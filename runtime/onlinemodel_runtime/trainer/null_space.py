@@ -34,6 +34,7 @@ from onlinemodel_protocol.rpc import EncodedExample
 
 log = logging.getLogger(__name__)
 
+
 def _trained_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     return {f"{name}.weight": m for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and m.weight.dim() == 2}
@@ -67,9 +68,13 @@ def input_spaces(model: torch.nn.Module, ids: Sequence[int]) -> list[list[str]]:
     return [list(dict.fromkeys(readers)) for readers in spaces.values()]
 
 
+def _moment_bytes(linear: torch.nn.Linear) -> int:
+    return 4 * linear.in_features ** 2
+
+
 def moment_bytes(model: torch.nn.Module, space: Sequence[str]) -> int:
     """The float32 second moment of one input space's inputs."""
-    return 4 * _trained_linears(model)[space[0]].in_features ** 2
+    return _moment_bytes(_trained_linears(model)[space[0]])
 
 
 def plan_passes(model: torch.nn.Module, spaces: list[list[str]], max_bytes: int
@@ -80,8 +85,9 @@ def plan_passes(model: torch.nn.Module, spaces: list[list[str]], max_bytes: int
     skipped: list[list[str]] = []
     current: list[list[str]] = []
     used = 0
+    linears = _trained_linears(model)  # once: a walk of every module
     for space in spaces:
-        need = moment_bytes(model, space)
+        need = _moment_bytes(linears[space[0]])
         if need > max_bytes:
             skipped.append(space)
             continue
