@@ -15,6 +15,7 @@ import continual_set as cs  # noqa: E402
 import continual_sweep as sweep  # noqa: E402
 
 from onlinemodel_protocol import limits  # noqa: E402
+from onlinemodel_protocol.rpc import IGNORE_INDEX  # noqa: E402
 from onlinemodel_runtime.devtools.launcher import CPU_DTYPE  # noqa: E402
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2  # noqa: E402
 
@@ -37,7 +38,15 @@ def test_one_job_trains_the_fact_with_the_anchor_term():
     backend = sweep.InProcess(ensure_smollm2(), DEFAULTS, seed=0, device="cpu", batch=1,
                               dtype=getattr(torch, CPU_DTYPE))
     assert backend.anchor_term.recorded and backend.null_space.ready
+    # The anchor tokens the untouched model predicted surely: none regressed before a step
+    assert backend.known and all(any(t != IGNORE_INDEX for t in ex.labels) for ex in backend.known)
+    assert backend.regressed_anchors() == []
+    # The greedy reply's own tokens lead their runners-up along it (teacher-forced: what generate chose)
+    control = cs.load_controls()[0]
+    reply = backend.ask([control.question])[0]
+    assert cs.hit(reply, control.expect) and backend.answer_lead(control.question, reply, control.expect) > 0
     fact = cs.load_facts()[0]
     job = backend.teach(fact.example)
     assert job["new_steps"] >= 1 and len(job["anchor_losses"]) == job["steps"]
     assert job["losses"][-1] < job["losses"][0]
+    assert 0 <= job["anchors_regressed"] <= len(backend.known)
