@@ -172,13 +172,12 @@ RECIPES = [
     # like the taught facts (India's capital).
     replace(STOP, name="kl4-margin1-stop-e40-replay4-rank64-ns99", anchor_weight=4.0, margin=1.0, epochs=40,
             rank=64, null_space=0.99),
-    # For the controls (96-99% at ns90): anchor conversations a job made wrong trained back in the same job
-    # (repair), a smaller early-stop margin (smaller updates), a larger anchor weight.
+    # For the controls (95-99% at ns90): anchor conversations a job made wrong trained back in the same job
+    # (repair), and a smaller early-stop margin (smaller updates). Neither helped (docs/learning.md, "Which
+    # controls are lost, and when").
     replace(STOP, name="kl4-margin1-stop-e40-replay4-rank64-ns90-repair10", anchor_weight=4.0, margin=1.0,
             epochs=40, rank=64, null_space=0.9, repair=10),
     replace(STOP, name="kl4-margin05-stop-e40-replay4-rank64-ns90", anchor_weight=4.0, margin=0.5, epochs=40,
-            rank=64, null_space=0.9),
-    replace(STOP, name="kl8-margin1-stop-e40-replay4-rank64-ns90", anchor_weight=8.0, margin=1.0, epochs=40,
             rank=64, null_space=0.9),
     # Measured with a prototype not kept (commit 057fd77, trainer/anchor.py `near=`): a third conversation per
     # step among the 8 whose prompts are most like the trained example's (TF-IDF of prompt tokens), at rank 1
