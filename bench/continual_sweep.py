@@ -106,12 +106,20 @@ class Recipe:
     # lead of at least REPAIR_KNOWN_MARGIN and the trained one no longer predicts are trained back (their
     # known tokens only, early stop at no margin) with the job's example, for at most this many passes.
     repair: int = 0
+    # How each update is written into bf16 weights (optim/rounding.py; float32 weights take it exactly).
+    rounding: str = "stochastic"
+    # With rounding="compensated": the float32 master's low bits start uniform over each weight's rounding cell
+    # instead of at zero (a prototype, `start_dithered`): what is served then follows the master in expectation
+    # from the first step instead of only once a change passes half an ulp.
+    dither: bool = False
 
     def __post_init__(self) -> None:
         if self.stop not in ("none", "match"):
             raise ValueError(f"stop must be none or match, got {self.stop!r}")
         if self.replay and self.reservoir < self.replay:
             raise ValueError("reservoir must hold at least `replay` examples")
+        if self.dither and self.rounding != "compensated":
+            raise ValueError("dither starts a compensated master: rounding must be compensated")
         if self.anchor_conversations < 0:
             raise ValueError("anchor_conversations must be >= 0 (0: all the built-in ones)")
 
@@ -179,10 +187,32 @@ RECIPES = [
             epochs=40, rank=64, null_space=0.9, repair=10),
     replace(STOP, name="kl4-margin05-stop-e40-replay4-rank64-ns90", anchor_weight=4.0, margin=0.5, epochs=40,
             rank=64, null_space=0.9),
+    # bf16 weights written to nearest with the remainder carried instead of stochastically: stochastic
+    # rounding's noise is most of a bf16 run's drift (bench/rounding_drift.py). Same as float32 on a CPU.
+    replace(STOP, name="kl4-margin1-stop-e40-replay4-rank64-ns90-comp", anchor_weight=4.0, margin=1.0, epochs=40,
+            rank=64, null_space=0.9, rounding="compensated"),
+    replace(STOP, name="kl4-margin05-stop-e40-replay4-rank64-ns90-comp", anchor_weight=4.0, margin=0.5, epochs=40,
+            rank=64, null_space=0.9, rounding="compensated"),
+    replace(STOP, name="kl4-margin1-stop-e40-replay4-rank64-ns90-dither", anchor_weight=4.0, margin=1.0, epochs=40,
+            rank=64, null_space=0.9, rounding="compensated", dither=True),
+    replace(STOP, name="kl4-margin05-stop-e40-replay4-rank64-ns90-dither", anchor_weight=4.0, margin=0.5, epochs=40,
+            rank=64, null_space=0.9, rounding="compensated", dither=True),
     # Measured with a prototype not kept (commit 057fd77, trainer/anchor.py `near=`): a third conversation per
     # step among the 8 whose prompts are most like the trained example's (TF-IDF of prompt tokens), at rank 1
     # and rank 64: controls 90.1% both (docs/learning.md).
 ]
+
+
+def start_dithered(optimizer: Apollo, seed: int) -> None:
+    """The prototype behind Recipe.dither: every compensated bf16 parameter's state made now (as its first step
+    would) and its remainder drawn uniform over [-1/2, 1/2) of an ulp, so the master starts at a random point of
+    the weight's rounding cell (the served weight is unchanged: the master still rounds to it)."""
+    gen = torch.Generator().manual_seed(seed)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer._init_state(group, p)
+            if "residual" in st:
+                st["residual"].copy_(torch.randint(-32768, 32768, tuple(p.shape), generator=gen, dtype=torch.int16))
 
 
 class GradScaled:
@@ -233,13 +263,17 @@ class InProcess:
                       for g in apply_policy(self.model, policy)]
             for n, p in self.model.named_parameters():
                 p.requires_grad_(p.requires_grad and bool(re.search(recipe.only, n)))
-            self.optimizer = Apollo([g for g in groups if g["params"]], lr=recipe.lr, rank=recipe.rank, seed=seed)
+            self.optimizer = Apollo([g for g in groups if g["params"]], lr=recipe.lr, rank=recipe.rank, seed=seed,
+                                    rounding=recipe.rounding)
         elif recipe.grad_scale:  # a group per matrix: each gets its own learning rate at every step
             groups = [dict(g, params=[p], param_names=[n]) for g in apply_policy(self.model, policy)
                       for n, p in zip(g["param_names"], g["params"])]
-            self.optimizer = Apollo(groups, lr=recipe.lr, rank=recipe.rank, seed=seed)
+            self.optimizer = Apollo(groups, lr=recipe.lr, rank=recipe.rank, seed=seed, rounding=recipe.rounding)
         else:
-            self.optimizer = make_optimizer(self.model, policy, lr=recipe.lr, rank=recipe.rank, seed=seed)
+            self.optimizer = make_optimizer(self.model, policy, lr=recipe.lr, rank=recipe.rank, seed=seed,
+                                            rounding=recipe.rounding)
+        if recipe.dither:
+            start_dithered(self.optimizer, seed)
         if not recipe.grad_scale:
             self.optimizer.attach_to_backward()
         self.rng = random.Random(seed)

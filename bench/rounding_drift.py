@@ -8,8 +8,10 @@ Ways of writing (`replay`):
 - stochastic: the runtime's write (optim/rounding.py): w <- round_stochastic(w + u), unbiased, but each write
   adds noise of variance about |u| x ulp(w) to every element, far more than u itself when u << ulp.
 - nearest: round to nearest: no noise, but an update under half an ulp is lost (biased).
-- compensated: round to nearest and keep what rounding dropped in a bf16 buffer added to the next write
-  (Kahan-style error feedback; 2 more bytes per trained element).
+- compensated: the runtime's --weight-rounding compensated: a float32 master (the bf16 weight plus an int16 of
+  its low bits, 2 more bytes per trained element), served to nearest; starts on the bf16 grid, so a change
+  under half an ulp does not show until it grows past it.
+- dithered: the same with the master's low bits started at random (prototype, below).
 Each row: the matrix's change ||W - W0|| / ||W0|| for float32 (the update itself) and each way, and how far
 each way ends from W0 + the float32 update.
 """
@@ -29,27 +31,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 import continual_set as cs  # noqa: E402
 import continual_sweep as sweep  # noqa: E402
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2  # noqa: E402
-from onlinemodel_runtime.optim.rounding import stochastic_add_  # noqa: E402
+from onlinemodel_runtime.optim.rounding import ROUNDINGS, apply_update_  # noqa: E402
 
-WAYS = ("stochastic", "nearest", "compensated")
+# "dithered": compensated, but the remainder starts uniform over the weight's rounding cell instead of at zero
+# (a prototype, not in the runtime): served weights then follow the float32 ones in expectation from the first
+# step, as with stochastic rounding, while the rounding error stays one draw per element instead of a random
+# walk over the writes.
+WAYS = ROUNDINGS + ("dithered",)
 DEFAULTS = "kl4-margin1-stop-e40-replay4-rank64-ns90"
 
 
 def replay(w0: torch.Tensor, updates: list[torch.Tensor], way: str, generator: torch.Generator) -> torch.Tensor:
     """The bf16 weights after writing `updates` (float32) one by one onto `w0` (bf16) the given way."""
+    if way not in WAYS:
+        raise ValueError(f"way must be one of {WAYS}, got {way!r}")
     w = w0.clone()
-    residual = torch.zeros_like(w0)  # bf16, as a trainer would keep it
+    residual = None
+    if way == "compensated":
+        residual = torch.zeros(w0.shape, dtype=torch.int16)  # as the optimizer keeps it
+    elif way == "dithered":
+        residual = torch.randint(-32768, 32768, w0.shape, generator=generator, dtype=torch.int16)
+        way = "compensated"
+    one, ok = torch.tensor(1.0), torch.tensor(True)
     for u in updates:
-        if way == "stochastic":
-            stochastic_add_(w, u, generator=generator)
-        elif way == "nearest":
-            w.copy_((w.float() + u).to(torch.bfloat16))
-        elif way == "compensated":
-            target = w.float() + residual.float() + u
-            w.copy_(target.to(torch.bfloat16))
-            residual.copy_((target - w.float()).to(torch.bfloat16))
-        else:
-            raise ValueError(f"way must be one of {WAYS}, got {way!r}")
+        apply_update_(w, u, one, decay=1.0, ok=ok, rounding=way, generator=generator, residual=residual)
     return w
 
 

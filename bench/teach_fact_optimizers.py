@@ -110,7 +110,7 @@ def make_step(variant: str, model, lr: float, rank: int, policy: str, stochastic
 
     blocks, embeddings, norms = policy.split(",")
     opt = make_optimizer(model, TrainPolicy(blocks=blocks, embeddings=embeddings, norms=norms),
-                         lr=lr, rank=rank, seed=0, stochastic_rounding=stochastic)
+                         lr=lr, rank=rank, seed=0, rounding="stochastic" if stochastic else "nearest")
     opt.attach_to_backward()
 
     def step(loss):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -55,7 +56,7 @@ class RuntimeConfig(BaseModel):
     max_queued_jobs: int = Field(limits.MAX_QUEUED_JOBS_DEFAULT, ge=1)
     default_epochs: int = Field(limits.EPOCHS_DEFAULT, ge=1)
     early_stop: bool = limits.EARLY_STOP_DEFAULT
-    stochastic_rounding: bool = limits.STOCHASTIC_ROUNDING_DEFAULT
+    weight_rounding: Literal[limits.WEIGHT_ROUNDINGS] = limits.WEIGHT_ROUNDING_DEFAULT
     early_stop_margin: float = Field(limits.EARLY_STOP_MARGIN_DEFAULT, ge=0, le=limits.EARLY_STOP_MARGIN_MAX,
                                      allow_inf_nan=False)
     replay_examples: int = Field(limits.REPLAY_EXAMPLES_DEFAULT, ge=0, le=limits.REPLAY_EXAMPLES_MAX)

@@ -29,9 +29,11 @@ MAX_EPOCHS_DEFAULT = 40
 # Learning that stays good over many jobs (docs/learning.md, chosen by bench/continual.py). Early stop: an
 # example leaves its job once greedy decoding gives its answer back (--no-early-stop: always `epochs`).
 EARLY_STOP_DEFAULT = True
-# Stochastic rounding of each update into the bf16 weights (docs/optimizer.md); off only where runs must be
-# compared bitwise (round to nearest: an update below half a bf16 step is lost).
-STOCHASTIC_ROUNDING_DEFAULT = True
+# How each update is written into bf16 weights (--weight-rounding; docs/optimizer.md, "Writing bf16 weights"):
+# stochastic (unbiased, adds noise), nearest (only where runs must be compared bitwise: an update below half a
+# bf16 step is lost), compensated (to nearest with the remainder carried: 2 more bytes per trained element).
+WEIGHT_ROUNDINGS = ("stochastic", "nearest", "compensated")
+WEIGHT_ROUNDING_DEFAULT = "stochastic"
 # ... and only once every answer token's logit leads the runner-up's by this much (nats; --early-stop-margin):
 # an answer barely learned is trained a step further, so it survives later jobs and near ties in decoding.
 EARLY_STOP_MARGIN_DEFAULT = 1.0

@@ -68,10 +68,10 @@ def _serve_parser(sub) -> None:
                    help="passes over a request's examples when it names none (with early stop: the most)")
     p.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=limits.EARLY_STOP_DEFAULT,
                    help="an example leaves its job once greedy decoding gives its answer back (docs/learning.md)")
-    p.add_argument("--stochastic-rounding", action=argparse.BooleanOptionalAction,
-                   default=limits.STOCHASTIC_ROUNDING_DEFAULT,
-                   help="round each update into the bf16 weights stochastically; off: to nearest, reproducible, "
-                        "but updates below half a bf16 step are lost (for comparing runs)")
+    p.add_argument("--weight-rounding", choices=limits.WEIGHT_ROUNDINGS, default=limits.WEIGHT_ROUNDING_DEFAULT,
+                   help="how each update is written into bf16 weights: stochastic (unbiased, noisy); nearest "
+                        "(reproducible, for comparing runs; updates below half a bf16 step are lost); compensated "
+                        "(to nearest with the remainder carried: no noise, 2 more bytes per trained weight)")
     p.add_argument("--early-stop-margin", type=float, default=limits.EARLY_STOP_MARGIN_DEFAULT,
                    help="with early stop: the lead (nats) every answer token's logit needs over the runner-up's")
     p.add_argument("--replay-examples", type=int, default=limits.REPLAY_EXAMPLES_DEFAULT,
@@ -153,7 +153,7 @@ def build_config(args: argparse.Namespace, state_dir: Path) -> RuntimeConfig:
         max_examples=args.max_examples,
         default_epochs=args.default_epochs,
         early_stop=args.early_stop,
-        stochastic_rounding=args.stochastic_rounding,
+        weight_rounding=args.weight_rounding,
         early_stop_margin=args.early_stop_margin,
         replay_examples=args.replay_examples,
         replay_reservoir=args.replay_reservoir,

@@ -50,3 +50,16 @@ def test_one_job_trains_the_fact_with_the_anchor_term():
     assert job["new_steps"] >= 1 and len(job["anchor_losses"]) == job["steps"]
     assert job["losses"][-1] < job["losses"][0]
     assert 0 <= job["anchors_regressed"] <= len(backend.known)
+
+
+def test_a_dithered_start_leaves_the_served_weights_as_they_are():
+    from onlinemodel_runtime.optim.rounding import master_value, split_master
+
+    net = torch.nn.Linear(16, 8, dtype=torch.bfloat16)
+    before = net.weight.detach().clone()
+    opt = sweep.Apollo(net.named_parameters(), rank=2, rounding="compensated")
+    sweep.start_dithered(opt, seed=0)
+    residual = opt.state[net.weight]["residual"]
+    assert residual.dtype == torch.int16 and residual.float().std() > 10_000  # spread over the whole cell
+    master = master_value(net.weight.detach(), residual)
+    assert torch.equal(split_master(master)[0], before) and torch.equal(net.weight, before)

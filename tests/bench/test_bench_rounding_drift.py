@@ -1,6 +1,7 @@
 """bench/rounding_drift.py's ways of writing float32 updates onto bf16 weights, on updates far under an ulp
 (as a fine-tuning step's are): round to nearest loses them, stochastic rounding keeps their mean but adds noise
-much larger than they are, the compensated write ends within half an ulp of the float32 result."""
+much larger than they are, the compensated write ends within half an ulp of the float32 result, and started
+at random (dithered) it keeps one rounding draw's noise, not one per write."""
 
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def test_the_ways_of_writing_tiny_updates():
     assert stochastic_error > exact_change  # noise larger than the update itself
     assert compensated_error < 0.5 * exact_change
     assert compensated_change == pytest.approx(exact_change, rel=0.5)
+    dithered_change, dithered_error = rows["dithered"]
+    assert dithered_error < 0.5 * stochastic_error  # one rounding draw per element, not one per write
+    assert dithered_change == pytest.approx(exact_change, rel=0.5)
 
 
 def test_an_unknown_way_is_refused():

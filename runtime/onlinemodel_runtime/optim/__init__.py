@@ -1,10 +1,10 @@
-"""Optimizer for training served bf16 weights in place: APOLLO(-Mini) + stochastic rounding.
+"""Optimizer for training served bf16 weights in place: APOLLO(-Mini) + stochastic or compensated rounding.
 
 Public API: Apollo, StepReport, TrainPolicy, apply_policy, make_optimizer,
 stochastic_round_to_bf16, stochastic_add_. See docs/optimizer.md.
 
 Layout: the math once - functional.py (directions, seeds, projections, per-step constants),
-rounding.py (stochastic rounding, the weight write), bucket_update.py (one bucket's update: run
+rounding.py (the weight write: stochastic, to nearest, or with the remainder carried), bucket_update.py (one bucket's update: run
 eagerly, compiled, or captured). apollo.py, the torch.optim.Optimizer, owns its components:
 hooks.py (hook mode), gate.py (the step's device-side verdict), projections.py,
 compiled_buckets.py with graphs.py (compiled call and CUDA-graph replay), streams.py (side CUDA

@@ -29,9 +29,9 @@ from .compiled_buckets import CompiledBuckets
 from .functional import const_row, effective_rank, grad_norm, projected_shape
 from .gate import StepGate
 from .hooks import BackwardHooks
-from .hyperparams import DEFAULT_LR, StepReport, check_group, rank_defaults
+from .hyperparams import DEFAULT_LR, StepReport, check_group, rank_defaults, upgrade_group
 from .projections import Projections
-from .rounding import DEFAULT_CHUNK_ELEMS, RoundingGenerators
+from .rounding import DEFAULT_CHUNK_ELEMS, RoundingGenerators, needs_residual
 from .streams import SideStreams
 from .tensor_parallel import TensorParallel
 
@@ -79,7 +79,7 @@ class Apollo(torch.optim.Optimizer):
         alpha: float | None = None,
         update_proj_gap: int = 200,
         norm_growth_limit: float | None = 1.01,
-        stochastic_rounding: bool = True,
+        rounding: str = "stochastic",
         algorithm: str = "apollo",
         seed: int = 0,
         fused: bool | None = None,
@@ -95,7 +95,7 @@ class Apollo(torch.optim.Optimizer):
             scale=scale if scale is not None else rank_defaults(rank)["scale"],
             alpha=alpha if alpha is not None else rank_defaults(rank)["alpha"],
             update_proj_gap=update_proj_gap, norm_growth_limit=norm_growth_limit,
-            stochastic_rounding=stochastic_rounding, algorithm=algorithm, seed=seed,
+            rounding=rounding, algorithm=algorithm, seed=seed,
         )
         check_group(dict(defaults))
         if tp is not None and fused:
@@ -118,7 +118,7 @@ class Apollo(torch.optim.Optimizer):
         super().__init__(params, defaults)
         if tp is not None:
             keys = ("algorithm", "lr", "rank", "scale", "alpha", "betas", "eps", "weight_decay", "norm_growth_limit",
-                    "update_proj_gap", "stochastic_rounding", "seed")
+                    "update_proj_gap", "rounding", "seed")
             # Each bucket's collective pairs up across ranks: the same buckets, the same shared tensors.
             tp.check_same([sorted(set(self._bucket_of.values())),
                            [(self._names.get(p), tuple(p.shape), [g[k] for k in keys])
@@ -177,6 +177,11 @@ class Apollo(torch.optim.Optimizer):
             st["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
             if apollo:  # one reference per matrix: () or (E,) for a batch of experts
                 st["limiter_norm"] = torch.zeros(p.shape[:-2], dtype=torch.float32, device=p.device)
+        if needs_residual(group["rounding"], p):
+            if "residual" not in st:  # also when a group turns compensated later: nothing carried yet
+                st["residual"] = torch.zeros(p.shape, dtype=torch.int16, device=p.device)
+        else:
+            st.pop("residual", None)  # what another way of rounding left: nothing to carry
         return st
 
     @torch.no_grad()
@@ -344,7 +349,7 @@ class Apollo(torch.optim.Optimizer):
         """Plain-JSON description for /train/status's "optimizer" field."""
         g = self.param_groups[0]
         return {"name": "apollo", "rank": g["rank"], "scale": g["scale"], "alpha": g["alpha"],
-                "lr": g["lr"], "stochastic_rounding": g["stochastic_rounding"],
+                "lr": g["lr"], "rounding": g["rounding"],
                 "groups": [{"algorithm": x["algorithm"], "params": len(x["params"])} for x in self.param_groups],
                 "trained_params": sum(p.numel() for x in self.param_groups for p in x["params"]),
                 "state_bytes": self.state_bytes(), "steps_applied": self.steps_applied,
@@ -375,7 +380,7 @@ class Apollo(torch.optim.Optimizer):
             id_map.update(zip(saved["params"], group["params"]))
         new_groups = []
         for group, saved in zip(self.param_groups, saved_groups):
-            ng = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
+            ng = {k: v for k, v in upgrade_group(saved).items() if k not in ("params", "param_names")}
             ng["betas"] = tuple(ng["betas"])
             ng["params"] = group["params"]
             if "param_names" in group:

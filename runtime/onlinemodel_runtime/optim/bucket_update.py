@@ -14,7 +14,7 @@ flag `gate & all(item finite)`.
 
 `consts` is a float32 (items, len(CONSTS)) tensor, one `functional.const_row` per item, so changing
 lr, step or any float hyperparameter never recompiles; `spec` holds the structural flags
-(apollo, left, channel, stochastic) per item, which do.
+(apollo, left, channel, rounding) per item, which do.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .functional import CONSTS, DECAY, adamw_direction, apollo_direction, const_row, projects_left
-from .rounding import apply_update_
+from .rounding import apply_update_, needs_residual
 
 # One graph per distinct bucket signature (shapes + spec): a model has ~3 (a decoder layer, the
 # embedding, the final norm), a process that trains several model shapes more than dynamo's
@@ -33,10 +33,11 @@ from .rounding import apply_update_
 RECOMPILE_LIMIT = 64
 
 
-def bucket_update(spec, ws, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, consts, gate,
+def bucket_update(spec, ws, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, residuals, consts, gate,
                   generator=None, chunk_elems=None):
     """Update every item of a bucket, all or nothing. spec[i] = (apollo, left, channel,
-    stochastic); projs and limiter_norms list the APOLLO items only, in order. generator and
+    rounding); projs and limiter_norms list the APOLLO items only, residuals the items that carry a
+    remainder (compensated bf16, rounding.needs_residual), each in order. generator and
     chunk_elems: the eager path's (rounding.apply_update_). Returns the 0-dim bool flag: gate and
     every item's gradient and update finite."""
     results = []
@@ -52,12 +53,16 @@ def bucket_update(spec, ws, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, 
             m, v, d, coeff, ok_i = adamw_direction(grads[i], exp_avgs[i], exp_avg_sqs[i], consts[i])
             results.append((m, v, None, d, coeff, ok_i))
     ok = gate & torch.stack([r[5] for r in results]).all()
-    j = 0
+    j = k = 0
     for i, (m, v, norm, src, coeff, _) in enumerate(results):
         commit(ok, (exp_avgs[i], m), (exp_avg_sqs[i], v), (limiter_norms[j], norm) if norm is not None else None)
         j += norm is not None
-        apply_update_(ws[i], src, coeff, decay=consts[i][DECAY], ok=ok, stochastic=spec[i][3],
-                      generator=generator, chunk_elems=chunk_elems)
+        residual = None
+        if needs_residual(spec[i][3], ws[i]):
+            residual = residuals[k]
+            k += 1
+        apply_update_(ws[i], src, coeff, decay=consts[i][DECAY], ok=ok, rounding=spec[i][3],
+                      generator=generator, residual=residual, chunk_elems=chunk_elems)
     return ok
 
 
@@ -91,16 +96,17 @@ class BucketArgs:
     ms: list[torch.Tensor]
     vs: list[torch.Tensor]
     lims: list[torch.Tensor]
+    res: list[torch.Tensor]
     rows: list[list[float]]
 
     @classmethod
     def of(cls, prepared: list[Prepared]) -> "BucketArgs":
-        args = cls((), [], [], [], [], [], [], [])
+        args = cls((), [], [], [], [], [], [], [], [])
         spec = []
         for group, p, grad, st, step, proj in prepared:
             apollo = proj is not None
             spec.append((apollo, apollo and projects_left(tuple(p.shape)), group["scale"] == "channel",
-                         group["stochastic_rounding"]))
+                         group["rounding"]))
             args.rows.append(const_row(group, step))
             args.ws.append(p.data)
             args.grads.append(grad)
@@ -109,12 +115,14 @@ class BucketArgs:
             if apollo:
                 args.projs.append(proj)
                 args.lims.append(st["limiter_norm"])
+            if "residual" in st:
+                args.res.append(st["residual"])
         args.spec = tuple(spec)
         return args
 
     def call(self, fn: Any, consts: torch.Tensor, gate: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return fn(self.spec, self.ws, self.grads, self.projs, self.ms, self.vs, self.lims, consts,
-                  gate, **kwargs)
+        return fn(self.spec, self.ws, self.grads, self.projs, self.ms, self.vs, self.lims, self.res,
+                  consts, gate, **kwargs)
 
 
 class ConstBuffers:

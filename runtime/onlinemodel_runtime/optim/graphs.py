@@ -34,7 +34,7 @@ from .functional import effective_rank
 def graph_key(args: BucketArgs, consts: torch.Tensor, gate: torch.Tensor) -> tuple:
     """Everything a captured graph depends on: structure and every input's address and shape
     (the gradients excepted: they are copied into the graph's own buffers)."""
-    tensors = [*args.ws, *args.projs, *args.ms, *args.vs, *args.lims, consts, gate]
+    tensors = [*args.ws, *args.projs, *args.ms, *args.vs, *args.lims, *args.res, consts, gate]
     return args.spec, tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) for t in tensors)
 
 
@@ -200,7 +200,8 @@ class Plan:
 def _state_tensors(states: list[dict[str, Any]]) -> list[torch.Tensor]:
     """The state tensors a captured graph reads, in bucket_update's argument order."""
     return ([st["exp_avg"] for st in states] + [st["exp_avg_sq"] for st in states]
-            + [st["limiter_norm"] for st in states if "limiter_norm" in st])
+            + [st["limiter_norm"] for st in states if "limiter_norm" in st]
+            + [st["residual"] for st in states if "residual" in st])
 
 
 def _where(t: torch.Tensor) -> tuple:
@@ -210,4 +211,4 @@ def _where(t: torch.Tensor) -> tuple:
 
 def _structure(group: dict[str, Any]) -> tuple:
     """Group settings baked into a captured graph or its plan (not in the per-step constants)."""
-    return (group["scale"], group["stochastic_rounding"], group["seed"], group["update_proj_gap"])
+    return (group["scale"], group["rounding"], group["seed"], group["update_proj_gap"])

@@ -10,6 +10,8 @@ import torch
 
 from onlinemodel_protocol.limits import LEARNING_RATE_DEFAULT
 
+from .rounding import ROUNDINGS
+
 SCALES = ("tensor", "channel")
 ALGORITHMS = ("apollo", "adamw")
 MINI_ALPHA = math.sqrt(128.0)
@@ -38,6 +40,16 @@ class StepReport:
     partial: bool = False
 
 
+def upgrade_group(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved param group in today's keys: checkpoints before 2026-12-03 hold `stochastic_rounding`
+    (a bool) where groups now hold `rounding`."""
+    if "stochastic_rounding" in saved and "rounding" not in saved:
+        stochastic = saved["stochastic_rounding"]
+        saved = {k: v for k, v in saved.items() if k != "stochastic_rounding"}
+        saved["rounding"] = "stochastic" if stochastic else "nearest"
+    return saved
+
+
 def check_group(group: dict[str, Any]) -> None:
     lr = group["lr"]
     if isinstance(lr, torch.Tensor) or not isinstance(lr, (int, float)) or not (0.0 <= lr < math.inf):
@@ -62,8 +74,8 @@ def check_group(group: dict[str, Any]) -> None:
     ngl = group["norm_growth_limit"]
     if ngl is not None and not (isinstance(ngl, (int, float)) and 1.0 <= ngl < math.inf):
         raise ValueError(f"Invalid norm_growth_limit: {ngl!r} (a finite float >= 1, or None: no limiter)")
-    if not isinstance(group["stochastic_rounding"], bool):
-        raise ValueError(f"Invalid stochastic_rounding: {group['stochastic_rounding']!r} (a bool)")
+    if group["rounding"] not in ROUNDINGS:
+        raise ValueError(f"Invalid rounding: {group['rounding']!r} (one of {ROUNDINGS})")
     if group["algorithm"] not in ALGORITHMS:
         raise ValueError(f"Invalid algorithm: {group['algorithm']!r} (one of {ALGORITHMS})")
     if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):

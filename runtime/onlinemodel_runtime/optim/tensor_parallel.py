@@ -237,9 +237,11 @@ class TensorParallel:
             st = it.state
             commit(ok, (st["exp_avg"], m), (st["exp_avg_sq"], v), (st["limiter_norm"], norm) if plan.apollo else None)
             stream = SHARED_STREAM if plan.kind == WHOLE else f"tp-rank{self.rank}"
-            w = plan.shard.real(it.param.data) if plan.shard is not None else it.param.data
-            apply_update_(w, src, coeff, decay=consts[i][DECAY], ok=ok, stochastic=it.group["stochastic_rounding"],
-                          generator=rounding.get(gate.device, seed, stream), chunk_elems=DEFAULT_CHUNK_ELEMS)
+            real = plan.shard.real if plan.shard is not None else (lambda t: t)
+            residual = st.get("residual")
+            apply_update_(real(it.param.data), src, coeff, decay=consts[i][DECAY], ok=ok, rounding=it.group["rounding"],
+                          generator=rounding.get(gate.device, seed, stream),
+                          residual=None if residual is None else real(residual), chunk_elems=DEFAULT_CHUNK_ELEMS)
         gate.copy_(ok)
         return ok
 

@@ -87,7 +87,7 @@ def make_trainer_optimizer(cfg, model, tp_layout=None, group=None):
 
         tp = {"tp": TensorParallel.from_layout(tp_layout, group)}
     optimizer = make_optimizer(model, TrainPolicy(), lr=cfg.learning_rate, rank=cfg.optimizer_rank,
-                               stochastic_rounding=cfg.stochastic_rounding, **tp)
+                               rounding=cfg.weight_rounding, **tp)
     optimizer.attach_to_backward()
     return optimizer
 

@@ -80,11 +80,18 @@ class Checkpointing:
                     self.tp.load_optimizer_state(info.path)
                 else:
                     self.optimizer.load_state_dict(optimizer_state)
+                    self.keep_configured_rounding()
             except (ValueError, KeyError, RuntimeError) as exc:
                 log.warning("optimizer state of %s does not fit this model (%s): starting it fresh", info.path, exc)
         self.load_state_dict(trainer_state)
         self.last_checkpoint = checkpoint_record(info)
         log.info("resumed from %s: step %d, weight version %d", info.path, self.steps, self.weight_version)
+
+    def keep_configured_rounding(self) -> None:
+        """torch's load_state_dict restores the hyperparameters saved with the state; the way of writing bf16
+        weights is the deployment's choice (--weight-rounding) and may change across a restart."""
+        for group in self.optimizer.param_groups:
+            group["rounding"] = self.cfg.weight_rounding
 
     def _maybe_periodic_checkpoint(self) -> None:
         by_steps = self.cfg.checkpoint_every_steps and self.steps % self.cfg.checkpoint_every_steps == 0

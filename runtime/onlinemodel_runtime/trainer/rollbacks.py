@@ -99,6 +99,7 @@ class Rollbacks:
                 self.weight_version += 1
                 if optimizer_state is not None:
                     self.optimizer.load_state_dict(optimizer_state)
+                    self.keep_configured_rounding()
                 self.loss_health.load_state_dict(trainer_state.get("loss_health", {}))
                 record = RollbackRecord(time=utc_timestamp(), source="request", weight_version=self.weight_version,
                                         checkpoint=info.path.name, step=info.step,

@@ -44,7 +44,7 @@ TP_ENV = {"ONLINEMODEL_API_TOKEN": TOKEN, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_
 # fact was not served). The TP path of a channel scale is tested in tests/runtime/optim.
 OPTIMIZER_RANK = 1
 TP_ARGS = ["--tensor-parallel-size", str(TP), "--enforce-eager", "--max-model-len", "512", "--no-early-stop",
-           "--replay-examples", "0", "--no-stochastic-rounding", "--optimizer-rank", str(OPTIMIZER_RANK)]
+           "--replay-examples", "0", "--weight-rounding", "nearest", "--optimizer-rank", str(OPTIMIZER_RANK)]
 # Large enough that round to nearest keeps the updates (6% of the trained weights change in 5 steps at TP=1,
 # measured), small enough that SmolLM2 learns the fact without diverging.
 LEARNING_RATE, EPOCHS = 1e-4, 5
@@ -128,7 +128,7 @@ def tp1_optimizer(model):
     from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
 
     optimizer = make_optimizer(model, TrainPolicy(), lr=LEARNING_RATE, rank=OPTIMIZER_RANK,
-                               stochastic_rounding=False)
+                               weight_rounding="nearest")
     optimizer.attach_to_backward()
     return optimizer
 

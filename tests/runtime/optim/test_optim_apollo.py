@@ -98,7 +98,7 @@ def test_state_size_is_sgd_like():
     "kwargs",
     [dict(lr=-1.0), dict(lr=float("nan")), dict(betas=(1.0, 0.9)), dict(betas=(0.9,)), dict(eps=0.0),
      dict(weight_decay=-0.1), dict(rank=0), dict(rank=1.5), dict(scale="row"), dict(alpha=0.0),
-     dict(update_proj_gap=0), dict(norm_growth_limit=0.5), dict(stochastic_rounding="yes"),
+     dict(update_proj_gap=0), dict(norm_growth_limit=0.5), dict(rounding="yes"),
      dict(algorithm="sgd"), dict(seed="x"), dict(norm_growth_limit=float("inf")), dict(fused="yes"),
      dict(cuda_graphs=1), dict(side_stream=None)],
 )
@@ -276,3 +276,50 @@ def test_updates_land_in_shared_non_contiguous_storage():
     assert opt.backward_step((w.float() @ torch.randn(16, 3)).pow(2).sum()).applied
     assert not torch.equal(base[:, 8:24], before)
     assert torch.equal(base[:, :8], untouched[0]) and torch.equal(base[:, 24:], untouched[1])
+
+
+def test_compensated_rounding_state_and_round_trip():
+    """rounding="compensated": an int16 remainder per bf16 parameter in the optimizer's state (none for
+    float32 ones), saved and restored weights_only like the moments, so a resume continues bitwise."""
+    net = make_net(dtype=torch.bfloat16)
+    opt = Apollo(net.named_parameters(), rounding="compensated", **HP)
+    _train(net, opt, 3)
+    for p in net.parameters():
+        r = opt.state[p]["residual"]
+        assert r.dtype == torch.int16 and r.shape == p.shape
+    assert any(bool(opt.state[p]["residual"].ne(0).any()) for p in net.parameters())
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    net2 = copy.deepcopy(net)
+    opt2 = Apollo(net2.named_parameters(), lr=1.0)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert opt2.param_groups[0]["rounding"] == "compensated"
+    _train(net, opt, 2, start=3)
+    _train(net2, opt2, 2, start=3)
+    for p, q in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["residual"], opt2.state[q]["residual"])
+    # Turned to stochastic: the remainder is dropped, not carried into another way of writing.
+    opt.param_groups[0]["rounding"] = "stochastic"
+    _train(net, opt, 1, start=5)
+    assert all("residual" not in opt.state[p] for p in net.parameters())
+    f32 = make_net()
+    opt3 = Apollo(f32.named_parameters(), rounding="compensated", **HP)
+    _train(f32, opt3, 1)
+    assert all("residual" not in opt3.state[p] for p in f32.parameters())
+
+
+def test_checkpoints_from_before_rounding_modes_load():
+    """Optimizer state saved before `rounding` (2026-12-03) holds `stochastic_rounding`: a bool."""
+    net = make_net(dtype=torch.bfloat16)
+    opt = Apollo(net.named_parameters(), **HP)
+    _train(net, opt, 1)
+    for stochastic, rounding in ((True, "stochastic"), (False, "nearest")):
+        sd = opt.state_dict()
+        for g in sd["param_groups"]:
+            del g["rounding"]
+            g["stochastic_rounding"] = stochastic
+        opt2 = Apollo(copy.deepcopy(net).named_parameters(), **HP)
+        opt2.load_state_dict(sd)
+        assert opt2.param_groups[0]["rounding"] == rounding

@@ -16,14 +16,16 @@ from onlinemodel_runtime.optim import Apollo, TrainPolicy, make_optimizer
 from onlinemodel_runtime.optim.bucket_update import COMPILED, ConstBuffers, Prepared, bucket_update
 from onlinemodel_runtime.optim.functional import const_row, projected_shape, projection_matrix, projects_left
 from onlinemodel_runtime.optim.graphs import Plan
+from onlinemodel_runtime.optim.rounding import master_value
 
 GROUP = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, alpha=2.0, norm_growth_limit=1.01)
-# (shape, weight dtype, apollo, channel, stochastic): both projection sides, both scales, AdamW,
-# float32 and bf16 weights, stochastic rounding on and off, batches of experts (3-D).
-ITEMS = [((8, 12), torch.float32, True, False, True), ((12, 8), torch.float32, True, True, True),
-         ((8, 12), torch.bfloat16, True, True, False), ((12,), torch.float32, False, False, True),
-         ((12, 8), torch.bfloat16, True, False, True), ((12,), torch.bfloat16, False, False, True),
-         ((3, 8, 12), torch.float32, True, False, True), ((3, 12, 8), torch.bfloat16, True, True, True)]
+# (shape, weight dtype, apollo, channel, rounding): both projection sides, both scales, AdamW,
+# float32 and bf16 weights, the three ways of rounding, batches of experts (3-D).
+S, N, C = "stochastic", "nearest", "compensated"
+ITEMS = [((8, 12), torch.float32, True, False, S), ((12, 8), torch.float32, True, True, C),
+         ((8, 12), torch.bfloat16, True, True, N), ((12,), torch.float32, False, False, S),
+         ((12, 8), torch.bfloat16, True, False, S), ((12,), torch.bfloat16, False, False, C),
+         ((3, 8, 12), torch.float32, True, False, S), ((3, 12, 8), torch.bfloat16, True, True, C)]
 IDLE_EXPERT = 6  # ITEMS[6]'s expert 1 gets a zero gradient (no token routed to it)
 
 
@@ -31,9 +33,11 @@ def _bucket(step: int, seed: int = 0, reference: float = 3.0) -> dict:
     """bucket_update's arguments for ITEMS at `step`, with moments as after a few steps and
     `reference` as every matrix's limiter reference (0: no update applied yet)."""
     g = torch.Generator().manual_seed(seed)
-    spec, ws, grads, projs, ms, vs, lims = [], [], [], [], [], [], []
-    for shape, dtype, apollo, channel, stochastic in ITEMS:
+    spec, ws, grads, projs, ms, vs, lims, res = [], [], [], [], [], [], [], []
+    for shape, dtype, apollo, channel, rounding in ITEMS:
         ws.append((torch.randn(shape, generator=g) * 0.5).to(dtype))
+        if rounding == C and dtype == torch.bfloat16:  # the low bits of a float32 master from earlier writes
+            res.append(torch.randint(-32768, 32768, shape, generator=g, dtype=torch.int16))
         grads.append(torch.randn(shape, generator=g).to(dtype))
         if apollo:
             left = projects_left(shape)
@@ -44,11 +48,11 @@ def _bucket(step: int, seed: int = 0, reference: float = 3.0) -> dict:
             left, mshape = False, shape
         ms.append(torch.randn(mshape, generator=g) * 0.1)
         vs.append(torch.rand(mshape, generator=g) * 0.01)
-        spec.append((apollo, left, channel, stochastic))
+        spec.append((apollo, left, channel, rounding))
     grads[IDLE_EXPERT][1] = 0.0
     rows = [const_row(GROUP, step) for _ in ITEMS]
     return dict(spec=tuple(spec), ws=ws, grads=grads, projs=projs, exp_avgs=ms, exp_avg_sqs=vs,
-                limiter_norms=lims, consts=torch.tensor(rows), gate=torch.tensor(True))
+                limiter_norms=lims, residuals=res, consts=torch.tensor(rows), gate=torch.tensor(True))
 
 
 def _run(fn, args: dict, **kwargs) -> tuple[dict, torch.Tensor]:
@@ -72,11 +76,15 @@ def test_compiled_bucket_update_equals_eager(step, reference):
     for key in ("exp_avgs", "exp_avg_sqs", "limiter_norms"):
         for a, b in zip(eager[key], fast[key]):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
-    # The float32 new values of every weight, unrounded: the eager update of float32 copies.
-    exact_args = dict(args, ws=[w.float() for w in args["ws"]])
+    # The float32 new values of every weight, unrounded: the eager update of float32 copies (of the
+    # float32 masters where compensated).
+    masters = iter([master_value(w, r) for w, r in zip([w for w, it in zip(args["ws"], ITEMS)
+                                                        if it[1] == torch.bfloat16 and it[4] == C], args["residuals"])])
+    exact_args = dict(args, ws=[next(masters) if it[1] == torch.bfloat16 and it[4] == C else w.float()
+                                for w, it in zip(args["ws"], ITEMS)])
     exact, _ = _run(bucket_update, exact_args)
-    moved = 0
-    for i, (shape, dtype, _, _, stochastic) in enumerate(ITEMS):
+    moved, k = 0, 0
+    for i, (shape, dtype, _, _, rounding) in enumerate(ITEMS):
         x, before = exact["ws"][i], args["ws"][i].float()
         if dtype == torch.float32:
             torch.testing.assert_close(fast["ws"][i], eager["ws"][i], rtol=1e-5, atol=1e-6)
@@ -84,7 +92,14 @@ def test_compiled_bucket_update_equals_eager(step, reference):
             continue
         ulp = x.abs() * 2.0**-7
         moved += int((x - before).abs().gt(4 * ulp).sum())
-        if not stochastic:  # round to nearest of (nearly) the same float32 value
+        if rounding == C:  # the new master is the float32 update of the old one; the weight, it to nearest
+            for out in (eager, fast):
+                w = out["ws"][i]
+                torch.testing.assert_close(master_value(w, out["residuals"][k]), x, rtol=1e-5, atol=1e-7)
+                assert ((w.float() - x).abs() <= ulp * 0.5 * (1 + 1e-3) + 1e-12).all()
+            k += 1
+            continue
+        if rounding == N:  # round to nearest of (nearly) the same float32 value
             for w in (eager["ws"][i], fast["ws"][i]):
                 assert ((w.float() - x).abs() <= ulp * 0.5 * (1 + 1e-3) + 1e-12).all()
             continue
@@ -112,7 +127,7 @@ def test_compiled_bucket_update_all_or_nothing(fault):
     for fn in (bucket_update, COMPILED.get()):
         out, ok = _run(fn, args)
         assert not bool(ok)
-        for key in ("ws", "exp_avgs", "exp_avg_sqs", "limiter_norms"):
+        for key in ("ws", "exp_avgs", "exp_avg_sqs", "limiter_norms", "residuals"):
             for a, b in zip(out[key], args[key]):
                 assert torch.equal(a, b), (fn, key)
 

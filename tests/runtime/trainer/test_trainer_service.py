@@ -121,6 +121,17 @@ def test_checkpoint_then_resume_restores_counters_and_optimizer(tiny_dir, tmp_pa
     assert fresh.status().steps == 3 and fresh.optimizer.steps_applied == 3
 
 
+def test_resume_keeps_the_configured_weight_rounding(tiny_dir, tmp_path):
+    """The optimizer state restores the hyperparameters saved with it; the way of writing bf16 weights is the
+    deployment's (--weight-rounding) and may change across a restart."""
+    ckpt = tmp_path / "ckpt"
+    _, info = two_steps_checkpointed(tiny_dir, ckpt)  # saved with "stochastic", the default
+    fresh = build(info.path, tmp_path, checkpoint_dir=ckpt, weight_rounding="compensated")
+    fresh.restore()
+    assert fresh.optimizer.steps_applied == 2  # the state was restored ...
+    assert {g["rounding"] for g in fresh.optimizer.param_groups} == {"compensated"}  # ... and the setting kept
+
+
 def test_restore_keeps_the_larger_counters_of_a_restart(tiny_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     _, info = two_steps_checkpointed(tiny_dir, ckpt)
