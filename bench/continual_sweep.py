@@ -536,9 +536,13 @@ def run_recipe(recipe: Recipe, seed: int, args, model_dir: Path) -> dict[str, An
     facts = cs.ordered(cs.load_facts(), seed)
     if args.track:  # the untouched replies are cached by the run's first questions, before any job
         backend.track = cs.load_controls()
+    # Each job's record as it finishes (a run cut short still shows its first jobs); never carried on from: a
+    # fresh backend does not hold the weights a file from an earlier process describes.
+    progress = Path(args.out) / f"{recipe.name}-seed{seed}-k{args.facts}-progress.json"
+    progress.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    result = cs.run(backend, facts, cs.load_controls(), args.facts, log=lambda s: print(f"  {recipe.name}: {s}",
-                                                                                        flush=True))
+    result = cs.run(backend, facts, cs.load_controls(), args.facts, progress=progress,
+                    log=lambda s: print(f"  {recipe.name}: {s}", flush=True))
     result.update(drift=backend.drift(), noise_floor=backend.noise_floor(cs.load_controls(), seed))
     print(f"  drift {result['drift']}; a random update of that size loses {len(result['noise_floor']['lost'])} "
           f"controls: {result['noise_floor']['lost']}", flush=True)
