@@ -203,6 +203,12 @@ RECIPES = [
 ]
 
 
+def dithered_residual(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """A compensated master's low bits drawn uniform over [-1/2, 1/2) of the weight's ulp (int16, as the
+    optimizer keeps them): the master at a random point of the rounding cell, still rounding to the weight."""
+    return torch.randint(-32768, 32768, tuple(shape), generator=generator, dtype=torch.int16)
+
+
 def start_dithered(optimizer: Apollo, seed: int) -> None:
     """The prototype behind Recipe.dither: every compensated bf16 parameter's state made now (as its first step
     would) and its remainder drawn uniform over [-1/2, 1/2) of an ulp, so the master starts at a random point of
@@ -212,7 +218,7 @@ def start_dithered(optimizer: Apollo, seed: int) -> None:
         for p in group["params"]:
             st = optimizer._init_state(group, p)
             if "residual" in st:
-                st["residual"].copy_(torch.randint(-32768, 32768, tuple(p.shape), generator=gen, dtype=torch.int16))
+                st["residual"].copy_(dithered_residual(p.shape, gen))
 
 
 class GradScaled:

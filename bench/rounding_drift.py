@@ -50,7 +50,7 @@ def replay(w0: torch.Tensor, updates: list[torch.Tensor], way: str, generator: t
     if way == "compensated":
         residual = torch.zeros(w0.shape, dtype=torch.int16)  # as the optimizer keeps it
     elif way == "dithered":
-        residual = torch.randint(-32768, 32768, w0.shape, generator=generator, dtype=torch.int16)
+        residual = sweep.dithered_residual(w0.shape, generator)
         way = "compensated"
     one, ok = torch.tensor(1.0), torch.tensor(True)
     for u in updates:

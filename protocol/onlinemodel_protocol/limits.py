@@ -29,7 +29,7 @@ MAX_EPOCHS_DEFAULT = 40
 # Learning that stays good over many jobs (docs/learning.md, chosen by bench/continual.py). Early stop: an
 # example leaves its job once greedy decoding gives its answer back (--no-early-stop: always `epochs`).
 EARLY_STOP_DEFAULT = True
-# How each update is written into bf16 weights (--weight-rounding; docs/optimizer.md, "Writing bf16 weights"):
+# How each update is written into bf16 weights (--weight-rounding; docs/optimizer.md, "Why"):
 # stochastic (unbiased, adds noise), nearest (only where runs must be compared bitwise: an update below half a
 # bf16 step is lost), compensated (to nearest with the remainder carried: 2 more bytes per trained element).
 WEIGHT_ROUNDINGS = ("stochastic", "nearest", "compensated")
