@@ -142,7 +142,13 @@ class TensorParallelGroup:
         if op == _LOAD_OPTIMIZER:
             state, _ = CheckpointStore.load_training_state(Path(args["checkpoint"]),
                                                            map_location=next(self.model.parameters()).device)
-            return self.optimizer.load_state_dict(optimizer_state_for_rank(state, self.optimizer))
+            # The configured --weight-rounding (every rank built its optimizer with it) wins over the saved one,
+            # as at TP=1 (checkpointing.keep_configured_rounding).
+            configured = [group["rounding"] for group in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(optimizer_state_for_rank(state, self.optimizer))
+            for group, rounding in zip(self.optimizer.param_groups, configured):
+                group["rounding"] = rounding
+            return None
         if op in (_HEARTBEAT, _STOP):
             return None
         raise ValueError(f"unknown tensor-parallel operation {op!r}")

@@ -128,7 +128,7 @@ def tp1_optimizer(model):
     from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
 
     optimizer = make_optimizer(model, TrainPolicy(), lr=LEARNING_RATE, rank=OPTIMIZER_RANK,
-                               weight_rounding="nearest")
+                               rounding="nearest")
     optimizer.attach_to_backward()
     return optimizer
 

@@ -33,8 +33,9 @@ def whole_model():
     return AutoModelForCausalLM.from_config(CONFIG, dtype=torch.float32)
 
 
-def optimizer_of(model, tp=None):
-    optimizer = make_optimizer(model, TrainPolicy(), lr=LR, rank=1, fused=False, **({"tp": tp} if tp else {}))
+def optimizer_of(model, tp=None, rounding="stochastic"):
+    optimizer = make_optimizer(model, TrainPolicy(), lr=LR, rank=1, fused=False, rounding=rounding,
+                               **({"tp": tp} if tp else {}))
     optimizer.attach_to_backward()
     return optimizer
 
@@ -59,10 +60,15 @@ def _rank(rank, tmp, restarted):
                                 torch.device("cpu"))
     tensors = layout.split_hf_state_dict(hf, rank)  # this rank's vLLM tensors, which the model views
     model = build_tp_rank_model(CONFIG, tensors, rank, TP, group.group, expected_dtype=torch.float32, train=True)
-    group.bind(model, optimizer_of(model, TensorParallel.from_layout(layout, group.group)), layout, tensors)
+    # Restarted with another --weight-rounding (float32 weights: the way of rounding changes no value here).
+    optimizer = optimizer_of(model, TensorParallel.from_layout(layout, group.group),
+                             rounding="nearest" if restarted else "stochastic")
+    group.bind(model, optimizer, layout, tensors)
     assert comm_threads()  # what the stop must end, so that none runs during the interpreter's teardown
     if rank > 0:
         assert group.follow(os.getppid()) == 0
+        # the configured rounding, not the checkpoint's, on every rank
+        assert {g["rounding"] for g in optimizer.param_groups} == {"nearest" if restarted else "stochastic"}
         assert not comm_threads()
         torch.save(tensors, f"{tmp}/weights{rank}.pt")
         return
@@ -73,6 +79,7 @@ def _rank(rank, tmp, restarted):
         open(f"{tmp}/checkpoint", "w").write(str(info.path))
     else:
         group.load_optimizer_state(checkpoint)
+        assert {g["rounding"] for g in optimizer.param_groups} == {"nearest"}
         losses = [group.train_step(IDS, LABELS, learning_rate=LR).loss for _ in range(STEPS_AFTER)]
         torch.save(group.answer_predicted(IDS, LABELS), f"{tmp}/learned.pt")
     torch.save(losses, f"{tmp}/losses{int(restarted)}.pt")
