@@ -22,6 +22,13 @@
 #                                        the call while the machine stays warm; each call teaches facts for at most
 #                                        STOP_AFTER s (default 380) and exits 3 until the run is done; run it again
 #                                        at once (within the machine's 30 s) to carry on; SERVE_ARGS: more flags
+#   bash bench/gpu_session.sh S         same machine, MODEL=a model directory there, RUNS="recipe:seed ...": in-process
+#                                        continual sweeps side by side (bench/continual_sweep.py --track, FACTS facts,
+#                                        default 32), started in sessions of their own that outlive the call; without
+#                                        the vLLM bundle, pydantic comes from the wheels `prepare` put in .gpu/whl
+#   bash bench/gpu_session.sh W [SECONDS]  after S: wait (default 240 s), count each run's jobs, pack what the runs
+#                                        wrote (results and per-job progress) into $OUT/sweeps.tgz; call it again
+#                                        at once while runs go on
 #   bash bench/gpu_session.sh tests     the GPU tests alone, with $PYTHON (what `make test-gpu` runs)
 #
 # Environment: OUT (results; default ./gpu-out), PYTHON (default python3), GPU_TESTS (step A's and `tests`'
@@ -67,6 +74,9 @@ prepare)
         [ -f "$dir/$f" ] && cp "$dir/$f" .gpu/tokenizer/
     done
     ls -la .gpu/tokenizer
+    # For step S on the machine's own python (torch and transformers, no pydantic): its wheels, for Python 3.12.
+    .venv/bin/python -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_17_x86_64 -d .gpu/whl pydantic
     ;;
 A)
     gpu_env
@@ -160,12 +170,37 @@ L)
     tail -8 "$OUT/continual-served.out"
     exit $status
     ;;
+S)
+    model=${MODEL:?MODEL: the model directory on the GPU machine}
+    if [ -f /tmp/vllm-env ]; then
+        . /tmp/vllm-env
+    else
+        mkdir -p /tmp/site-whl && for w in .gpu/whl/*.whl; do "$PYTHON" -m zipfile -e "$w" /tmp/site-whl; done
+        export PYTHONPATH=/tmp/site-whl${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    export PYTHONPATH=$PWD/runtime:$PWD/protocol${PYTHONPATH:+:$PYTHONPATH}
+    mkdir -p /tmp/sweeps
+    for run in ${RUNS:?RUNS: recipe:seed pairs}; do
+        r=${run%:*} s=${run##*:}
+        setsid nohup "$PYTHON" bench/continual_sweep.py --device cuda --model "$model" --recipes "$r" --seeds "$s" \
+            --facts "${FACTS:-32}" --out "/tmp/sweeps/$r-$s" --track --batch 16 --threads 2 \
+            > "/tmp/sweeps/$r-$s.log" 2>&1 < /dev/null &
+    done
+    sleep 20
+    tail -n 2 /tmp/sweeps/*.log
+    ;;
+W)
+    sleep "${2:-240}"
+    mkdir -p "$OUT"
+    cd /tmp/sweeps && for f in *.log; do echo "$f: $(grep -c 'recalled=' "$f") jobs"; done
+    tar czf "$OUT/sweeps.tgz" .
+    ;;
 tests)
     shift
     gpu_tests "$@"
     ;;
 *)
-    sed -n '2,25p' "$0"
+    sed -n '2,32p' "$0"
     exit 2
     ;;
 esac
