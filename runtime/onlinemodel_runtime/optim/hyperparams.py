@@ -50,6 +50,16 @@ def upgrade_group(saved: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
+def load_keeping_rounding(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict(state_dict)`, keeping the `rounding` its groups have now. torch restores the
+    hyperparameters saved with the state; the way of writing bf16 weights is the deployment's choice
+    (--weight-rounding, which the optimizer was built with) and may change across a restart."""
+    configured = [group["rounding"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, rounding in zip(optimizer.param_groups, configured):
+        group["rounding"] = rounding
+
+
 def check_group(group: dict[str, Any]) -> None:
     lr = group["lr"]
     if isinstance(lr, torch.Tensor) or not isinstance(lr, (int, float)) or not (0.0 <= lr < math.inf):

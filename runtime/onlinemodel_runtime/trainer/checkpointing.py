@@ -16,6 +16,7 @@ from pathlib import Path
 
 from onlinemodel_protocol.api import CheckpointRecord
 from onlinemodel_protocol.rpc import Counters
+from onlinemodel_runtime.optim.hyperparams import load_keeping_rounding
 from onlinemodel_runtime.trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
@@ -79,19 +80,12 @@ class Checkpointing:
                 if self.tp is not None:  # each rank takes its part of the TP=1 form
                     self.tp.load_optimizer_state(info.path)
                 else:
-                    self.optimizer.load_state_dict(optimizer_state)
-                    self.keep_configured_rounding()
+                    load_keeping_rounding(self.optimizer, optimizer_state)
             except (ValueError, KeyError, RuntimeError) as exc:
                 log.warning("optimizer state of %s does not fit this model (%s): starting it fresh", info.path, exc)
         self.load_state_dict(trainer_state)
         self.last_checkpoint = checkpoint_record(info)
         log.info("resumed from %s: step %d, weight version %d", info.path, self.steps, self.weight_version)
-
-    def keep_configured_rounding(self) -> None:
-        """torch's load_state_dict restores the hyperparameters saved with the state; the way of writing bf16
-        weights is the deployment's choice (--weight-rounding) and may change across a restart."""
-        for group in self.optimizer.param_groups:
-            group["rounding"] = self.cfg.weight_rounding
 
     def _maybe_periodic_checkpoint(self) -> None:
         by_steps = self.cfg.checkpoint_every_steps and self.steps % self.cfg.checkpoint_every_steps == 0

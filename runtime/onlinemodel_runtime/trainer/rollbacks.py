@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from onlinemodel_protocol.api import Job, RollbackRecord, utc_timestamp
+from onlinemodel_runtime.optim.hyperparams import load_keeping_rounding
 from onlinemodel_runtime.trainer.errors import JobRolledBack, TrainerError
 from onlinemodel_runtime.trainer.served_answers import ServedAnswerError
 
@@ -98,8 +99,7 @@ class Rollbacks:
                     raise
                 self.weight_version += 1
                 if optimizer_state is not None:
-                    self.optimizer.load_state_dict(optimizer_state)
-                    self.keep_configured_rounding()
+                    load_keeping_rounding(self.optimizer, optimizer_state)
                 self.loss_health.load_state_dict(trainer_state.get("loss_health", {}))
                 record = RollbackRecord(time=utc_timestamp(), source="request", weight_version=self.weight_version,
                                         checkpoint=info.path.name, step=info.step,

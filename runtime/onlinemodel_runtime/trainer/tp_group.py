@@ -25,6 +25,7 @@ import torch.distributed as dist
 from onlinemodel_protocol.rpc import WorkerShard
 from onlinemodel_runtime.checkpoint import CheckpointStore
 from onlinemodel_runtime.checkpoint.tp_gather import optimizer_state_for_rank, save_tp_checkpoint
+from onlinemodel_runtime.optim.hyperparams import load_keeping_rounding
 from onlinemodel_runtime.trainer.early_stop import answer_predicted
 from onlinemodel_runtime.trainer.loop import StepResult, step_chunk_tokens, train_step
 from onlinemodel_runtime.weights.tp_model import vocab_parallel_cross_entropy, vocab_parallel_top2
@@ -142,13 +143,7 @@ class TensorParallelGroup:
         if op == _LOAD_OPTIMIZER:
             state, _ = CheckpointStore.load_training_state(Path(args["checkpoint"]),
                                                            map_location=next(self.model.parameters()).device)
-            # The configured --weight-rounding (every rank built its optimizer with it) wins over the saved one,
-            # as at TP=1 (checkpointing.keep_configured_rounding).
-            configured = [group["rounding"] for group in self.optimizer.param_groups]
-            self.optimizer.load_state_dict(optimizer_state_for_rank(state, self.optimizer))
-            for group, rounding in zip(self.optimizer.param_groups, configured):
-                group["rounding"] = rounding
-            return None
+            return load_keeping_rounding(self.optimizer, optimizer_state_for_rank(state, self.optimizer))
         if op in (_HEARTBEAT, _STOP):
             return None
         raise ValueError(f"unknown tensor-parallel operation {op!r}")

@@ -35,12 +35,13 @@ def build(tiny_dir, tmp_path, anchors=None, **cfg):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     model.train()
-    optimizer = make_optimizer(model, TrainPolicy(), lr=1e-3)
-    optimizer.attach_to_backward()
     # Fixed epochs, no replay and no anchor term unless a test asks: these tests count steps
     # (test_trainer_service_continual.py covers early stop, replay and the anchor term).
     cfg = {"early_stop": False, "replay_examples": 0, "anchor_weight": 0, "null_space_energy": 0, **cfg}
     config = RuntimeConfig(model=str(tiny_dir), base_model=str(tiny_dir), state_dir=tmp_path / "state", **cfg)
+    # As the trainer builds it (trainer/__main__.py): with the configured way of writing bf16 weights.
+    optimizer = make_optimizer(model, TrainPolicy(), lr=1e-3, rounding=config.weight_rounding)
+    optimizer.attach_to_backward()
     store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
     return TrainerService(config, model, optimizer, store, anchors=anchors)
 
