@@ -182,6 +182,10 @@ S)
     mkdir -p /tmp/sweeps
     for run in ${RUNS:?RUNS: recipe:seed pairs}; do
         r=${run%:*} s=${run##*:}
+        # The untouched model's replies from an earlier session on the same card, if carried: they are the same
+        # for every recipe and seed (bench/continual_sweep.py checks the questions), and asking them costs a minute.
+        mkdir -p "/tmp/sweeps/$r-$s"
+        if [ -f .gpu/untouched-cuda-batch16.json ]; then cp .gpu/untouched-cuda-batch16.json "/tmp/sweeps/$r-$s/"; fi
         setsid nohup "$PYTHON" bench/continual_sweep.py --device cuda --model "$model" --recipes "$r" --seeds "$s" \
             --facts "${FACTS:-32}" --out "/tmp/sweeps/$r-$s" --track --batch 16 --threads 2 \
             > "/tmp/sweeps/$r-$s.log" 2>&1 < /dev/null &
@@ -193,7 +197,7 @@ W)
     sleep "${2:-240}"
     mkdir -p "$OUT"
     cd /tmp/sweeps && for f in *.log; do echo "$f: $(grep -c 'recalled=' "$f") jobs"; done
-    tar czf "$OUT/sweeps.tgz" .
+    tar czf "$OUT/sweeps.tgz" --exclude='untouched-*' .
     ;;
 tests)
     shift
