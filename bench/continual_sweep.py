@@ -217,7 +217,7 @@ RECIPES = [
     # and rank 64: controls 90.1% both (docs/learning.md).
 ]
 # The recipe with the runtime's defaults (limits.py; tests/bench checks that they agree).
-DEFAULTS = "kl8-margin1-stop-e40-replay4-rank64-ns90"
+DEFAULTS = next(r for r in RECIPES if r.name == "kl8-margin1-stop-e40-replay4-rank64-ns90")
 
 
 def dithered_residual(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

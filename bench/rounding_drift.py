@@ -73,8 +73,7 @@ def capture(jobs: int, layers: list[int], threads: int) -> tuple[dict[str, torch
     """Train the first `jobs` facts in float32 at the defaults; every step's change of the chosen layers'
     matrices, and their untouched weights (bf16: SmolLM2 ships bf16 values)."""
     torch.set_num_threads(threads)
-    recipe = {r.name: r for r in sweep.RECIPES}[sweep.DEFAULTS]
-    backend = sweep.InProcess(ensure_smollm2(), recipe, 0, "cpu", 1, dtype=torch.float32)
+    backend = sweep.InProcess(ensure_smollm2(), sweep.DEFAULTS, 0, "cpu", 1, dtype=torch.float32)
     params = dict(backend.model.named_parameters())
     names = [n for n in backend.initial if params[n].dim() == 2 and any(f".layers.{i}." in n for i in layers)]
     updates: dict[str, list[torch.Tensor]] = {n: [] for n in names}

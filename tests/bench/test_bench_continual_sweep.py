@@ -19,7 +19,7 @@ from onlinemodel_protocol.rpc import IGNORE_INDEX  # noqa: E402
 from onlinemodel_runtime.devtools.launcher import CPU_DTYPE  # noqa: E402
 from onlinemodel_runtime.devtools.model_prep import ensure_smollm2  # noqa: E402
 
-DEFAULTS = {r.name: r for r in sweep.RECIPES}[sweep.DEFAULTS]
+DEFAULTS = sweep.DEFAULTS
 
 
 def test_the_defaults_recipe_is_the_runtimes_defaults():
