@@ -26,7 +26,9 @@ A recipe is what one training job does with its example(s):
   adds anchor_weight x KL(untouched || current) on anchor_per_step of the runtime's general conversations;
   anchor_conversations: the first that many of them (the built-in set grew: 32, 48, 128), 0: all.
 - null_space: the runtime's null-space projection (trainer/null_space.py): every gradient projected off the
-  directions holding that share of each matrix's inputs' energy on the anchor conversations; 0: off.
+  directions holding that share of each matrix's inputs' energy on the anchor conversations; 0: off. reproject: the
+  whole update of the matrices the optimizer scales per input column too (Apollo.keep_out: the runtime's since
+  2026-12-03); without it, the gradients only (the runtime before).
 - each result also holds `drift` (how far the run moved the trained matrices, relative to their norms) and
   `noise_floor` (the controls that Gaussian noise of each matrix's own change, added to the untouched weights,
   loses): what a random update of the same size would cost.
@@ -112,6 +114,11 @@ class Recipe:
     # instead of at zero (a prototype, `start_dithered`): what is served then follows the master in expectation
     # from the first step instead of only once a change passes half an ulp.
     dither: bool = False
+    # With null_space: the whole update of each matrix whose channel scale goes by input column (q, k, v, o,
+    # down_proj: APOLLO projects them on the left) projected off the kept directions too (Apollo.keep_out, as the
+    # runtime does since 2026-12-03), since that scale lets 8-17% of the update back into them. False: the
+    # gradients only (the runtime before).
+    reproject: bool = False
 
     def __post_init__(self) -> None:
         if self.stop not in ("none", "match"):
@@ -120,6 +127,8 @@ class Recipe:
             raise ValueError("reservoir must hold at least `replay` examples")
         if self.dither and self.rounding != "compensated":
             raise ValueError("dither starts a compensated master: rounding must be compensated")
+        if self.reproject and not self.null_space:
+            raise ValueError("reproject needs the null-space projection")
         if self.anchor_conversations < 0:
             raise ValueError("anchor_conversations must be >= 0 (0: all the built-in ones)")
 
@@ -200,6 +209,13 @@ RECIPES = [
             rank=64, null_space=0.9),
     replace(STOP, name="kl8-margin05-stop-e40-replay4-rank64-ns90", anchor_weight=8.0, margin=0.5, epochs=40,
             rank=64, null_space=0.9),
+    # The channel scale of the matrices projected on the left lets 8-17% of each update back into the kept
+    # directions (median; up to 41%): their whole update projected off them too. Measured (first by a prototype
+    # that projected each step's change of the weights after it: the same in float32) on the H200 in float32,
+    # seeds 0-2, and on the CPU: the defaults since 2026-12-03 (docs/learning.md, "The whole update off the general
+    # directions").
+    replace(STOP, name="kl8-margin1-stop-e40-replay4-rank64-ns90-reproject", anchor_weight=8.0, margin=1.0,
+            epochs=40, rank=64, null_space=0.9, reproject=True),
     # bf16 weights written to nearest with the remainder carried instead of stochastically: stochastic
     # rounding's noise is most of a bf16 run's drift (bench/rounding_drift.py). Same as float32 on a CPU.
     # Measured on the H200 (first 16 facts, seeds 0 and 1, margin 1): a third of the drift, the same controls
@@ -217,7 +233,7 @@ RECIPES = [
     # and rank 64: controls 90.1% both (docs/learning.md).
 ]
 # The recipe with the runtime's defaults (limits.py; tests/bench checks that they agree).
-DEFAULTS = next(r for r in RECIPES if r.name == "kl8-margin1-stop-e40-replay4-rank64-ns90")
+DEFAULTS = next(r for r in RECIPES if r.name == "kl8-margin1-stop-e40-replay4-rank64-ns90-reproject")
 
 
 def dithered_residual(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -308,7 +324,8 @@ class InProcess:
         self.anchor_term = AnchorTerm(conversations, recipe.anchor_weight, recipe.anchor_per_step,
                                       recipe.anchor_top_k)
         # The runtime's projection (trainer/null_space.py), built as the trainer builds it at the first job.
-        self.null_space = NullSpace(conversations, recipe.null_space, NULL_SPACE_MAX_BYTES)
+        self.null_space = NullSpace(conversations, recipe.null_space, NULL_SPACE_MAX_BYTES,
+                                    optimizer=self.optimizer if recipe.reproject else None)
         with self.null_space.gathering(self.model):
             if self.anchor_term.enabled:
                 self.anchor_term.record(self.model, untouched=True)  # just loaded

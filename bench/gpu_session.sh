@@ -24,7 +24,8 @@
 #                                        at once (within the machine's 30 s) to carry on; SERVE_ARGS: more flags
 #   bash bench/gpu_session.sh S         same machine, MODEL=a model directory there, RUNS="recipe:seed ...": in-process
 #                                        continual sweeps side by side (bench/continual_sweep.py --track, FACTS facts,
-#                                        default 32), started in sessions of their own that outlive the call; without
+#                                        default 32; DTYPE: the weights' dtype, default bfloat16), started in sessions
+#                                        of their own that outlive the call; without
 #                                        the vLLM bundle, pydantic comes from the wheels `prepare` put in .gpu/whl
 #   bash bench/gpu_session.sh W [SECONDS]  after S: wait (default 240 s), count each run's jobs, pack what the runs
 #                                        wrote (results and per-job progress) into $OUT/sweeps.tgz; call it again
@@ -187,7 +188,7 @@ S)
         mkdir -p "/tmp/sweeps/$r-$s"
         if [ -f .gpu/untouched-cuda-batch16.json ]; then cp .gpu/untouched-cuda-batch16.json "/tmp/sweeps/$r-$s/"; fi
         setsid nohup "$PYTHON" bench/continual_sweep.py --device cuda --model "$model" --recipes "$r" --seeds "$s" \
-            --facts "${FACTS:-32}" --out "/tmp/sweeps/$r-$s" --track --batch 16 --threads 2 \
+            --facts "${FACTS:-32}" --out "/tmp/sweeps/$r-$s" --track --batch 16 --threads 2 --dtype "${DTYPE:-bfloat16}" \
             > "/tmp/sweeps/$r-$s.log" 2>&1 < /dev/null &
     done
     sleep 20

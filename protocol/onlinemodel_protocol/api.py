@@ -278,6 +278,8 @@ class NullSpaceStatus(_Body):
     energy: float = Field(0.0, ge=0)  # 0: off
     enabled: bool = False  # false once `reason` says why it is off
     matrices: int = Field(0, ge=0)  # trained matrices whose gradients are projected (built at the first job)
+    # of them, those whose optimizer scales the update per input column: their whole update is projected too
+    updates_projected: int = Field(0, ge=0)
     directions: int = Field(0, ge=0)  # kept out of updates, over all the distinct bases
     basis_bytes: int = Field(0, ge=0)
     passes: int = Field(0, ge=0)  # over the anchor conversations, each gathering at most limits.NULL_SPACE_MAX_BYTES

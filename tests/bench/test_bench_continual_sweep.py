@@ -31,6 +31,7 @@ def test_the_defaults_recipe_is_the_runtimes_defaults():
     assert DEFAULTS.anchor_conversations == 0  # all the built-in ones
     assert (DEFAULTS.rank, DEFAULTS.policy) == (limits.OPTIMIZER_RANK_DEFAULT, "apollo,frozen,frozen")
     assert DEFAULTS.null_space == limits.NULL_SPACE_ENERGY_DEFAULT
+    assert DEFAULTS.reproject  # the trainer gives its optimizer to the null space (trainer/service.py)
 
 
 def test_one_job_trains_the_fact_with_the_anchor_term():
@@ -38,6 +39,7 @@ def test_one_job_trains_the_fact_with_the_anchor_term():
     backend = sweep.InProcess(ensure_smollm2(), DEFAULTS, seed=0, device="cpu", batch=1,
                               dtype=getattr(torch, CPU_DTYPE))
     assert backend.anchor_term.recorded and backend.null_space.ready
+    assert backend.null_space.summary()["updates_projected"] == 5 * backend.model.config.num_hidden_layers  # q k v o down
     # The anchor tokens the untouched model predicted surely: none regressed before a step
     assert backend.known and all(any(t != IGNORE_INDEX for t in ex.labels) for ex in backend.known)
     assert backend.regressed_anchors() == []

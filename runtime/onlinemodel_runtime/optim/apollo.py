@@ -26,7 +26,7 @@ import torch
 
 from .bucket_update import BucketArgs, ConstBuffers, Prepared, bucket_update
 from .compiled_buckets import CompiledBuckets
-from .functional import const_row, effective_rank, grad_norm, projected_shape
+from .functional import const_row, effective_rank, grad_norm, projected_shape, projects_left
 from .gate import StepGate
 from .hooks import BackwardHooks
 from .hyperparams import DEFAULT_LR, StepReport, check_group, rank_defaults, upgrade_group
@@ -115,6 +115,7 @@ class Apollo(torch.optim.Optimizer):
         self._projections = Projections()
         self._rounding = RoundingGenerators()
         self._hooks = BackwardHooks(self._flush)
+        self._kept_out: dict[torch.Tensor, torch.Tensor] = {}  # param -> basis its updates stay out of
         super().__init__(params, defaults)
         if tp is not None:
             keys = ("algorithm", "lr", "rank", "scale", "alpha", "betas", "eps", "weight_decay", "norm_growth_limit",
@@ -161,6 +162,39 @@ class Apollo(torch.optim.Optimizer):
     def _uses_apollo(group: dict[str, Any], p: torch.Tensor) -> bool:
         return group["algorithm"] == "apollo" and p.dim() in (2, 3)
 
+    # ------------------------------------------------------------------ updates kept out of input directions
+    def scales_input_columns(self, p: torch.Tensor) -> bool:
+        """Whether `p`'s update multiplies its gradient by a factor per input column or per element (APOLLO's
+        channel scale of a matrix projected on the left, or AdamW): then a gradient with no component in some
+        directions of the input space (G U = 0) gives an update that has one, and keep_out() is what keeps it
+        out. A tensor scale, or a channel scale by output row, leaves G U = 0 as it is."""
+        group = self._group_of[p]
+        if not self._uses_apollo(group, p):
+            return True
+        return group["scale"] == "channel" and projects_left(tuple(p.shape))
+
+    def keep_out(self, bases: dict[torch.Tensor, torch.Tensor]) -> None:
+        """From the next step on, each update of each `p` in `bases` is projected off the orthonormal columns of
+        its basis U (in_features x k, on p's device), after every scale and coefficient: the applied change dW
+        has dW U = 0 (to the basis dtype's rounding), so it changes nothing the matrix computes on inputs in U's
+        span. Weight decay is not projected (it shrinks the whole weight). Replaces any earlier bases; {}: none.
+        The bases are held, not copied, and not part of the state (the caller rebuilds them)."""
+        for p, u in bases.items():
+            if p not in self._group_of:
+                raise ValueError("keep_out: a parameter this optimizer does not update")
+            if p.dim() != 2:
+                raise ValueError(f"keep_out: only matrices, got a parameter of shape {tuple(p.shape)}")
+            if u.dim() != 2 or u.shape[0] != p.shape[1] or u.shape[1] > p.shape[1]:
+                raise ValueError(f"keep_out: a basis for a {tuple(p.shape)} matrix is ({p.shape[1]}, k), "
+                                 f"got {tuple(u.shape)}")
+            if u.device != p.device or u.dtype not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"keep_out: the basis must be float32 or bfloat16 on {p.device}, got {u.dtype} "
+                                 f"on {u.device}")
+        if bases and self._tp is not None:
+            raise ValueError("keep_out: not under tensor parallelism (a rank holds a shard of each matrix)")
+        self._kept_out = dict(bases)
+        self._compiled.clear()  # captured graphs baked in the bases they were captured with
+
     # ------------------------------------------------------------------ one bucket
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         st = self.state[p]
@@ -198,7 +232,7 @@ class Apollo(torch.optim.Optimizer):
                 shape = self._tp.projection_shape(self._names[p], p) if self._tp is not None else tuple(p.shape)
                 proj = self._projections.get(p, self._names[p], group["seed"], group["update_proj_gap"],
                                              step, effective_rank(shape, group["rank"]), shape)
-            prepared.append(Prepared(group, p, grad, st, step, proj))
+            prepared.append(Prepared(group, p, grad, st, step, proj, self._kept_out.get(p)))
         if self._tp is not None:
             consts = self._consts.load([const_row(it.group, it.step) for it in prepared], gate.device)
             ok = self._tp.update_bucket(prepared, self._names, consts, gate, self._rounding)

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .functional import CONSTS, DECAY, adamw_direction, apollo_direction, const_row, projects_left
+from .functional import CONSTS, DECAY, LR, adamw_direction, apollo_direction, const_row, kept_out, projects_left
 from .rounding import apply_update_, needs_residual
 
 # One graph per distinct bucket signature (shapes + spec): a model has ~3 (a decoder layer, the
@@ -33,25 +33,29 @@ from .rounding import apply_update_, needs_residual
 RECOMPILE_LIMIT = 64
 
 
-def bucket_update(spec, ws, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, residuals, consts, gate,
+def bucket_update(spec, ws, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, residuals, bases, consts, gate,
                   generator=None, chunk_elems=None):
     """Update every item of a bucket, all or nothing. spec[i] = (apollo, left, channel,
-    rounding); projs and limiter_norms list the APOLLO items only, residuals the items that carry a
-    remainder (compensated bf16, rounding.needs_residual), each in order. generator and
-    chunk_elems: the eager path's (rounding.apply_update_). Returns the 0-dim bool flag: gate and
-    every item's gradient and update finite."""
+    rounding, kept out); projs and limiter_norms list the APOLLO items only, residuals the items that carry a
+    remainder (compensated bf16, rounding.needs_residual), bases the items whose update is kept out of a
+    basis's span (Apollo.keep_out), each in order. generator and chunk_elems: the eager path's
+    (rounding.apply_update_). Returns the 0-dim bool flag: gate and every item's gradient and update finite."""
     results = []
-    j = 0
-    for i, (apollo, left, channel, _) in enumerate(spec):
+    j = b = 0
+    for i, (apollo, left, channel, _, keep) in enumerate(spec):
         if apollo:
             m, v, norm, coeff, ok_i = apollo_direction(
                 grads[i], projs[j], exp_avgs[i], exp_avg_sqs[i], limiter_norms[j], consts[i],
                 left=left, channel=channel)
-            results.append((m, v, norm, grads[i], coeff, ok_i))
+            src = grads[i]
             j += 1
         else:
-            m, v, d, coeff, ok_i = adamw_direction(grads[i], exp_avgs[i], exp_avg_sqs[i], consts[i])
-            results.append((m, v, None, d, coeff, ok_i))
+            m, v, src, coeff, ok_i = adamw_direction(grads[i], exp_avgs[i], exp_avg_sqs[i], consts[i])
+            norm = None
+        if keep:  # the whole update, coefficients applied, projected; then written with a coefficient of 1
+            src, coeff = kept_out(coeff * src.float(), bases[b]), torch.ones_like(consts[i][LR])
+            b += 1
+        results.append((m, v, norm, src, coeff, ok_i))
     ok = gate & torch.stack([r[5] for r in results]).all()
     j = k = 0
     for i, (m, v, norm, src, coeff, _) in enumerate(results):
@@ -75,7 +79,8 @@ def commit(ok, *pairs) -> None:
 
 class Prepared(NamedTuple):
     """One parameter of a bucket, ready for its update: `step` is the step being taken (1-based),
-    `proj` the projection in force (None: dense AdamW)."""
+    `proj` the projection in force (None: dense AdamW), `basis` the one its update is kept out of (None:
+    none; Apollo.keep_out)."""
 
     group: dict[str, Any]
     param: torch.Tensor
@@ -83,6 +88,7 @@ class Prepared(NamedTuple):
     state: dict[str, Any]
     step: int
     proj: torch.Tensor | None
+    basis: torch.Tensor | None = None
 
 
 @dataclass
@@ -97,16 +103,17 @@ class BucketArgs:
     vs: list[torch.Tensor]
     lims: list[torch.Tensor]
     res: list[torch.Tensor]
+    bases: list[torch.Tensor]
     rows: list[list[float]]
 
     @classmethod
     def of(cls, prepared: list[Prepared]) -> "BucketArgs":
-        args = cls((), [], [], [], [], [], [], [], [])
+        args = cls((), [], [], [], [], [], [], [], [], [])
         spec = []
-        for group, p, grad, st, step, proj in prepared:
+        for group, p, grad, st, step, proj, basis in prepared:
             apollo = proj is not None
             spec.append((apollo, apollo and projects_left(tuple(p.shape)), group["scale"] == "channel",
-                         group["rounding"]))
+                         group["rounding"], basis is not None))
             args.rows.append(const_row(group, step))
             args.ws.append(p.data)
             args.grads.append(grad)
@@ -117,11 +124,13 @@ class BucketArgs:
                 args.lims.append(st["limiter_norm"])
             if "residual" in st:
                 args.res.append(st["residual"])
+            if basis is not None:
+                args.bases.append(basis)
         args.spec = tuple(spec)
         return args
 
     def call(self, fn: Any, consts: torch.Tensor, gate: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return fn(self.spec, self.ws, self.grads, self.projs, self.ms, self.vs, self.lims, self.res,
+        return fn(self.spec, self.ws, self.grads, self.projs, self.ms, self.vs, self.lims, self.res, self.bases,
                   consts, gate, **kwargs)
 
 

@@ -177,6 +177,15 @@ def limited_update(scale, scaled_norm, r_norm, prev_norm, c, shape):
     return update_norm, scale * (limit * c[ALPHA])[..., None, None] * (-c[LR]), ok
 
 
+def kept_out(update: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """A float32 m-by-n `update` off the orthonormal columns of `basis` (n, k): update - (update U) U^T, so that
+    the update changes nothing the matrix computes on inputs in U's span. The correction is computed in the
+    basis's dtype (bf16 for a bf16 model, as the gradient's projection is: trainer/null_space.py), exact in
+    float32."""
+    correction = (update.to(basis.dtype) @ basis) @ basis.mT
+    return update - correction.float()
+
+
 def adamw_direction(grad, exp_avg, exp_avg_sq, c):
     """Dense AdamW (parameters that are neither matrices nor batches of them, groups with
     algorithm="adamw").

@@ -34,7 +34,7 @@ from .functional import effective_rank
 def graph_key(args: BucketArgs, consts: torch.Tensor, gate: torch.Tensor) -> tuple:
     """Everything a captured graph depends on: structure and every input's address and shape
     (the gradients excepted: they are copied into the graph's own buffers)."""
-    tensors = [*args.ws, *args.projs, *args.ms, *args.vs, *args.lims, *args.res, consts, gate]
+    tensors = [*args.ws, *args.projs, *args.ms, *args.vs, *args.lims, *args.res, *args.bases, consts, gate]
     return args.spec, tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) for t in tensors)
 
 

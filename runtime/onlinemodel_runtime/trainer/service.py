@@ -100,7 +100,8 @@ class TrainerService(Checkpointing, Rollbacks):
         if tp is not None and cfg.null_space_energy:
             log.warning("the null-space projection is off under tensor parallelism (--null-space-energy %g ignored)",
                         cfg.null_space_energy)
-        self.null_space = NullSpace(anchors, cfg.null_space_energy if tp is None else 0.0, NULL_SPACE_MAX_BYTES)
+        self.null_space = NullSpace(anchors, cfg.null_space_energy if tp is None else 0.0, NULL_SPACE_MAX_BYTES,
+                                    optimizer=optimizer)
         self._checkpoint_version = 0
         self._last_checkpoint_monotonic = time.monotonic()
         self._queue = JobQueue()

@@ -25,15 +25,21 @@ S, N, C = "stochastic", "nearest", "compensated"
 ITEMS = [((8, 12), torch.float32, True, False, S), ((12, 8), torch.float32, True, True, C),
          ((8, 12), torch.bfloat16, True, True, N), ((12,), torch.float32, False, False, S),
          ((12, 8), torch.bfloat16, True, False, S), ((12,), torch.bfloat16, False, False, C),
-         ((3, 8, 12), torch.float32, True, False, S), ((3, 12, 8), torch.bfloat16, True, True, C)]
+         ((3, 8, 12), torch.float32, True, False, S), ((3, 12, 8), torch.bfloat16, True, True, C),
+         ((8, 12), torch.float32, True, True, S), ((8, 12), torch.float32, False, False, S)]
 IDLE_EXPERT = 6  # ITEMS[6]'s expert 1 gets a zero gradient (no token routed to it)
+KEPT = (8, 9)  # items whose update is kept out of a basis (Apollo.keep_out): a channel scale by column, AdamW
+
+
+def _basis(n: int, k: int, seed: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)))[0]
 
 
 def _bucket(step: int, seed: int = 0, reference: float = 3.0) -> dict:
     """bucket_update's arguments for ITEMS at `step`, with moments as after a few steps and
     `reference` as every matrix's limiter reference (0: no update applied yet)."""
     g = torch.Generator().manual_seed(seed)
-    spec, ws, grads, projs, ms, vs, lims, res = [], [], [], [], [], [], [], []
+    spec, ws, grads, projs, ms, vs, lims, res, bases = [], [], [], [], [], [], [], [], []
     for shape, dtype, apollo, channel, rounding in ITEMS:
         ws.append((torch.randn(shape, generator=g) * 0.5).to(dtype))
         if rounding == C and dtype == torch.bfloat16:  # the low bits of a float32 master from earlier writes
@@ -48,11 +54,14 @@ def _bucket(step: int, seed: int = 0, reference: float = 3.0) -> dict:
             left, mshape = False, shape
         ms.append(torch.randn(mshape, generator=g) * 0.1)
         vs.append(torch.rand(mshape, generator=g) * 0.01)
-        spec.append((apollo, left, channel, rounding))
+        kept = len(spec) in KEPT
+        if kept:
+            bases.append(_basis(shape[-1], 3, seed + len(spec)))
+        spec.append((apollo, left, channel, rounding, kept))
     grads[IDLE_EXPERT][1] = 0.0
     rows = [const_row(GROUP, step) for _ in ITEMS]
     return dict(spec=tuple(spec), ws=ws, grads=grads, projs=projs, exp_avgs=ms, exp_avg_sqs=vs,
-                limiter_norms=lims, residuals=res, consts=torch.tensor(rows), gate=torch.tensor(True))
+                limiter_norms=lims, residuals=res, bases=bases, consts=torch.tensor(rows), gate=torch.tensor(True))
 
 
 def _run(fn, args: dict, **kwargs) -> tuple[dict, torch.Tensor]:
@@ -89,6 +98,10 @@ def test_compiled_bucket_update_equals_eager(step, reference):
         if dtype == torch.float32:
             torch.testing.assert_close(fast["ws"][i], eager["ws"][i], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(eager["ws"][i], x, rtol=0, atol=0)
+            if i in KEPT:  # the change, weight decay aside, has nothing in the basis's span; the update does move
+                u = args["bases"][KEPT.index(i)]
+                change = x - before * (1 - GROUP["lr"] * GROUP["weight_decay"])
+                assert float((change @ u).norm()) < 1e-5 * float(change.norm()) and float(change.norm()) > 1e-3
             continue
         ulp = x.abs() * 2.0**-7
         moved += int((x - before).abs().gt(4 * ulp).sum())

@@ -74,6 +74,38 @@ def test_a_step_leaves_each_matrix_unchanged_on_its_kept_directions(tiny_dir, an
     assert float((g @ space._bases[name]).norm()) > 1e-3 * float(g.norm())
 
 
+@pytest.mark.parametrize("with_optimizer", [True, False])
+def test_with_the_optimizer_every_matrix_s_whole_update_stays_off_its_kept_directions(tiny_dir, anchors,  # noqa: F811
+                                                                                      with_optimizer):
+    # APOLLO at rank 64 scales q, k, v, o and down_proj's updates per input column, which brings back into U what the
+    # gradient's projection took out; given the optimizer, the null space has it project those updates too.
+    from onlinemodel_runtime.optim import TrainPolicy, make_optimizer
+
+    model = tiny(tiny_dir)
+    opt = make_optimizer(model, TrainPolicy(), lr=1e-3, rank=64)
+    space = NullSpace(anchors, 0.9, max_bytes=2**30, optimizer=opt if with_optimizer else None)
+    space.build(model)
+    left = {n for n in space._bases if opt.scales_input_columns(dict(model.named_parameters())[n])}
+    assert left and len(left) < len(space._bases)
+    assert space.summary()["updates_projected"] == (len(left) if with_optimizer else 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(input_ids=torch.tensor([EXAMPLE.input_ids]), labels=torch.tensor([EXAMPLE.labels])).loss.backward()
+    opt.step()
+    leaks = {}
+    for name, p in model.named_parameters():
+        if name in space._bases:
+            delta = p.detach() - before[name]
+            assert float(delta.norm()) > 0, name
+            leaks[name] = float((delta @ space._bases[name]).norm() / delta.norm())
+    assert max(leaks[n] for n in space._bases if n not in left) < 1e-4  # a scale per row: the gradient's suffices
+    if with_optimizer:
+        assert max(leaks[n] for n in left) < 1e-4
+    else:
+        assert min(leaks[n] for n in left) > 1e-3
+    space.detach()
+    assert opt._kept_out == {}
+
+
 def test_the_input_spaces_are_found_in_forward_order_with_their_readers(tiny_dir, anchors):  # noqa: F811
     model = tiny(tiny_dir)
     spaces = input_spaces(model, anchors[0].input_ids[:8])
@@ -154,13 +186,15 @@ def test_the_trainer_builds_it_at_the_first_job_and_learns(tiny_dir, tmp_path, a
         untouched_loss = float(service.model(input_ids=torch.tensor([EXAMPLE.input_ids]),
                                              labels=torch.tensor([EXAMPLE.labels])).loss)
     assert service.status().null_space.model_dump() == {
-        "energy": 0.9, "enabled": True, "matrices": 0, "directions": 0, "basis_bytes": 0, "passes": 0, "skipped": 0,
-        "reason": None}
+        "energy": 0.9, "enabled": True, "matrices": 0, "updates_projected": 0, "directions": 0, "basis_bytes": 0,
+        "passes": 0, "skipped": 0, "reason": None}
     submit(service, EXAMPLE, epochs=20, learning_rate=2e-2)
     run_all(service)
     status = service.status()
     assert status.jobs[0].state == "succeeded" and status.jobs[0].steps == 20
     assert status.null_space.matrices > 0 and status.null_space.directions > 0 and status.null_space.basis_bytes > 0
+    # build()'s optimizer is APOLLO-Mini: one scale per matrix keeps a projected gradient's update projected
+    assert status.null_space.updates_projected == 0
     assert status.jobs[0].last_loss < 0.5 * untouched_loss
 
 
