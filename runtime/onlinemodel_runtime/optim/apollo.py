@@ -168,7 +168,9 @@ class Apollo(torch.optim.Optimizer):
         channel scale of a matrix projected on the left, or AdamW): then a gradient with no component in some
         directions of the input space (G U = 0) gives an update that has one, and keep_out() is what keeps it
         out. A tensor scale, or a channel scale by output row, leaves G U = 0 as it is."""
-        group = self._group_of[p]
+        group = self._group_of.get(p)
+        if group is None:
+            raise ValueError("scales_input_columns: a parameter this optimizer does not update")
         if not self._uses_apollo(group, p):
             return True
         return group["scale"] == "channel" and projects_left(tuple(p.shape))
@@ -176,9 +178,11 @@ class Apollo(torch.optim.Optimizer):
     def keep_out(self, bases: dict[torch.Tensor, torch.Tensor]) -> None:
         """From the next step on, each update of each `p` in `bases` is projected off the orthonormal columns of
         its basis U (in_features x k, on p's device), after every scale and coefficient: the applied change dW
-        has dW U = 0 (to the basis dtype's rounding), so it changes nothing the matrix computes on inputs in U's
-        span. Weight decay is not projected (it shrinks the whole weight). Replaces any earlier bases; {}: none.
-        The bases are held, not copied, and not part of the state (the caller rebuilds them)."""
+        has dW U = 0 (in float32 weights; bf16 weights get the projected update rounded, and the rounding is not
+        projected), so it changes nothing the matrix computes on inputs in U's span. Weight decay is not projected
+        (it shrinks the whole weight); the norm-growth limiter's reference is the update's norm before the
+        projection. Replaces any earlier bases; {}: none. The bases are held, not copied, and not part of the
+        state (the caller rebuilds them). Checks that every basis is finite (one device sync)."""
         for p, u in bases.items():
             if p not in self._group_of:
                 raise ValueError("keep_out: a parameter this optimizer does not update")
@@ -190,6 +194,8 @@ class Apollo(torch.optim.Optimizer):
             if u.device != p.device or u.dtype not in (torch.float32, torch.bfloat16):
                 raise ValueError(f"keep_out: the basis must be float32 or bfloat16 on {p.device}, got {u.dtype} "
                                  f"on {u.device}")
+            if not bool(torch.isfinite(u).all()):  # the step's all-or-nothing check sees the update before this
+                raise ValueError("keep_out: a basis with a non-finite value")
         if bases and self._tp is not None:
             raise ValueError("keep_out: not under tensor parallelism (a rank holds a shard of each matrix)")
         self._kept_out = dict(bases)

@@ -41,8 +41,8 @@ def bucket_update(spec, ws, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, 
     basis's span (Apollo.keep_out), each in order. generator and chunk_elems: the eager path's
     (rounding.apply_update_). Returns the 0-dim bool flag: gate and every item's gradient and update finite."""
     results = []
-    j = b = 0
-    for i, (apollo, left, channel, _, keep) in enumerate(spec):
+    j = 0
+    for i, (apollo, left, channel, _, _) in enumerate(spec):
         if apollo:
             m, v, norm, coeff, ok_i = apollo_direction(
                 grads[i], projs[j], exp_avgs[i], exp_avg_sqs[i], limiter_norms[j], consts[i],
@@ -52,15 +52,16 @@ def bucket_update(spec, ws, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, 
         else:
             m, v, src, coeff, ok_i = adamw_direction(grads[i], exp_avgs[i], exp_avg_sqs[i], consts[i])
             norm = None
-        if keep:  # the whole update, coefficients applied, projected; then written with a coefficient of 1
-            src, coeff = kept_out(coeff * src.float(), bases[b]), torch.ones_like(consts[i][LR])
-            b += 1
         results.append((m, v, norm, src, coeff, ok_i))
     ok = gate & torch.stack([r[5] for r in results]).all()
-    j = k = 0
+    j = k = b = 0
     for i, (m, v, norm, src, coeff, _) in enumerate(results):
         commit(ok, (exp_avgs[i], m), (exp_avg_sqs[i], v), (limiter_norms[j], norm) if norm is not None else None)
         j += norm is not None
+        if spec[i][4]:  # the whole update, coefficients applied, projected (here: one float32 copy at a time), then
+            # written with a coefficient of 1. The limiter's reference stays the norm before the projection.
+            src, coeff = kept_out(coeff * src.float(), bases[b]), torch.ones_like(consts[i][LR])
+            b += 1
         residual = None
         if needs_residual(spec[i][3], ws[i]):
             residual = residuals[k]

@@ -178,12 +178,13 @@ def limited_update(scale, scaled_norm, r_norm, prev_norm, c, shape):
 
 
 def kept_out(update: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """A float32 m-by-n `update` off the orthonormal columns of `basis` (n, k): update - (update U) U^T, so that
-    the update changes nothing the matrix computes on inputs in U's span. The correction is computed in the
-    basis's dtype (bf16 for a bf16 model, as the gradient's projection is: trainer/null_space.py), exact in
-    float32."""
+    """A float32 m-by-n `update` (modified in place and returned) off the orthonormal columns of `basis` (n, k):
+    update - (update U) U^T, so that the update changes nothing the matrix computes on inputs in U's span. The
+    correction is computed in the basis's dtype (bf16 for a bf16 model, as the gradient's projection is:
+    trainer/null_space.py), exact in float32. Writing the result into bf16 weights rounds it, and that rounding
+    is not projected (rounding.py)."""
     correction = (update.to(basis.dtype) @ basis) @ basis.mT
-    return update - correction.float()
+    return update.sub_(correction)
 
 
 def adamw_direction(grad, exp_avg, exp_avg_sq, c):

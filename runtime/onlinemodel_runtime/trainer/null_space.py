@@ -277,13 +277,13 @@ class NullSpace:
     def _attach(self, model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
         self._bases, self._gathered = self._gathered, {}
-        for name, u in self._bases.items():
-            self._handles.append(params[name].register_hook(_projector(u)))
-        if self.optimizer is not None:
+        if self.optimizer is not None:  # first: if it refuses, no gradient is projected either (and ready stays False)
             kept = {params[name]: u for name, u in self._bases.items()
                     if self.optimizer.scales_input_columns(params[name])}
             self.optimizer.keep_out(kept)
             self._kept_out = len(kept)
+        for name, u in self._bases.items():
+            self._handles.append(params[name].register_hook(_projector(u)))
         log.info("null-space projection on %d matrices (energy %g; the whole update of %d): %d directions kept "
                  "out of updates, %.1f MB, %d pass(es) over %d conversations, %.1f s", len(self._handles),
                  self.energy, self._kept_out, self.directions, self.basis_bytes / 1e6, self._passes_done,
@@ -310,8 +310,8 @@ class NullSpace:
 
     def summary(self) -> dict[str, Any]:
         return {"energy": self.energy, "enabled": self.enabled, "matrices": len(self._handles),
-                "updates_projected": self._kept_out, "directions": self.directions, "basis_bytes": self.basis_bytes, "passes": self._passes_done,
-                "skipped": self._skipped, "reason": self.reason}
+                "updates_projected": self._kept_out, "directions": self.directions, "basis_bytes": self.basis_bytes,
+                "passes": self._passes_done, "skipped": self._skipped, "reason": self.reason}
 
 
 def _projector(u: torch.Tensor):

@@ -26,9 +26,12 @@ ITEMS = [((8, 12), torch.float32, True, False, S), ((12, 8), torch.float32, True
          ((8, 12), torch.bfloat16, True, True, N), ((12,), torch.float32, False, False, S),
          ((12, 8), torch.bfloat16, True, False, S), ((12,), torch.bfloat16, False, False, C),
          ((3, 8, 12), torch.float32, True, False, S), ((3, 12, 8), torch.bfloat16, True, True, C),
-         ((8, 12), torch.float32, True, True, S), ((8, 12), torch.float32, False, False, S)]
+         ((8, 12), torch.float32, True, True, S), ((8, 12), torch.float32, False, False, S),
+         ((8, 12), torch.bfloat16, True, True, S), ((8, 12), torch.bfloat16, True, True, C)]
 IDLE_EXPERT = 6  # ITEMS[6]'s expert 1 gets a zero gradient (no token routed to it)
-KEPT = (8, 9)  # items whose update is kept out of a basis (Apollo.keep_out): a channel scale by column, AdamW
+# Items whose update is kept out of a basis (Apollo.keep_out; a bf16 weight's basis in bf16, as the trainer's):
+# a channel scale by column, AdamW, and bf16 weights written stochastically and compensated.
+KEPT = (8, 9, 10, 11)
 
 
 def _basis(n: int, k: int, seed: int) -> torch.Tensor:
@@ -56,7 +59,7 @@ def _bucket(step: int, seed: int = 0, reference: float = 3.0) -> dict:
         vs.append(torch.rand(mshape, generator=g) * 0.01)
         kept = len(spec) in KEPT
         if kept:
-            bases.append(_basis(shape[-1], 3, seed + len(spec)))
+            bases.append(_basis(shape[-1], 3, seed + len(spec)).to(dtype))
         spec.append((apollo, left, channel, rounding, kept))
     grads[IDLE_EXPERT][1] = 0.0
     rows = [const_row(GROUP, step) for _ in ITEMS]
@@ -110,6 +113,11 @@ def test_compiled_bucket_update_equals_eager(step, reference):
                 w = out["ws"][i]
                 torch.testing.assert_close(master_value(w, out["residuals"][k]), x, rtol=1e-5, atol=1e-7)
                 assert ((w.float() - x).abs() <= ulp * 0.5 * (1 + 1e-3) + 1e-12).all()
+            if i in KEPT:  # the master's change is off the basis (to the bf16 basis's rounding)
+                u = args["bases"][KEPT.index(i)].float()
+                old = master_value(args["ws"][i], args["residuals"][k])
+                change = x - old * (1 - GROUP["lr"] * GROUP["weight_decay"])
+                assert float((change @ u).norm()) < 2e-2 * float(change.norm()) and float(change.norm()) > 1e-3
             k += 1
             continue
         if rounding == N:  # round to nearest of (nearly) the same float32 value

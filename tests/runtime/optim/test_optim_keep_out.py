@@ -97,4 +97,19 @@ def test_bad_arguments_are_value_errors():
         opt.keep_out({net.up.weight: basis(20, 2)})
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         opt.keep_out({net.a.weight: basis(20, 2).double()})
-    assert "kept" not in str(opt.state_dict())  # not state: the caller rebuilds the bases
+    with pytest.raises(ValueError, match="non-finite"):
+        opt.keep_out({net.a.weight: torch.full((20, 2), float("nan"))})
+    with pytest.raises(ValueError, match="does not update"):
+        opt.scales_input_columns(torch.nn.Parameter(torch.zeros(4, 4)))
+
+
+def test_the_bases_are_not_state():
+    nets = [make_net(), make_net()]
+    opts = [Apollo(n.named_parameters(), lr=1e-2, rank=4) for n in nets]
+    opts[1].keep_out({nets[1].a.weight: basis(20, 3)})
+    for net, opt in zip(nets, opts):
+        take_step(net, opt, 0, hook=False)
+    plain, kept = opts[0].state_dict(), opts[1].state_dict()
+    assert plain.keys() == kept.keys() and plain["state"].keys() == kept["state"].keys()
+    assert all(plain["state"][i].keys() == kept["state"][i].keys() for i in plain["state"])
+    assert plain["param_groups"] == kept["param_groups"]
