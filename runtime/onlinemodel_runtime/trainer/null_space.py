@@ -9,8 +9,8 @@ those inputs as little as the basis allows, and the example is learned in the di
 For the matrices whose optimizer scales the update per input column (APOLLO's channel scale of q, k, v, o and
 down_proj, projected on the left; AdamW's per element), a projected gradient does not give a projected update
 (8-17% of SmolLM2's update norm lands back in U, median over those matrices): the optimizer projects their whole
-update off U too (Apollo.keep_out), so that dW U = 0 for every matrix (docs/learning.md, "Updates out of the
-general directions").
+update off U too (Apollo.keep_out), so that dW U = 0 for every matrix in float32 weights (docs/learning.md,
+"Updates out of the general directions").
 
 Measured (bench/continual_sweep.py, H200, SmolLM2, K = 32, seed 0): energy 0.9 kept 77 of 78 controls where the
 same settings without it kept 74, held-out loss -0.03% instead of +0.64%, every fact learned and kept
