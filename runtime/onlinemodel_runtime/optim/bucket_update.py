@@ -24,7 +24,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .functional import CONSTS, DECAY, LR, adamw_direction, apollo_direction, const_row, kept_out, projects_left
+from .functional import (CONSTS, DECAY, LR, adamw_direction, apollo_direction, const_row, project_off,
+                         projects_left)
 from .rounding import apply_update_, needs_residual
 
 # One graph per distinct bucket signature (shapes + spec): a model has ~3 (a decoder layer, the
@@ -60,7 +61,7 @@ def bucket_update(spec, ws, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, 
         j += norm is not None
         if spec[i][4]:  # the whole update, coefficients applied, projected (here: one float32 copy at a time), then
             # written with a coefficient of 1. The limiter's reference stays the norm before the projection.
-            src, coeff = kept_out(coeff * src.float(), bases[b]), torch.ones_like(consts[i][LR])
+            src, coeff = project_off(coeff * src.float(), bases[b], inplace=True), torch.ones_like(consts[i][LR])
             b += 1
         residual = None
         if needs_residual(spec[i][3], ws[i]):

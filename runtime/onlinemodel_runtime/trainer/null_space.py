@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 from onlinemodel_protocol.rpc import EncodedExample
+from onlinemodel_runtime.optim.functional import project_off
 
 if TYPE_CHECKING:
     from onlinemodel_runtime.optim import Apollo
@@ -316,5 +317,5 @@ class NullSpace:
 
 def _projector(u: torch.Tensor):
     def project(grad: torch.Tensor) -> torch.Tensor:
-        return grad - (grad @ u) @ u.T
+        return project_off(grad, u)
     return project

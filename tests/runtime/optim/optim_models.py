@@ -89,6 +89,12 @@ def batch(step: int, dtype: torch.dtype = torch.float32, rows: int = 3) -> tuple
     return x, y
 
 
+def orthonormal_basis(n: int, k: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    """(n, k) orthonormal columns, seeded: a basis for Apollo.keep_out."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, k, generator=g, device=device))[0]
+
+
 def loss_fn(net: torch.nn.Module, step: int, rows: int = 3) -> torch.Tensor:
     x, y = batch(step, next(net.parameters()).dtype, rows)
     return (net(x).float() - y.float()).pow(2).mean()

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from optim_models import loss_fn, make_net, tiny_llama, token_ids
+from optim_models import loss_fn, make_net, orthonormal_basis, tiny_llama, token_ids
 
 from onlinemodel_runtime.optim import Apollo, TrainPolicy, make_optimizer
 from onlinemodel_runtime.optim.bucket_update import COMPILED, ConstBuffers, Prepared, bucket_update
@@ -34,10 +34,6 @@ IDLE_EXPERT = 6  # ITEMS[6]'s expert 1 gets a zero gradient (no token routed to 
 KEPT = (8, 9, 10, 11)
 
 
-def _basis(n: int, k: int, seed: int) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)))[0]
-
-
 def _bucket(step: int, seed: int = 0, reference: float = 3.0) -> dict:
     """bucket_update's arguments for ITEMS at `step`, with moments as after a few steps and
     `reference` as every matrix's limiter reference (0: no update applied yet)."""
@@ -59,7 +55,7 @@ def _bucket(step: int, seed: int = 0, reference: float = 3.0) -> dict:
         vs.append(torch.rand(mshape, generator=g) * 0.01)
         kept = len(spec) in KEPT
         if kept:
-            bases.append(_basis(shape[-1], 3, seed + len(spec)).to(dtype))
+            bases.append(orthonormal_basis(shape[-1], 3, seed + len(spec)).to(dtype))
         spec.append((apollo, left, channel, rounding, kept))
     grads[IDLE_EXPERT][1] = 0.0
     rows = [const_row(GROUP, step) for _ in ITEMS]

@@ -9,13 +9,10 @@ import copy
 import pytest
 import torch
 
-from optim_models import loss_fn, make_net
+from optim_models import loss_fn, make_net, orthonormal_basis as basis
 
 from onlinemodel_runtime.optim import Apollo
-
-
-def basis(n: int, k: int, seed: int = 0) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)))[0]
+from onlinemodel_runtime.optim.functional import project_off
 
 
 def matrices(net) -> dict[str, torch.Tensor]:
@@ -77,7 +74,7 @@ def test_a_projected_gradient_leaves_u_only_through_a_scale_per_input_column():
 
     us = {p: basis(p.shape[1], 4, i) for i, p in enumerate((net.up.weight, net.a.weight))}
     for p, u in us.items():
-        p.register_hook(lambda g, u=u: g - (g @ u) @ u.T)
+        p.register_hook(lambda g, u=u: project_off(g, u))  # the null space's gradient hook
     before = {p: p.detach().clone() for p in us}
     loss_fn(net, 0).backward()
     opt.step()
