@@ -24,9 +24,13 @@
 #                                        at once (within the machine's 30 s) to carry on; SERVE_ARGS: more flags
 #   bash bench/gpu_session.sh S         same machine, MODEL=a model directory there, RUNS="recipe:seed ...": in-process
 #                                        continual sweeps side by side (bench/continual_sweep.py --track, FACTS facts,
-#                                        default 32; DTYPE: the weights' dtype, default bfloat16), started in sessions
-#                                        of their own that outlive the call; without
+#                                        default 32; DTYPE: the weights' dtype, default bfloat16; TRACK=0: the
+#                                        controls asked at the end only), started in sessions of their own that
+#                                        outlive the call; without
 #                                        the vLLM bundle, pydantic comes from the wheels `prepare` put in .gpu/whl
+#   bash bench/gpu_session.sh T         same machine, carrying .gpu (tokenizer, wheels): one training step at the
+#                                        defaults and each of its parts (bench/train_step_defaults.py), 1.7B and
+#                                        8B shapes; no vLLM needed
 #   bash bench/gpu_session.sh W [SECONDS]  after S: wait (default 240 s), count each run's jobs, pack what the runs
 #                                        wrote (results and per-job progress) into $OUT/sweeps.tgz; call it again
 #                                        at once while runs go on
@@ -188,11 +192,21 @@ S)
         mkdir -p "/tmp/sweeps/$r-$s"
         if [ -f .gpu/untouched-cuda-batch16.json ]; then cp .gpu/untouched-cuda-batch16.json "/tmp/sweeps/$r-$s/"; fi
         setsid nohup "$PYTHON" bench/continual_sweep.py --device cuda --model "$model" --recipes "$r" --seeds "$s" \
-            --facts "${FACTS:-32}" --out "/tmp/sweeps/$r-$s" --track --batch 16 --threads 2 --dtype "${DTYPE:-bfloat16}" \
-            > "/tmp/sweeps/$r-$s.log" 2>&1 < /dev/null &
+            --facts "${FACTS:-32}" --out "/tmp/sweeps/$r-$s" --batch 16 --threads 2 --dtype "${DTYPE:-bfloat16}" \
+            $([ "${TRACK:-1}" = 0 ] || echo --track) > "/tmp/sweeps/$r-$s.log" 2>&1 < /dev/null &
     done
     sleep 20
     tail -n 2 /tmp/sweeps/*.log
+    ;;
+T)
+    mkdir -p /tmp/site-whl "$OUT" && for w in .gpu/whl/*.whl; do "$PYTHON" -m zipfile -e "$w" /tmp/site-whl; done
+    export PYTHONPATH=/tmp/site-whl:$PWD/runtime:$PWD/protocol${PYTHONPATH:+:$PYTHONPATH}
+    status=0
+    timeout "${LIMIT:-420}" "$PYTHON" bench/train_step_defaults.py --shape 1.7B 8B --tokenizer .gpu/tokenizer \
+        --device cuda --threads 8 --out "$OUT/train-step-defaults.json" > "$OUT/train-step-defaults.out" 2>&1 \
+        || status=$?
+    grep -v Warn "$OUT/train-step-defaults.out" | tail -20
+    exit $status
     ;;
 W)
     sleep "${2:-240}"

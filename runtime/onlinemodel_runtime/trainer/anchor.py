@@ -78,6 +78,22 @@ def conversation_key(ex: EncodedExample) -> str:
     return hashlib.sha256(json.dumps([ex.input_ids, ex.labels]).encode()).hexdigest()[:32]
 
 
+def _padded_batches(examples: Sequence[EncodedExample], max_tokens: int) -> list[slice]:
+    """Consecutive runs of `examples` to run as one right-padded batch each: a run grows while its padded size
+    (count x longest) stays within `max_tokens`, so padding never costs more than one conversation of the
+    longest allowed size; a conversation longer than that runs alone."""
+    runs, start, longest = [], 0, 0
+    for i, ex in enumerate(examples):
+        longest_with = max(longest, len(ex.input_ids))
+        if i > start and (i - start + 1) * longest_with > max_tokens:
+            runs.append(slice(start, i))
+            start, longest_with = i, len(ex.input_ids)
+        longest = longest_with
+    if examples:
+        runs.append(slice(start, len(examples)))
+    return runs
+
+
 class _Record(NamedTuple):
     ids: torch.Tensor  # int32 [labelled tokens, k]: the top-k token ids
     logp: torch.Tensor  # float32 [labelled tokens, k]: their log-probabilities
@@ -153,13 +169,21 @@ class AnchorTerm:
         part = functools.partial(_kl_sum, head)
         total = torch.zeros((), dtype=torch.float32, device=device)
         tokens = 0
+        picks = []
         for _ in range(self.per_step):
-            i, self._next = self._next, (self._next + 1) % len(self.examples)
-            ex = self.examples[i]
-            record = self._records[self.keys[i]]
-            ids, logp, rest = (t.to(device) for t in (record.ids, record.logp, record.rest))
-            hidden, _ = labelled_hidden(model, torch.tensor([ex.input_ids], device=device),
-                                        torch.tensor([ex.labels], device=device))
+            picks.append(self._next)
+            self._next = (self._next + 1) % len(self.examples)
+        for group in _padded_batches([self.examples[i] for i in picks], ANCHOR_CONVERSATION_MAX_TOKENS):
+            exs = [self.examples[i] for i in picks[group]]
+            records = [self._records[self.keys[i]] for i in picks[group]]
+            ids, logp, rest = (torch.cat([getattr(r, f) for r in records]).to(device) for f in ("ids", "logp", "rest"))
+            # One forward for the group, right-padded: a causal decoder's hidden state at a position depends only
+            # on the tokens before it, so each conversation's labelled states are those of its own forward, and
+            # the weights are read once for all of them (a large model's short forwards are bound by that read).
+            width = max(len(ex.input_ids) for ex in exs)
+            input_ids = torch.tensor([ex.input_ids + [0] * (width - len(ex.input_ids)) for ex in exs], device=device)
+            labels = torch.tensor([ex.labels + [IGNORE_INDEX] * (width - len(ex.labels)) for ex in exs], device=device)
+            hidden, _ = labelled_hidden(model, input_ids, labels)
             for s in range(0, ids.shape[0], chunk):
                 total = total + checkpoint(part, hidden[s:s + chunk], ids[s:s + chunk].long(), logp[s:s + chunk],
                                            rest[s:s + chunk], use_reentrant=False)

@@ -252,3 +252,58 @@ def test_a_step_differentiates_the_example_loss_plus_the_term_and_reports_them_a
         assert result.anchor_loss == (pytest.approx(expected, rel=1e-5) if weight else None)
         after[weight] = [p.detach().clone() for p in model.parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(after[0.0], after[10.0]))  # the term moved the update
+
+
+def test_a_steps_conversations_share_forwards_as_long_as_the_padding_stays_bounded():
+    from onlinemodel_runtime.trainer.anchor import _padded_batches
+
+    sized = [EncodedExample(input_ids=[1] * n, labels=[IGNORE_INDEX] * n) for n in (10, 30, 20, 50, 5)]
+    runs = _padded_batches(sized, 90)  # 10+30 -> 2 x 30; +20 -> 3 x 30; +50 would be 4 x 50
+    assert [(r.start, r.stop) for r in runs] == [(0, 3), (3, 4), (4, 5)]  # 50 + 5 would be 2 x 50 > 90
+    assert [(r.start, r.stop) for r in _padded_batches(sized[:1] * 3, 5)] == [(0, 1), (1, 2), (2, 3)]
+    assert _padded_batches([], 90) == []
+
+
+@torch.no_grad()
+def test_split_and_shared_forwards_give_the_loss_of_one_forward_per_conversation(monkeypatch):
+    import onlinemodel_runtime.trainer.anchor as anchor
+
+    model = tiny_llama(dtype=torch.float32)
+    term = AnchorTerm(anchors(4), weight=2.0, per_step=4, top_k=4)
+    term.record(model, untouched=True)
+    perturb(model)
+    single = AnchorTerm(anchors(4), weight=2.0, per_step=1, top_k=4)
+    single.load_state_dict(term.state_dict())
+    each = [float(single.loss(model)) for _ in range(4)]
+    tokens = [sum(t != IGNORE_INDEX for t in ex.labels[1:]) for ex in term.examples]
+    expected = sum(e * t for e, t in zip(each, tokens)) / sum(tokens)
+    shared = float(term.loss(model))  # one forward of the four, padded to the longest
+    monkeypatch.setattr(anchor, "ANCHOR_CONVERSATION_MAX_TOKENS", 30)  # two forwards of two
+    split = float(term.loss(model))
+    assert shared == pytest.approx(expected, rel=1e-5) and split == pytest.approx(expected, rel=1e-5)
+    assert len(anchor._padded_batches(term.examples, 30)) == 2
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["qwen3_5_text", "qwen3_moe"])
+def test_one_padded_forward_is_exact_for_the_seeds_family(arch, tmp_path):
+    """Right padding leaves a causal model's earlier positions alone: Gated DeltaNet's recurrence and causal
+    convolution (Qwen3.5) and per-token expert routing (MoE) included."""
+    from transformers import AutoModelForCausalLM
+
+    from onlinemodel_runtime.devtools.model_prep import make_tiny_model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir(arch, tmp_path / arch, dtype="float32"),
+                                                 dtype=torch.float32).eval()
+    examples = [EncodedExample(input_ids=ids, labels=labels)
+                for ids, labels in (example(tokens=9 + 3 * i, prompt=4, seed=i)
+                                    for i in range(3))]
+    term = AnchorTerm(examples, weight=1.0, per_step=3, top_k=4)
+    term.record(model, untouched=True)
+    perturb(model, scale=0.1)
+    single = AnchorTerm(examples, weight=1.0, per_step=1, top_k=4)
+    single.load_state_dict(term.state_dict())
+    each = [float(single.loss(model)) for _ in range(3)]
+    tokens = [sum(t != IGNORE_INDEX for t in ex.labels[1:]) for ex in examples]
+    assert float(term.loss(model)) == pytest.approx(sum(e * t for e, t in zip(each, tokens)) / sum(tokens), rel=1e-4)
+    assert min(each) > 1e-6  # the weights moved: the comparison is not of zeros
