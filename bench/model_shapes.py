@@ -11,7 +11,7 @@ import argparse
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from qwen3_shapes import QWEN3_SHAPES
 
@@ -109,6 +109,29 @@ def model_dirs(parser: argparse.ArgumentParser, args: argparse.Namespace, tmp: P
         return [(args.model.name, args.model)]
     shapes = args.shape if isinstance(args.shape, list) else [args.shape]
     return [(s, write_random_model_dir(Path(tmp) / s, s, args.tokenizer, args.layers)) for s in shapes]
+
+
+def measure_each(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 measure: Callable[[Path], dict[str, Any]]) -> list[dict[str, Any]]:
+    """`measure(model directory)` for each model add_model_arguments' flags name, in turn: each result labelled
+    and printed as JSON, all of them written to `args.out` (if set) after each, so a run cut short keeps the models
+    done; a CUDA device's cache emptied between models."""
+    import tempfile
+
+    import torch
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, model_dir in model_dirs(parser, args, Path(tmp)):
+            result = measure(model_dir)
+            result["label"] = label
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=1))
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return results
 
 
 def load_bf16_model(model_dir: Path, device: str):

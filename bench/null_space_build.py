@@ -14,16 +14,14 @@ directions and bases it reports are not a trained model's of that shape (the pas
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_shapes import add_model_arguments, load_bf16_model, model_dirs  # noqa: E402
+from model_shapes import add_model_arguments, load_bf16_model, measure_each  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -117,17 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, model_dir in model_dirs(parser, args, Path(tmp)):
-            result = measure(model_dir, args.device, args.energy, args.max_bytes, args.step)
-            result["label"] = label
-            results.append(result)
-            print(json.dumps(result), flush=True)
-            if args.out:
-                args.out.write_text(json.dumps(results, indent=1))
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+    results = measure_each(parser, args, lambda model_dir: measure(model_dir, args.device, args.energy,
+                                                                   args.max_bytes, args.step))
     print(table(results))
     return 0
 

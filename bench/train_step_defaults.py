@@ -18,19 +18,19 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_shapes import add_model_arguments, load_bf16_model, model_dirs  # noqa: E402
+from model_shapes import add_model_arguments, load_bf16_model, measure_each  # noqa: E402
 
 
 class _AForwardEach:
-    """The anchor term as it ran before 2026-12-03: a forward per conversation (one AnchorTerm of one a step
-    per conversation, each taking its own turn; the same math, the weights read once per conversation)."""
+    """The anchor term's work as it ran before 2026-12-03: a forward per conversation (one AnchorTerm of one a
+    step per conversation, each at its own turn; the weights read once per conversation). Its loss is the mean of
+    the conversations' means, not the token mean the term takes: what is timed is the work, not the value."""
 
     def __init__(self, terms) -> None:
         self.terms = terms
@@ -69,16 +69,13 @@ def measure(model_dir: Path, device: str, steps: int, warmup: int, tokens: int,
     space.build(model)
     state = wide.state_dict()
 
-    def term(per_step: int) -> AnchorTerm:
+    def term(per_step: int, turn: int = 0) -> AnchorTerm:
         t = AnchorTerm(anchors, ANCHOR_WEIGHT_DEFAULT, per_step, ANCHOR_TOP_K)
-        t.load_state_dict(state)
+        t.load_state_dict({**state, "next": turn})
         return t
 
-    def each(per_step: int) -> _AForwardEach:
-        terms = [term(1) for _ in range(per_step)]
-        for i, t in enumerate(terms):  # consecutive conversations, as one term's turn would take them
-            t.load_state_dict({**state, "next": i})
-        return _AForwardEach(terms)
+    def each(per_step: int) -> _AForwardEach:  # consecutive conversations, as one term's turn would take them
+        return _AForwardEach([term(1, turn=i) for i in range(per_step)])
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, len(tokenizer), (tokens,), generator=g).tolist()
@@ -141,16 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, model_dir in model_dirs(parser, args, Path(tmp)):
-            result = measure(model_dir, args.device, args.steps, args.warmup, args.tokens)
-            result["label"] = label
-            results.append(result)
-            if args.out:
-                args.out.write_text(json.dumps(results, indent=1))
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+    results = measure_each(parser, args, lambda model_dir: measure(model_dir, args.device, args.steps, args.warmup,
+                                                                   args.tokens))
     print(table(results))
     return 0
 

@@ -169,10 +169,9 @@ class AnchorTerm:
         part = functools.partial(_kl_sum, head)
         total = torch.zeros((), dtype=torch.float32, device=device)
         tokens = 0
-        picks = []
-        for _ in range(self.per_step):
-            picks.append(self._next)
-            self._next = (self._next + 1) % len(self.examples)
+        n = len(self.examples)
+        picks = [(self._next + j) % n for j in range(self.per_step)]  # the next per_step, in turn
+        self._next = (self._next + self.per_step) % n
         for group in _padded_batches([self.examples[i] for i in picks], ANCHOR_CONVERSATION_MAX_TOKENS):
             exs = [self.examples[i] for i in picks[group]]
             records = [self._records[self.keys[i]] for i in picks[group]]

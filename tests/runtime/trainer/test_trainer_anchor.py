@@ -48,6 +48,16 @@ def direct_kl(before: torch.nn.Module, after: torch.nn.Module, ex: EncodedExampl
     return (p_all * (p_all.log() - q_all.log())).sum(-1).mean()
 
 
+def one_forward_each(term: AnchorTerm, model: torch.nn.Module, turns: list[list[int]]) -> list[float]:
+    """For each of `turns` (conversation indices), the token mean of the term's loss on each conversation alone,
+    from an AnchorTerm of one a step with `term`'s record."""
+    single = AnchorTerm(term.examples, weight=term.weight, per_step=1, top_k=term.top_k)
+    single.load_state_dict({**term.state_dict(), "next": 0})
+    each = [float(single.loss(model)) for _ in term.examples]  # conversations 0, 1, ... in turn
+    tokens = [sum(t != IGNORE_INDEX for t in ex.labels[1:]) for ex in term.examples]
+    return [sum(each[i] * tokens[i] for i in turn) / sum(tokens[i] for i in turn) for turn in turns]
+
+
 @torch.no_grad()
 def test_the_loss_is_the_weighted_mean_kl_on_k_plus_one_classes():
     model = tiny_llama(dtype=torch.float32)
@@ -78,16 +88,9 @@ def test_each_step_takes_the_next_conversations_in_turn():
     term = AnchorTerm(anchors(3), weight=1.0, per_step=2, top_k=4)
     term.record(model, untouched=True)
     perturb(model)
-    single = AnchorTerm(anchors(3), weight=1.0, per_step=1, top_k=4)
-    single.load_state_dict(term.state_dict())
-    each = [float(single.loss(model)) for _ in range(3)]  # conversations 0, 1, 2
-    tokens = [sum(t != IGNORE_INDEX for t in ex.labels[1:]) for ex in term.examples]
-
-    def mean(i, j):
-        return (each[i] * tokens[i] + each[j] * tokens[j]) / (tokens[i] + tokens[j])
-
-    assert float(term.loss(model)) == pytest.approx(mean(0, 1), rel=1e-5)
-    assert float(term.loss(model)) == pytest.approx(mean(2, 0), rel=1e-5)  # wraps around
+    first, second = one_forward_each(term, model, [[0, 1], [2, 0]])
+    assert float(term.loss(model)) == pytest.approx(first, rel=1e-5)
+    assert float(term.loss(model)) == pytest.approx(second, rel=1e-5)  # wraps around
 
 
 @torch.no_grad()
@@ -272,11 +275,7 @@ def test_split_and_shared_forwards_give_the_loss_of_one_forward_per_conversation
     term = AnchorTerm(anchors(4), weight=2.0, per_step=4, top_k=4)
     term.record(model, untouched=True)
     perturb(model)
-    single = AnchorTerm(anchors(4), weight=2.0, per_step=1, top_k=4)
-    single.load_state_dict(term.state_dict())
-    each = [float(single.loss(model)) for _ in range(4)]
-    tokens = [sum(t != IGNORE_INDEX for t in ex.labels[1:]) for ex in term.examples]
-    expected = sum(e * t for e, t in zip(each, tokens)) / sum(tokens)
+    [expected] = one_forward_each(term, model, [[0, 1, 2, 3]])
     shared = float(term.loss(model))  # one forward of the four, padded to the longest
     monkeypatch.setattr(anchor, "ANCHOR_CONVERSATION_MAX_TOKENS", 30)  # two forwards of two
     split = float(term.loss(model))
@@ -296,14 +295,11 @@ def test_one_padded_forward_is_exact_for_the_seeds_family(arch, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir(arch, tmp_path / arch, dtype="float32"),
                                                  dtype=torch.float32).eval()
     examples = [EncodedExample(input_ids=ids, labels=labels)
-                for ids, labels in (example(tokens=9 + 3 * i, prompt=4, seed=i)
-                                    for i in range(3))]
+                for ids, labels in (example(tokens=9 + 3 * i, prompt=4, seed=i) for i in range(3))]
     term = AnchorTerm(examples, weight=1.0, per_step=3, top_k=4)
     term.record(model, untouched=True)
     perturb(model, scale=0.1)
-    single = AnchorTerm(examples, weight=1.0, per_step=1, top_k=4)
-    single.load_state_dict(term.state_dict())
-    each = [float(single.loss(model)) for _ in range(3)]
-    tokens = [sum(t != IGNORE_INDEX for t in ex.labels[1:]) for ex in examples]
-    assert float(term.loss(model)) == pytest.approx(sum(e * t for e, t in zip(each, tokens)) / sum(tokens), rel=1e-4)
+    each = one_forward_each(term, model, [[0], [1], [2]])
+    [expected] = one_forward_each(term, model, [[0, 1, 2]])
+    assert float(term.loss(model)) == pytest.approx(expected, rel=1e-4)
     assert min(each) > 1e-6  # the weights moved: the comparison is not of zeros
