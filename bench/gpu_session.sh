@@ -33,7 +33,10 @@
 #                                        8B shapes; no vLLM needed
 #   bash bench/gpu_session.sh W [SECONDS]  after S: wait (default 240 s), count each run's jobs, pack what the runs
 #                                        wrote (results and per-job progress) into $OUT/sweeps.tgz; call it again
-#                                        at once while runs go on
+#                                        at once while runs go on: the machine goes back 30 s after a call ends,
+#                                        runs and all (2026-12-03: four finished runs lost in their final asking),
+#                                        so wait long enough in the last call for the runs' end (about 60 s after
+#                                        the 32nd job)
 #   bash bench/gpu_session.sh tests     the GPU tests alone, with $PYTHON (what `make test-gpu` runs)
 #
 # Environment: OUT (results; default ./gpu-out), PYTHON (default python3), GPU_TESTS (step A's and `tests`'
