@@ -235,8 +235,6 @@ RECIPES = [
     # and a near-tie answer flips on a change of those. The same with the untouched model's own greedy replies to
     # the anchor questions (as the controls are asked), for the anchor term and the null space alike. CPU float32,
     # seed 2, 8 a step: 78 of 80, as with the written replies (docs/learning.md).
-    replace(STOP, name="kl8-own-margin1-stop-e40-replay4-rank64-ns90-reproject", anchor_weight=8.0, margin=1.0,
-            epochs=40, rank=64, null_space=0.9, reproject=True, anchor_replies="own"),
     replace(STOP, name="kl8-per8-own-margin1-stop-e40-replay4-rank64-ns90-reproject", anchor_weight=8.0,
             anchor_per_step=8, margin=1.0, epochs=40, rank=64, null_space=0.9, reproject=True, anchor_replies="own"),
     # bf16 weights written to nearest with the remainder carried instead of stochastically: stochastic
