@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_shapes import add_model_arguments, load_bf16_model, model_dirs  # noqa: E402
+from model_shapes import add_model_arguments, load_model, model_dirs  # noqa: E402
 
 # Ordinary prose (written for this benchmark), ~250 tokens.
 HELDOUT = ("The river runs through the middle of the town, and on summer evenings people walk along its banks. "
@@ -48,7 +48,7 @@ def build_service(model_dir: Path, device: str, work: Path, guard=None):
     from onlinemodel_runtime.weights.layouts import layout_for
 
     config = AutoConfig.from_pretrained(model_dir)
-    model = load_bf16_model(model_dir, device)
+    model = load_model(model_dir, device)
     model.train()
     model.config.use_cache = False
     optimizer = make_optimizer(model, TrainPolicy(), lr=1e-5)

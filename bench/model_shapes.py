@@ -134,12 +134,14 @@ def measure_each(parser: argparse.ArgumentParser, args: argparse.Namespace,
     return results
 
 
-def load_bf16_model(model_dir: Path, device: str):
-    """The model in bf16 on `device`: its weights, or random ones of its config when it has none (a shape)."""
+def load_model(model_dir: Path, device: str, dtype: str = "bfloat16"):
+    """The model in `dtype` (bf16, as served on a GPU; float32, as on a CPU without bf16 instructions) on
+    `device`: its weights, or random ones of its config when it has none (a shape)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    dtype = getattr(torch, dtype)
     if any(Path(model_dir).glob("*.safetensors")):
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16)
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)

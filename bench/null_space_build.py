@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_shapes import add_model_arguments, load_bf16_model, measure_each  # noqa: E402
+from model_shapes import add_model_arguments, load_model, measure_each  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -32,7 +32,7 @@ def _sync(device: str) -> None:
 def _load(model_dir: Path, device: str) -> torch.nn.Module:
     from onlinemodel_runtime.optim.policy import TrainPolicy, apply_policy
 
-    model = load_bf16_model(model_dir, device)
+    model = load_model(model_dir, device)
     apply_policy(model, TrainPolicy())  # the matrices the trainer trains by default
     model.config.use_cache = False
     return model

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_shapes import add_model_arguments, load_bf16_model, measure_each  # noqa: E402
+from model_shapes import add_model_arguments, load_model, measure_each  # noqa: E402
 
 
 class _AForwardEach:
@@ -46,7 +46,7 @@ def _sync(device: str) -> None:
 
 
 def measure(model_dir: Path, device: str, steps: int, warmup: int, tokens: int,
-            conversations: int | None = None) -> dict:
+            conversations: int | None = None, dtype: str = "bfloat16") -> dict:
     from transformers import AutoTokenizer
 
     from onlinemodel_protocol.limits import (ANCHOR_PER_STEP, ANCHOR_TOP_K, ANCHOR_WEIGHT_DEFAULT,
@@ -57,7 +57,7 @@ def measure(model_dir: Path, device: str, steps: int, warmup: int, tokens: int,
     from onlinemodel_runtime.trainer.null_space import NullSpace
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_bf16_model(model_dir, device)
+    model = load_model(model_dir, device, dtype)
     model.config.use_cache = False
     optimizer = make_optimizer(model, TrainPolicy(), lr=1e-6, rank=OPTIMIZER_RANK_DEFAULT, seed=0)
     optimizer.attach_to_backward()
@@ -80,7 +80,7 @@ def measure(model_dir: Path, device: str, steps: int, warmup: int, tokens: int,
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, len(tokenizer), (tokens,), generator=g).tolist()
     labels = [-100] * (tokens // 4) + ids[tokens // 4:]
-    result: dict = {"model": str(model_dir), "device": device, "tokens": tokens, "steps": steps,
+    result: dict = {"model": str(model_dir), "device": device, "dtype": dtype, "tokens": tokens, "steps": steps,
                     "anchor_tokens_per_conversation": round(statistics.mean(len(a.input_ids) for a in anchors), 1),
                     "null_space": space.summary(), "configs": []}
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -134,12 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="steps not timed (compiling the optimizer's update)")
     parser.add_argument("--tokens", type=int, default=256, help="the example's tokens (its last 3/4 labelled)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the weights' (float32: as served on a CPU without bf16 instructions)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = measure_each(parser, args, lambda model_dir: measure(model_dir, args.device, args.steps, args.warmup,
-                                                                   args.tokens))
+                                                                   args.tokens, dtype=args.dtype))
     print(table(results))
     return 0
 
