@@ -21,7 +21,9 @@
 #                                        first starts `onlinemodel serve` in a session of its own, which outlives
 #                                        the call while the machine stays warm; each call teaches facts for at most
 #                                        STOP_AFTER s (default 380) and exits 3 until the run is done; run it again
-#                                        at once (within the machine's 30 s) to carry on; SERVE_ARGS: more flags
+#                                        at once (within the machine's 30 s) to carry on; SERVE_ARGS: more flags.
+#                                        Alone on the machine: beside five runs of S (2026-12-04) its first call
+#                                        ended no job in 590 s
 #   bash bench/gpu_session.sh S         same machine, MODEL=a model directory there, RUNS="recipe:seed ...": in-process
 #                                        continual sweeps side by side (bench/continual_sweep.py --track, FACTS facts,
 #                                        default 32; DTYPE: the weights' dtype, default bfloat16; TRACK=0: the
@@ -222,7 +224,7 @@ tests)
     gpu_tests "$@"
     ;;
 *)
-    sed -n '2,32p' "$0"
+    sed -n '2,/^set -euo/{/^#/p}' "$0"
     exit 2
     ;;
 esac
