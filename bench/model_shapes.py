@@ -140,8 +140,8 @@ def load_model(model_dir: Path, device: str, dtype: str = "bfloat16"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = getattr(torch, dtype)
+    torch_dtype = getattr(torch, dtype)
     if any(Path(model_dir).glob("*.safetensors")):
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device)
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch_dtype)

@@ -6,7 +6,7 @@ beyond the weights, per configuration, on one model.
 
     python3 bench/train_step_defaults.py --shape 1.7B --tokenizer DIR --device cuda --out r.json
     .venv/bin/python bench/train_step_defaults.py --model ~/.cache/onlinemodel/models/SmolLM2-135M-Instruct-bf16 \\
-        --device cpu --steps 2
+        --device cpu --dtype float32 --threads 2
 
 A --shape has random weights: its null-space bases hold more directions than a trained model's would (the
 projection costs more per step than it would on the real model).
