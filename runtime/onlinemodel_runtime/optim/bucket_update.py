@@ -72,6 +72,27 @@ def bucket_update(spec, ws, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, 
     return ok
 
 
+def same_width(bases: dict[Any, torch.Tensor]) -> dict[Any, torch.Tensor]:
+    """`bases` ({key: (n, k) basis}) with every basis widened by zero columns to the widest one of its rows, dtype
+    and device, and contiguous (one copy per basis tensor, shared where the input was). The compiled update is
+    specialized to its arguments' shapes and strides: one width per kind of basis gives every decoder layer's bucket the same signature, so the
+    model compiles one graph for them all; a width per layer compiled one graph per layer (a served SmolLM2's
+    first step on an H200 waited 6.5 minutes). A zero column projects nothing off (project_off), so the update is
+    the same."""
+    widest: dict[tuple, int] = {}
+    for u in bases.values():
+        kind = (u.shape[0], u.dtype, u.device)
+        widest[kind] = max(widest.get(kind, 0), u.shape[1])
+    widened: dict[int, torch.Tensor] = {}
+    out = {}
+    for key, u in bases.items():
+        k = widest[(u.shape[0], u.dtype, u.device)]
+        if (u.shape[1] < k or not u.is_contiguous()) and id(u) not in widened:  # strides are specialized on too
+            widened[id(u)] = torch.cat([u, u.new_zeros(u.shape[0], k - u.shape[1])], dim=1)
+        out[key] = widened.get(id(u), u)
+    return out
+
+
 def commit(ok, *pairs) -> None:
     """(state tensor, new value) pairs: each state tensor takes its new value where `ok` (None: no pair)."""
     for pair in pairs:

@@ -181,6 +181,27 @@ def test_fused_optimizer_equals_eager_in_hook_and_step_mode():
                 torch.testing.assert_close(opts[1].state[p][key], opts[0].state[q][key], rtol=1e-5, atol=1e-8)
 
 
+def test_bases_of_a_width_per_layer_compile_one_graph_for_every_layer():
+    """Bases of another width in each decoder layer (as the null space's are) are held widened by zero columns where
+    the update is compiled: the layers share one compiled graph instead of one each, and the weights are those of
+    the eager update with the bases as given."""
+    models = [tiny_llama() for _ in range(2)]
+    opts = [make_optimizer(m, TrainPolicy(), lr=1e-3, rank=4, update_proj_gap=2, fused=f)  # channel scale
+            for m, f in zip(models, (False, True))]
+    for model, opt in zip(models, opts):
+        opt.keep_out({p: orthonormal_basis(p.shape[1], 1 + int(name.split(".")[2]), i)  # layer l: l + 1 columns
+                      for i, (name, p) in enumerate(model.named_parameters())
+                      if p.requires_grad and p.dim() == 2 and opt.scales_input_columns(p)})
+    assert opts[0].kept_out_copy_bytes == 0 and opts[1].kept_out_copy_bytes > 0  # eager: held as given
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for model, opt in zip(models, opts):
+        _hook_train(model, opt, 3)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1  # 3 layers, 3 widths, one graph
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_const_buffers_upload_only_changed_rows():
     bufs = ConstBuffers()
     rows = [const_row(GROUP, 1), const_row(GROUP, 1)]
