@@ -116,7 +116,6 @@ class Apollo(torch.optim.Optimizer):
         self._rounding = RoundingGenerators()
         self._hooks = BackwardHooks(self._flush)
         self._kept_out: dict[torch.Tensor, torch.Tensor] = {}  # param -> basis its updates stay out of
-        self.kept_out_copy_bytes = 0  # the widened copies of keep_out's bases it holds (read-only)
         super().__init__(params, defaults)
         if tp is not None:
             keys = ("algorithm", "lr", "rank", "scale", "alpha", "betas", "eps", "weight_decay", "norm_growth_limit",
@@ -182,10 +181,8 @@ class Apollo(torch.optim.Optimizer):
         has dW U = 0 (in float32 weights; bf16 weights get the projected update rounded, and the rounding is not
         projected), so it changes nothing the matrix computes on inputs in U's span. Weight decay is not projected
         (it shrinks the whole weight); the norm-growth limiter's reference is the update's norm before the
-        projection. Replaces any earlier bases; {}: none. The bases are held, and not part of the state (the caller
-        rebuilds them); where the compiled update runs, those narrower than the widest of their rows are held
-        widened by zero columns, a copy each (bucket_update.same_width: one compiled graph for every decoder
-        layer). Checks that every basis is finite (one device sync)."""
+        projection. Replaces any earlier bases; {}: none. Held (compiled: widened to one width per kind, same_width),
+        not state (the caller rebuilds them). Checks that every basis is finite (one device sync)."""
         for p, u in bases.items():
             if p not in self._group_of:
                 raise ValueError("keep_out: a parameter this optimizer does not update")
@@ -201,12 +198,13 @@ class Apollo(torch.optim.Optimizer):
                 raise ValueError("keep_out: a basis with a non-finite value")
         if bases and self._tp is not None:
             raise ValueError("keep_out: not under tensor parallelism (a rank holds a shard of each matrix)")
-        compiled = {p: u for p, u in bases.items() if self._compiled.applies(p)}
-        widened = {p: u for p, u in same_width(compiled).items() if u is not bases[p]}
-        self._kept_out = {**bases, **widened}
-        copies = {id(u): u for u in widened.values()}.values()
-        self.kept_out_copy_bytes = sum(u.numel() * u.element_size() for u in copies)
+        self._kept_out = {**bases, **same_width({p: u for p, u in bases.items() if self._compiled.applies(p)})}
         self._compiled.clear()  # captured graphs baked in the bases they were captured with
+
+    @property
+    def kept_out_bytes(self) -> int:
+        """The bytes of the bases keep_out holds, each tensor once (the widened copies and the bases as given)."""
+        return sum(u.numel() * u.element_size() for u in {id(u): u for u in self._kept_out.values()}.values())
 
     # ------------------------------------------------------------------ one bucket
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:

@@ -75,10 +75,10 @@ def bucket_update(spec, ws, grads, projs, exp_avgs, exp_avg_sqs, limiter_norms, 
 def same_width(bases: dict[Any, torch.Tensor]) -> dict[Any, torch.Tensor]:
     """`bases` ({key: (n, k) basis}) with every basis widened by zero columns to the widest one of its rows, dtype
     and device, and contiguous (one copy per basis tensor, shared where the input was). The compiled update is
-    specialized to its arguments' shapes and strides: one width per kind of basis gives every decoder layer's bucket the same signature, so the
-    model compiles one graph for them all; a width per layer compiled one graph per layer (a served SmolLM2's
-    first step on an H200 waited 6.5 minutes). A zero column projects nothing off (project_off), so the update is
-    the same."""
+    specialized to its arguments' shapes and strides: one width per kind of basis gives every decoder layer's
+    bucket the same signature, so the model compiles one graph for them all; a width per layer compiled one graph
+    per layer (a served SmolLM2's first step on an H200 waited 6.5 minutes). A zero column projects nothing off
+    (project_off), so the update is the same."""
     widest: dict[tuple, int] = {}
     for u in bases.values():
         kind = (u.shape[0], u.dtype, u.device)

@@ -285,11 +285,11 @@ class NullSpace:
             self._kept_out = len(kept)
         for name, u in self._bases.items():
             self._handles.append(params[name].register_hook(_projector(u)))
-        copies = self.optimizer.kept_out_copy_bytes if self.optimizer is not None else 0
+        held = self.optimizer.kept_out_bytes if self.optimizer is not None else 0
         log.info("null-space projection on %d matrices (energy %g; the whole update of %d): %d directions kept "
-                 "out of updates, %.1f MB (and %.1f MB of them widened for the compiled update), %d pass(es) over "
+                 "out of updates, %.1f MB (the optimizer holds %.1f MB for the whole updates'), %d pass(es) over "
                  "%d conversations, %.1f s", len(self._handles), self.energy, self._kept_out, self.directions,
-                 self.basis_bytes / 1e6, copies / 1e6, self._passes_done, len(self.examples), self._build_seconds)
+                 self.basis_bytes / 1e6, held / 1e6, self._passes_done, len(self.examples), self._build_seconds)
 
     def detach(self) -> None:
         for h in self._handles:
