@@ -79,14 +79,16 @@ def same_width(bases: dict[Any, torch.Tensor]) -> dict[Any, torch.Tensor]:
     bucket the same signature, so the model compiles one graph for them all; a width per layer compiled one graph
     per layer (a served SmolLM2's first step on an H200 waited 6.5 minutes). A zero column projects nothing off
     (project_off), so the update is the same."""
+    def kind(u: torch.Tensor) -> tuple:
+        return u.shape[0], u.dtype, u.device
+
     widest: dict[tuple, int] = {}
     for u in bases.values():
-        kind = (u.shape[0], u.dtype, u.device)
-        widest[kind] = max(widest.get(kind, 0), u.shape[1])
+        widest[kind(u)] = max(widest.get(kind(u), 0), u.shape[1])
     widened: dict[int, torch.Tensor] = {}
     out = {}
     for key, u in bases.items():
-        k = widest[(u.shape[0], u.dtype, u.device)]
+        k = widest[kind(u)]
         if (u.shape[1] < k or not u.is_contiguous()) and id(u) not in widened:  # strides are specialized on too
             widened[id(u)] = torch.cat([u, u.new_zeros(u.shape[0], k - u.shape[1])], dim=1)
         out[key] = widened.get(id(u), u)
